@@ -1,0 +1,279 @@
+"""The ChatGLM2/3 / GLM-4 decoder, written once for every parallel layout.
+
+Block (pre-norm):  h = x + Dense(Attn(Rope(QKV(RMSNorm(x)))));  y = h + Down(SwiGLU(GateUp(RMSNorm(h))))
+QKV is one fused projection with bias, laid out [q (hq*d) | k (hkv*d) | v (hkv*d)]; rotary covers the
+first half of each head with interleaved pairs; no other biases; the output layer is untied.
+
+Shapes (batch-first throughout): b batch, s sequence, h hidden, hq/hkv query/KV heads on this rank,
+d head dim, v vocab (or this rank's vocab shard).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import kernels
+from engine.config import GLMConfig
+from engine.model.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+class KVCache:
+    """Pre-allocated keys/values for decoding: per layer ``[b, max_len, hkv, d]``; ``length`` filled."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.k = [torch.empty(batch, max_len, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty_like(t) for t in self.k]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``[b, s, hkv, d]`` after the filled part; return all keys/values so far."""
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, self.length:end] = k
+        self.v[layer][:, self.length:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def advance(self, s: int) -> None:
+        self.length += s
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class GLMAttention(nn.Module):
+    def __init__(self, config: GLMConfig, spec: ModelSpec, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.head_dim = config.kv_channels
+        self.num_heads = config.num_attention_heads // spec.tp_size
+        # With tp > KV groups each rank keeps one KV head, replicated across the ranks sharing a group.
+        self.num_kv_heads = max(1, config.num_kv_groups // spec.tp_size)
+        self.rotary_dim = config.rotary_dim
+        self.rope_base = config.rope_base
+        self.kernels = spec.kernels
+        self.qkv = spec.column_linear(config.hidden_size, config.qkv_size, config.qkv_bias, "qkv")
+        self.dense = spec.row_linear(config.num_attention_heads * self.head_dim, config.hidden_size, False, "dense")
+
+    def core_attention(self, q, k, v, attention_mask):
+        return kernels.flash_attention(q, k, v, causal=True, attention_mask=attention_mask, backend=self.kernels.attention)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                cache: Optional[KVCache] = None, recompute_core: bool = False) -> torch.Tensor:
+        qkv = self.qkv(x)  # [b, s, (hq + 2 hkv) d]; s is the full sequence even under sequence parallel
+        b, s, _ = qkv.shape
+        d = self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q = kernels.apply_rotary(q.view(b, s, self.num_heads, d), positions, self.rotary_dim, self.rope_base,
+                                 backend=self.kernels.rotary)
+        k = kernels.apply_rotary(k.view(b, s, self.num_kv_heads, d), positions, self.rotary_dim, self.rope_base,
+                                 backend=self.kernels.rotary)
+        v = v.view(b, s, self.num_kv_heads, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        if recompute_core and torch.is_grad_enabled():
+            # Selective recompute: keep only q, k, v; the attention core is recomputed in backward.
+            o = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False)
+        else:
+            o = self.core_attention(q, k, v, attention_mask)
+        return self.dense(o.reshape(b, s, self.num_heads * d))
+
+
+class GLMMLP(nn.Module):
+    def __init__(self, config: GLMConfig, spec: ModelSpec):
+        super().__init__()
+        self.gate_up = spec.column_linear(config.hidden_size, 2 * config.ffn_hidden_size, False, "gate_up")
+        self.down = spec.row_linear(config.ffn_hidden_size, config.hidden_size, False, "down")
+        self.backend = spec.kernels.swiglu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(kernels.swiglu(self.gate_up(x), backend=self.backend))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, spec: ModelSpec, layer_index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, spec.kernels.rms_norm)
+        self.attention = GLMAttention(config, spec, layer_index)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, spec.kernels.rms_norm)
+        self.mlp = GLMMLP(config, spec)
+
+    def forward(self, x, positions, attention_mask=None, cache=None, recompute_core=False):
+        x = x + self.attention(self.attn_norm(x), positions, attention_mask, cache, recompute_core)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def default_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], offset: int = 0) -> torch.Tensor:
+    """Position ids ``[b, s]``: count of real tokens before each one, so left padding is skipped."""
+    if attention_mask is None:
+        return torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)[:, -input_ids.shape[1]:]
+
+
+class GLMTransformer(nn.Module):
+    """Embedding, blocks and final norm: the trunk shared by the LM and the scalar-head model.
+
+    ``layer_indices`` selects which blocks this instance owns (pipeline stages own a slice);
+    ``pre_process`` / ``post_process`` say whether it holds the embedding / the final norm and head.
+    """
+
+    def __init__(self, config: GLMConfig, spec: Optional[ModelSpec] = None, layer_indices=None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        spec = spec or ModelSpec()
+        self.config, self.spec = config, spec
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_indices = list(range(config.num_layers)) if layer_indices is None else list(layer_indices)
+        self.embedding = spec.embedding(config.vocab_size, config.hidden_size) if pre_process else None
+        # Blocks are stored under their global index so checkpoint names don't depend on the pipeline split.
+        self.layers = nn.ModuleDict({str(i): GLMBlock(config, spec, i) for i in self.layer_indices})
+        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, spec.kernels.rms_norm) if post_process else None
+        self.recompute = "none"  # "none" | "full" (whole block) | "selective" (attention core only)
+
+    def set_recompute(self, mode: str) -> None:
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"recompute must be 'none', 'full' or 'selective', got {mode!r}")
+        self.recompute = mode
+
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask=None,
+                   cache: Optional[KVCache] = None) -> torch.Tensor:
+        for block in self.layers.values():
+            if self.recompute == "full" and torch.is_grad_enabled() and cache is None:
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, positions, attention_mask, use_reentrant=False)
+            else:
+                hidden = block(hidden, positions, attention_mask, cache, self.recompute == "selective")
+        return hidden
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
+              cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Final-norm hidden states ``[b, s, h]`` for a model holding every stage."""
+        _check_inputs(input_ids, attention_mask, position_ids, self.config, cache)
+        if position_ids is None:
+            position_ids = default_positions(input_ids, attention_mask, cache.length if cache is not None else 0)
+        hidden = self.embedding(input_ids)
+        hidden = self.run_layers(hidden, position_ids, attention_mask, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.final_norm(hidden)
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        any_block = next(iter(self.layers.values()))
+        p = next(self.parameters())
+        return KVCache(self.config.num_layers, batch, max_len, any_block.attention.num_kv_heads,
+                       self.config.kv_channels, dtype or p.dtype, device or p.device)
+
+
+def _check_inputs(input_ids, attention_mask, position_ids, config: GLMConfig, cache) -> None:
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        expected_s = input_ids.shape[1] + (cache.length if cache is not None else 0)
+        if tuple(attention_mask.shape) != (input_ids.shape[0], expected_s):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be [batch, seq"
+                             f"{' + cached' if cache is not None else ''}] = {(input_ids.shape[0], expected_s)}")
+    if position_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+
+
+class GLMForCausalLM(GLMTransformer):
+    """GLM language model: ``model(input_ids, attention_mask=None, position_ids=None) -> logits [b, s, v]``."""
+
+    def __init__(self, config: GLMConfig, spec: Optional[ModelSpec] = None, layer_indices=None,
+                 pre_process: bool = True, post_process: bool = True, init: bool = True):
+        super().__init__(config, spec, layer_indices, pre_process, post_process)
+        self.output_layer = self.spec.column_linear(config.hidden_size, config.vocab_size, False, "output") if post_process else None
+        if init:
+            self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        return self.output_layer(self.trunk(input_ids, attention_mask, position_ids, cache))
+
+    # Hugging Face interchange lives in engine.model.hf_adapter; these are thin entry points.
+    @classmethod
+    def from_hf(cls, path_or_model, spec: Optional[ModelSpec] = None, dtype: Optional[torch.dtype] = None) -> "GLMForCausalLM":
+        from engine.model.hf_adapter import load_hf
+        return load_hf(cls, path_or_model, spec=spec, dtype=dtype)
+
+    def save_hf(self, directory, max_shard_bytes: int = 5 * 2**30) -> None:
+        from engine.model.hf_adapter import save_hf
+        save_hf(self, directory, max_shard_bytes=max_shard_bytes)
+
+    @torch.no_grad()
+    def generate(self, prompts, attention_mask=None, **sampling):
+        from engine.model.generation import SamplingParams, generate
+        return generate(self, prompts, attention_mask, SamplingParams(**sampling))
+
+
+class GLMForScalarHead(GLMTransformer):
+    """The GLM trunk with a scalar head (one value per token): the critic and the reward model.
+
+    ``model(input_ids, attention_mask) -> values [b, s]``; ``model.reward(...) -> [b]`` reads the value
+    at the last non-pad token of each row.
+    """
+
+    def __init__(self, config: GLMConfig, spec: Optional[ModelSpec] = None, layer_indices=None,
+                 pre_process: bool = True, post_process: bool = True, init: bool = True):
+        super().__init__(config, spec, layer_indices, pre_process, post_process)
+        self.value_head = nn.Linear(config.hidden_size, 1, bias=True) if post_process else None
+        if init:
+            self.init_weights()
+            if self.value_head is not None:
+                with torch.no_grad():  # small head init so initial scores are near zero
+                    self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(config.hidden_size + 1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        return self.value_head(self.trunk(input_ids, attention_mask, position_ids)).squeeze(-1).float()
+
+    def reward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        values = self.forward(input_ids, attention_mask, position_ids)
+        return values.gather(1, last_token_index(input_ids, attention_mask)[:, None]).squeeze(1)
+
+    @classmethod
+    def from_causal_lm(cls, lm: GLMForCausalLM) -> "GLMForScalarHead":
+        """Critic/reward init from an LM: copy the trunk, fresh value head."""
+        model = cls(lm.config, lm.spec, lm.layer_indices, lm.pre_process, lm.post_process)
+        missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
+        if unexpected != ["output_layer.weight"] or any(not k.startswith("value_head") for k in missing):
+            raise RuntimeError(f"trunk copy mismatch: missing {missing}, unexpected {unexpected}")
+        return model.to(next(lm.parameters()).dtype)
+
+
+def last_token_index(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Index ``[b]`` of the last real token per row (works for left and right padding)."""
+    if attention_mask is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device, dtype=torch.long)
+    s = attention_mask.shape[1]
+    idx = torch.arange(s, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, -1).max(dim=1).values.clamp(min=0)

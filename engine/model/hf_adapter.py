@@ -1,0 +1,253 @@
+"""Weight mapping between the engine and Hugging Face GLM / original THUDM ChatGLM checkpoints.
+
+All name translation and QKV fusion lives here (STYLE.md 4); the model never sees foreign names.
+
+Engine names (per block i):
+    embedding.weight                          [v, h]
+    layers.i.attn_norm.weight                 [h]
+    layers.i.attention.qkv.weight / .bias     [(hq + 2 hkv) d, h] / [(hq + 2 hkv) d]   rows [q | k | v]
+    layers.i.attention.dense.weight           [h, hq d]
+    layers.i.mlp_norm.weight                  [h]
+    layers.i.mlp.gate_up.weight               [2 f, h]   rows [gate | up]
+    layers.i.mlp.down.weight                  [h, f]
+    final_norm.weight, output_layer.weight    [h], [v, h]
+Hugging Face ``GlmForCausalLM`` keeps q/k/v separate; THUDM ChatGLM2/3 and GLM-4 fuse them in the
+same [q | k | v] order as the engine, so only names change.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from engine.config import GLMConfig
+
+_HF_LAYER = "model.layers.{i}."
+_THUDM_LAYER = "transformer.encoder.layers.{i}."
+
+
+def expected_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
+    """Engine state-dict names and full (unsharded) shapes of a GLMForCausalLM."""
+    h, f, v, d = config.hidden_size, config.ffn_hidden_size, config.vocab_size, config.kv_channels
+    shapes = {"embedding.weight": (v, h), "final_norm.weight": (h,), "output_layer.weight": (v, h)}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (h,)
+        shapes[p + "attention.qkv.weight"] = (config.qkv_size, h)
+        if config.qkv_bias:
+            shapes[p + "attention.qkv.bias"] = (config.qkv_size,)
+        shapes[p + "attention.dense.weight"] = (h, config.num_attention_heads * d)
+        shapes[p + "mlp_norm.weight"] = (h,)
+        shapes[p + "mlp.gate_up.weight"] = (2 * f, h)
+        shapes[p + "mlp.down.weight"] = (h, f)
+    return shapes
+
+
+def _rename_map(config: GLMConfig, layer_fmt: str, names: dict[str, str], top: dict[str, str]) -> dict[str, str]:
+    """foreign name -> engine name."""
+    out = dict(top)
+    for i in range(config.num_layers):
+        for foreign, ours in names.items():
+            out[layer_fmt.format(i=i) + foreign] = f"layers.{i}." + ours
+    return out
+
+
+def _thudm_names(config: GLMConfig) -> dict[str, str]:
+    return _rename_map(config, _THUDM_LAYER, {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attention.query_key_value.weight": "attention.qkv.weight",
+        "self_attention.query_key_value.bias": "attention.qkv.bias",
+        "self_attention.dense.weight": "attention.dense.weight",
+        "post_attention_layernorm.weight": "mlp_norm.weight",
+        "mlp.dense_h_to_4h.weight": "mlp.gate_up.weight",
+        "mlp.dense_4h_to_h.weight": "mlp.down.weight",
+    }, {"transformer.embedding.word_embeddings.weight": "embedding.weight",
+        "transformer.encoder.final_layernorm.weight": "final_norm.weight",
+        "transformer.output_layer.weight": "output_layer.weight"})
+
+
+def _hf_names(config: GLMConfig) -> dict[str, str]:
+    return _rename_map(config, _HF_LAYER, {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.o_proj.weight": "attention.dense.weight",
+        "post_attention_layernorm.weight": "mlp_norm.weight",
+        "mlp.gate_up_proj.weight": "mlp.gate_up.weight",
+        "mlp.down_proj.weight": "mlp.down.weight",
+    }, {"model.embed_tokens.weight": "embedding.weight", "model.norm.weight": "final_norm.weight",
+        "lm_head.weight": "output_layer.weight"})
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors don't match the model config: lists every missing/unexpected/mis-shaped key."""
+
+
+def _validate(sd: dict[str, torch.Tensor], config: GLMConfig, source: str, foreign_name: Callable[[str], str]) -> None:
+    expected = expected_shapes(config)
+    missing = [foreign_name(k) for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{foreign_name(k)}: checkpoint {tuple(sd[k].shape)} vs expected {expected[k]}"
+             for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint {source} does not match the model config ({config.name}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if wrong:
+            lines.append(f"  wrong shapes ({len(wrong)}): {wrong[:20]}")
+        raise CheckpointMismatchError("\n".join(lines))
+
+
+def hf_to_engine(hf_sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Hugging Face GlmForCausalLM state dict -> engine state dict (q/k/v fused into qkv)."""
+    names = _hf_names(config)
+    back = {v: k for k, v in names.items()}
+    out, unexpected = {}, {}
+    consumed = set()
+    for i in range(config.num_layers):
+        p = _HF_LAYER.format(i=i) + "self_attn."
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            parts = [p + f"{x}_proj.{kind}" for x in "qkv"]
+            if all(n in hf_sd for n in parts):
+                out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat([hf_sd[n] for n in parts], dim=0)
+                consumed.update(parts)
+            back[f"layers.{i}.attention.qkv.{kind}"] = " + ".join(n for n in parts if n not in hf_sd) or parts[0]
+    for k, t in hf_sd.items():
+        if k in consumed or k.endswith("rotary_emb.inv_freq"):
+            continue
+        if k in names:
+            out[names[k]] = t
+        else:
+            unexpected[k] = t
+    out.update(unexpected)
+    _validate(out, config, source, lambda k: back.get(k, k))
+    return out
+
+
+def engine_to_hf(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
+    names = {v: k for k, v in _hf_names(config).items()}
+    d, hq, hkv = config.kv_channels, config.num_attention_heads, config.num_kv_groups
+    out = {}
+    for k, t in sd.items():
+        if ".attention.qkv." in k:
+            i, kind = k.split(".")[1], k.rsplit(".", 1)[1]
+            q, kk, v = t.split([hq * d, hkv * d, hkv * d], dim=0)
+            for name, part in (("q", q), ("k", kk), ("v", v)):
+                out[_HF_LAYER.format(i=i) + f"self_attn.{name}_proj.{kind}"] = part.contiguous()
+        elif k in names:
+            out[names[k]] = t.contiguous()
+        else:
+            raise KeyError(f"engine state dict has an unknown key {k!r}")
+    return out
+
+
+def thudm_to_engine(sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """Original THUDM ChatGLM2/3 / GLM-4 state dict -> engine state dict (names only)."""
+    names = _thudm_names(config)
+    out = {}
+    for k, t in sd.items():
+        if k.endswith("rotary_pos_emb.inv_freq"):
+            continue
+        out[names.get(k, k)] = t
+    back = {v: k for k, v in names.items()}
+    _validate(out, config, source, lambda k: back.get(k, k))
+    return out
+
+
+def engine_to_thudm(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
+    names = {v: k for k, v in _thudm_names(config).items()}
+    return {names[k]: t for k, t in sd.items()}
+
+
+# ---- files ----------------------------------------------------------------------------------------
+
+def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF-style directory: *.safetensors (with or without index) or pytorch_model*.bin."""
+    from safetensors.torch import load_file
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        files = sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weight files found")
+        sd = {}
+        for f in files:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        return sd
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [w for w in wanted if not (path / w).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+        files = [path / w for w in wanted]
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"cannot read weight file {f}: {e}") from e
+    return sd
+
+
+def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
+    """Build ``cls`` (GLMForCausalLM) from a HF GLM model/dir or a THUDM ChatGLM dir. Runs no remote code."""
+    if isinstance(path_or_model, (str, Path)):
+        path = Path(path_or_model)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GLM or THUDM ChatGLM checkpoint directory)")
+        raw = json.loads(cfg_file.read_text())
+        model_type = raw.get("model_type")
+        sd = read_checkpoint_dir(path)
+        if model_type == "glm":
+            config = GLMConfig.from_hf(raw)
+            engine_sd = hf_to_engine(sd, config, source=str(path))
+        elif model_type == "chatglm":
+            config = GLMConfig.from_chatglm(raw)
+            engine_sd = thudm_to_engine(sd, config, source=str(path))
+        else:
+            raise ValueError(f"{cfg_file}: model_type {model_type!r} is not supported; expected 'glm' "
+                             "(transformers GlmForCausalLM) or 'chatglm' (THUDM ChatGLM2/3, GLM-4)")
+    else:
+        hf = path_or_model
+        if not hasattr(hf, "config") or not hasattr(hf, "state_dict"):
+            raise TypeError(f"from_hf expects a path or a transformers GlmForCausalLM, got {type(hf).__name__}")
+        config = GLMConfig.from_hf(hf.config)
+        engine_sd = hf_to_engine(hf.state_dict(), config, source=type(hf).__name__)
+    model = cls(config, spec, init=False)
+    model.load_state_dict(engine_sd, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def save_hf(model, directory, max_shard_bytes: int = 5 * 2**30) -> None:
+    """safetensors + config.json loadable by ``transformers.GlmForCausalLM.from_pretrained``."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_sd = engine_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
+    cfg = model.config.to_hf_dict()
+    cfg["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    shards, current, size = [], {}, 0
+    for k, t in hf_sd.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = t, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards):
+            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,60 @@
+"""How a GLM model is built: which linear/embedding modules and which kernel backends.
+
+The model code (engine/model/glm.py) is written once. A `ModelSpec` decides, from outside, whether a
+projection is a plain ``nn.Linear`` (single process) or a column/row-parallel linear (tensor
+parallel, built by ``engine.parallel``), and which kernel backend each op uses. Factories receive a
+``role`` ("qkv", "dense", "gate_up", "down", "output") so a parallel plan can shard the fused QKV
+per KV group and the fused gate/up per half.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Kernel backend per op: "auto" (Triton on CUDA, torch on CPU), "torch", "triton", or third party."""
+
+    rms_norm: str = "auto"
+    """RMSNorm (and fused residual add)."""
+    rotary: str = "auto"
+    """Rotary embedding on q and k."""
+    swiglu: str = "auto"
+    """silu(gate) * up."""
+    attention: str = "auto"
+    """Core attention (flash attention on GPU)."""
+    cross_entropy: str = "auto"
+    """Loss / log-prob over the vocabulary."""
+
+    @classmethod
+    def all(cls, backend: str) -> "KernelPlan":
+        return cls(backend, backend, backend, backend, backend)
+
+
+def plain_linear(in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def plain_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
+    return nn.Embedding(num_embeddings, embedding_dim)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Module factories and kernel backends for one model instance."""
+
+    column_linear: Callable[[int, int, bool, str], nn.Module] = plain_linear
+    """Projections whose outputs may be split over tensor-parallel ranks (qkv, gate_up, output)."""
+    row_linear: Callable[[int, int, bool, str], nn.Module] = plain_linear
+    """Projections whose inputs may be split over tensor-parallel ranks (dense, down)."""
+    embedding: Callable[[int, int], nn.Module] = plain_embedding
+    """Word embedding (vocab-parallel under tensor parallelism)."""
+    tp_size: int = 1
+    """Tensor-parallel degree: each rank holds heads / tp query heads and max(1, groups / tp) KV heads."""
+    kernels: KernelPlan = field(default_factory=KernelPlan)
+    """Kernel backend per op."""
+    vocab_group: object = None
+    """Process group over which the output logits are vocab-sharded (None: full vocabulary)."""
