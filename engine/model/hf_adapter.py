@@ -83,46 +83,41 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors don't match the model config: lists every missing/unexpected/mis-shaped key."""
 
 
-def _validate(sd: dict[str, torch.Tensor], config: GLMConfig, source: str, foreign_name: Callable[[str], str]) -> None:
-    expected = expected_shapes(config)
-    missing = [foreign_name(k) for k in expected if k not in sd]
+def _meta_engine_sd(config: GLMConfig) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, device="meta") for k, shape in expected_shapes(config).items()}
+
+
+def validate_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], config: GLMConfig, source: str) -> None:
+    """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key (in ``sd``'s naming)."""
+    missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{foreign_name(k)}: checkpoint {tuple(sd[k].shape)} vs expected {expected[k]}"
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs expected {expected[k]}"
              for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         lines = [f"checkpoint {source} does not match the model config ({config.name}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
-        if wrong:
-            lines.append(f"  wrong shapes ({len(wrong)}): {wrong[:20]}")
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): {items[:20]}{' ...' if len(items) > 20 else ''}")
         raise CheckpointMismatchError("\n".join(lines))
+
+
+def _ignored(name: str) -> bool:
+    # rotary inverse frequencies are recomputed from the config, never loaded
+    return name.endswith("rotary_emb.inv_freq") or name.endswith("rotary_pos_emb.inv_freq")
 
 
 def hf_to_engine(hf_sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>") -> dict[str, torch.Tensor]:
     """Hugging Face GlmForCausalLM state dict -> engine state dict (q/k/v fused into qkv)."""
+    hf_sd = {k: v for k, v in hf_sd.items() if not _ignored(k)}
+    expected = {k: tuple(v.shape) for k, v in engine_to_hf(_meta_engine_sd(config), config).items()}
+    validate_keys(hf_sd, expected, config, source)
     names = _hf_names(config)
-    back = {v: k for k, v in names.items()}
-    out, unexpected = {}, {}
-    consumed = set()
+    out = {}
     for i in range(config.num_layers):
         p = _HF_LAYER.format(i=i) + "self_attn."
         for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            parts = [p + f"{x}_proj.{kind}" for x in "qkv"]
-            if all(n in hf_sd for n in parts):
-                out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat([hf_sd[n] for n in parts], dim=0)
-                consumed.update(parts)
-            back[f"layers.{i}.attention.qkv.{kind}"] = " + ".join(n for n in parts if n not in hf_sd) or parts[0]
-    for k, t in hf_sd.items():
-        if k in consumed or k.endswith("rotary_emb.inv_freq"):
-            continue
-        if k in names:
-            out[names[k]] = t
-        else:
-            unexpected[k] = t
-    out.update(unexpected)
-    _validate(out, config, source, lambda k: back.get(k, k))
+            out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat([hf_sd[p + f"{x}_proj.{kind}"] for x in "qkv"], dim=0)
+    out.update({names[k]: t for k, t in hf_sd.items() if k in names})
     return out
 
 
@@ -145,15 +140,11 @@ def engine_to_hf(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, to
 
 def thudm_to_engine(sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>") -> dict[str, torch.Tensor]:
     """Original THUDM ChatGLM2/3 / GLM-4 state dict -> engine state dict (names only)."""
+    sd = {k: v for k, v in sd.items() if not _ignored(k)}
+    expected = {k: tuple(v.shape) for k, v in engine_to_thudm(_meta_engine_sd(config), config).items()}
+    validate_keys(sd, expected, config, source)
     names = _thudm_names(config)
-    out = {}
-    for k, t in sd.items():
-        if k.endswith("rotary_pos_emb.inv_freq"):
-            continue
-        out[names.get(k, k)] = t
-    back = {v: k for k, v in names.items()}
-    _validate(out, config, source, lambda k: back.get(k, k))
-    return out
+    return {names[k]: t for k, t in sd.items()}
 
 
 def engine_to_thudm(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
@@ -200,16 +191,13 @@ def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GLM or THUDM ChatGLM checkpoint directory)")
         raw = json.loads(cfg_file.read_text())
         model_type = raw.get("model_type")
-        sd = read_checkpoint_dir(path)
-        if model_type == "glm":
-            config = GLMConfig.from_hf(raw)
-            engine_sd = hf_to_engine(sd, config, source=str(path))
-        elif model_type == "chatglm":
-            config = GLMConfig.from_chatglm(raw)
-            engine_sd = thudm_to_engine(sd, config, source=str(path))
-        else:
+        readers = {"glm": (GLMConfig.from_hf, hf_to_engine), "chatglm": (GLMConfig.from_chatglm, thudm_to_engine)}
+        if model_type not in readers:
             raise ValueError(f"{cfg_file}: model_type {model_type!r} is not supported; expected 'glm' "
                              "(transformers GlmForCausalLM) or 'chatglm' (THUDM ChatGLM2/3, GLM-4)")
+        to_config, to_engine = readers[model_type]
+        config = to_config(raw)
+        engine_sd = to_engine(read_checkpoint_dir(path), config, source=str(path))
     else:
         hf = path_or_model
         if not hasattr(hf, "config") or not hasattr(hf, "state_dict"):
