@@ -80,12 +80,13 @@ class GLMAttention(nn.Module):
         qkv = self.qkv(x)  # [b, s, (hq + 2 hkv) d]; s is the full sequence even under sequence parallel
         b, s, _ = qkv.shape
         d = self.head_dim
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q = kernels.apply_rotary(q.view(b, s, self.num_heads, d), positions, self.rotary_dim, self.rope_base,
-                                 backend=self.kernels.rotary)
-        k = kernels.apply_rotary(k.view(b, s, self.num_kv_heads, d), positions, self.rotary_dim, self.rope_base,
-                                 backend=self.kernels.rotary)
-        v = v.view(b, s, self.num_kv_heads, d)
+        hq, hkv = self.num_heads, self.num_kv_heads
+        # q and k are adjacent in the fused projection: rotate both heads groups in one kernel call
+        qk, v = qkv.split([(hq + hkv) * d, hkv * d], dim=-1)
+        qk = kernels.apply_rotary(qk.reshape(b, s, hq + hkv, d), positions, self.rotary_dim, self.rope_base,
+                                  backend=self.kernels.rotary)
+        q, k = qk.split([hq, hkv], dim=2)
+        v = v.view(b, s, hkv, d)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         if recompute_core and torch.is_grad_enabled():
@@ -93,7 +94,7 @@ class GLMAttention(nn.Module):
             o = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False)
         else:
             o = self.core_attention(q, k, v, attention_mask)
-        return self.dense(o.reshape(b, s, self.num_heads * d))
+        return self.dense(o.reshape(b, s, hq * d))
 
 
 class GLMMLP(nn.Module):
@@ -217,8 +218,11 @@ class GLMForCausalLM(GLMTransformer):
             self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        return self.output_layer(self.trunk(input_ids, attention_mask, position_ids, cache))
+                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits ``[b, s, v]`` (``[b, 1, v]`` with ``last_only``, as decoding needs)."""
+        hidden = self.trunk(input_ids, attention_mask, position_ids, cache)
+        return self.output_layer(hidden[:, -1:] if last_only else hidden)
 
     # Hugging Face interchange lives in engine.model.hf_adapter; these are thin entry points.
     @classmethod

@@ -1,0 +1,106 @@
+"""Engine vs transformers.GlmForCausalLM: forward tokens/s and generation (decode) tokens/s.
+
+    python -m launch.bench model [--configs tiny,mid] [--batch 4] [--seq 256] [--new-tokens 64]
+                                 [--repeats 5] [--dtype fp32] [--device cpu] [--json FILE]
+
+Both models hold the same weights (the engine loads the HF model). Forward: logits for a
+[batch, seq] batch under inference mode. Generation: greedy, fixed number of new tokens (no EOS),
+tokens/s = batch * new_tokens / wall time (prefill included, the same for both). Median of
+--repeats runs after one warm-up; all numbers come from one run, side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+MID = dict(hidden_size=1024, ffn_hidden_size=2816, num_layers=8, num_attention_heads=16, num_kv_groups=2,
+           head_dim=64, name="mid")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _config(name: str):
+    from engine.config import GLMConfig
+    tiny = GLMConfig.preset("tiny")
+    return tiny if name == "tiny" else tiny.replace(**MID) if name == "mid" else GLMConfig.preset(name)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_one(name: str, batch: int, seq: int, new_tokens: int, repeats: int, dtype, device) -> dict:
+    import transformers
+    from engine.model.glm import GLMForCausalLM
+    cfg = _config(name)
+    torch.manual_seed(0)
+    hf = transformers.GlmForCausalLM(cfg.to_hf()).to(device=device, dtype=dtype).eval()
+    ours = GLMForCausalLM.from_hf(hf).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
+    prompt = ids[:, : max(1, seq // 4)]
+    mask = torch.ones_like(prompt)
+
+    with torch.inference_mode():
+        fwd_ours = _median_time(lambda: ours(ids), repeats, device)
+        fwd_hf = _median_time(lambda: hf(ids).logits, repeats, device)
+        gen_ours = _median_time(lambda: ours.generate(prompt, mask, max_new_tokens=new_tokens, eos_token_id=[]),
+                                repeats, device)
+        gen_hf = _median_time(lambda: hf.generate(prompt, attention_mask=mask, do_sample=False,
+                                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                  pad_token_id=cfg.pad_token_id, eos_token_id=None),
+                              repeats, device)
+    fwd_tokens, gen_tokens = batch * seq, batch * new_tokens
+    return {
+        "config": name, "params_M": round(cfg.num_parameters() / 1e6, 1), "batch": batch, "seq": seq,
+        "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "forward_tokens_per_s": {"engine": fwd_tokens / fwd_ours, "transformers": fwd_tokens / fwd_hf,
+                                 "speedup": fwd_hf / fwd_ours},
+        "generate_tokens_per_s": {"engine": gen_tokens / gen_ours, "transformers": gen_tokens / gen_hf,
+                                  "speedup": gen_hf / gen_ours},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.bench model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,mid")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import transformers
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+          f"threads {torch.get_num_threads()}, dtype {args.dtype}")
+    results = []
+    for name in args.configs.split(","):
+        r = bench_one(name, args.batch, args.seq, args.new_tokens, args.repeats, DTYPES[args.dtype], device)
+        results.append(r)
+        f, g = r["forward_tokens_per_s"], r["generate_tokens_per_s"]
+        print(f"{name:>6} ({r['params_M']}M params)  forward tok/s: engine {f['engine']:.0f}  transformers "
+              f"{f['transformers']:.0f}  ({f['speedup']:.2f}x)   generate tok/s: engine {g['engine']:.1f}  "
+              f"transformers {g['transformers']:.1f}  ({g['speedup']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
