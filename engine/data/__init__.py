@@ -1,0 +1,1 @@
+"""Data: tokenizer, datasets and preprocessing for pretraining, SFT, reward modelling and RLHF."""
