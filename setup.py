@@ -25,6 +25,7 @@ def cuda_extensions():
     return [CUDAExtension(
         name="kernels._cuda_ops",
         sources=["csrc/cuda_ops.cpp", "csrc/adamw.cu", "csrc/rms_norm.cu"],
+        depends=["csrc/glm_ops.h", "csrc/glm_cuda_common.cuh"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )]
 

@@ -258,7 +258,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              backend: str = "auto"):
     """RMSNorm over the last dim. Returns ``y``, or ``(y, x + residual)`` when ``residual`` is given."""
     _check(x, weight, residual)
-    backend = resolve_backend("rms_norm", backend, x)
+    backend = resolve_backend("rms_norm", backend, x, extra=("cuda", "apex"))
+    if backend in ("cuda", "apex"):
+        from ._cuda import rms_norm_apex, rms_norm_cuda
+        return (rms_norm_cuda if backend == "cuda" else rms_norm_apex)(x, weight, eps, residual)
     if backend == TORCH:
         h = x if residual is None else x + residual
         y = rms_norm_reference(h, weight, eps)

@@ -141,7 +141,7 @@ def test_bad_inputs_name_tensor_and_shape():
     with pytest.raises(TypeError, match=r"residual must be a floating-point tensor.*\(2, 3, 8\)"):
         rms_norm(x, torch.ones(8), EPS, residual=torch.ones(2, 3, 8, dtype=torch.int8))
     with pytest.raises(ValueError, match="unknown backend"):
-        rms_norm(x, torch.ones(8), EPS, backend="cuda")
+        rms_norm(x, torch.ones(8), EPS, backend="cudnn")
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -161,3 +161,11 @@ def test_frozen_weight_and_residual(device):
         y, h = rms_norm(xx, w, EPS, residual=r, backend=backend)
         got[backend] = torch.autograd.grad((y, h), xx, (dy, dh))[0]
     torch.testing.assert_close(got["triton"], got["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_backend_without_extension_says_how_to_build():
+    from kernels._cuda import cuda_ops_available
+    if cuda_ops_available():
+        pytest.skip("the CUDA extension is built here; this checks the error when it is not")
+    with pytest.raises(RuntimeError, match="pip install -e"):
+        rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5, backend="cuda")
