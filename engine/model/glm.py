@@ -222,7 +222,11 @@ class GLMForCausalLM(GLMTransformer):
                 last_only: bool = False) -> torch.Tensor:
         """Logits ``[b, s, v]`` (``[b, 1, v]`` with ``last_only``, as decoding needs)."""
         hidden = self.trunk(input_ids, attention_mask, position_ids, cache)
-        return self.output_layer(hidden[:, -1:] if last_only else hidden)
+        if last_only and self.spec.gather_sequence is None:
+            return self.output_layer(hidden[:, -1:])
+        # under sequence parallel the output layer gathers the sequence itself; slice after it
+        logits = self.output_layer(hidden)
+        return logits[:, -1:] if last_only else logits
 
     # Hugging Face interchange lives in engine.model.hf_adapter; these are thin entry points.
     @classmethod
@@ -258,7 +262,10 @@ class GLMForScalarHead(GLMTransformer):
                     self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(config.hidden_size + 1))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        return self.value_head(self.trunk(input_ids, attention_mask, position_ids)).squeeze(-1).float()
+        hidden = self.trunk(input_ids, attention_mask, position_ids)
+        if self.spec.gather_sequence is not None:
+            hidden = self.spec.gather_sequence(hidden)
+        return self.value_head(hidden).squeeze(-1).float()
 
     def reward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         values = self.forward(input_ids, attention_mask, position_ids)

@@ -9,7 +9,7 @@ per KV group and the fused gate/up per half.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -58,3 +58,6 @@ class ModelSpec:
     """Kernel backend per op."""
     vocab_group: object = None
     """Process group over which the output logits are vocab-sharded (None: full vocabulary)."""
+    gather_sequence: Optional[Callable] = None
+    """Under sequence parallel: ``[b, s/tp, h] -> [b, s, h]`` for heads computed identically on every TP
+    rank (the value head, last-token logits); None when the residual stream holds the full sequence."""

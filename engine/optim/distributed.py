@@ -1,0 +1,331 @@
+"""AdamW over a parallel layout: bucketed DP gradient reduction, optional ZeRO-1 sharding, bf16 params.
+
+Life of one optimizer step (``layout`` gives the TP/PP/DP groups):
+
+    backward (x micro-batches)   each param's grad is added into its fp32 ``main_grad`` (a view of a
+                                 flat bucket buffer) by a post-accumulate hook, then freed: gradients
+                                 accumulate in fp32 until ``zero_grad()``, whatever the param dtype.
+    finish_grad_sync()           1. sequence-parallel params (norm weights under SP): all-reduce
+                                    their grads over TP (one flat buffer);
+                                 2. per bucket, over DP: grads / dp, then all-reduce (plain DP) or
+                                    reduce-scatter to this rank's 1/dp shard (ZeRO-1).
+    clip_grad_norm(max_norm)     global L2 norm (see ``_norm_segments``), clip, return the norm.
+    step(lr=None)                AdamW on fp32 master weights (the whole model, or the DP shard);
+                                 copy into the (bf16) params; ZeRO-1 all-gathers the updated shards.
+
+The loss the caller backpropagates should be the mean over its micro-batch divided by the number
+of micro-batches; averaging over DP happens here. Replicated KV heads (tp > KV groups) already get
+their summed gradient during backward (hook in ``engine.parallel.tensor_parallel``).
+
+Weight decay applies to parameters with 2 or more dims (matrices and embeddings), not to norm
+weights and biases. The update is ``kernels.adamw.fused_adamw_step`` (``torch.optim.AdamW``'s math:
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  w = w (1 - lr wd) - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+on fp32 master segments; the kernel also writes the rounded (bf16) params of this rank's range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from engine.parallel import comm
+from kernels.adamw import fused_adamw_step
+from engine.parallel.tensor_parallel import sync_sequence_parallel_grads
+
+MIXED_PRECISION = ("fp32", "bf16")
+
+
+@dataclass
+class _Bucket:
+    params: list                      # nn.Parameters, in buffer order
+    offsets: list                     # start of each param in the bucket
+    numel: int                        # padded size (divisible by dp)
+    grad: torch.Tensor                # fp32 [numel] main grads
+    param: torch.Tensor               # param dtype [numel]; params are views of it
+    shard_lo: int = 0                 # this rank's optimizer range [shard_lo, shard_hi)
+    shard_hi: int = 0
+    grad_shard: Optional[torch.Tensor] = None   # ZeRO: reduced grads of the shard (fp32)
+    master: Optional[torch.Tensor] = None       # fp32 master of [shard_lo, shard_hi)
+    exp_avg: Optional[torch.Tensor] = None
+    exp_avg_sq: Optional[torch.Tensor] = None
+    segments: list = field(default_factory=list)  # (param index in bucket, lo, hi) of the shard, bucket coords
+
+    def shard_grad(self) -> torch.Tensor:
+        return self.grad_shard if self.grad_shard is not None else self.grad[self.shard_lo:self.shard_hi]
+
+
+class DistributedOptimizer:
+    """AdamW with DP gradient reduction and optional ZeRO-1 (see module docstring).
+
+    ``params``: the local (TP/PP-sharded) parameters, or ``(name, param)`` pairs. With
+    ``mixed_precision="bf16"`` the parameters are moved to bf16 storage here (their fp32 values seed
+    the master weights). ``max_grad_norm`` (optional) makes ``step`` clip.
+    """
+
+    def __init__(self, params: Iterable, layout, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, use_distributed_optimizer: bool = False,
+                 bucket_size_bytes: int = 40 * 2**20, mixed_precision: str = "fp32", backend: str = "auto",
+                 max_grad_norm: Optional[float] = None):
+        items = list(params)
+        named = [(it if isinstance(it, tuple) else (f"param{i}", it)) for i, it in enumerate(items)]
+        seen: set = set()
+        named = [(n, p) for n, p in named if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        if not named:
+            raise ValueError("DistributedOptimizer got no parameters that require grad")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={mixed_precision!r} must be one of {MIXED_PRECISION}")
+        if bucket_size_bytes <= 0:
+            raise ValueError(f"bucket_size_bytes={bucket_size_bytes} must be positive")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0 or eps <= 0 or lr < 0 or weight_decay < 0:
+            raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        _check_marks([p for _, p in named], layout)
+        self.layout, self.lr, self.betas, self.eps, self.weight_decay = layout, lr, tuple(betas), eps, weight_decay
+        self.distributed = use_distributed_optimizer
+        self.mixed_precision, self.backend, self.max_grad_norm = mixed_precision, backend, max_grad_norm
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.param_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+        self.step_count = 0
+        self._synced = False
+        self._grad_norm: Optional[float] = None
+        self.buckets = self._build_buckets(bucket_size_bytes)
+        self._norm_views = self._norm_segments()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def _build_buckets(self, bucket_size_bytes: int) -> list[_Bucket]:
+        dp = self.layout.dp_size
+        groups, current, size = [], [], 0
+        for p in reversed(self.params):  # backward order: the last layers' grads are ready first
+            current.append(p)
+            size += p.numel() * 4
+            if size >= bucket_size_bytes:
+                groups.append(current)
+                current, size = [], 0
+        if current:
+            groups.append(current)
+        buckets = []
+        for ps in groups:
+            offsets, n = [], 0
+            for p in ps:
+                offsets.append(n)
+                n += p.numel()
+            numel = -(-n // dp) * dp  # pad so every DP rank owns the same shard size
+            device = ps[0].device
+            b = _Bucket(ps, offsets, numel, grad=torch.zeros(numel, dtype=torch.float32, device=device),
+                        param=torch.zeros(numel, dtype=self.param_dtype, device=device))
+            master_full = torch.zeros(numel, dtype=torch.float32, device=device)
+            for p, off in zip(ps, offsets):
+                master_full[off:off + p.numel()] = p.detach().reshape(-1).float()
+                b.param[off:off + p.numel()] = p.detach().reshape(-1).to(self.param_dtype)
+                p.data = b.param[off:off + p.numel()].view_as(p)  # params live in the flat buffer
+                p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+                p.grad = None
+            if self.distributed:
+                shard = numel // dp
+                b.shard_lo, b.shard_hi = self.layout.dp_rank * shard, (self.layout.dp_rank + 1) * shard
+                b.grad_shard = torch.zeros(shard, dtype=torch.float32, device=device)
+            else:
+                b.shard_lo, b.shard_hi = 0, numel
+            if not self.distributed and self.param_dtype == torch.float32:
+                b.master = b.param  # fp32 without sharding: the params are the master weights
+            else:
+                b.master = master_full[b.shard_lo:b.shard_hi].clone()
+            b.exp_avg = torch.zeros_like(b.master)
+            b.exp_avg_sq = torch.zeros_like(b.master)
+            for i, (p, off) in enumerate(zip(ps, offsets)):
+                lo, hi = max(off, b.shard_lo), min(off + p.numel(), b.shard_hi)
+                if lo < hi:
+                    b.segments.append((i, lo, hi))
+            buckets.append(b)
+        return buckets
+
+    def _accumulate(self, p: torch.Tensor) -> None:
+        if self._synced:
+            # the buffers already hold DP-reduced (or scattered) gradients: adding would mix the two
+            raise RuntimeError("a gradient arrived after finish_grad_sync()/step() without zero_grad(); "
+                               "call optimizer.zero_grad() before the next backward")
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        self._grad_norm = None
+
+    # ---- gradients -------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.grad.zero_()
+            if b.grad_shard is not None:
+                b.grad_shard.zero_()
+        for p in self.params:
+            p.grad = None
+        self._synced = False
+        self._grad_norm = None
+
+    def finish_grad_sync(self) -> None:
+        """SP grad all-reduce over TP, then DP all-reduce / reduce-scatter of every bucket. Idempotent
+        until the next backward."""
+        if self._synced:
+            return
+        sync_sequence_parallel_grads(self.params, self.layout, grads=[p.main_grad for p in self.params])
+        dp = self.layout.dp_size
+        for b in self.buckets:
+            if dp > 1:
+                b.grad.div_(dp)
+            if self.distributed:
+                comm.reduce_scatter_into(b.grad_shard, b.grad, self.layout.dp_group, self.layout.ledger, "dp")
+            else:
+                comm.all_reduce(b.grad, self.layout.dp_group, self.layout.ledger, "dp")
+        self._synced = True
+
+    def _norm_segments(self) -> list[tuple[int, int, int]]:
+        """(bucket, lo, hi) ranges of reduced grads this rank counts in the global norm, such that
+        summing over all ranks counts every element of the full model's gradient exactly once:
+        TP-replicated params only on tp rank 0, a replicated KV head only on the first rank of its
+        replica group; under ZeRO-1 each DP rank counts its own shard (the sum then runs over DP too),
+        under plain DP every DP rank holds the same full gradient (the sum runs over tp x pp only)."""
+        out = []
+        for bi, b in enumerate(self.buckets):
+            for i, lo, hi in b.segments:
+                p, off = b.params[i], b.offsets[i]
+                if not getattr(p, "tensor_parallel", False) and self.layout.tp_rank != 0:
+                    continue
+                counted = [(off, off + p.numel())]
+                dup = getattr(p, "tp_duplicate_rows", None)
+                if dup is not None:
+                    row = p[0].numel() if p.dim() > 1 else 1
+                    counted = [(off, off + dup[0] * row), (off + dup[1] * row, off + p.numel())]
+                for c_lo, c_hi in counted:
+                    s_lo, s_hi = max(c_lo, lo), min(c_hi, hi)
+                    if s_lo < s_hi:
+                        out.append((bi, s_lo - b.shard_lo, s_hi - b.shard_lo))
+        return out
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the (synced) gradient over every TP/PP/DP shard of the model."""
+        self.finish_grad_sync()
+        if self._grad_norm is None:
+            grads = [self.buckets[bi].shard_grad() for bi in range(len(self.buckets))]
+            device = grads[0].device
+            sq = torch.zeros(1, dtype=torch.float64, device=device)
+            for bi, lo, hi in self._norm_views:
+                sq += grads[bi][lo:hi].double().square().sum()
+            comm.all_reduce(sq, self.layout.mp_group, self.layout.ledger, "mp")
+            if self.distributed:
+                comm.all_reduce(sq, self.layout.dp_group, self.layout.ledger, "dp")
+            self._grad_norm = math.sqrt(sq.item())
+        return self._grad_norm
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale the gradients so their global norm is at most ``max_norm``; return the norm before."""
+        if max_norm <= 0:
+            raise ValueError(f"max_norm={max_norm} must be positive")
+        norm = self.grad_norm()
+        coef = max_norm / (norm + 1e-6)
+        if math.isfinite(norm) and coef < 1.0:
+            for b in self.buckets:
+                b.shard_grad().mul_(coef)
+        return norm
+
+    # ---- update ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, lr: Optional[float] = None) -> tuple[float, bool]:
+        """Sync, (clip), AdamW-update, publish params. Returns (grad_norm, skipped); the step is
+        skipped (nothing changes) when the gradient norm is not finite. Gradients are kept: call
+        ``zero_grad()`` before the next accumulation."""
+        lr = self.lr if lr is None else lr
+        norm = self.clip_grad_norm(self.max_grad_norm) if self.max_grad_norm else self.grad_norm()
+        if not math.isfinite(norm):
+            return norm, True
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        separate_master = self.buckets[0].master is not self.buckets[0].param
+        for decay in (True, False):
+            ps, ws, gs, ms, vs = [], [], [], [], []
+            for b in self.buckets:
+                grad = b.shard_grad()
+                for i, lo, hi in b.segments:
+                    if (b.params[i].dim() >= 2) != decay:
+                        continue
+                    ps.append(b.param[lo:hi])  # this rank's range of the model's (bf16) params
+                    lo, hi = lo - b.shard_lo, hi - b.shard_lo
+                    ws.append(b.master[lo:hi]), gs.append(grad[lo:hi])
+                    ms.append(b.exp_avg[lo:hi]), vs.append(b.exp_avg_sq[lo:hi])
+            fused_adamw_step(ps, gs, ms, vs, ws if separate_master else None, lr=lr, beta1=beta1, beta2=beta2,
+                             eps=self.eps, weight_decay=self.weight_decay if decay else 0.0, step=self.step_count,
+                             backend=self.backend)
+        self._publish_params(from_master=False)
+        return norm, False
+
+    def _publish_params(self, from_master: bool) -> None:
+        """(Master weights ->) this rank's param range; ZeRO-1 then all-gathers every rank's range."""
+        for b in self.buckets:
+            if b.master is b.param:
+                continue
+            mine = b.param[b.shard_lo:b.shard_hi]
+            if from_master:
+                mine.copy_(b.master)
+            if self.distributed:
+                comm.all_gather_into(b.param, mine.clone(), self.layout.dp_group, self.layout.ledger, "dp")
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (the DP shard under ZeRO-1) plus the metadata to check it."""
+        return {
+            "step": self.step_count,
+            "meta": self._meta(),
+            "buckets": [{"master": b.master.clone(), "exp_avg": b.exp_avg.clone(), "exp_avg_sq": b.exp_avg_sq.clone()}
+                        for b in self.buckets],
+        }
+
+    def _meta(self) -> dict:
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return {
+            "names": list(self.names), "shapes": [tuple(p.shape) for p in self.params],
+            "dp_size": self.layout.dp_size, "dp_rank": self.layout.dp_rank,
+            "use_distributed_optimizer": self.distributed, "mixed_precision": self.mixed_precision,
+            "buckets": [{"numel": b.numel, "shard": (b.shard_lo, b.shard_hi),
+                         "params": [(index[id(p)], off) for p, off in zip(b.params, b.offsets)]}
+                        for b in self.buckets],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Load a ``state_dict()`` taken with the same layout and parameters; publishes the master
+        weights into the params (collective under ZeRO-1)."""
+        mine = self._meta()
+        theirs = state.get("meta", {})
+        diffs = [k for k in mine if k != "mixed_precision" and _plain(theirs.get(k)) != _plain(mine[k])]
+        if diffs or len(state.get("buckets", [])) != len(self.buckets):
+            raise ValueError(f"optimizer state does not match this optimizer: differing {diffs or ['buckets']}")
+        for b, s in zip(self.buckets, state["buckets"]):
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                getattr(b, key).copy_(s[key])
+        self.step_count = int(state["step"])
+        self._publish_params(from_master=True)
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the params keep living in the flat buffers)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def _plain(x):
+    """Tuples -> lists recursively, so metadata compares equal after a serialisation round trip."""
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _check_marks(params: list[nn.Parameter], layout) -> None:
+    if layout.tp_size > 1 and any(hasattr(p, "tensor_parallel") for p in params):
+        unmarked = sum(1 for p in params if not hasattr(p, "tensor_parallel"))
+        if unmarked:
+            raise ValueError(f"{unmarked} parameters carry no tensor-parallel mark (norm weights?): call "
+                             "engine.parallel.tensor_parallel.mark_parameters(model, layout, sequence_parallel) "
+                             "after building a tensor-parallel model")

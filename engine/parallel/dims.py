@@ -1,0 +1,323 @@
+"""Parallel degrees and process groups, as explicit objects (no module-level parallel state).
+
+``ParallelDims`` is pure arithmetic: degrees, validation and the rank <-> (tp, dp, pp) map.
+``ParallelLayout`` adds this rank's process groups; several layouts can coexist (the training and
+the generation layout of the RLHF actor), each with its own groups and byte ledger.
+
+Rank order is Megatron's: tp fastest, then dp, then pp::
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+so a tensor-parallel group is tp consecutive ranks (one node, fast links) and a pipeline stage is a
+contiguous block of dp * tp ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from engine.config import GLMConfig
+from engine.parallel.comm import CommLedger
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Tensor, pipeline, data and virtual-pipeline degrees of one layout."""
+
+    tp: int = 1
+    """Tensor-parallel degree (heads, FFN columns and vocabulary split over tp ranks)."""
+    pp: int = 1
+    """Pipeline stages."""
+    dp: Optional[int] = 1
+    """Data-parallel replicas; None derives it as world_size / (tp * pp)."""
+    vpp: int = 1
+    """Virtual pipeline chunks per stage (interleaved schedule); needs pp > 1."""
+    world_size: Optional[int] = None
+    """Total ranks; None means tp * pp * dp."""
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self, world_size: Optional[int] = None, config: Optional[GLMConfig] = None,
+                 global_batch_size: Optional[int] = None, micro_batch_size: Optional[int] = None,
+                 layers_per_stage: Optional[Sequence[int]] = None) -> "ParallelDims":
+        """Raise ValueError listing every inconsistency (naming each factor and its value);
+        return the dims with ``dp`` and ``world_size`` filled in. Touches no process group."""
+        problems: list[str] = []
+        for f in ("tp", "pp", "vpp"):
+            if not _positive_int(getattr(self, f)):
+                problems.append(f"{f}={getattr(self, f)!r} must be a positive integer")
+        if self.dp is not None and not _positive_int(self.dp):
+            problems.append(f"dp={self.dp!r} must be a positive integer or None (derived)")
+        if problems:
+            raise ValueError("invalid parallel layout: " + "; ".join(problems))
+        tp, pp, vpp = self.tp, self.pp, self.vpp
+
+        if world_size is None:
+            world_size = self.world_size
+        if self.world_size is not None and world_size != self.world_size:
+            problems.append(f"world_size={world_size} differs from ParallelDims.world_size={self.world_size}")
+        if world_size is None:
+            if self.dp is None:
+                raise ValueError(f"invalid parallel layout: dp=None needs a world size to derive it from "
+                                 f"(tp={tp}, pp={pp})")
+            world_size = tp * pp * self.dp
+        if not _positive_int(world_size):
+            raise ValueError(f"invalid parallel layout: world_size={world_size!r} must be a positive integer")
+
+        dp = self.dp
+        if world_size % (tp * pp) != 0:
+            problems.append(f"world_size={world_size} is not divisible by tp={tp} x pp={pp} = {tp * pp}")
+            dp = dp or 1
+        elif dp is None:
+            dp = world_size // (tp * pp)
+        elif tp * pp * dp != world_size:
+            problems.append(f"tp={tp} x pp={pp} x dp={dp} = {tp * pp * dp} != world_size={world_size}")
+
+        if vpp > 1 and pp == 1:
+            problems.append(f"vpp={vpp} (virtual pipeline) needs pp > 1, got pp={pp}")
+
+        if config is not None:
+            heads, groups = config.num_attention_heads, config.num_kv_groups
+            if heads % tp != 0:
+                problems.append(f"num_attention_heads={heads} is not divisible by tp={tp}")
+            if groups % tp != 0 and tp % groups != 0:
+                problems.append(f"num_kv_groups={groups} neither divides nor is divisible by tp={tp} "
+                                "(KV heads can be split or replicated over TP ranks, not both)")
+            if config.ffn_hidden_size % tp != 0:
+                problems.append(f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by tp={tp}")
+            if config.vocab_size % tp != 0:
+                problems.append(f"vocab_size={config.vocab_size} is not divisible by tp={tp} "
+                                "(pad the vocabulary for a vocab-parallel embedding/output layer)")
+        chunks = pp * vpp
+        if layers_per_stage is not None:
+            layers = list(layers_per_stage)
+            if len(layers) != chunks:
+                problems.append(f"layers_per_stage has {len(layers)} entries, expected pp={pp} x vpp={vpp} = {chunks}")
+            if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in layers):
+                problems.append(f"layers_per_stage={layers} must hold non-negative integers")
+            elif config is not None and sum(layers) != config.num_layers:
+                problems.append(f"layers_per_stage={layers} sums to {sum(layers)}, "
+                                f"not num_layers={config.num_layers}")
+        elif config is not None and config.num_layers % chunks != 0:
+            problems.append(f"num_layers={config.num_layers} is not divisible by pp={pp} x vpp={vpp} = {chunks}")
+
+        if global_batch_size is not None or micro_batch_size is not None:
+            gbs, mbs = global_batch_size, micro_batch_size if micro_batch_size is not None else 1
+            if gbs is not None and not _positive_int(gbs):
+                problems.append(f"global_batch_size={gbs!r} must be a positive integer")
+            elif not _positive_int(mbs):
+                problems.append(f"micro_batch_size={mbs!r} must be a positive integer")
+            elif gbs is not None and gbs % (mbs * dp) != 0:
+                problems.append(f"global_batch_size={gbs} is not divisible by micro_batch_size={mbs} x dp={dp} "
+                                f"= {mbs * dp}")
+
+        if problems:
+            raise ValueError("invalid parallel layout: " + "; ".join(problems))
+        return replace(self, dp=dp, world_size=world_size)
+
+    # ---- rank arithmetic (pure) -------------------------------------------------------------
+    @property
+    def dp_size(self) -> int:
+        if self.dp is not None:
+            return self.dp
+        if self.world_size is None:
+            raise ValueError("dp is None and world_size is unknown: call validate(world_size) first")
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def size(self) -> int:
+        return self.tp * self.pp * self.dp_size
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.size:
+            raise ValueError(f"rank {rank} is outside [0, tp={self.tp} x pp={self.pp} x dp={self.dp_size})")
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(tp_rank, dp_rank, pp_rank) of a global rank."""
+        self._check_rank(rank)
+        tp, dp = self.tp, self.dp_size
+        return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        if not (0 <= tp_rank < self.tp and 0 <= dp_rank < self.dp_size and 0 <= pp_rank < self.pp):
+            raise ValueError(f"coords (tp={tp_rank}, dp={dp_rank}, pp={pp_rank}) outside "
+                             f"tp={self.tp} x dp={self.dp_size} x pp={self.pp}")
+        return pp_rank * (self.dp_size * self.tp) + dp_rank * self.tp + tp_rank
+
+    def tp_group_ranks(self, rank: int) -> list[int]:
+        _, d, p = self.coords(rank)
+        return [self.rank_of(t, d, p) for t in range(self.tp)]
+
+    def dp_group_ranks(self, rank: int) -> list[int]:
+        t, _, p = self.coords(rank)
+        return [self.rank_of(t, d, p) for d in range(self.dp_size)]
+
+    def pp_group_ranks(self, rank: int) -> list[int]:
+        t, d, _ = self.coords(rank)
+        return [self.rank_of(t, d, p) for p in range(self.pp)]
+
+    def mp_group_ranks(self, rank: int) -> list[int]:
+        """The tp x pp ranks holding one model replica (same dp rank), in rank order."""
+        _, d, _ = self.coords(rank)
+        return [self.rank_of(t, d, p) for p in range(self.pp) for t in range(self.tp)]
+
+    def tp_subgroup_ranks(self, rank: int, size: int) -> list[int]:
+        """The ``size`` consecutive TP ranks containing ``rank`` (``size`` divides tp): e.g. the ranks
+        that share one replicated KV head when tp > num_kv_groups."""
+        if not _positive_int(size) or self.tp % size != 0:
+            raise ValueError(f"TP subgroup size {size} must divide tp={self.tp}")
+        ranks = self.tp_group_ranks(rank)
+        t = self.coords(rank)[0]
+        return ranks[(t // size) * size:(t // size + 1) * size]
+
+
+def _proper_divisors(n: int) -> list[int]:
+    return [k for k in range(2, n) if n % k == 0]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """This rank's place in a layout and its process groups. Build with ``ParallelLayout.build``.
+
+    Groups are ``None`` in ``ParallelLayout.single()`` (one process, no torch.distributed); the
+    wrappers in ``engine.parallel.comm`` treat ``None`` and size-one groups as no-ops.
+    """
+
+    dims: ParallelDims
+    rank: int
+    world_size: int
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    tp_group: object
+    dp_group: object
+    pp_group: object
+    mp_group: object
+    """tp x pp ranks of one model replica (grad-norm reduction, weight gathering)."""
+    tp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+    pp_ranks: tuple[int, ...]
+    mp_ranks: tuple[int, ...]
+    name: str = "train"
+    ledger: CommLedger = field(default_factory=CommLedger, compare=False)
+    tp_subgroups: dict = field(default_factory=dict, compare=False)
+    """size -> (group, ranks) of the ``size`` consecutive TP ranks around this rank, for every proper
+    divisor of tp (replicated KV heads use size tp / num_kv_groups)."""
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, dims: ParallelDims, rank: Optional[int] = None, world_size: Optional[int] = None,
+              name: str = "train") -> "ParallelLayout":
+        """Validate ``dims`` against the world size, then create every group (collective: all
+        ranks call this with the same arguments, in the same order as other layouts)."""
+        if world_size is None:
+            if dims.world_size is not None:
+                world_size = dims.world_size
+            elif dist.is_initialized():
+                world_size = dist.get_world_size()
+            else:
+                world_size = dims.tp * dims.pp * (dims.dp or 1)
+        dims = dims.validate(world_size)
+        if not dist.is_initialized():
+            if world_size != 1:
+                raise RuntimeError(f"ParallelLayout.build: world_size={world_size} needs an initialised "
+                                   "torch.distributed process group")
+            return cls.single(name=name)
+        if dist.get_world_size() != world_size:
+            raise ValueError(f"ParallelLayout.build: world_size={world_size} but torch.distributed has "
+                             f"{dist.get_world_size()} ranks")
+        rank = dist.get_rank() if rank is None else rank
+        tp, dp, pp = dims.tp, dims.dp_size, dims.pp
+
+        # Every rank creates every group, in one fixed order (torch.distributed requires it).
+        mine: dict = {}
+
+        def make(kind: str, ranks: list[int]) -> None:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine[kind] = group
+
+        for p in range(pp):
+            for d in range(dp):
+                make("tp", [dims.rank_of(t, d, p) for t in range(tp)])
+        for p in range(pp):
+            for t in range(tp):
+                make("dp", [dims.rank_of(t, d, p) for d in range(dp)])
+        for d in range(dp):
+            for t in range(tp):
+                make("pp", [dims.rank_of(t, d, p) for p in range(pp)])
+        for d in range(dp):
+            make("mp", [dims.rank_of(t, d, p) for p in range(pp) for t in range(tp)])
+        subgroups = {}
+        for size in _proper_divisors(tp):
+            for p in range(pp):
+                for d in range(dp):
+                    for start in range(0, tp, size):
+                        ranks = [dims.rank_of(t, d, p) for t in range(start, start + size)]
+                        group = dist.new_group(ranks)
+                        if rank in ranks:
+                            subgroups[size] = (group, tuple(ranks))
+
+        t, d, p = dims.coords(rank)
+        return cls(dims=dims, rank=rank, world_size=world_size, tp_rank=t, dp_rank=d, pp_rank=p,
+                   tp_group=mine["tp"], dp_group=mine["dp"], pp_group=mine["pp"], mp_group=mine["mp"],
+                   tp_ranks=tuple(dims.tp_group_ranks(rank)), dp_ranks=tuple(dims.dp_group_ranks(rank)),
+                   pp_ranks=tuple(dims.pp_group_ranks(rank)), mp_ranks=tuple(dims.mp_group_ranks(rank)),
+                   name=name, tp_subgroups=subgroups)
+
+    @classmethod
+    def single(cls, name: str = "single") -> "ParallelLayout":
+        """One process, no torch.distributed: every group is None and every size 1."""
+        return cls(dims=ParallelDims(1, 1, 1, 1, 1), rank=0, world_size=1, tp_rank=0, dp_rank=0, pp_rank=0,
+                   tp_group=None, dp_group=None, pp_group=None, mp_group=None,
+                   tp_ranks=(0,), dp_ranks=(0,), pp_ranks=(0,), mp_ranks=(0,), name=name)
+
+    # ---- sizes and neighbours --------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        return self.dims.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
+    @property
+    def vpp_size(self) -> int:
+        return self.dims.vpp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def pp_next_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps around, as interleaved schedules need)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def pp_prev_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    def tp_subgroup(self, size: int) -> tuple[object, tuple[int, ...]]:
+        """(group, global ranks) of the ``size`` consecutive TP ranks containing this rank."""
+        if size == 1:
+            return None, (self.rank,)
+        if size == self.tp_size:
+            return self.tp_group, self.tp_ranks
+        if size not in self.tp_subgroups:
+            raise ValueError(f"no TP subgroup of size {size} in a layout with tp={self.tp_size} "
+                             f"(sizes must divide tp)")
+        return self.tp_subgroups[size]
