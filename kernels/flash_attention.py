@@ -6,16 +6,51 @@ q ``[b, s_q, hq, d]``, k/v ``[b, s_kv, hkv, d]`` with ``hq % hkv == 0``: query h
 ``i // (hq // hkv)``. The causal mask is bottom-right aligned (query i sees keys j <= i + s_kv - s_q,
 as in flash-attn 2), so the same call serves prefill (s_q == s_kv) and decoding (s_q < s_kv).
 ``attention_mask`` ``[b, s_kv]`` marks real keys with 1/True and padding with 0/False.
-A query row that sees no key at all (a left-padding row) outputs zeros.
+A query row that sees no key at all (a left-padding row) outputs zeros, and gets zero gradients.
+
+Triton backend, per query row i of one (batch, query head) and with ``s_ij = scale * q_i . k_j``
+over the visible keys j (in base 2: ``t_ij = s_ij * log2(e)``, so ``exp(s) = exp2(t)``):
+
+forward (online softmax, one pass over K/V blocks; m = running max, l = running sum)::
+
+    m' = max(m, max_j t_ij);  l = l * 2^(m - m') + sum_j 2^(t_ij - m');  acc = acc * 2^(m - m') + P V
+    o_i = acc / l;  lse_i = (m + log2 l) * ln 2 = log sum_j exp(s_ij)      (lse_i = -inf: empty row)
+
+backward (P recomputed from lse, never stored)::
+
+    P_ij = exp(s_ij - lse_i),  delta_i = sum_d o_id * do_id  (= sum_j P_ij dP_ij)
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
+
+dK/dV of a KV head are accumulated in registers over the ``hq // hkv`` query heads that read it, in
+one program per KV block, so K/V are never expanded in memory and no atomics are needed. Matmul
+operands are the input dtype (bf16/fp16 tensor cores on GPU; P and dS are rounded to it) with fp32
+accumulation; softmax statistics, scaling and masking are fp32.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ._backend import TORCH, check_floating, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton is an optional extra; the torch backend stays available without it
+    triton = None
+    tl = None
+
+# A no-op decorator without triton: the kernels below are then never launched (resolve_backend
+# refuses backend="triton"), but the module still imports.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+# log2(e): scores are kept in base 2 so the kernels can use exp2. (Inside @triton.jit code the
+# constants log2(e) and ln(2) are written as literals: plain Python globals are not visible there.)
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256  # one [BLOCK, head_dim] tile per operand lives in registers/shared memory
 
 
 def attention_mask_matrix(b: int, s_q: int, s_kv: int, causal: bool, attention_mask: torch.Tensor | None,
@@ -32,25 +67,613 @@ def attention_mask_matrix(b: int, s_q: int, s_kv: int, causal: bool, attention_m
     return None if mask is None else mask.expand(b, 1, s_q, s_kv)
 
 
+# torch >= 2.5 lets SDPA read grouped K/V heads directly (enable_gqa); 2.4 needs the K/V expanded
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     b, s_q, hq, d = q.shape
     s_kv, hkv = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     rep = hq // hkv
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-    mask = attention_mask_matrix(b, s_q, s_kv, causal, attention_mask, q.device)
+    # Grouped-query without copying K/V (the KV cache when decoding): the `rep` query heads that
+    # share a KV head are stacked along the query axis, [b, hkv, rep * s_q, d].
+    qt = q.transpose(1, 2).reshape(b, hkv, rep * s_q, d)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if attention_mask is None and causal and s_q == s_kv:
+        # plain causal self-attention: SDPA's is_causal path (no mask tensor, fused kernels)
+        qh = q.transpose(1, 2)
+        if rep == 1:
+            out = F.scaled_dot_product_attention(qh, kt, vt, is_causal=True, scale=scale)
+        elif _SDPA_HAS_GQA:
+            out = F.scaled_dot_product_attention(qh, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(qh, kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1),
+                                                 is_causal=True, scale=scale)
+        return out.transpose(1, 2)
+    # one query row per step (decoding): the bottom-right causal mask hides nothing
+    mask = attention_mask_matrix(b, s_q, s_kv, causal and s_q > 1, attention_mask, q.device)
     if mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     else:
+        mask = mask.unsqueeze(2).expand(b, 1, rep, s_q, s_kv).reshape(b, 1, rep * s_q, s_kv)
         # Rows with no visible key would be NaN (and NaN * 0 poisons later layers through V);
         # let them see everything, then zero their output.
         seen = mask.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask | ~seen, scale=scale)
         out = out * seen.to(out.dtype)
-    return out.transpose(1, 2)
+    return out.reshape(b, hq, s_q, d).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton device helpers (inlined into the kernels)
+#
+# EMULATE is set when the kernels run under the Triton interpreter (CPU tensors). The interpreter
+# computes bf16 dots wrongly and rounds fp32 -> bf16 by truncation, so in that mode the matmul
+# operands are fp32 tensors holding values already rounded (to nearest even) to the input dtype,
+# and dots run in fp32: the same numbers a bf16/fp16 tensor-core dot with fp32 accumulation gives.
+# ------------------------------------------------------------------------------------------------
+
+@_jit
+def _round_bf16_bits(x):
+    """fp32 -> bf16 bit pattern, round to nearest even (finite inputs)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@_jit
+def _to_store(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 tile -> DTYPE for tl.store, rounding to nearest even."""
+    if EMULATE and DTYPE == tl.bfloat16:
+        return _round_bf16_bits(x)
+    else:
+        return x.to(DTYPE)
+
+
+@_jit
+def _operand(x, EMULATE: tl.constexpr):
+    """A loaded tile as a dot operand (kept in its dtype; fp32 under the interpreter)."""
+    if EMULATE:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@_jit
+def _to_operand(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """An fp32 tile (P or dS) rounded to the input dtype, as a dot operand."""
+    if EMULATE:
+        if DTYPE == tl.float32:
+            return x
+        else:
+            return _to_store(x, DTYPE, EMULATE).to(tl.float32)
+    else:
+        return x.to(DTYPE)
+
+
+@_jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs use exact fp32 products (as torch does by default), not tf32.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
+               stride_ms, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset, qk_scale_log2,
+               DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax update over key blocks [start, end). MASKED: apply key bounds and the causal
+    diagonal (the caller guarantees unmasked blocks are in bounds and causally fully visible)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seq_kv) & d_ok
+        else:
+            kv_mask = d_ok
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(_operand(k, EMULATE)), IEEE) * qk_scale_log2  # [BLOCK_M, BLOCK_N], base 2
+        if HAS_KEY_MASK:
+            if MASKED:
+                km = tl.load(km_base + cols * stride_ms, mask=cols < seq_kv, other=0)
+            else:
+                km = tl.load(km_base + cols * stride_ms)
+        if MASKED:
+            visible = cols[None, :] < seq_kv
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag_offset)
+            if HAS_KEY_MASK:
+                visible = visible & (km[None, :] != 0)
+            s = tl.where(visible, s, float("-inf"))
+        elif HAS_KEY_MASK:
+            s = tl.where(km[None, :] != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so that 2^(-inf) = 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(_to_operand(p, DTYPE, EMULATE), _operand(v, EMULATE), IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_jit
+def _causal_kv_range(start_m, seq_q, seq_kv, diag_offset,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of the query block [start_m, start_m + BLOCK_M): keys < full_end are visible to every
+    row (no causal mask needed, BLOCK_N-aligned and in bounds); keys in [full_end, hi) need masking."""
+    if CAUSAL:
+        hi = tl.minimum(seq_kv, tl.minimum(start_m + BLOCK_M, seq_q) + diag_offset)
+        hi = tl.maximum(hi, 0)
+        full_end = tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = seq_kv
+        full_end = seq_kv // BLOCK_N * BLOCK_N
+    return full_end, hi
+
+
+@_jit
+def _flash_attn_fwd_kernel(
+    Q, K, V, O, LSE, KEY_MASK,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_mb, stride_ms,
+    seq_q, seq_kv, num_heads_q, group_size, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq).
+    Writes O [b, s_q, hq, d] and LSE [b, hq, s_q] (fp32, natural log, -inf for rows with no key)."""
+    # Last query blocks first: under the causal mask they have the most keys, so the longest
+    # programs start in the first wave instead of forming a tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads_q).to(tl.int64)
+    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_hk = off_h // group_size
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = _operand(tl.load(q_ptrs, mask=io_mask, other=0.0), EMULATE)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    km_base = KEY_MASK + off_b * stride_mb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag_offset = seq_kv - seq_q
+    full_end, hi = _causal_kv_range(start_m, seq_q, seq_kv, diag_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
+                               stride_vd, stride_ms, offs_m, offs_n, offs_d, 0, full_end, seq_kv, diag_offset,
+                               qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
+                               stride_vd, stride_ms, offs_m, offs_n, offs_d, full_end, hi, seq_kv, diag_offset,
+                               qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)  # empty rows: acc == 0, so o = 0
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # * ln 2
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, _to_store(o, O.dtype.element_ty, EMULATE), mask=io_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+
+@_jit
+def _flash_attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    seq_q, num_heads_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d o[b, i, h, d] * do[b, i, h, d] (fp32). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads_q).to(tl.int64)
+    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, col_ok,
+                    stride_qs, stride_qd, stride_dos, stride_dod,
+                    offs_n, offs_d, start, end, seq_q, diag_offset, qk_scale_log2,
+                    DTYPE: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EMULATE: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [start, end) of one query head.
+    Works on transposed tiles ([keys, queries]) so that no P/dS transpose is needed.
+    MASKED: apply the causal diagonal."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + offs_mb
+        row_ok = offs_m < seq_q
+        qT = _operand(tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qs,
+                              mask=d_ok[:, None] & row_ok[None, :], other=0.0), EMULATE)  # [BLOCK_D, BLOCK_M]
+        do = _operand(tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                              mask=row_ok[:, None] & d_ok[None, :], other=0.0), EMULATE)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty rows are masked below
+        sT = _dot(k, qT, IEEE) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
+        visible = col_ok[:, None] & row_ok[None, :]
+        if MASKED:
+            visible = visible & (offs_m[None, :] + diag_offset >= offs_n[:, None])
+        pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
+        dv += _dot(_to_operand(pT, DTYPE, EMULATE), do, IEEE)
+        dpT = _dot(v, tl.trans(do), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(_to_operand(dsT, DTYPE, EMULATE), tl.trans(qT), IEEE)
+    return dk, dv
+
+
+@_jit
+def _flash_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KEY_MASK,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_mb, stride_ms,
+    seq_q, seq_kv, num_heads_q, num_heads_kv, group_size, sm_scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """One program = BLOCK_N keys of one (batch, KV head), looping over the group's query heads.
+    Grid (cdiv(s_kv, BLOCK_N), b * hkv)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads_kv).to(tl.int64)
+    off_hk = (pid_bh % num_heads_kv).to(tl.int64)
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_kv
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = _operand(tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks
+                         + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0), EMULATE)
+    v = _operand(tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs
+                         + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0), EMULATE)
+    if HAS_KEY_MASK:
+        km = tl.load(KEY_MASK + off_b * stride_mb + offs_n * stride_ms, mask=col_ok, other=0)
+        col_ok = col_ok & (km != 0)
+
+    diag_offset = seq_kv - seq_q
+    if CAUSAL:
+        # Query i sees key j iff i >= j - diag_offset: rows below start_n - diag_offset see none of this
+        # block, rows from start_n + BLOCK_N - 1 - diag_offset on see all of it.
+        lo = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
+        full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0), BLOCK_M) * BLOCK_M
+        masked_end = tl.minimum(full_start, seq_q)
+    else:
+        lo = 0
+        full_start = 0
+        masked_end = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group_size):
+        off_h = off_hk * group_size + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * num_heads_q + off_h) * seq_q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, col_ok,
+                                 stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, lo, masked_end,
+                                 seq_q, diag_offset, qk_scale_log2, DTYPE, True, HEAD_DIM, BLOCK_M, EMULATE, IEEE)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, col_ok,
+                                 stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, full_start, seq_q,
+                                 seq_q, diag_offset, qk_scale_log2, DTYPE, False, HEAD_DIM, BLOCK_M, EMULATE, IEEE)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks
+             + offs_d[None, :] * stride_dkd, _to_store(dk, DK.dtype.element_ty, EMULATE), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs
+             + offs_d[None, :] * stride_dvd, _to_store(dv, DV.dtype.element_ty, EMULATE), mask=kv_mask)
+
+
+@_jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                  stride_ms, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset, qk_scale_log2,
+                  DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [start, end) (same masking split as forward)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seq_kv) & d_ok
+        else:
+            kv_mask = d_ok
+        k = _operand(tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                             mask=kv_mask, other=0.0), EMULATE)
+        v = _operand(tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                             mask=kv_mask, other=0.0), EMULATE)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale_log2
+        p = tl.math.exp2(s - lse2[:, None])
+        if HAS_KEY_MASK:
+            if MASKED:
+                km = tl.load(km_base + cols * stride_ms, mask=cols < seq_kv, other=0)
+            else:
+                km = tl.load(km_base + cols * stride_ms)
+        if MASKED:
+            visible = cols[None, :] < seq_kv
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag_offset)
+            if HAS_KEY_MASK:
+                visible = visible & (km[None, :] != 0)
+            p = tl.where(visible, p, 0.0)
+        elif HAS_KEY_MASK:
+            p = tl.where(km[None, :] != 0, p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_to_operand(ds, DTYPE, EMULATE), k, IEEE)
+    return dq
+
+
+@_jit
+def _flash_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KEY_MASK,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    stride_mb, stride_ms,
+    seq_q, seq_kv, num_heads_q, group_size, sm_scale, qk_scale_log2,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query blocks first
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads_q).to(tl.int64)
+    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_hk = off_h // group_size
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = _operand(tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
+                         + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0), EMULATE)
+    do = _operand(tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                          + offs_d[None, :] * stride_dod, mask=io_mask, other=0.0), EMULATE)
+    row_base = pid_bh.to(tl.int64) * seq_q
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    # Empty rows (lse = -inf) see only masked keys, so P is zeroed by the masks; avoid inf - inf.
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    km_base = KEY_MASK + off_b * stride_mb
+    diag_offset = seq_kv - seq_q
+    full_end, hi = _causal_kv_range(start_m, seq_q, seq_kv, diag_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                       stride_ms, offs_m, offs_n, offs_d, 0, full_end, seq_kv, diag_offset, qk_scale_log2,
+                       DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                       stride_ms, offs_m, offs_n, offs_d, full_end, hi, seq_kv, diag_offset, qk_scale_log2,
+                       DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs
+             + offs_d[None, :] * stride_dqd, _to_store(dq, DQ.dtype.element_ty, EMULATE), mask=io_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: block sizes and warps
+# ------------------------------------------------------------------------------------------------
+
+class _Blocks(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Interpreter (CPU tests): 16-row/16-key blocks, the smallest tl.dot tile, so that modest test shapes
+# (s ~ 37) already cover several blocks, partial tail blocks and the causal-diagonal split.
+_INTERPRETER_BLOCKS = _Blocks(16, 16, 4, 1)
+
+# GPU block sizes: compile-time choices, NOT yet timed on hardware (no GPU in CI). For each head_dim
+# tile, the largest (BLOCK_M, BLOCK_N, num_warps, num_stages) among a handful of candidates that ptxas
+# (via triton.compile for sm_80 and sm_90, causal + key mask, contiguous head_dim) assigns <= 255
+# registers with no or negligible (<= 56 B) spills for bf16/fp16 (measured with the launch-time
+# specialization: 16-byte aligned pointers and strides, head_dim stride 1); shared memory stays under
+# sm_80's 163 KiB. The backward dK/dV kernel is the register-hungry one (K, V, dK, dV tiles live
+# across its loops). fp32 inputs (not a training path: exact fp32 dots, no tensor cores) halve
+# BLOCK_M/BLOCK_N (_gpu_blocks) and still spill in the forward at head_dim 128 on sm_90.
+# A GPU session should time these with launch/bench.py and record the sweep in docs/.
+_FWD_BLOCKS = {  # BLOCK_D -> blocks for the forward kernel (BLOCK_M query rows per program)
+    16: _Blocks(128, 64, 8, 3), 32: _Blocks(128, 64, 8, 3), 64: _Blocks(128, 64, 8, 3),
+    128: _Blocks(128, 64, 8, 3), 256: _Blocks(64, 32, 8, 2),
+}
+_BWD_DKDV_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per step, BLOCK_N = keys per program)
+    16: _Blocks(32, 64, 4, 2), 32: _Blocks(32, 64, 4, 2), 64: _Blocks(32, 64, 4, 2),
+    128: _Blocks(32, 64, 8, 2), 256: _Blocks(32, 32, 8, 1),
+}
+_BWD_DQ_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per program, BLOCK_N = keys per step)
+    16: _Blocks(64, 64, 8, 2), 32: _Blocks(64, 64, 8, 2), 64: _Blocks(64, 64, 8, 2),
+    128: _Blocks(64, 64, 8, 2), 256: _Blocks(64, 32, 8, 2),
+}
+
+
+def _preprocess_block_m(block_d: int) -> int:
+    # delta = rowsum(o * do) is pure bandwidth: 4096-element tiles keep o and do at 32 fp32 registers
+    # per thread each (4 warps).
+    return max(16, 4096 // block_d)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _gpu_blocks(table: dict, block_d: int, dtype: torch.dtype) -> _Blocks:
+    blocks = table[block_d]
+    if dtype == torch.float32:  # fp32 tiles take twice the registers and shared memory of bf16 ones
+        blocks = blocks._replace(block_m=max(16, blocks.block_m // 2), block_n=max(16, blocks.block_n // 2))
+    return blocks
+
+
+def _fwd_blocks(block_d: int, seq_q: int, dtype: torch.dtype, on_gpu: bool) -> _Blocks:
+    if not on_gpu:
+        return _INTERPRETER_BLOCKS
+    blocks = _gpu_blocks(_FWD_BLOCKS, block_d, dtype)
+    if seq_q < blocks.block_m:  # decoding / short prompts: do not compute mostly-masked query rows
+        block_m = max(16, triton.next_power_of_2(seq_q))
+        blocks = blocks._replace(block_m=block_m, num_warps=4 if block_m < 64 else blocks.num_warps)
+    return blocks
+
+
+def _emulate(q: torch.Tensor) -> bool:
+    """EMULATE for the kernels: under the Triton interpreter (CPU tensors), emulate low-precision
+    dot operands in fp32 (see the device helpers). Tests switch it off for fp16/fp32, which the
+    interpreter handles natively, to run the exact GPU code path on CPU."""
+    return not q.is_cuda
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None):
+    """Launch the forward kernel. Returns (o [b, s_q, hq, d], lse [b, hq, s_q] fp32)."""
+    b, s_q, hq, d = q.shape
+    s_kv, hkv = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or s_kv == 0:  # nothing to compute, or every row sees no key
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    block_d = _block_d(d)
+    blk = _fwd_blocks(block_d, s_q, q.dtype, q.is_cuda)
+    mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
+    mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    grid = (triton.cdiv(s_q, blk.block_m), b * hq)
+    _flash_attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        s_q, s_kv, hq, hq // hkv, scale * _LOG2E,
+        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, HEAD_DIM=d,
+        BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, BLOCK_D=block_d, EMULATE=_emulate(q),
+        num_warps=blk.num_warps, num_stages=blk.num_stages,
+    )
+    return out, lse
+
+
+def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_mask: torch.Tensor | None,
+                         need_dq: bool = True, need_dkdv: bool = True):
+    """Launch the backward kernels. Returns (dq, dk, dv); a gradient that is not needed is None."""
+    b, s_q, hq, d = q.shape
+    s_kv, hkv = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format) if need_dq else None
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_dkdv else None
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format) if need_dkdv else None
+    if q.numel() == 0 or k.numel() == 0:  # no query or no key: every gradient is zero
+        for t in (dq, dk, dv):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv
+
+    block_d = _block_d(d)
+    on_gpu = q.is_cuda
+    emulate = _emulate(q)
+    has_mask = key_mask is not None
+    mask = key_mask if has_mask else q
+    mask_strides = key_mask.stride() if has_mask else (0, 0)
+    common = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HEAD_DIM=d, BLOCK_D=block_d, EMULATE=emulate)
+
+    delta = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
+    pre_m = _preprocess_block_m(block_d) if on_gpu else _INTERPRETER_BLOCKS.block_m
+    _flash_attn_bwd_preprocess_kernel[(triton.cdiv(s_q, pre_m), b * hq)](
+        o, do, delta, *o.stride(), *do.stride(), s_q, hq, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d,
+    )
+    if need_dkdv:
+        blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
+        _flash_attn_bwd_dkdv_kernel[(triton.cdiv(s_kv, blk.block_n), b * hkv)](
+            q, k, v, do, dk, dv, lse, delta, mask,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
+            s_q, s_kv, hq, hkv, hq // hkv, scale, scale * _LOG2E,
+            BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common,
+        )
+    if need_dq:
+        blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
+        _flash_attn_bwd_dq_kernel[(triton.cdiv(s_q, blk.block_m), b * hq)](
+            q, k, v, do, dq, lse, delta, mask,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
+            s_q, s_kv, hq, hq // hkv, scale, scale * _LOG2E,
+            BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common,
+        )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd.Function and the public function
+# ------------------------------------------------------------------------------------------------
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Triton flash attention; saves q, k, v, o and the fp32 logsumexp [b, hq, s_q] for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None):
+        o, lse = _flash_attn_forward(q, k, v, causal, scale, key_mask)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask)
+        ctx.causal = causal
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, key_mask,
+                                          need_dq=ctx.needs_input_grad[0],
+                                          need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        return dq, dk, dv, None, None, None
 
 
 def _check(q, k, v, attention_mask):
@@ -62,21 +685,122 @@ def _check(q, k, v, attention_mask):
         raise ValueError(f"flash_attention: k shape {tuple(k.shape)} != v shape {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"flash_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
-    if q.shape[2] % k.shape[2] != 0:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"flash_attention: query heads {q.shape[2]} (q {tuple(q.shape)}) not divisible by "
                          f"KV heads {k.shape[2]} (k {tuple(k.shape)})")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if attention_mask is not None and tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
-        raise ValueError(f"flash_attention: attention_mask shape {tuple(attention_mask.shape)} must be "
-                         f"[batch, s_kv] = {(k.shape[0], k.shape[1])}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"flash_attention: attention_mask must be a torch.Tensor or None, "
+                            f"got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(f"flash_attention: attention_mask shape {tuple(attention_mask.shape)} must be "
+                             f"[batch, s_kv] = {(k.shape[0], k.shape[1])}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"flash_attention: attention_mask {tuple(attention_mask.shape)} is on "
+                             f"{attention_mask.device}, q on {q.device}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
                     backend: str = "auto") -> torch.Tensor:
+    """Attention of q ``[b, s_q, hq, d]`` over k/v ``[b, s_kv, hkv, d]`` -> ``[b, s_q, hq, d]`` (see module doc)."""
     _check(q, k, v, attention_mask)
     backend = resolve_backend("flash_attention", backend, q)
     if backend == TORCH:
         return attention_reference(q, k, v, causal, softmax_scale, attention_mask)
-    raise NotImplementedError(f"flash_attention: backend {backend!r} is not implemented yet")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"flash_attention: backend='triton' supports fp32/fp16/bf16, got q {tuple(q.shape)} {q.dtype}")
+    if q.shape[3] > _MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: backend='triton' supports head_dim <= {_MAX_HEAD_DIM}, "
+                         f"got q {tuple(q.shape)}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+    # int8 0/1 copy of the [b, s_kv] mask: any dtype in, one pointer type for the kernels.
+    key_mask = attention_mask.ne(0).to(torch.int8) if attention_mask is not None else None
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (a shared test compiles them for sm_80/sm_90 without a GPU)
+# ------------------------------------------------------------------------------------------------
+
+def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, causal: bool = True):
+    """``[(jit_function, signature, constexprs, name)]`` for every kernel in this file, at the block
+    sizes the launchers pick on GPU for ``head_dim``/``dtype``, for
+    ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``.
+
+    Signature format (triton 3.x): every parameter name -> ``"*bf16"``/``"*fp32"``/``"*i8"`` (pointers),
+    ``"i32"``/``"fp32"`` (scalars) or ``"constexpr"`` (value given in ``constexprs``). The head_dim
+    strides and the key-mask stride are the constexpr 1 that the JIT specializes them to for
+    contiguous last dims (the case launched in practice), so the compiled code is the one that runs.
+    ``_fwd_inner`` and the other helpers are device functions inlined into these kernels."""
+    if triton is None:
+        raise RuntimeError("flash_attention.compile_specs: triton is not installed")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16) or not 0 < head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention.compile_specs: need fp32/fp16/bf16 and 0 < head_dim <= {_MAX_HEAD_DIM}, "
+                         f"got {dtype}, head_dim={head_dim}")
+    ptr = "*" + _dtype_name(dtype)
+    block_d = _block_d(head_dim)
+
+    def tensor_strides(*names):
+        """(signature, constexprs) for [b, s, h, d] strides of the named tensors; stride_d == 1."""
+        sig, consts = {}, {}
+        for n in names:
+            sig.update({f"stride_{n}b": "i32", f"stride_{n}s": "i32", f"stride_{n}h": "i32", f"stride_{n}d": "constexpr"})
+            consts[f"stride_{n}d"] = 1
+        return sig, consts
+
+    def spec(fn, pointers, tensors, scalars, consts, name):
+        stride_sig, stride_consts = tensor_strides(*tensors)
+        consts = {**stride_consts, **consts}
+        sig = {**pointers, **stride_sig, **scalars}
+        sig.update({k: "constexpr" for k in consts if k not in sig})
+        missing = [a for a in fn.arg_names if a not in sig]
+        if missing:  # keep the specs in step with the kernel signatures
+            raise RuntimeError(f"compile_specs: {name} lacks parameters {missing}")
+        return fn, {a: sig[a] for a in fn.arg_names}, consts, name
+
+    mask_stride_sig, mask_stride_consts = {"stride_mb": "i32", "stride_ms": "constexpr"}, {"stride_ms": 1}
+    specs = []
+    for has_mask in (False, True):
+        fwd = _gpu_blocks(_FWD_BLOCKS, block_d, dtype)
+        consts = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_M=fwd.block_m,
+                      BLOCK_N=fwd.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts)
+        specs.append(spec(
+            _flash_attn_fwd_kernel,
+            {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "KEY_MASK": "*i8"}, ("q", "k", "v", "o"),
+            {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
+             "qk_scale_log2": "fp32"},
+            consts, f"flash_attn_fwd_d{head_dim}_mask{int(has_mask)}"))
+
+    specs.append(spec(
+        _flash_attn_bwd_preprocess_kernel, {"O": ptr, "DO": ptr, "DELTA": "*fp32"}, ("o", "do"),
+        {"seq_q": "i32", "num_heads_q": "i32"},
+        dict(HEAD_DIM=head_dim, BLOCK_M=_preprocess_block_m(block_d), BLOCK_D=block_d),
+        f"flash_attn_bwd_preprocess_d{head_dim}"))
+
+    blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, dtype)
+    specs.append(spec(
+        _flash_attn_bwd_dkdv_kernel,
+        {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DK": ptr, "DV": ptr, "LSE": "*fp32", "DELTA": "*fp32",
+         "KEY_MASK": "*i8"}, ("q", "k", "v", "do", "dk", "dv"),
+        {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "num_heads_kv": "i32",
+         "group_size": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+        dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
+             BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
+        f"flash_attn_bwd_dkdv_d{head_dim}"))
+
+    blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, dtype)
+    specs.append(spec(
+        _flash_attn_bwd_dq_kernel,
+        {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DQ": ptr, "LSE": "*fp32", "DELTA": "*fp32", "KEY_MASK": "*i8"},
+        ("q", "k", "v", "do", "dq"),
+        {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
+         "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+        dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
+             BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
+        f"flash_attn_bwd_dq_d{head_dim}"))
+    return specs
