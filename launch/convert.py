@@ -1,11 +1,14 @@
 """Convert GLM checkpoints between layouts.
 
     python -m launch.convert --input DIR --output DIR [--to hf|thudm] [--dtype fp32|bf16|fp16]
+    python -m launch.convert --checkpoint DIR [--step N] --output DIR [--to hf|thudm] [--dtype ...]
 
 --input: a Hugging Face GLM directory (model_type "glm") or an original THUDM ChatGLM2/3 / GLM-4
-directory (model_type "chatglm"); nothing from the directory is executed. --to hf (default) writes
-safetensors + config.json that ``transformers.GlmForCausalLM.from_pretrained`` loads; --to thudm
-writes the THUDM tensor names and config fields.
+directory (model_type "chatglm"); nothing from the directory is executed. --checkpoint: an engine
+training checkpoint directory (``engine.train.checkpoint``, any tp/pp/dp layout; the step named by
+its ``latest`` file, or --step N), verified against its manifest and assembled in this process.
+--to hf (default) writes safetensors + config.json that ``transformers.GlmForCausalLM.from_pretrained``
+loads; --to thudm writes the THUDM tensor names and config fields.
 """
 from __future__ import annotations
 
@@ -13,15 +16,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert(input_dir: str, output_dir: str, to: str = "hf", dtype: str | None = None) -> Path:
-    from engine.model.glm import GLMForCausalLM
-    model = GLMForCausalLM.from_hf(input_dir, dtype=DTYPES[dtype] if dtype else None)
+def _write(model, output_dir: str, to: str) -> Path:
     out = Path(output_dir)
     if to == "hf":
         model.save_hf(out)
@@ -35,16 +37,49 @@ def convert(input_dir: str, output_dir: str, to: str = "hf", dtype: str | None =
     return out
 
 
+def convert(input_dir: str, output_dir: str, to: str = "hf", dtype: str | None = None) -> Path:
+    from engine.model.glm import GLMForCausalLM
+    model = GLMForCausalLM.from_hf(input_dir, dtype=DTYPES[dtype] if dtype else None)
+    return _write(model, output_dir, to)
+
+
+def convert_checkpoint(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, to: str = "hf",
+                       dtype: str | None = None) -> Path:
+    """Export an engine training checkpoint (model weights only) to the HF or THUDM layout."""
+    from engine.model.glm import GLMForCausalLM
+    from engine.model.hf_adapter import expected_shapes
+    from engine.train.checkpoint import CheckpointError, read_full_model_state
+    config, sd = read_full_model_state(checkpoint_dir, step)
+    expected = expected_shapes(config)
+    if set(sd) != set(expected):
+        extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+        raise CheckpointError(f"{checkpoint_dir}: not a causal-LM checkpoint the GLM layout can hold "
+                              f"(unexpected {extra[:5]}, missing {missing[:5]}); value heads have no HF GLM form")
+    model = GLMForCausalLM(config, init=False)
+    model.load_state_dict(sd, strict=True)
+    if dtype:
+        model = model.to(DTYPES[dtype])
+    return _write(model, output_dir, to)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="checkpoint directory to read")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="HF GLM or THUDM ChatGLM directory to read")
+    source.add_argument("--checkpoint", help="engine training checkpoint directory to export")
+    p.add_argument("--step", type=int, default=None, help="with --checkpoint: the step (default: latest)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--to", choices=["hf", "thudm"], default="hf")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     args = p.parse_args(argv)
+    if args.step is not None and args.checkpoint is None:
+        p.error("--step needs --checkpoint")
     try:
-        out = convert(args.input, args.output, args.to, args.dtype)
+        if args.checkpoint is not None:
+            out = convert_checkpoint(args.checkpoint, args.output, args.step, args.to, args.dtype)
+        else:
+            out = convert(args.input, args.output, args.to, args.dtype)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

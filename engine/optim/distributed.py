@@ -36,6 +36,7 @@ from kernels.adamw import fused_adamw_step
 from engine.parallel.tensor_parallel import sync_sequence_parallel_grads
 
 MIXED_PRECISION = ("fp32", "bf16")
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -304,6 +305,59 @@ class DistributedOptimizer:
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 getattr(b, key).copy_(s[key])
         self.step_count = int(state["step"])
+        self._publish_params(from_master=True)
+
+    # ---- per-parameter state (checkpointing, resharding) ------------------------------------
+    @torch.no_grad()
+    def param_states(self, indices: Optional[Iterable[int]] = None) -> dict[int, dict[str, torch.Tensor]]:
+        """fp32 ``master`` / ``exp_avg`` / ``exp_avg_sq`` of local parameters, each shaped like its
+        parameter: ``{index into self.params: {key: tensor}}`` for ``indices`` (default: all).
+
+        Independent of bucketing and of ZeRO-1, so it moves between layouts. Under ZeRO-1 each bucket's
+        shards are all-gathered over DP one bucket at a time (collective: every DP rank calls this,
+        each with its own ``indices``), keeping only the requested parameters."""
+        wanted = set(range(len(self.params))) if indices is None else set(indices)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for b in self.buckets:
+            full = {}
+            for key in STATE_KEYS:
+                shard = getattr(b, key)
+                if self.distributed:
+                    full[key] = torch.empty(b.numel, dtype=shard.dtype, device=shard.device)
+                    comm.all_gather_into(full[key], shard.contiguous(), self.layout.dp_group, self.layout.ledger, "dp")
+                else:
+                    full[key] = shard
+            for p, off in zip(b.params, b.offsets):
+                if index[id(p)] in wanted:
+                    out[index[id(p)]] = {k: t[off:off + p.numel()].view(p.shape).float().clone()
+                                         for k, t in full.items()}
+        return out
+
+    @torch.no_grad()
+    def load_param_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        """Inverse of ``param_states``: ``states`` holds every parameter index; each rank keeps its
+        ZeRO-1 shard. Sets the step count, clears gradients and publishes the master weights into the
+        params (collective under ZeRO-1)."""
+        problems = []
+        for i, p in enumerate(self.params):
+            s = states.get(i)
+            if s is None or any(k not in s for k in STATE_KEYS):
+                problems.append(f"{self.names[i]}: missing")
+            elif any(tuple(s[k].shape) != tuple(p.shape) for k in STATE_KEYS):
+                shapes = [tuple(s[k].shape) for k in STATE_KEYS]
+                problems.append(f"{self.names[i]}: shapes {shapes} != {tuple(p.shape)}")
+        if problems or not isinstance(step, int) or step < 0:
+            raise ValueError(f"optimizer state does not fit this optimizer (step={step!r}): {problems[:10]}")
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for b in self.buckets:
+            for i, lo, hi in b.segments:
+                p, off = b.params[i], b.offsets[i]
+                s = states[index[id(p)]]
+                for key in STATE_KEYS:
+                    getattr(b, key)[lo - b.shard_lo:hi - b.shard_lo].copy_(s[key].reshape(-1)[lo - off:hi - off])
+        self.step_count = step
+        self.zero_grad()
         self._publish_params(from_master=True)
 
     def close(self) -> None:
