@@ -16,7 +16,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$py" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 4))' 2>/dev/null; then
     "$py" -m pip install -q "torch==2.13.0"
 fi
-"$py" -m pip install -q setuptools wheel "pybind11>=2.10"
+# setuptools < 80: newer ones turn `develop` into an isolated PEP 517 build that cannot see pybind11
+"$py" -m pip install -q "setuptools>=64,<80" wheel "pybind11>=2.10"
 # --no-build-isolation: setup.py needs the torch and pybind11 installed above to decide what to build
 "$py" -m pip install -q --no-build-isolation -e ".[test]"
 
