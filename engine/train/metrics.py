@@ -1,0 +1,112 @@
+"""Per-step training metrics: the record, the communication delta from a ledger, and a JSONL writer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.parallel.comm import CommLedger
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports (identical on every rank except the per-rank fields)."""
+
+    step: int
+    """Optimizer steps completed before this one (0-based)."""
+    loss: float
+    """Mean token cross entropy over the global batch, before the update."""
+    grad_norm: float
+    """Global L2 norm of the gradient before clipping."""
+    lr: float
+    tokens: int
+    """Input tokens in the global batch (global_batch_size * seq_length)."""
+    loss_tokens: int
+    """Tokens that took loss (labels != ignore index) in the global batch."""
+    seconds: float
+    tokens_per_s: float
+    skipped: bool = False
+    """True when the update was skipped (non-finite gradient norm)."""
+    schedule: str = "no_pipeline"
+    num_microbatches: int = 1
+    """Micro-batches per data-parallel rank."""
+    comm_bytes: dict = field(default_factory=dict)
+    """Bytes this rank sent during the step, per group (tp, pp, dp, mp), from the ledger."""
+    bubble_fraction: float = 0.0
+    """Pipeline idle fraction from wall clocks, mean over stages (``schedules`` module doc)."""
+    bubble_fraction_cpu: float = 0.0
+    """Pipeline idle fraction replayed from measured compute costs, mean over stages."""
+    bubble_fraction_analytic: float = 0.0
+    busy_s: float = 0.0
+    """This rank's compute seconds in the schedule."""
+    idle_s: float = 0.0
+    """This rank's seconds blocked on pipeline receives."""
+    peak_memory_bytes: Optional[int] = None
+    """Peak CUDA memory allocated during the step (None on CPU)."""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = str(v)  # JSON has no inf/nan
+        return json.dumps(d, sort_keys=False)
+
+
+def ledger_totals(ledger: CommLedger) -> dict[str, float]:
+    """``{group: bytes sent}`` so far."""
+    return {name: g["bytes"] for name, g in ledger.snapshot().items()}
+
+
+def ledger_delta(before: dict[str, float], after: dict[str, float], exclude=("metrics",)) -> dict[str, float]:
+    """Bytes sent per group between two ``ledger_totals`` (groups with traffic only)."""
+    out = {}
+    for name in sorted(set(before) | set(after)):
+        if name in exclude:
+            continue
+        delta = after.get(name, 0.0) - before.get(name, 0.0)
+        if delta:
+            out[name] = delta
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> Optional[int]:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``DIR/metrics.jsonl`` (flushed and fsynced per line, so a
+    killed run keeps every finished step)."""
+
+    def __init__(self, log_dir: str | os.PathLike, filename: str = "metrics.jsonl"):
+        self.path = Path(log_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, metrics: StepMetrics, **extra) -> None:
+        line = metrics.to_json()
+        if extra:
+            d = json.loads(line)
+            d.update(extra)
+            line = json.dumps(d)
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

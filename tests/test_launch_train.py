@@ -1,0 +1,125 @@
+"""The training launcher: torchrun with 4 processes (tp=2, pp=2), config parsing, clear errors, SLURM script."""
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.train.lr import LRConfig, LRSchedule
+from launch.train import load_run_config, main, torchrun_command, validate_run
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "runs" / "pretrain.yaml"
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _lines(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_tp2_pp2_trains_and_writes_metrics(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "-m", "launch.train", "--config", str(CONFIG), "--tp", "2", "--pp", "2", "--train-steps", "3",
+           "--global-batch-size", "4", "--micro-batch-size", "1", "--seq-length", "32", "--lr", "3e-3",
+           "--log-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = _lines(tmp_path)
+    assert [d["step"] for d in lines] == [0, 1, 2]
+    for d in lines:
+        for key in ("loss", "grad_norm", "lr", "tokens_per_s", "bubble_fraction", "bubble_fraction_cpu"):
+            assert isinstance(d[key], float) and math.isfinite(d[key]), (key, d)
+        assert d["schedule"] == "1f1b" and d["num_microbatches"] == 4 and d["tokens"] == 4 * 32
+        assert d["comm_bytes"]["tp"] > 0 and d["comm_bytes"]["pp"] > 0 and "dp" not in d["comm_bytes"]
+        assert math.isclose(d["bubble_fraction_analytic"], 1 / 5)
+    # lr: 2 warm-up steps to 3e-3 (configs/runs/pretrain.yaml), then cosine over the 3-step run
+    assert [d["lr"] for d in lines] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    assert abs(lines[0]["loss"] - math.log(4096)) < 0.5  # random init over a 4096-token vocabulary
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert json.loads((tmp_path / "config.json").read_text())["parallel"] == {"tp": 2, "pp": 2, "vpp": 1}
+
+
+def test_single_process_without_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--train-steps", "1",
+           "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "16", "--recompute", "full",
+           "--log-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (line,) = _lines(tmp_path)
+    assert line["schedule"] == "no_pipeline" and line["comm_bytes"] == {} and line["num_microbatches"] == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tp", "3"], "num_attention_heads=8 is not divisible by tp=3"),
+    (["--tp", "2"], "world_size=1 is not divisible by tp=2"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "global_batch_size=6 is not divisible"),
+    (["--recompute", "none", "--lr", "-1"], "lr=-1.0"),
+])
+def test_bad_configuration_exits_2_with_clear_message(args, needle, capsys):
+    assert main(["--config", str(CONFIG), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launch.train: error:") and needle in err and "Traceback" not in err
+
+
+def test_bad_layout_from_the_command_line_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--pp", "3"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "launch.train: error:" in proc.stderr and "pp=3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_composition_and_overrides(tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("model: {preset: tiny, num_layers: 4}\nparallel: {tp: 2, pp: 2, vpp: 2}\n"
+                        "train: {global_batch_size: 8, micro_batch_size: 1, layers_per_stage: [1, 1, 1, 1]}\n"
+                        "optim: {betas: [0.9, 0.99]}\n")
+    run = load_run_config(run_yaml, {"train": {"seq_length": 64}, "lr": {"lr": 1e-3}, "log_dir": "x"})
+    assert run.model.num_layers == 4 and run.parallel.vpp == 2 and run.train.seq_length == 64
+    assert run.train.layers_per_stage == (1, 1, 1, 1) and run.optim.betas == (0.9, 0.99) and run.lr.lr == 1e-3
+    dims = validate_run(run, world_size=8)
+    assert dims.dp == 2
+    with pytest.raises(ValueError, match=r"multiple of pp=2"):  # dp = 8: one micro-batch per DP rank
+        validate_run(run, world_size=32)
+    run_yaml.write_text("train: {global_batch_size: 8, bogus: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bogus'\]"):
+        load_run_config(run_yaml)
+    run_yaml.write_text("trainer: {}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainer'\]"):
+        load_run_config(run_yaml)
+
+
+def test_slurm_script_parses_and_builds_the_torchrun_command():
+    script = ROOT / "launch" / "slurm_train.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(_env(), SLURM_NNODES="4", SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="1234", MASTER_ADDR="node-001")
+    train_args = ["--config", "configs/runs/pretrain.yaml", "--tp", "8", "--pp", "2", "--log-dir", "runs/a b"]
+    proc = subprocess.run(["bash", str(script), "--print-cmd", *train_args], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    printed = shlex.split(proc.stdout)
+    expected = ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] + torchrun_command(
+        4, 8, "node-001:29500", "1234", train_args)
+    assert printed == expected
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    sched = LRSchedule(LRConfig(lr=1.0, min_lr=0.1, warmup_steps=4, style="cosine"), train_steps=14)
+    assert [sched(i) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert sched(9) == pytest.approx(0.1 + 0.9 * 0.5)   # half-way through the decay: cos(pi / 2) = 0
+    assert sched(14) == pytest.approx(0.1) and sched(100) == pytest.approx(0.1)
+    linear = LRSchedule(LRConfig(lr=1.0, min_lr=0.0, warmup_steps=0, style="linear"), train_steps=10)
+    assert [linear(i) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="min_lr=2.0 exceeds lr=1.0"):
+        LRSchedule(LRConfig(lr=1.0, min_lr=2.0))
+    with pytest.raises(ValueError, match="decay_steps=2 is before the end of warm-up"):
+        LRSchedule(LRConfig(warmup_steps=5, decay_steps=2))
