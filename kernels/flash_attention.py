@@ -711,6 +711,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check(q, k, v, attention_mask)
     backend = resolve_backend("flash_attention", backend, q)
     if backend == TORCH:
+        if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+            # CPU has no fast half-precision attention (its bf16 SDPA backward runs ~3x slower than
+            # fp32): compute in fp32 and round the output once, which is also the more accurate path.
+            out = attention_reference(q.float(), k.float(), v.float(), causal, softmax_scale, attention_mask)
+            return out.to(q.dtype)
         return attention_reference(q, k, v, causal, softmax_scale, attention_mask)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"flash_attention: backend='triton' supports fp32/fp16/bf16, got q {tuple(q.shape)} {q.dtype}")
