@@ -52,6 +52,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and when to save, and what to resume from."""
+
+    save: Optional[str] = None
+    """Checkpoint directory to write (None: no checkpoints)."""
+    save_interval: int = 0
+    """Save every N steps; 0 saves only at the end of the run."""
+    load: Optional[str] = None
+    """Checkpoint directory to resume from (its ``latest`` step); may equal ``save``."""
+    keep_last: Optional[int] = None
+    """Keep only the newest K checkpoints (None: keep all)."""
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """Parallel degrees of the training layout (dp is derived from the world size)."""
 
@@ -76,6 +90,7 @@ class RunConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
@@ -114,7 +129,7 @@ def _model(spec: Any, base_dir: Path) -> GLMConfig:
     raise ValueError(f"model: expected a preset name, a YAML path or a mapping, got {spec!r}")
 
 
-RUN_SECTIONS = {"model", "parallel", "train", "optim", "lr", "data", "log_dir"}
+RUN_SECTIONS = {"model", "parallel", "train", "optim", "lr", "data", "checkpoint", "log_dir"}
 
 
 def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict] = None) -> RunConfig:
@@ -145,6 +160,7 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
                      optim=_section(OptimizerConfig, raw.get("optim"), "optim"),
                      lr=_section(LRConfig, raw.get("lr"), "lr"),
                      data=_section(DataConfig, raw.get("data"), "data"),
+                     checkpoint=_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
                      log_dir=str(raw.get("log_dir", "runs/pretrain")))
 
 
@@ -156,6 +172,12 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
         raise ValueError(f"optim.mixed_precision={run.optim.mixed_precision!r} must be fp32 or bf16")
     if run.optim.clip_grad < 0:
         raise ValueError(f"optim.clip_grad={run.optim.clip_grad} must be >= 0 (0 disables clipping)")
+    ck = run.checkpoint
+    if ck.save_interval < 0 or (ck.keep_last is not None and ck.keep_last < 1):
+        raise ValueError(f"checkpoint.save_interval={ck.save_interval} must be >= 0 and checkpoint.keep_last="
+                         f"{ck.keep_last} must be >= 1")
+    if ck.save_interval and not ck.save:
+        raise ValueError("--save-interval needs --save DIR")
     return dims
 
 
@@ -184,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-optimizer", action="store_true", default=None)
     p.add_argument("--mixed-precision", choices=("fp32", "bf16"))
     p.add_argument("--data-path", help="indexed dataset prefix (default: the built-in corpus)")
+    p.add_argument("--save", help="checkpoint directory to write")
+    p.add_argument("--save-interval", type=int, help="save every N steps (0: only at the end)")
+    p.add_argument("--load", help="checkpoint directory to resume from (its latest step; layouts may differ)")
+    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
     p.add_argument("--log-dir")
     return p
 
@@ -197,6 +223,8 @@ _FLAG_TARGETS = {
     "warmup_steps": ("lr", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "clip_grad": ("optim", "clip_grad"), "distributed_optimizer": ("optim", "use_distributed_optimizer"),
     "mixed_precision": ("optim", "mixed_precision"), "data_path": ("data", "path"),
+    "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
+    "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
 }
 
 
@@ -337,13 +365,33 @@ def train(run: RunConfig) -> int:
             print(f"{PROG}: {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params), "
                   f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{dist.get_backend() if distributed else 'single process'}, device {device}", flush=True)
-        for step in range(run.train.train_steps):
-            metrics = trainer.train_step(batches(step))
+        ck = run.checkpoint
+        if ck.load:
+            from engine.train.checkpoint import latest_step, load_checkpoint
+            if latest_step(ck.load) is not None:  # a damaged checkpoint raises CheckpointError here
+                extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model)
+                trainer.steps_done = extra["step"]  # the data order is a function of the step
+                if rank == 0:
+                    print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
+            elif ck.load != ck.save:  # never a silent fresh start from a mistyped --load
+                return _error(f"--load {ck.load}: no checkpoint found there")
+
+        def save() -> None:
+            from engine.train.checkpoint import save_checkpoint
+            save_checkpoint(ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
+                            keep_last=ck.keep_last)
+
+        while trainer.steps_done < run.train.train_steps:
+            metrics = trainer.train_step(batches(trainer.steps_done))
             if writer is not None:
                 writer.write(metrics)
                 print(f"step {metrics.step:5d}  loss {metrics.loss:.4f}  grad_norm {metrics.grad_norm:.3f}  "
                       f"lr {metrics.lr:.2e}  {metrics.tokens_per_s:,.0f} tok/s  bubble {metrics.bubble_fraction:.2f}"
                       + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else ""), flush=True)
+            if ck.save and ck.save_interval and trainer.steps_done % ck.save_interval == 0:
+                save()
+        if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):
+            save()
         if writer is not None:
             writer.close()
         return 0

@@ -123,3 +123,38 @@ def test_lr_schedule_warmup_cosine_floor():
         LRSchedule(LRConfig(lr=1.0, min_lr=2.0))
     with pytest.raises(ValueError, match="decay_steps=2 is before the end of warm-up"):
         LRSchedule(LRConfig(warmup_steps=5, decay_steps=2))
+
+
+def _train(tmp_path, name, *extra, nproc=1):
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    cmd = prefix + ["-m", "launch.train", "--config", str(CONFIG), "--model", "tiny", "--global-batch-size", "2",
+                    "--micro-batch-size", "1", "--seq-length", "16", "--log-dir", str(tmp_path / name), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_save_and_resume_continue_the_same_run(tmp_path):
+    """4 steps straight == 2 steps, save, a new process loads and runs 2 more (bitwise on CPU); a
+    resume at tp=2 continues from the same weights (fp32 rounding of the TP split only)."""
+    ck = str(tmp_path / "ck")
+    straight = _train(tmp_path, "straight", "--train-steps", "4")
+    first = _train(tmp_path, "first", "--train-steps", "2", "--save", ck)
+    second = _train(tmp_path, "second", "--train-steps", "4", "--load", ck, "--save", ck, "--save-interval", "1",
+                    "--keep-last", "1")
+    for proc in (straight, first, second):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in second.stdout
+    full = [d["loss"] for d in _lines(tmp_path / "straight")]
+    assert [d["loss"] for d in _lines(tmp_path / "first")] == full[:2]
+    assert [d["loss"] for d in _lines(tmp_path / "second")] == full[2:]
+    assert sorted(p.name for p in Path(ck).iterdir()) == ["latest", "step_000004"]  # keep-last 1
+    tp2 = _train(tmp_path, "tp2", "--train-steps", "5", "--load", ck, "--tp", "2", nproc=2)
+    assert tp2.returncode == 0, tp2.stdout + tp2.stderr
+    (line,) = _lines(tmp_path / "tp2")
+    assert line["step"] == 4 and math.isfinite(line["loss"])
+
+
+def test_load_from_a_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    proc = _train(tmp_path, "run", "--train-steps", "1", "--load", str(tmp_path / "nothing"))
+    assert proc.returncode == 2
+    assert "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
