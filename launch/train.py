@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-interval", type=int, help="save every N steps (0: only at the end)")
     p.add_argument("--load", help="checkpoint directory to resume from (its latest step; layouts may differ)")
     p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak TFLOP/s; when given, metrics include MFU (Megatron's FLOP count)")
     p.add_argument("--log-dir")
     return p
 
@@ -321,10 +323,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate_run(run, world_size)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         return _error(str(e))
-    return train(run)
+    return train(run, peak_tflops=args.peak_tflops)
 
 
-def train(run: RunConfig) -> int:
+def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
     import torch.distributed as dist
 
     from engine.parallel import ParallelLayout
@@ -381,17 +383,33 @@ def train(run: RunConfig) -> int:
             save_checkpoint(ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
                             keep_last=ck.keep_last)
 
+        from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
+        flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute)
+        progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
+        board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
         while trainer.steps_done < run.train.train_steps:
             metrics = trainer.train_step(batches(trainer.steps_done))
             if writer is not None:
-                writer.write(metrics)
-                print(f"step {metrics.step:5d}  loss {metrics.loss:.4f}  grad_norm {metrics.grad_norm:.3f}  "
-                      f"lr {metrics.lr:.2e}  {metrics.tokens_per_s:,.0f} tok/s  bubble {metrics.bubble_fraction:.2f}"
-                      + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else ""), flush=True)
+                # achieved model TFLOP/s per device (Megatron's count, recompute excluded) and MFU
+                tflops = metrics.tokens_per_s * flops / layout.world_size / 1e12
+                extra = {"model_tflops_per_device": tflops}
+                if peak_tflops:
+                    extra["mfu"] = tflops / peak_tflops
+                writer.write(metrics, **extra)
+                record = {**dataclasses.asdict(metrics), **extra}
+                board.log(record, metrics.step)
+                progress.update(record)
+                if not progress.enabled:  # the bar replaces the per-step line on a terminal
+                    print(f"step {metrics.step:5d}  loss {metrics.loss:.4f}  grad_norm {metrics.grad_norm:.3f}  "
+                          f"lr {metrics.lr:.2e}  {metrics.tokens_per_s:,.0f} tok/s  bubble "
+                          f"{metrics.bubble_fraction:.2f}" + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else ""),
+                          flush=True)
             if ck.save and ck.save_interval and trainer.steps_done % ck.save_interval == 0:
                 save()
         if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):
             save()
+        progress.close()
+        board.close()
         if writer is not None:
             writer.close()
         return 0

@@ -52,11 +52,16 @@ def test_torchrun_tp2_pp2_trains_and_writes_metrics(tmp_path):
 def test_single_process_without_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--train-steps", "1",
            "--global-batch-size", "2", "--micro-batch-size", "1", "--seq-length", "16", "--recompute", "full",
-           "--log-dir", str(tmp_path)]
+           "--peak-tflops", "0.5", "--log-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (line,) = _lines(tmp_path)
     assert line["schedule"] == "no_pipeline" and line["comm_bytes"] == {} and line["num_microbatches"] == 2
+    from engine.config import GLMConfig
+    from engine.train.observe import flops_per_token
+    tflops = line["tokens_per_s"] * flops_per_token(GLMConfig.preset("tiny"), 16, "full") / 1e12
+    assert line["model_tflops_per_device"] == pytest.approx(tflops) and line["mfu"] == pytest.approx(tflops / 0.5)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard scalars written
 
 
 @pytest.mark.parametrize("args,needle", [
