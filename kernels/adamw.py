@@ -36,14 +36,10 @@ import torch
 
 from ._backend import TORCH, TRITON, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # triton is optional; the torch backend works without it
-    triton = None
-    tl = None
+from ._triton_utils import jit as _jit
+from ._triton_utils import round_to as _round_to
+from ._triton_utils import tl, triton
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 CUDA = "cuda"
 APEX = "apex"
@@ -67,19 +63,6 @@ _ALIGN_BYTES, _ALIGN_ELEMS = 16, 8
 # ------------------------------------------------------------------------------------------------
 # Triton kernel
 # ------------------------------------------------------------------------------------------------
-
-@_jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even. The interpreter (EMULATE) truncates fp32 -> bf16, so
-    there the rounding is done on the bit pattern; NaN stays NaN, inf stays inf."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # quiet NaN, not a rounding carry
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
 
 @_jit
 def _adamw_kernel(addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, grad_scale_ptr,

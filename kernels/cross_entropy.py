@@ -49,7 +49,8 @@ gradient inside the forward (as Liger does, writing it over the logits): that sa
 the logits but bakes the upstream gradient (e.g. 1 / n_tokens) into the forward and cannot serve
 token_logprobs, whose per-token upstream gradients (PPO advantages, masks) are only known later.
 
-Labels outside [0, V) (other than ignore_index) are rejected with ValueError when the labels live
+Outputs are fp32 (fp64 only for fp64 logits with backend="torch"); dlogits has the logits' dtype.
+Labels may be any integer dtype. Labels outside [0, V) (other than ignore_index) are rejected with ValueError when the labels live
 on the CPU; on CUDA that check would cost a device sync, so there the kernels turn such tokens'
 outputs into NaN instead of reading out of bounds (the torch backend hits a device assert).
 """
@@ -61,14 +62,10 @@ import torch.nn.functional as F
 
 from ._backend import TORCH, TRITON, check_floating, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # triton is optional; the torch backend works without it
-    triton = None
-    tl = None
+from ._triton_utils import jit as _jit
+from ._triton_utils import round_to as _round_to
+from ._triton_utils import tl, triton
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Vocab chunk per loop iteration. On GPU 4096 elements with 8 warps is 16 fp32 values per thread
 # per chunk, enough loads in flight for a memory-bound row sweep (ChatGLM's 65024-entry rows take
@@ -83,18 +80,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 # ------------------------------------------------------------------------------------------------
 # Triton kernels: one program per row of z viewed as [rows, V_local].
 # ------------------------------------------------------------------------------------------------
-
-@_jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE with round-to-nearest-even. The interpreter (EMULATE) truncates when casting
-    fp32 -> bf16, so there the rounding is done on the bit pattern (inf/NaN are preserved)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
 
 @_jit
 def _ce_fwd_kernel(z_ptr, labels_ptr, stats_ptr, n_rows, n_cols, stride_z, vocab_start, ignore_index,
@@ -316,7 +301,7 @@ def _log_softmax_at_label(logits, labels, group, ignore_index, with_entropy, bac
     z2 = logits.reshape(-1, v_local)
     if z2.stride(-1) != 1 and v_local > 1:
         z2 = z2.contiguous()
-    out = _LogSoftmaxAtLabel.apply(z2, labels.reshape(-1).contiguous(), group, ignore_index, with_entropy, backend)
+    out = _LogSoftmaxAtLabel.apply(z2, labels.reshape(-1).long(), group, ignore_index, with_entropy, backend)
     if with_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
     return out.view(labels.shape)
@@ -372,7 +357,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     backend = resolve_backend("cross_entropy", backend, logits)
     if backend == TORCH and group is None:
         z = logits.to(_compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(z, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+        loss = F.cross_entropy(z, labels.reshape(-1).long(), ignore_index=ignore_index, reduction=reduction)
         return loss.view(labels.shape) if reduction == "none" else loss
     logprob = _log_softmax_at_label(logits, labels, group, ignore_index, False, backend)
     valid = labels != ignore_index
@@ -392,7 +377,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, group=None, retur
     backend = resolve_backend("token_logprobs", backend, logits)
     if backend == TORCH and group is None:
         logp = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)), dim=-1)
-        out = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        out = logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
         if not return_entropy:
             return out
         # p = 0 where z = -inf: drop those terms, or 0 * (-inf) gives NaN (also in the backward)

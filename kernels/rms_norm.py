@@ -23,15 +23,10 @@ import torch
 
 from ._backend import TORCH, check_floating, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # triton is optional; the torch backend works without it
-    triton = None
-    tl = None
+from ._triton_utils import jit as _jit
+from ._triton_utils import round_to as _round_to
+from ._triton_utils import tl, triton
 
-# Without triton the kernels are never launched (resolve_backend refuses backend="triton").
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Tile sizes: a tile holds whole rows. The element counts aim at ~8-16 fp32 values per thread with
 # the warp counts from _num_warps; a heuristic, not yet swept on a GPU (see docs/benchmarks.md).
@@ -52,18 +47,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 # ------------------------------------------------------------------------------------------------
 # Triton kernels. Tiles are [BLOCK_M rows, BLOCK_N columns]; BLOCK_N covers a whole row.
 # ------------------------------------------------------------------------------------------------
-
-@_jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even. The interpreter (EMULATE) truncates fp32 -> bf16,
-    so there the rounding is done on the bit pattern (finite values; inf/NaN stay inf/NaN)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
 
 @_jit
 def _rms_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr,

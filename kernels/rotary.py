@@ -22,15 +22,10 @@ import torch
 
 from ._backend import TORCH, check_floating, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # triton is optional; the torch backend works without it
-    triton = None
-    tl = None
+from ._triton_utils import jit as _jit
+from ._triton_utils import round_to as _round_to
+from ._triton_utils import tl, triton
 
-# Without triton the kernels are never launched (resolve_backend refuses backend="triton").
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Heads per program: enough that a program moves ~8192 elements (GLM's 32 q + 2 k heads of 128 in
 # one or two programs per token). A heuristic for a memory-bound op, not yet swept on a GPU.
@@ -68,18 +63,6 @@ def apply_rotary_reference(x: torch.Tensor, positions: torch.Tensor, rotary_dim:
 # ------------------------------------------------------------------------------------------------
 # Triton kernel; grid = (b * s tokens, head blocks). Tiles are [BLOCK_H heads, BLOCK_P pairs].
 # ------------------------------------------------------------------------------------------------
-
-@_jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even. The interpreter (EMULATE) truncates fp32 -> bf16,
-    so there the rounding is done on the bit pattern (finite values; inf/NaN stay inf/NaN)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
 
 @_jit
 def _rotary_kernel(x_ptr, pos_ptr, inv_freq_ptr, out_ptr,

@@ -20,15 +20,10 @@ import torch.nn.functional as F
 
 from ._backend import TORCH, check_floating, resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # triton is optional; the torch backend works without it
-    triton = None
-    tl = None
+from ._triton_utils import jit as _jit
+from ._triton_utils import round_to as _round_to
+from ._triton_utils import tl, triton
 
-# Without triton the kernels are never launched (resolve_backend refuses backend="triton").
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Tiles are [BLOCK_M rows, BLOCK_N ffn columns]: up to 1024 columns, rows added until ~2048 elements
 # (8 per thread at 8 warps). A heuristic for a memory-bound elementwise op, not yet swept on a GPU.
@@ -44,18 +39,6 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Triton kernels; grid = (row tiles, column tiles) over x viewed as [rows, 2 * ffn].
 # ------------------------------------------------------------------------------------------------
-
-@_jit
-def _round_to(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even. The interpreter (EMULATE) truncates fp32 -> bf16,
-    so there the rounding is done on the bit pattern (finite values; inf/NaN stay inf/NaN)."""
-    if EMULATE and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
-
 
 @_jit
 def _swiglu_fwd_kernel(x_ptr, y_ptr, n_rows, ffn, stride_x,

@@ -14,6 +14,7 @@ caller with that rank's traceback; a rank that hangs is killed after ``timeout``
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -35,7 +36,10 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Serialise here with plain pickle (tensors by value): tensors put on a torch.multiprocessing
+        # queue travel as shared-memory handles owned by this process, which may have exited by the
+        # time the parent unpickles them. The bytes come from our own child process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report any failure, including assertion errors, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -55,7 +59,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -8,6 +8,7 @@ All cases for one world size run in a single launch (process start-up dominates 
 The Triton backend runs under the interpreter in the children: TRITON_INTERPRET=1 is set by
 tests/conftest.py in os.environ, which spawned processes inherit.
 """
+import io
 import os
 
 import pytest
@@ -71,7 +72,11 @@ def _rank_body(rank, world_size):
         local = logits[..., rank * shard:(rank + 1) * shard]
         for backend in BACKENDS:
             out[(str(dtype), backend)] = _run_cases(local, labels, ce_labels, up, up_h, group, backend)
-    return out
+    # Serialised to bytes: tensors put on a torch.multiprocessing queue travel as shared-memory handles
+    # served by this process, which may already have exited when the parent unpickles them.
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    return buf.getvalue()
 
 
 def _fp64_reference(logits, labels, ce_labels, up, up_h):
@@ -97,7 +102,8 @@ def _fp64_reference(logits, labels, ce_labels, up, up_h):
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
 def sharded(request):
-    return request.param, run_distributed(_rank_body, request.param)
+    per_rank = run_distributed(_rank_body, request.param)
+    return request.param, [torch.load(io.BytesIO(b), weights_only=True) for b in per_rank]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
