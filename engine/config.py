@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -242,6 +241,35 @@ class GLMConfig:
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def config_section(cls, values: Any, where: str):
+    """``cls(**values)`` for a YAML section, with a ValueError naming unknown fields (and listing the
+    valid ones); YAML lists become tuples for the tuple-typed fields ``betas`` and ``layers_per_stage``."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) and k in ("betas", "layers_per_stage") else v
+                  for k, v in values.items()})
+
+
+def model_from_spec(spec: Any, base_dir: Optional[Path] = None) -> GLMConfig:
+    """``model:`` of a run file: a preset name, a model YAML path (relative paths also tried against
+    ``base_dir``, the run file's folder), or a mapping ``{preset: tiny, field: value, ...}`` / full fields."""
+    if isinstance(spec, str):
+        if base_dir is not None and not Path(spec).is_absolute() and (Path(base_dir) / spec).is_file():
+            return GLMConfig.from_yaml(Path(base_dir) / spec)
+        return load_config(spec)
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        preset = spec.pop("preset", None)
+        return GLMConfig.preset(preset).replace(**spec) if preset else GLMConfig.from_dict(spec)
+    raise ValueError(f"model: expected a preset name, a YAML path or a mapping, got {spec!r}")
 
 
 def load_config(path_or_preset: str) -> GLMConfig:

@@ -38,7 +38,7 @@ from ._backend import TORCH, TRITON, resolve_backend
 
 from ._triton_utils import jit as _jit
 from ._triton_utils import round_to as _round_to
-from ._triton_utils import tl, triton
+from ._triton_utils import tl
 
 
 CUDA = "cuda"

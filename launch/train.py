@@ -26,13 +26,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
 
-from engine.config import GLMConfig, load_config
+from engine.config import GLMConfig, config_section, model_from_spec
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig, TrainConfig
@@ -100,35 +100,6 @@ class RunConfig:
 
 
 # ---- config parsing -------------------------------------------------------------------------------
-def _section(cls, values: Any, where: str):
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-    values = dict(values)
-    for key in ("betas", "layers_per_stage"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    return cls(**values)
-
-
-def _model(spec: Any, base_dir: Path) -> GLMConfig:
-    if isinstance(spec, str):
-        path = Path(spec)
-        if not path.is_absolute() and (base_dir / path).is_file():
-            return GLMConfig.from_yaml(base_dir / path)
-        return load_config(spec)
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        preset = spec.pop("preset", None)
-        return GLMConfig.preset(preset).replace(**spec) if preset else GLMConfig.from_dict(spec)
-    raise ValueError(f"model: expected a preset name, a YAML path or a mapping, got {spec!r}")
-
-
 RUN_SECTIONS = {"model", "parallel", "train", "optim", "lr", "data", "checkpoint", "log_dir"}
 
 
@@ -154,13 +125,13 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
             raw[section] = merged
         else:
             raw[section] = values
-    return RunConfig(model=_model(raw.get("model", "tiny"), base),
-                     parallel=_section(ParallelConfig, raw.get("parallel"), "parallel"),
-                     train=_section(TrainConfig, raw.get("train"), "train"),
-                     optim=_section(OptimizerConfig, raw.get("optim"), "optim"),
-                     lr=_section(LRConfig, raw.get("lr"), "lr"),
-                     data=_section(DataConfig, raw.get("data"), "data"),
-                     checkpoint=_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
+    return RunConfig(model=model_from_spec(raw.get("model", "tiny"), base),
+                     parallel=config_section(ParallelConfig, raw.get("parallel"), "parallel"),
+                     train=config_section(TrainConfig, raw.get("train"), "train"),
+                     optim=config_section(OptimizerConfig, raw.get("optim"), "optim"),
+                     lr=config_section(LRConfig, raw.get("lr"), "lr"),
+                     data=config_section(DataConfig, raw.get("data"), "data"),
+                     checkpoint=config_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
                      log_dir=str(raw.get("log_dir", "runs/pretrain")))
 
 

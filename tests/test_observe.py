@@ -22,7 +22,7 @@ def test_flops_per_token_by_hand():
     weights = 2 * (8 * 4 * 4 + 2 * 4 * 8 + 3 * 8 * 16)  # 2*(128 + 64 + 384) = 1152
     attn = 2 * 2 * 5 * 2 * 4                              # 160
     head = 2 * 8 * 10                                     # 160
-    assert weights == 1152 and attn == 160
+    assert weights == 1152 and attn == 160 and head == 160
     assert flops_per_token(c, 5, training=False) == 3 * (1152 + 160) + 160
     assert flops_per_token(c, 5) == 3 * (3 * 1312 + 160)                        # 12288
     assert flops_per_token(c, 5, recompute="full") == 12288 + 3 * 1312

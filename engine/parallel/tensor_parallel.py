@@ -179,10 +179,10 @@ def tensor_parallel_spec(config: GLMConfig, layout, sequence_parallel: bool = Fa
     def embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, embedding_dim, layout, sequence_parallel)
 
-    gather = None
-    if sequence_parallel and layout.tp_size > 1:
-        def gather(x: torch.Tensor) -> torch.Tensor:
-            return gather_sequence_replicated(x, layout)
+    def gather_sequence(x: torch.Tensor) -> torch.Tensor:
+        return gather_sequence_replicated(x, layout)
+
+    gather = gather_sequence if (sequence_parallel and layout.tp_size > 1) else None
     return ModelSpec(column_linear=column_linear, row_linear=row_linear, embedding=embedding,
                      tp_size=layout.tp_size, kernels=kernels,
                      vocab_group=layout.tp_group if layout.tp_size > 1 else None, gather_sequence=gather)

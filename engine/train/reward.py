@@ -207,10 +207,11 @@ def load_reward_run(path):
     """Parse an RM run YAML (model, reward, optim, lr, log_dir) into
     ``(GLMConfig, RewardConfig, OptimizerConfig, LRConfig, log_dir)``."""
     from engine.train.lr import LRConfig
-    from engine.train.sft import config_section, model_from_run, read_run_yaml
+    from engine.config import config_section, model_from_spec
+    from engine.train.sft import read_run_yaml
     from engine.train.step import OptimizerConfig
     raw = read_run_yaml(path, {"model", "reward", "optim", "lr", "log_dir", "data"})
     reward = config_section(RewardConfig, raw.get("reward"), "reward")
     lr = config_section(LRConfig, raw.get("lr"), "lr").validate(reward.train_steps)
-    return (model_from_run(raw.get("model", "tiny")), reward, config_section(OptimizerConfig, raw.get("optim"), "optim"),
+    return (model_from_spec(raw.get("model", "tiny")), reward, config_section(OptimizerConfig, raw.get("optim"), "optim"),
             lr, raw.get("log_dir"))

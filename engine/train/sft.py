@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from engine.config import GLMConfig
+from engine.config import GLMConfig, config_section, model_from_spec
 from engine.train.lr import LRConfig, LRSchedule
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
@@ -129,32 +129,6 @@ __all__ = ["SFTConfig", "build_sft_trainer", "load_sft_run", "evaluate_loss", "g
 
 # ---- YAML run files (configs/runs/sft.yaml, rm.yaml) ----------------------------------------------
 
-def config_section(cls, values, where: str):
-    """``cls(**values)`` with a ValueError naming unknown fields (lists -> tuples for tuple fields)."""
-    import dataclasses
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) and k in ("betas", "layers_per_stage") else v
-                  for k, v in values.items()})
-
-
-def model_from_run(spec) -> GLMConfig:
-    """``model:`` of a run file: a preset name / model YAML path, or ``{preset: tiny, field: value}``."""
-    from engine.config import load_config
-    if isinstance(spec, str):
-        return load_config(spec)
-    if isinstance(spec, dict) and "preset" in spec:
-        spec = dict(spec)
-        return GLMConfig.preset(spec.pop("preset")).replace(**spec)
-    raise ValueError(f"model: expected a preset name, a YAML path or a mapping with 'preset', got {spec!r}")
-
-
 def read_run_yaml(path, sections: set) -> dict:
     import yaml
     raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -169,7 +143,7 @@ def read_run_yaml(path, sections: set) -> dict:
 def load_sft_run(path) -> tuple[GLMConfig, SFTConfig]:
     """Parse an SFT run YAML (model, train, optim, lr, eval, log_dir) into typed configs."""
     raw = read_run_yaml(path, {"model", "train", "optim", "lr", "eval", "log_dir", "data"})
-    model = model_from_run(raw.get("model", "tiny"))
+    model = model_from_spec(raw.get("model", "tiny"))
     ev = raw.get("eval") or {}
     config = SFTConfig(train=config_section(TrainConfig, raw.get("train"), "train"),
                        optim=config_section(OptimizerConfig, raw.get("optim"), "optim"),
