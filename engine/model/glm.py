@@ -225,8 +225,12 @@ class GLMForCausalLM(GLMTransformer):
         if last_only and self.spec.gather_sequence is None:
             return self.output_layer(hidden[:, -1:])
         # under sequence parallel the output layer gathers the sequence itself; slice after it
-        logits = self.output_layer(hidden)
+        logits = self.head(hidden)
         return logits[:, -1:] if last_only else logits
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states -> logits ``[b, s, v(/tp)]`` (the last pipeline chunk's output)."""
+        return self.output_layer(hidden)
 
     # Hugging Face interchange lives in engine.model.hf_adapter; these are thin entry points.
     @classmethod
@@ -262,7 +266,11 @@ class GLMForScalarHead(GLMTransformer):
                     self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(config.hidden_size + 1))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        hidden = self.trunk(input_ids, attention_mask, position_ids)
+        return self.head(self.trunk(input_ids, attention_mask, position_ids))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states -> fp32 values ``[b, s]`` (the last pipeline chunk's output); under
+        sequence parallel the sequence is gathered first, so every TP rank holds all values."""
         if self.spec.gather_sequence is not None:
             hidden = self.spec.gather_sequence(hidden)
         return self.value_head(hidden).squeeze(-1).float()

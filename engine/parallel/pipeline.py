@@ -111,8 +111,9 @@ def chunk_named_parameters(chunks: Sequence[nn.Module]) -> list[tuple[str, nn.Pa
 def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[torch.Tensor],
                   attention_mask: Optional[torch.Tensor] = None,
                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One pipeline chunk: ``[b, s] ids`` (first chunk) or ``hidden [b, s(/tp), h]`` -> hidden, or logits
-    ``[b, s, v(/tp)]`` on the last chunk. Every chunk sees the ids to derive rotary positions."""
+    """One pipeline chunk: ``[b, s] ids`` (first chunk) or ``hidden [b, s(/tp), h]`` -> hidden, or the
+    model's head output on the last chunk (``chunk.head``: logits ``[b, s, v(/tp)]`` of a causal LM,
+    values ``[b, s]`` of a scalar-head model). Every chunk sees the ids to derive rotary positions."""
     if position_ids is None:
         position_ids = default_positions(input_ids, attention_mask)
     if chunk.pre_process:
@@ -122,8 +123,7 @@ def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[to
     hidden = chunk.run_layers(hidden, position_ids, attention_mask)
     if not chunk.post_process:
         return hidden
-    hidden = chunk.final_norm(hidden)
-    return chunk.output_layer(hidden)
+    return chunk.head(chunk.final_norm(hidden))
 
 
 def activation_shape(micro_batch_size: int, seq_length: int, hidden_size: int, tp: int,
