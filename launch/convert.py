@@ -3,12 +3,16 @@
     python -m launch.convert --input DIR --output DIR [--to hf|thudm] [--dtype fp32|bf16|fp16]
     python -m launch.convert --checkpoint DIR [--step N] --output DIR [--to hf|thudm] [--dtype ...]
 
---input: a Hugging Face GLM directory (model_type "glm") or an original THUDM ChatGLM2/3 / GLM-4
-directory (model_type "chatglm"); nothing from the directory is executed. --checkpoint: an engine
-training checkpoint directory (``engine.train.checkpoint``, any tp/pp/dp layout; the step named by
-its ``latest`` file, or --step N), verified against its manifest and assembled in this process.
+--input: a Hugging Face GLM directory (model_type "glm": GlmForCausalLM, or GlmForSequenceClassification
+with num_labels=1 for a reward model) or an original THUDM ChatGLM2/3 / GLM-4 directory (model_type
+"chatglm"); nothing from the directory is executed. --checkpoint: an engine training checkpoint
+directory (``engine.train.checkpoint``, any tp/pp/dp layout; the step named by its ``latest`` file, or
+--step N), verified against its manifest and assembled in this process.
 --to hf (default) writes safetensors + config.json that ``transformers.GlmForCausalLM.from_pretrained``
-loads; --to thudm writes the THUDM tensor names and config fields.
+loads, or for a scalar-head model (GLMForScalarHead: reward model / critic) what
+``transformers.GlmForSequenceClassification.from_pretrained`` loads (``model.*`` + ``score.weight``);
+--to thudm writes the THUDM tensor names and config fields (language models only: THUDM has no
+reward-model layout).
 """
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ from typing import Optional
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_target(value_head: bool, to: str, source: str) -> None:
+    if value_head and to == "thudm":
+        raise ValueError(f"{source} is a scalar-head model (reward model / critic) and THUDM ChatGLM has no "
+                         "reward-model layout; use --to hf (GlmForSequenceClassification)")
 
 
 def _write(model, output_dir: str, to: str) -> Path:
@@ -38,24 +48,37 @@ def _write(model, output_dir: str, to: str) -> Path:
 
 
 def convert(input_dir: str, output_dir: str, to: str = "hf", dtype: str | None = None) -> Path:
-    from engine.model.glm import GLMForCausalLM
-    model = GLMForCausalLM.from_hf(input_dir, dtype=DTYPES[dtype] if dtype else None)
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
+    from engine.model.hf_adapter import is_reward_model_dir
+    value_head = is_reward_model_dir(input_dir)
+    _check_target(value_head, to, input_dir)
+    cls = GLMForScalarHead if value_head else GLMForCausalLM
+    model = cls.from_hf(input_dir, dtype=DTYPES[dtype] if dtype else None)
     return _write(model, output_dir, to)
 
 
 def convert_checkpoint(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, to: str = "hf",
                        dtype: str | None = None) -> Path:
-    """Export an engine training checkpoint (model weights only) to the HF or THUDM layout."""
-    from engine.model.glm import GLMForCausalLM
+    """Export an engine training checkpoint (model weights only) to the HF or THUDM layout: a
+    GLMForCausalLM as GlmForCausalLM, a GLMForScalarHead as GlmForSequenceClassification (HF only)."""
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.model.hf_adapter import expected_shapes
-    from engine.train.checkpoint import CheckpointError, read_full_model_state
+    from engine.train.checkpoint import CheckpointError, read_full_model_state, read_manifest
+    classes = {c.__name__: c for c in (GLMForCausalLM, GLMForScalarHead)}
+    model_class = read_manifest(checkpoint_dir, step).get("model_class")
+    if model_class not in classes:
+        raise CheckpointError(f"{checkpoint_dir}: manifest model_class {model_class!r} is not one of {list(classes)}")
+    value_head = model_class == "GLMForScalarHead"
+    _check_target(value_head, to, checkpoint_dir)
     config, sd = read_full_model_state(checkpoint_dir, step)
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, value_head)
     if set(sd) != set(expected):
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
-        raise CheckpointError(f"{checkpoint_dir}: not a causal-LM checkpoint the GLM layout can hold "
-                              f"(unexpected {extra[:5]}, missing {missing[:5]}); value heads have no HF GLM form")
-    model = GLMForCausalLM(config, init=False)
+        hint = ("; value_head.bias is from before the value head became bias-free (HF's score has no bias), "
+                "so it cannot be exported exactly" if "value_head.bias" in extra else "")
+        raise CheckpointError(f"{checkpoint_dir}: tensors do not match a {model_class} of its config "
+                              f"(unexpected {extra[:5]}, missing {missing[:5]}){hint}")
+    model = classes[model_class](config, init=False)
     model.load_state_dict(sd, strict=True)
     if dtype:
         model = model.to(DTYPES[dtype])

@@ -1,21 +1,34 @@
-"""Pretrain a GLM model on any TP x PP x DP layout.
+"""Train a GLM model on any TP x PP x DP layout: pretraining, SFT or a reward model.
 
-    torchrun --nproc-per-node N -m launch.train --config configs/runs/pretrain.yaml \\
-        [--tp T] [--pp P] [--vpp V] [--sequence-parallel] [--micro-batch-size M] [--global-batch-size G] \\
-        [--train-steps K] [--seed S] [--log-dir DIR] [--recompute none|full|selective] [--lr LR] ...
+    torchrun --nproc-per-node N -m launch.train --config configs/runs/{pretrain,sft,rm}.yaml \\
+        [--mode pretrain|sft|rm] [--tp T] [--pp P] [--vpp V] [--sequence-parallel] [--micro-batch-size M] \\
+        [--global-batch-size G] [--train-steps K] [--seed S] [--log-dir DIR] [--recompute none|full|selective] \\
+        [--lr LR] [--save DIR --save-interval N] [--load DIR] [--init-from DIR] [--eval-interval N] ...
     python -m launch.train --config ...          # one process, no torch.distributed
 
 The run YAML composes a model (a preset name, a model YAML path, or a mapping with ``preset:`` plus
-field overrides) with the ``parallel``, ``train``, ``optim``, ``lr`` and ``data`` sections; command-line
-flags override it, and everything is parsed once into typed dataclasses (``RunConfig``). Without
-``data.path`` the model pretrains on the built-in corpus (``pydoc_data.topics``, default tokenizer):
-documents tokenized, joined with EOS, cut into ``seq_length + 1`` windows, served in a seeded order;
-every rank builds the same global batches and each DP rank trains on its slice. With ``data.path``
-(an indexed dataset prefix from ``launch.preprocess``) it reads ``engine.data.PretrainDataset``.
+field overrides) with the ``mode``, ``parallel``, ``train``, ``optim``, ``lr``, ``data``, ``reward`` and
+``checkpoint`` sections; command-line flags override it, and everything is parsed once into typed
+dataclasses (``RunConfig``).
+
+Modes (one Trainer, one objective each, ``engine.train.objectives``):
+  pretrain  GLMForCausalLM, token cross entropy. Data: ``data.path`` (text/chat indexed dataset from
+            ``launch.preprocess``) or the built-in corpus (``pydoc_data.topics``, default tokenizer),
+            packed into ``seq_length + 1`` windows.
+  sft       GLMForCausalLM, cross entropy on assistant tokens only. Data: a chat indexed dataset or the
+            built-in conversations (``engine.data.builtin``).
+  rm        GLMForScalarHead, pairwise ranking loss + ``reward.l2_coef`` L2 penalty on the scores, with
+            held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
+            bucket-based length balancing (``data.balance_buckets``).
+Held-out evaluation: ``data.eval_path`` or ``data.eval_fraction`` of the data, every
+``train.eval_interval`` steps and after the last one. ``--init-from DIR`` starts from another run's
+checkpoint weights (SFT from pretraining; RM from SFT: trunk copied, fresh value head) when
+``--load`` finds nothing to resume.
 
 Backend: NCCL when CUDA is available, else gloo. Rank 0 appends one JSON line per step to
-``DIR/metrics.jsonl`` (loss, grad_norm, lr, tokens_per_s, comm bytes per group, bubble, ...).
-An invalid configuration prints ``launch.train: error: ...`` and exits with code 2.
+``DIR/metrics.jsonl`` (loss, grad_norm, lr, tokens_per_s, comm bytes per group, bubble, objective
+statistics, eval_* on evaluation steps). An invalid configuration prints ``launch.train: error: ...``
+and exits with code 2.
 """
 from __future__ import annotations
 
@@ -28,13 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
+from engine.train.objectives import RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
 
 PROG = "launch.train"
@@ -46,9 +59,18 @@ class DataConfig:
     """Where training tokens come from."""
 
     path: Optional[str] = None
-    """Indexed dataset prefix (``launch.preprocess`` output); None: the built-in tiny corpus."""
+    """Indexed dataset prefix (``launch.preprocess`` output; text/chat for pretrain, chat for sft,
+    preference for rm); None: the built-in data of the mode."""
+    eval_path: Optional[str] = None
+    """Held-out indexed dataset prefix (same kind); None: hold out ``eval_fraction`` of the data."""
+    eval_fraction: float = 0.0
+    """Fraction of the samples held out for evaluation when ``eval_path`` is None (0: no evaluation).
+    Not for an indexed pretraining dataset, whose windows repeat across epochs: use eval_path."""
+    balance_buckets: int = 0
+    """rm: bucket-based length balancing of the training pairs into this many length-difference
+    buckets (ChatGLM-RLHF); 0: off."""
     tokenizer_cache: Optional[str] = None
-    """Cache directory of the default tokenizer (None: ~/.cache/glm-engine)."""
+    """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,9 @@ class CheckpointConfig:
     """Checkpoint directory to resume from (its ``latest`` step); may equal ``save``."""
     keep_last: Optional[int] = None
     """Keep only the newest K checkpoints (None: keep all)."""
+    init_from: Optional[str] = None
+    """Start from the model weights of this checkpoint directory when there is nothing to resume
+    (no optimizer state; a reward model takes an LM checkpoint's trunk and keeps a fresh value head)."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +110,16 @@ class RunConfig:
     """Everything a training run needs, parsed once from YAML + command line."""
 
     model: GLMConfig
+    mode: str = "pretrain"
+    """pretrain, sft or rm."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reward: RewardObjective = field(default_factory=RewardObjective)
+    """rm: the loss options (``l2_coef``)."""
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
@@ -100,11 +129,12 @@ class RunConfig:
 
 
 # ---- config parsing -------------------------------------------------------------------------------
-RUN_SECTIONS = {"model", "parallel", "train", "optim", "lr", "data", "checkpoint", "log_dir"}
+RUN_SECTIONS = {"model", "mode", "parallel", "train", "optim", "lr", "data", "checkpoint", "reward", "log_dir"}
+MODES = ("pretrain", "sft", "rm")
 
 
 def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict] = None) -> RunConfig:
-    """Read a run YAML and apply ``overrides`` ``{section: {field: value}}`` (``log_dir``/``model``: a value)."""
+    """Read a run YAML and apply ``overrides`` ``{section: {field: value}}`` (``log_dir``/``model``/``mode``: a value)."""
     raw: dict = {}
     base = Path.cwd()
     if path is not None:
@@ -125,14 +155,18 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
             raw[section] = merged
         else:
             raw[section] = values
-    return RunConfig(model=model_from_spec(raw.get("model", "tiny"), base),
+    mode = raw.get("mode", "pretrain")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    return RunConfig(model=model_from_spec(raw.get("model", "tiny"), base), mode=mode,
                      parallel=config_section(ParallelConfig, raw.get("parallel"), "parallel"),
                      train=config_section(TrainConfig, raw.get("train"), "train"),
                      optim=config_section(OptimizerConfig, raw.get("optim"), "optim"),
                      lr=config_section(LRConfig, raw.get("lr"), "lr"),
                      data=config_section(DataConfig, raw.get("data"), "data"),
                      checkpoint=config_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
-                     log_dir=str(raw.get("log_dir", "runs/pretrain")))
+                     reward=config_section(RewardObjective, raw.get("reward"), "reward"),
+                     log_dir=str(raw.get("log_dir", f"runs/{mode}")))
 
 
 def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
@@ -149,6 +183,16 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
                          f"{ck.keep_last} must be >= 1")
     if ck.save_interval and not ck.save:
         raise ValueError("--save-interval needs --save DIR")
+    d = run.data
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.eval_path and d.eval_fraction:
+        raise ValueError("give data.eval_path or data.eval_fraction, not both")
+    if run.mode == "pretrain" and d.path and d.eval_fraction:
+        raise ValueError("data.eval_fraction splits samples, but an indexed pretraining dataset repeats its "
+                         "documents across epochs; preprocess a held-out file and pass data.eval_path")
+    if d.balance_buckets < 0 or (d.balance_buckets and run.mode != "rm"):
+        raise ValueError(f"data.balance_buckets={d.balance_buckets} must be >= 0 and is for mode rm only")
     return dims
 
 
@@ -157,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/runs/pretrain.yaml)")
     p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
+    p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -176,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float)
     p.add_argument("--distributed-optimizer", action="store_true", default=None)
     p.add_argument("--mixed-precision", choices=("fp32", "bf16"))
-    p.add_argument("--data-path", help="indexed dataset prefix (default: the built-in corpus)")
+    p.add_argument("--data-path", help="indexed dataset prefix (default: the mode's built-in data)")
+    p.add_argument("--eval-path", help="held-out indexed dataset prefix")
+    p.add_argument("--eval-fraction", type=float, help="fraction of the data held out for evaluation")
+    p.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: after the last step only)")
+    p.add_argument("--init-from", help="checkpoint directory whose weights initialise a fresh run")
     p.add_argument("--save", help="checkpoint directory to write")
     p.add_argument("--save-interval", type=int, help="save every N steps (0: only at the end)")
     p.add_argument("--load", help="checkpoint directory to resume from (its latest step; layouts may differ)")
@@ -196,6 +245,8 @@ _FLAG_TARGETS = {
     "warmup_steps": ("lr", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "clip_grad": ("optim", "clip_grad"), "distributed_optimizer": ("optim", "use_distributed_optimizer"),
     "mixed_precision": ("optim", "mixed_precision"), "data_path": ("data", "path"),
+    "eval_path": ("data", "eval_path"), "eval_fraction": ("data", "eval_fraction"),
+    "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
 }
@@ -211,6 +262,8 @@ def cli_overrides(args: argparse.Namespace) -> dict:
         out["log_dir"] = args.log_dir
     if args.model is not None:
         out["model"] = args.model
+    if args.mode is not None:
+        out["mode"] = args.mode
     return out
 
 
@@ -224,50 +277,22 @@ def torchrun_command(nnodes: int, nproc_per_node: int, rdzv_endpoint: str, rdzv_
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class CorpusBatches:
-    """Global batches of packed next-token samples from a list of texts (deterministic, seeded)."""
+@dataclass
+class RunData:
+    """The run's data: ``train(step) -> global batch``, held-out global batches, the batch keys."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, seq_length: int, global_batch_size: int, seed: int):
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(tokenizer.encode(text))
-            ids.append(tokenizer.eos_id)
-        n = len(ids) // (seq_length + 1)
-        if n < 1:
-            raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one sample of seq_length + 1 = "
-                             f"{seq_length + 1}")
-        self.samples = torch.tensor(ids[: n * (seq_length + 1)], dtype=torch.long).view(n, seq_length + 1)
-        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        self.global_batch_size = global_batch_size
-
-    def __call__(self, step: int) -> dict:
-        n = self.samples.shape[0]
-        rows = self.order[(step * self.global_batch_size + torch.arange(self.global_batch_size)) % n]
-        batch = self.samples[rows]
-        return {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+    train: object
+    held_out: list
+    tokenizer_fingerprint: Optional[str] = None
 
 
-class IndexedBatches:
-    """Global batches from an indexed dataset (``engine.data.PretrainDataset``)."""
-
-    def __init__(self, prefix: str, seq_length: int, global_batch_size: int, train_steps: int, seed: int):
-        from engine.data.datasets import PretrainDataset
-        from engine.data.indexed_dataset import IndexedDataset
-        self.dataset = PretrainDataset(IndexedDataset(prefix), seq_length, max(1, train_steps) * global_batch_size,
-                                       seed)
-        self.global_batch_size = global_batch_size
-
-    def __call__(self, step: int) -> dict:
-        items = [self.dataset[(step * self.global_batch_size + i) % len(self.dataset)]
-                 for i in range(self.global_batch_size)]
-        return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in ("input_ids", "labels")}
+KEYS = {"pretrain": ("input_ids", "labels"), "sft": ("input_ids", "labels", "attention_mask"),
+        "rm": ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")}
+KINDS = {"sft": "chat", "rm": "preference"}
 
 
-def _batches(run: RunConfig, rank: int, barrier):
-    t = run.train
-    if run.data.path is not None:
-        return IndexedBatches(run.data.path, t.seq_length, t.global_batch_size, t.train_steps, t.seed)
-    from engine.data.tokenizer import default_corpus, default_tokenizer
+def _default_tokenizer(run: RunConfig, rank: int, barrier):
+    from engine.data.tokenizer import default_tokenizer
     if rank == 0:
         tokenizer = default_tokenizer(run.data.tokenizer_cache)  # trains and caches it the first time
     barrier()
@@ -276,7 +301,67 @@ def _batches(run: RunConfig, rank: int, barrier):
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(f"the default tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={run.model.vocab_size}")
-    return CorpusBatches(default_corpus(), tokenizer, t.seq_length, t.global_batch_size, t.seed)
+    return tokenizer
+
+
+def _open_indexed(prefix: str, run: RunConfig, what: str):
+    from engine.data.indexed_dataset import IndexedDataset
+    indexed = IndexedDataset(prefix)
+    if indexed.vocab_size > run.model.vocab_size:
+        raise ValueError(f"{what} {prefix} was tokenized with vocab_size={indexed.vocab_size}, more than the "
+                         f"model's vocab_size={run.model.vocab_size}")
+    return indexed
+
+
+def _dataset(indexed, run: RunConfig):
+    from engine.data.datasets import PreferenceDataset, PretrainDataset, SFTDataset
+    t = run.train
+    if run.mode == "sft":
+        return SFTDataset(indexed, t.seq_length)
+    if run.mode == "rm":
+        return PreferenceDataset(indexed, t.seq_length)
+    return PretrainDataset(indexed, t.seq_length, max(1, t.train_steps) * t.global_batch_size, t.seed)
+
+
+def build_data(run: RunConfig, rank: int, barrier) -> RunData:
+    """Training batches and held-out batches of the run's mode (the same on every rank)."""
+    from engine.data.datasets import bucket_balance
+    from engine.data.builtin import split_indices
+    from engine.train.batches import CorpusBatches, DatasetBatches, Subset, eval_batches
+    d, t, keys = run.data, run.train, KEYS[run.mode]
+    fingerprint = None
+    if d.path is None:
+        tokenizer = _default_tokenizer(run, rank, barrier)
+        fingerprint = tokenizer.fingerprint()
+        if run.mode == "pretrain":
+            from engine.data.tokenizer import default_corpus
+            corpus = CorpusBatches(default_corpus(), tokenizer, t.seq_length, t.global_batch_size, t.seed,
+                                   d.eval_fraction)
+            return RunData(corpus, corpus.held_out(t.eval_batches), fingerprint)
+        from engine.data.builtin import builtin_dataset
+        from engine.data.indexed_dataset import IndexedDataset
+        prefix = builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache) if rank == 0 else None
+        barrier()  # rank 0 built (or found) the cached dataset; the others read it
+        if rank != 0:
+            prefix = builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache)
+        dataset = _dataset(IndexedDataset(prefix, tokenizer), run)
+    else:
+        dataset = _dataset(_open_indexed(d.path, run, "data.path"), run)
+    train_idx, held_idx = split_indices(len(dataset), d.eval_fraction, t.seed)
+    if run.mode == "pretrain":  # windows of one epoch in order; eval_fraction is refused for it
+        train_idx = None
+    if d.balance_buckets:
+        lengths = dataset.pair_lengths()[train_idx]
+        train_idx = train_idx[bucket_balance(lengths, num_buckets=d.balance_buckets, seed=t.seed).kept]
+    held = Subset(dataset, held_idx)
+    if d.eval_path:
+        held = _dataset(_open_indexed(d.eval_path, run, "data.eval_path"), run)
+    held_out = eval_batches(held, t.global_batch_size, t.eval_batches, keys) if len(held) else []
+    if len(held) and not held_out:
+        raise ValueError(f"the held-out split has {len(held)} samples, fewer than one global batch of "
+                         f"{t.global_batch_size}: raise data.eval_fraction or lower global_batch_size")
+    return RunData(DatasetBatches(Subset(dataset, train_idx), t.global_batch_size, t.seed, keys), held_out,
+                   fingerprint)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -297,12 +382,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return train(run, peak_tflops=args.peak_tflops)
 
 
+def _summary(metrics, record: dict) -> str:
+    line = (f"step {metrics.step:5d}  loss {metrics.loss:.4f}  grad_norm {metrics.grad_norm:.3f}  lr {metrics.lr:.2e}  "
+            f"{metrics.tokens_per_s:,.0f} tok/s  bubble {metrics.bubble_fraction:.2f}")
+    if "accuracy" in record:
+        line += f"  acc {record['accuracy']:.3f}"
+    for k in ("eval_loss", "eval_accuracy"):
+        if k in record:
+            line += f"  {k} {record[k]:.4f}"
+    return line + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else "")
+
+
+def _initialise(run: RunConfig, chunks, layout, model_cls) -> None:
+    """``checkpoint.init_from``: copy a checkpoint's model weights (any layout) into fresh chunks."""
+    from engine.train.checkpoint import CheckpointError, load_model_weights
+    missing = load_model_weights(run.checkpoint.init_from, chunks, layout, run.model)
+    allowed = ("value_head.",) if run.mode == "rm" else ()
+    unexpected = [n for n in missing if not n.startswith(allowed) or not allowed]
+    if unexpected:
+        raise CheckpointError(f"--init-from {run.checkpoint.init_from}: the checkpoint lacks {unexpected[:5]}; "
+                              f"a {model_cls.__name__} can only start from a checkpoint of the same model "
+                              "(or, for rm, of a causal LM with the same trunk)")
+
+
 def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
     import torch.distributed as dist
 
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelLayout
     from engine.parallel.pipeline import build_model_chunks
     from engine.train import LRSchedule, MetricsWriter, Trainer, build_optimizer
+    from engine.train.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+    from engine.train.objectives import LanguageModelObjective
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
     cuda = torch.cuda.is_available()
@@ -321,60 +432,76 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         barrier = dist.barrier if distributed else (lambda: None)
         torch.manual_seed(run.train.seed)
         try:
-            batches = _batches(run, rank, barrier)
+            data = build_data(run, rank, barrier)
         except ValueError as e:
             return _error(str(e))
-        chunks = [c.to(device) for c in build_model_chunks(run.model, layout,
+        model_cls = GLMForScalarHead if run.mode == "rm" else GLMForCausalLM
+        objective = run.reward if run.mode == "rm" else LanguageModelObjective(run.train.ignore_index)
+        chunks = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=model_cls,
                                                             sequence_parallel=run.train.sequence_parallel,
                                                             layers_per_stage=run.train.layers_per_stage,
                                                             seed=run.train.seed)]
         optimizer = build_optimizer(chunks, layout, run.optim, run.lr.lr)
-        trainer = Trainer(chunks, optimizer, layout, run.model, run.train, LRSchedule(run.lr, run.train.train_steps))
+        trainer = Trainer(chunks, optimizer, layout, run.model, run.train, LRSchedule(run.lr, run.train.train_steps),
+                          objective)
         writer = None
         if rank == 0:
             Path(run.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
-            print(f"{PROG}: {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params), "
+            print(f"{PROG}: {run.mode} {model_cls.__name__} {run.model.name} "
+                  f"({run.model.num_parameters() / 1e6:.1f}M params), "
                   f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{dist.get_backend() if distributed else 'single process'}, device {device}", flush=True)
         ck = run.checkpoint
-        if ck.load:
-            from engine.train.checkpoint import latest_step, load_checkpoint
-            if latest_step(ck.load) is not None:  # a damaged checkpoint raises CheckpointError here
-                extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model)
-                trainer.steps_done = extra["step"]  # the data order is a function of the step
+        try:
+            resumed = False
+            if ck.load:
+                if latest_step(ck.load) is not None:  # a damaged checkpoint raises CheckpointError here
+                    extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model)
+                    if extra.get("mode", run.mode) != run.mode:
+                        raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
+                    trainer.steps_done = extra["step"]  # the data order is a function of the step
+                    resumed = True
+                    if rank == 0:
+                        print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
+                elif ck.load != ck.save:  # never a silent fresh start from a mistyped --load
+                    return _error(f"--load {ck.load}: no checkpoint found there")
+            if ck.init_from and not resumed:
+                _initialise(run, chunks, layout, model_cls)
                 if rank == 0:
-                    print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
-            elif ck.load != ck.save:  # never a silent fresh start from a mistyped --load
-                return _error(f"--load {ck.load}: no checkpoint found there")
+                    print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
+        except CheckpointError as e:
+            return _error(str(e))
 
         def save() -> None:
-            from engine.train.checkpoint import save_checkpoint
             save_checkpoint(ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
-                            keep_last=ck.keep_last)
+                            extra_state={"mode": run.mode}, keep_last=ck.keep_last,
+                            tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
         flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute)
         progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
         board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
-        while trainer.steps_done < run.train.train_steps:
-            metrics = trainer.train_step(batches(trainer.steps_done))
+        t = run.train
+        while trainer.steps_done < t.train_steps:
+            metrics = trainer.train_step(data.train(trainer.steps_done))
+            extra = {}
+            done = trainer.steps_done
+            if data.held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
+                extra.update({f"eval_{k}": v for k, v in trainer.evaluate(data.held_out).items()})
             if writer is not None:
                 # achieved model TFLOP/s per device (Megatron's count, recompute excluded) and MFU
                 tflops = metrics.tokens_per_s * flops / layout.world_size / 1e12
-                extra = {"model_tflops_per_device": tflops}
+                extra["model_tflops_per_device"] = tflops
                 if peak_tflops:
                     extra["mfu"] = tflops / peak_tflops
                 writer.write(metrics, **extra)
-                record = {**dataclasses.asdict(metrics), **extra}
+                record = {**metrics.record(), **extra}
                 board.log(record, metrics.step)
                 progress.update(record)
                 if not progress.enabled:  # the bar replaces the per-step line on a terminal
-                    print(f"step {metrics.step:5d}  loss {metrics.loss:.4f}  grad_norm {metrics.grad_norm:.3f}  "
-                          f"lr {metrics.lr:.2e}  {metrics.tokens_per_s:,.0f} tok/s  bubble "
-                          f"{metrics.bubble_fraction:.2f}" + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else ""),
-                          flush=True)
+                    print(_summary(metrics, record), flush=True)
             if ck.save and ck.save_interval and trainer.steps_done % ck.save_interval == 0:
                 save()
         if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):

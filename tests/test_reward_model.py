@@ -1,4 +1,5 @@
-"""Reward model: loss/penalty math by hand, learning a synthetic preference rule, TP=2 parity."""
+"""Reward model: loss/penalty math by hand, learning a synthetic preference rule, TP / SP / DP / ZeRO-1 / PP
+parity with the single-process step."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,9 @@ from engine.config import GLMConfig
 from engine.model.glm import GLMForScalarHead
 from engine.parallel import ParallelDims, ParallelLayout
 from engine.train.lr import LRConfig, LRSchedule
-from engine.train.reward import (RewardConfig, RewardModelTrainer, pairwise_ranking_loss, preference_accuracy,
-                                 reward_l2_penalty)
-from engine.train.step import OptimizerConfig, build_optimizer
+from engine.train.objectives import (RewardObjective, pairwise_ranking_loss, preference_accuracy,
+                                     reward_l2_penalty)
+from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 from tests._dist import run_distributed
 
 SEQ, VOCAB, BAD = 12, 64, 7  # BAD: the token that marks a rejected answer
@@ -73,95 +74,104 @@ def test_validation_raises():
         pairwise_ranking_loss(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="coef"):
         reward_l2_penalty(torch.zeros(2), torch.zeros(2), -1.0)
-    with pytest.raises(ValueError, match="divisible"):
-        RewardConfig(global_batch_size=6, micro_batch_size=4).validate(1)
+    with pytest.raises(ValueError, match="l2_coef"):
+        RewardObjective(l2_coef=-0.5)
 
 
 # ---- training ------------------------------------------------------------------------------------
 
-def _trainer(layout, model, config: RewardConfig, lr=LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3)):
-    optim = OptimizerConfig(weight_decay=0.0, clip_grad=1.0)
-    opt = build_optimizer([model], layout, optim, lr.lr)
-    return RewardModelTrainer(model, opt, layout, config, LRSchedule(lr, config.train_steps))
+LR = LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3)
+
+
+def _trainer(layout, chunks, train: TrainConfig, l2_coef=1e-3, zero=False, lr=LR):
+    optim = OptimizerConfig(weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=zero)
+    opt = build_optimizer(chunks, layout, optim, lr.lr)
+    return Trainer(chunks, opt, layout, chunks[0].config, train, LRSchedule(lr, max(1, train.train_steps)),
+                   RewardObjective(l2_coef))
 
 
 def test_reward_model_learns_preference_rule():
     torch.manual_seed(0)
     model = GLMForScalarHead(_config())
-    config = RewardConfig(global_batch_size=16, micro_batch_size=8, l2_coef=1e-3, train_steps=40, eval_interval=20)
-    trainer = _trainer(ParallelLayout.single(), model, config)
+    train = TrainConfig(global_batch_size=16, micro_batch_size=8, seq_length=SEQ, train_steps=40)
+    trainer = _trainer(ParallelLayout.single(), [model], train)
     # A random init already scores the marker token consistently higher or lower; point the rule
     # AGAINST that bias so held-out accuracy starts <= 50% and reaching 90% needs learning.
-    marks_rejected = trainer.evaluate(_pairs(16, seed=999))["eval_accuracy"] < 0.5
+    marks_rejected = trainer.evaluate(_pairs(16, seed=999))["accuracy"] < 0.5
     held_out = _pairs(16, seed=999, marks_rejected=marks_rejected)
-    before = trainer.evaluate(held_out)["eval_accuracy"]
+    before = trainer.evaluate(held_out)["accuracy"]
     assert before <= 0.5
-    records = trainer.fit((_pairs(16, seed=s, marks_rejected=marks_rejected) for s in range(1000)),
-                          eval_batch=held_out)
-    assert "eval_accuracy" in records[19] and "eval_accuracy" in records[-1]
-    assert records[-1]["eval_accuracy"] >= 0.9, (marks_rejected, before, [r.get("eval_accuracy") for r in records])
-    assert records[-1]["loss"] < records[0]["loss"]
+    records = [trainer.train_step(_pairs(16, seed=s, marks_rejected=marks_rejected)) for s in range(40)]
+    after = trainer.evaluate(held_out)
+    assert after["accuracy"] >= 0.9, (marks_rejected, before, after)
+    assert records[-1].loss < records[0].loss
+    assert set(records[0].stats) == set(RewardObjective.stat_names)
 
 
-def _parallel_step(rank, world_size, full_state, batch, config_kwargs):
-    """One step under TP=2 (with and without sequence parallel) and DP=2 (plain and ZeRO-1): loss and
-    full (gathered) grads."""
+def _capture(step, chunks, out):
+    def wrapped(*a, **k):
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                out[name] = p.main_grad.detach().clone()
+        return step(*a, **k)
+    return wrapped
+
+
+CASES = (("tp2", dict(tp=2), False, False), ("tp2_sp", dict(tp=2), False, True), ("dp2", dict(dp=2), False, False),
+         ("dp2_zero1", dict(dp=2), True, False), ("pp2", dict(pp=2), False, False))
+
+
+def _parallel_step(rank, world_size, full_state, batch, train):
+    """One step per layout: loss, stats and full (gathered) grads."""
     from engine.parallel import CommLedger, comm
+    from engine.parallel.pipeline import build_model_chunks
     from engine.parallel.sharding import gather_full_state_dict, load_full_into
     out = {}
-    for name, dims, zero, sp in (("tp2", ParallelDims(tp=2), False, False), ("tp2_sp", ParallelDims(tp=2), False, True),
-                                 ("dp2", ParallelDims(dp=2), False, False), ("dp2_zero1", ParallelDims(dp=2), True, False)):
-        layout = ParallelLayout.build(dims, name=name)
-        model = _build_tp(layout, sp)
-        load_full_into(model, full_state, layout)
-        optim = OptimizerConfig(weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=zero)
-        lr = LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3)
-        trainer = RewardModelTrainer(model, build_optimizer([model], layout, optim, lr.lr), layout,
-                                     RewardConfig(**config_kwargs), LRSchedule(lr, 1))
+    for name, dims, zero, sp in CASES:
+        layout = ParallelLayout.build(ParallelDims(**dims), name=name)
+        chunks = build_model_chunks(_config(), layout, model_cls=GLMForScalarHead, sequence_parallel=sp, seed=None)
+        for chunk in chunks:
+            load_full_into(chunk, full_state, layout)
+        trainer = _trainer(layout, chunks, dataclasses.replace(train, sequence_parallel=sp), l2_coef=0.01, zero=zero)
         grads = {}
-        trainer.optimizer.step = _capture(trainer.optimizer.step, model, grads)
+        trainer.optimizer.step = _capture(trainer.optimizer.step, chunks, grads)
         rec = trainer.train_step(batch)
         if zero:  # ZeRO-1 keeps only its reduced shard of each 1/dp-scaled grad: sum the ranks' copies
             for g in grads.values():
                 comm.all_reduce(g, layout.dp_group, None, "dp")
         side = dataclasses.replace(layout, ledger=CommLedger())
         full = gather_full_state_dict(grads, _config(), side)
+        evaluated = trainer.evaluate(batch)
         # numpy, pickled by value: torch tensors would go through shared memory that dies with the worker
-        out[name] = (rec["loss"], rec["accuracy"], {k: v.numpy() for k, v in full.items()})
+        out[name] = (rec.loss, rec.stats, evaluated, {k: v.numpy() for k, v in full.items()})
     return out
 
 
-def _build_tp(layout, sequence_parallel=False):
-    from engine.parallel.tensor_parallel import build_parallel_model
-    return build_parallel_model(GLMForScalarHead, _config(), layout, sequence_parallel, seed=None)
-
-
-def _capture(step, model, out):
-    def wrapped(*a, **k):
-        for name, p in model.named_parameters():
-            out[name] = p.main_grad.detach().clone()
-        return step(*a, **k)
-    return wrapped
-
-
-def test_tp2_dp2_match_single_process():
+def test_parallel_layouts_match_single_process():
+    """TP=2 (plain and sequence parallel), DP=2 (plain and ZeRO-1) and PP=2 (1F1B, the value head on the
+    last stage): same loss, stats, held-out metrics and gradients as one process."""
     torch.manual_seed(1)
     model = GLMForScalarHead(_config())
     full = {k: v.clone() for k, v in model.state_dict().items()}
     batch = _pairs(4, seed=5)
-    kwargs = dict(global_batch_size=4, micro_batch_size=2, l2_coef=0.01, train_steps=1)
-    trainer = _trainer(ParallelLayout.single(), model, RewardConfig(**kwargs))
+    train = TrainConfig(global_batch_size=4, micro_batch_size=1, seq_length=SEQ, train_steps=1)
+    trainer = _trainer(ParallelLayout.single(), [model], train, l2_coef=0.01)
     ref_grads = {}
-    trainer.optimizer.step = _capture(trainer.optimizer.step, model, ref_grads)
+    trainer.optimizer.step = _capture(trainer.optimizer.step, [model], ref_grads)
     ref = trainer.train_step(batch)
-    results = run_distributed(_parallel_step, 2, full, batch, kwargs, timeout=120)
-    for (case, (loss, acc, grads)) in (item for r in results for item in r.items()):
-        assert loss == pytest.approx(ref["loss"], rel=1e-5), case
-        assert acc == ref["accuracy"], case
+    ref_eval = trainer.evaluate(batch)
+    results = run_distributed(_parallel_step, 2, full, batch, train, timeout=180)
+    for (case, (loss, stats, evaluated, grads)) in (item for r in results for item in r.items()):
+        # fp32 with a different reduction order over shards / micro-batches: relative error ~1e-6
+        assert loss == pytest.approx(ref.loss, rel=1e-5), case
+        assert stats["accuracy"] == ref.stats["accuracy"], case
+        for k, v in stats.items():
+            assert v == pytest.approx(ref.stats[k], rel=1e-4, abs=1e-6), (case, k)
+        for k, v in evaluated.items():
+            assert v == pytest.approx(ref_eval[k], rel=1e-4, abs=1e-6), (case, k)
         assert set(grads) == set(ref_grads)
         for name, g in grads.items():
             g = torch.from_numpy(g)
-            # fp32 with a different reduction order over TP shards: relative error ~1e-6
             err = ((g - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp_min(1e-12)).item()
             assert err < 1e-4, (case, name, err)
 
@@ -189,16 +199,21 @@ def test_trainer_on_bucket_balanced_preference_dataset(tmp_path):
 
     torch.manual_seed(0)
     model = GLMForScalarHead(dataclasses.replace(_config(), vocab_size=TOK.vocab_size))
-    trainer = _trainer(ParallelLayout.single(), model, RewardConfig(global_batch_size=4, micro_batch_size=4,
-                                                                   train_steps=2))
-    rc, rr = trainer.rewards(batch)
-    torch.testing.assert_close(rc, model.reward(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
-                               rtol=1e-5, atol=1e-6)  # fp32; batch composition changes only the GEMM blocking
-    torch.testing.assert_close(rr, model.reward(batch["rejected_input_ids"], batch["rejected_attention_mask"]),
-                               rtol=1e-5, atol=1e-6)
+    trainer = _trainer(ParallelLayout.single(), [model], TrainConfig(global_batch_size=4, micro_batch_size=4,
+                                                                     seq_length=16, train_steps=2))
+    mb = trainer.microbatches(batch)[0][0]
+    with torch.no_grad():
+        rc, rr = trainer.objective.rewards(model(mb["input_ids"], mb["attention_mask"]), mb)
+        # fp32; batch composition changes only the GEMM blocking
+        torch.testing.assert_close(rc, model.reward(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rr, model.reward(batch["rejected_input_ids"], batch["rejected_attention_mask"]),
+                                   rtol=1e-5, atol=1e-6)
     rec = trainer.train_step(batch)
-    expected = pairwise_ranking_loss(rc, rr) + reward_l2_penalty(rc, rr, trainer.config.l2_coef)
-    assert rec["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert 0.0 <= trainer.evaluate(batch)["eval_accuracy"] <= 1.0
+    expected = pairwise_ranking_loss(rc, rr) + reward_l2_penalty(rc, rr, trainer.objective.l2_coef)
+    assert rec.loss == pytest.approx(expected.item(), rel=1e-5)
+    assert rec.stats["accuracy"] == preference_accuracy(rc, rr).item()
+    assert rec.stats["margin"] == pytest.approx((rc - rr).mean().item(), rel=1e-5, abs=1e-7)
+    assert 0.0 <= trainer.evaluate(batch)["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="lacks 'rejected_input_ids'"):
         trainer.train_step({k: v for k, v in batch.items() if k != "rejected_input_ids"})

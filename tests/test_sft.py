@@ -1,6 +1,8 @@
-"""SFT: loss only on assistant tokens, one step equals a manual computation, run_sft end to end."""
+"""SFT: loss only on assistant tokens, one step equals a manual computation, launch.train's sft mode end to
+end on a user dataset with a held-out file, run YAMLs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,9 +13,10 @@ from engine.config import GLMConfig
 from engine.data.datasets import SFTDataset
 from engine.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from engine.parallel import ParallelLayout
-from engine.train.lr import LRConfig
-from engine.train.sft import SFTConfig, build_sft_trainer, global_batches, run_sft
-from engine.train.step import OptimizerConfig, TrainConfig
+from engine.train.batches import DatasetBatches
+from engine.train.lr import LRConfig, LRSchedule
+from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
+from launch.train import DataConfig, RunConfig, load_run_config, validate_run
 from tests.test_data import TOK  # byte-level stand-in tokenizer with GLM's chat format and loss mask
 
 SEQ = 24
@@ -33,15 +36,24 @@ def _dataset(tmp_path, n=8, name="chat"):
     return SFTDataset(IndexedDataset(prefix, TOK), SEQ)
 
 
-def _sft_config(steps=1, log_dir=None):
-    return SFTConfig(train=TrainConfig(global_batch_size=4, micro_batch_size=2, seq_length=SEQ, train_steps=steps),
-                     optim=OptimizerConfig(weight_decay=0.0, clip_grad=0.0), lr=LRConfig(lr=1e-3, min_lr=1e-4),
-                     eval_interval=2, log_dir=log_dir)
+KEYS = ("input_ids", "labels", "attention_mask")
+TRAIN = TrainConfig(global_batch_size=4, micro_batch_size=2, seq_length=SEQ, train_steps=1)
+OPTIM = OptimizerConfig(weight_decay=0.0, clip_grad=0.0)
+LR = LRConfig(lr=1e-3, min_lr=1e-4)
+
+
+def _trainer():
+    from engine.model.glm import GLMForCausalLM
+    torch.manual_seed(0)
+    model = GLMForCausalLM(_config())
+    layout = ParallelLayout.single()
+    return Trainer([model], build_optimizer([model], layout, OPTIM, LR.lr), layout, _config(), TRAIN,
+                   LRSchedule(LR, 1))
 
 
 def test_labels_only_on_assistant_tokens(tmp_path):
     ds = _dataset(tmp_path)
-    batch = next(global_batches(ds, 4, seed=0))
+    batch = DatasetBatches(ds, 4, 0, KEYS)(0)
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         kept = labels[labels != -100].tolist()
         # the assistant body "\nans k" and the closing EOS; nothing of the user turn
@@ -51,11 +63,10 @@ def test_labels_only_on_assistant_tokens(tmp_path):
 
 def test_one_step_equals_manual(tmp_path):
     ds = _dataset(tmp_path)
-    config = _sft_config()
-    trainer = build_sft_trainer(_config(), config, ParallelLayout.single())
+    trainer = _trainer()
     model = trainer.chunks[0]
     ref = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = next(global_batches(ds, 4, seed=0))
+    batch = DatasetBatches(ds, 4, 0, KEYS)(0)
 
     # manual: mean CE over non-ignored tokens of the whole batch, then one AdamW step
     manual = type(model)(_config())
@@ -72,8 +83,7 @@ def test_one_step_equals_manual(tmp_path):
     assert metrics.loss_tokens == int((batch["labels"] != -100).sum())
     for n, g in grads.items():
         torch.testing.assert_close(seen[n], g, rtol=1e-4, atol=1e-6)  # fp32, different summation order
-    opt = torch.optim.AdamW(manual.parameters(), lr=config.lr.lr, betas=config.optim.betas,
-                            eps=config.optim.eps, weight_decay=0.0)
+    opt = torch.optim.AdamW(manual.parameters(), lr=LR.lr, betas=OPTIM.betas, eps=OPTIM.eps, weight_decay=0.0)
     for g in opt.param_groups:
         g["lr"] = float(trainer.lr(0))
     opt.step()
@@ -84,37 +94,57 @@ def test_one_step_equals_manual(tmp_path):
         assert not torch.equal(p.detach(), ref[n])
 
 
-def test_run_sft_writes_metrics_and_eval(tmp_path):
-    train, held_out = _dataset(tmp_path, 12, "train"), _dataset(tmp_path, 4, "eval")
-    records = run_sft(_config(), _sft_config(steps=4, log_dir=str(tmp_path / "run")), train, held_out)
-    assert [("eval_loss" in r) for r in records] == [False, True, False, True]
-    assert records[-1]["loss"] < records[0]["loss"]
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "eval_loss" in json.loads(lines[1])
-    with pytest.raises(ValueError, match="fewer than global_batch_size"):
-        next(global_batches(held_out, 8, seed=0))
+def test_sft_mode_with_held_out_file(tmp_path):
+    """launch.train in sft mode on a user chat dataset with a separate held-out file: eval_loss on the
+    evaluation steps (every 2 and the last), loss going down, metrics.jsonl written."""
+    from launch.train import train
+    _dataset(tmp_path, 12, "train"), _dataset(tmp_path, 4, "eval")
+    run = RunConfig(model=_config(), mode="sft", train=dataclasses.replace(TRAIN, train_steps=4, eval_interval=2),
+                    optim=OPTIM, lr=LR, data=DataConfig(path=str(tmp_path / "train"), eval_path=str(tmp_path / "eval")),
+                    log_dir=str(tmp_path / "run"))
+    validate_run(run, 1)
+    assert train(run) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("eval_loss" in d) for d in lines] == [False, True, False, True]
+    assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["eval_loss"] < lines[1]["eval_loss"]
+    with pytest.raises(ValueError, match="fewer than global_batch_size=8"):
+        DatasetBatches(_dataset(tmp_path, 4, "small"), 8, 0, KEYS)
 
 
 def test_run_yamls_load():
     from pathlib import Path
-
-    from engine.train.reward import RewardConfig, load_reward_run
-    from engine.train.sft import load_sft_run
     runs = Path(__file__).resolve().parent.parent / "configs" / "runs"
-    model, config = load_sft_run(runs / "sft.yaml")
-    assert model.num_layers == 2 and model.hidden_size == 256 and config.train.global_batch_size == 8
-    assert config.optim.betas == (0.9, 0.95) and config.eval_interval == 5
-    model, reward, optim, lr, log_dir = load_reward_run(runs / "rm.yaml")
-    assert isinstance(reward, RewardConfig) and reward.l2_coef == 1e-3 and lr.warmup_steps == 4
-    assert log_dir == "runs/rm" and model.name == "tiny"
+    sft = load_run_config(runs / "sft.yaml")
+    assert sft.mode == "sft" and sft.model.name == "tiny" and sft.train.global_batch_size == 8
+    assert sft.optim.betas == (0.9, 0.95) and sft.train.eval_interval == 5 and sft.data.eval_fraction == 0.1
+    rm = load_run_config(runs / "rm.yaml")
+    assert rm.mode == "rm" and rm.reward.l2_coef == 1e-3 and rm.lr.warmup_steps == 4 and rm.log_dir == "runs/rm"
+    assert rm.data.balance_buckets == 4
+    assert load_run_config(runs / "pretrain.yaml").mode == "pretrain"
+    for run in (sft, rm):
+        validate_run(run, 1)
 
 
-def test_run_yaml_errors(tmp_path):
-    from engine.train.sft import load_sft_run
+@pytest.mark.parametrize("text, needle", [
+    ("model: tiny\ntrain: {global_batch: 4}\n", "unknown field"),
+    ("model: tiny\nsurprise: 1\n", "unknown section"),
+    ("mode: dpo\n", "mode='dpo' must be one of"),
+    ("reward: {l2_coef: -1}\n", "l2_coef=-1 must be >= 0"),
+])
+def test_run_yaml_errors(tmp_path, text, needle):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: tiny\ntrain: {global_batch: 4}\n")
-    with pytest.raises(ValueError, match="unknown field"):
-        load_sft_run(bad)
-    bad.write_text("model: tiny\nsurprise: 1\n")
-    with pytest.raises(ValueError, match="unknown section"):
-        load_sft_run(bad)
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        load_run_config(bad)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"data": {"eval_fraction": 1.0}}, "eval_fraction=1.0 must be in"),
+    ({"data": {"eval_fraction": 0.1, "eval_path": "x"}}, "not both"),
+    ({"mode": "sft", "data": {"balance_buckets": 3}}, "for mode rm only"),
+    ({"data": {"path": "x", "eval_fraction": 0.1}}, "pass data.eval_path"),
+    ({"train": {"eval_batches": 0}}, "eval_batches=0 must be a positive integer"),
+])
+def test_run_validation_errors(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        validate_run(load_run_config(None, overrides), 1)

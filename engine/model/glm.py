@@ -252,13 +252,15 @@ class GLMForScalarHead(GLMTransformer):
     """The GLM trunk with a scalar head (one value per token): the critic and the reward model.
 
     ``model(input_ids, attention_mask) -> values [b, s]``; ``model.reward(...) -> [b]`` reads the value
-    at the last non-pad token of each row.
+    at the last non-pad token of each row. The head is bias-free (as in OpenRLHF / DeepSpeed-Chat) so it
+    is exactly ``transformers.GlmForSequenceClassification``'s ``score`` with num_labels=1: the ranking
+    loss is shift-invariant, and a critic learns any offset through the trunk.
     """
 
     def __init__(self, config: GLMConfig, spec: Optional[ModelSpec] = None, layer_indices=None,
                  pre_process: bool = True, post_process: bool = True, init: bool = True):
         super().__init__(config, spec, layer_indices, pre_process, post_process)
-        self.value_head = nn.Linear(config.hidden_size, 1, bias=True) if post_process else None
+        self.value_head = nn.Linear(config.hidden_size, 1, bias=False) if post_process else None
         if init:
             self.init_weights()
             if self.value_head is not None:
@@ -279,12 +281,25 @@ class GLMForScalarHead(GLMTransformer):
         values = self.forward(input_ids, attention_mask, position_ids)
         return values.gather(1, last_token_index(input_ids, attention_mask)[:, None]).squeeze(1)
 
+    # Hugging Face interchange (GlmForSequenceClassification, num_labels=1) lives in engine.model.hf_adapter.
+    @classmethod
+    def from_hf(cls, path_or_model, spec: Optional[ModelSpec] = None, dtype: Optional[torch.dtype] = None) -> "GLMForScalarHead":
+        """From a HF GlmForSequenceClassification dir or model; for a causal LM use
+        ``from_causal_lm(GLMForCausalLM.from_hf(...))`` (trunk only, fresh head)."""
+        from engine.model.hf_adapter import load_hf
+        return load_hf(cls, path_or_model, spec=spec, dtype=dtype)
+
+    def save_hf(self, directory, max_shard_bytes: int = 5 * 2**30) -> None:
+        from engine.model.hf_adapter import save_hf
+        save_hf(self, directory, max_shard_bytes=max_shard_bytes)
+
     @classmethod
     def from_causal_lm(cls, lm: GLMForCausalLM) -> "GLMForScalarHead":
         """Critic/reward init from an LM: copy the trunk, fresh value head."""
         model = cls(lm.config, lm.spec, lm.layer_indices, lm.pre_process, lm.post_process)
         missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
-        if unexpected != ["output_layer.weight"] or any(not k.startswith("value_head") for k in missing):
+        heads = (["output_layer.weight"], ["value_head.weight"]) if lm.post_process else ([], [])  # not on earlier stages
+        if (unexpected, missing) != heads:
             raise RuntimeError(f"trunk copy mismatch: missing {missing}, unexpected {unexpected}")
         return model.to(next(lm.parameters()).dtype)
 

@@ -11,8 +11,15 @@ Engine names (per block i):
     layers.i.mlp.gate_up.weight               [2 f, h]   rows [gate | up]
     layers.i.mlp.down.weight                  [h, f]
     final_norm.weight, output_layer.weight    [h], [v, h]
+    value_head.weight                         [1, h]     (GLMForScalarHead, in place of output_layer)
 Hugging Face ``GlmForCausalLM`` keeps q/k/v separate; THUDM ChatGLM2/3 and GLM-4 fuse them in the
 same [q | k | v] order as the engine, so only names change.
+
+A GLMForScalarHead (reward model / critic) is a Hugging Face ``GlmForSequenceClassification`` with
+num_labels=1: the same ``model.*`` trunk and ``score.weight`` [1, h] (bias-free, like our head).
+HF pools at the last token != ``pad_token_id``, ``GLMForScalarHead.reward`` at the last token the
+attention mask marks: the two agree when exactly the pad positions are masked out. THUDM has no
+reward-model layout.
 """
 from __future__ import annotations
 
@@ -26,12 +33,15 @@ from engine.config import GLMConfig
 
 _HF_LAYER = "model.layers.{i}."
 _THUDM_LAYER = "transformer.encoder.layers.{i}."
+HF_REWARD_ARCHITECTURE = "GlmForSequenceClassification"
 
 
-def expected_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
-    """Engine state-dict names and full (unsharded) shapes of a GLMForCausalLM."""
+def expected_shapes(config: GLMConfig, value_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """Engine state-dict names and full (unsharded) shapes of a GLMForCausalLM, or with ``value_head``
+    of a GLMForScalarHead."""
     h, f, v, d = config.hidden_size, config.ffn_hidden_size, config.vocab_size, config.kv_channels
-    shapes = {"embedding.weight": (v, h), "final_norm.weight": (h,), "output_layer.weight": (v, h)}
+    head = ("value_head.weight", (1, h)) if value_head else ("output_layer.weight", (v, h))
+    shapes = {"embedding.weight": (v, h), "final_norm.weight": (h,), head[0]: head[1]}
     for i in range(config.num_layers):
         p = f"layers.{i}."
         shapes[p + "attn_norm.weight"] = (h,)
@@ -76,15 +86,15 @@ def _hf_names(config: GLMConfig) -> dict[str, str]:
         "mlp.gate_up_proj.weight": "mlp.gate_up.weight",
         "mlp.down_proj.weight": "mlp.down.weight",
     }, {"model.embed_tokens.weight": "embedding.weight", "model.norm.weight": "final_norm.weight",
-        "lm_head.weight": "output_layer.weight"})
+        "lm_head.weight": "output_layer.weight", "score.weight": "value_head.weight"})
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors don't match the model config: lists every missing/unexpected/mis-shaped key."""
 
 
-def _meta_engine_sd(config: GLMConfig) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(shape, device="meta") for k, shape in expected_shapes(config).items()}
+def _meta_engine_sd(config: GLMConfig, value_head: bool = False) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, device="meta") for k, shape in expected_shapes(config, value_head).items()}
 
 
 def validate_keys(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], config: GLMConfig, source: str) -> None:
@@ -106,10 +116,12 @@ def _ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq") or name.endswith("rotary_pos_emb.inv_freq")
 
 
-def hf_to_engine(hf_sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>") -> dict[str, torch.Tensor]:
-    """Hugging Face GlmForCausalLM state dict -> engine state dict (q/k/v fused into qkv)."""
+def hf_to_engine(hf_sd: dict[str, torch.Tensor], config: GLMConfig, source: str = "<state dict>",
+                 value_head: bool = False) -> dict[str, torch.Tensor]:
+    """Hugging Face GlmForCausalLM (``value_head``: GlmForSequenceClassification, num_labels=1) state
+    dict -> engine state dict (q/k/v fused into qkv)."""
     hf_sd = {k: v for k, v in hf_sd.items() if not _ignored(k)}
-    expected = {k: tuple(v.shape) for k, v in engine_to_hf(_meta_engine_sd(config), config).items()}
+    expected = {k: tuple(v.shape) for k, v in engine_to_hf(_meta_engine_sd(config, value_head), config).items()}
     validate_keys(hf_sd, expected, config, source)
     names = _hf_names(config)
     out = {}
@@ -148,6 +160,9 @@ def thudm_to_engine(sd: dict[str, torch.Tensor], config: GLMConfig, source: str 
 
 
 def engine_to_thudm(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
+    if "value_head.weight" in sd:
+        raise ValueError("THUDM ChatGLM has no reward-model layout for a value head; export a GLMForScalarHead "
+                         f"to the Hugging Face {HF_REWARD_ARCHITECTURE} layout instead")
     names = {v: k for k, v in _thudm_names(config).items()}
     return {names[k]: t for k, t in sd.items()}
 
@@ -182,8 +197,43 @@ def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _is_scalar_head(cls) -> bool:
+    from engine.model.glm import GLMForScalarHead
+    return issubclass(cls, GLMForScalarHead)
+
+
+def _num_labels(d: dict) -> int:
+    """num_labels of a config.json dict as transformers reads it: the field, else len(id2label), else 2."""
+    if d.get("num_labels") is not None:
+        return int(d["num_labels"])
+    return len(d["id2label"]) if d.get("id2label") else 2
+
+
+def is_reward_model_dir(path) -> bool:
+    """Whether a checkpoint directory's config.json declares a HF GlmForSequenceClassification."""
+    cfg_file = Path(path) / "config.json"
+    return cfg_file.is_file() and HF_REWARD_ARCHITECTURE in (json.loads(cfg_file.read_text()).get("architectures") or [])
+
+
+def _check_head(cls, is_reward_model: bool, num_labels: int, source: str) -> None:
+    """A causal LM loads only into GLMForCausalLM, a num_labels=1 sequence classifier only into GLMForScalarHead."""
+    if _is_scalar_head(cls) and not is_reward_model:
+        raise ValueError(f"{source} is a causal LM, not a {HF_REWARD_ARCHITECTURE}; to start a reward model or critic "
+                         "from it use GLMForScalarHead.from_causal_lm(GLMForCausalLM.from_hf(...)) (trunk only, fresh head)")
+    if not _is_scalar_head(cls) and is_reward_model:
+        raise ValueError(f"{source} is a {HF_REWARD_ARCHITECTURE} (reward model), not a causal LM; "
+                         "load it with GLMForScalarHead.from_hf")
+    if is_reward_model and num_labels != 1:
+        raise ValueError(f"{source}: {HF_REWARD_ARCHITECTURE} with num_labels={num_labels}; the engine's scalar head "
+                         "(reward model / critic) needs num_labels=1")
+
+
 def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
-    """Build ``cls`` (GLMForCausalLM) from a HF GLM model/dir or a THUDM ChatGLM dir. Runs no remote code."""
+    """Build ``cls`` from Hugging Face or THUDM weights. Runs no remote code.
+
+    GLMForCausalLM: a HF GlmForCausalLM model/dir or a THUDM ChatGLM dir. GLMForScalarHead: a HF
+    GlmForSequenceClassification (num_labels=1) model/dir."""
+    value_head = _is_scalar_head(cls)
     if isinstance(path_or_model, (str, Path)):
         path = Path(path_or_model)
         cfg_file = path / "config.json"
@@ -191,19 +241,33 @@ def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GLM or THUDM ChatGLM checkpoint directory)")
         raw = json.loads(cfg_file.read_text())
         model_type = raw.get("model_type")
-        readers = {"glm": (GLMConfig.from_hf, hf_to_engine), "chatglm": (GLMConfig.from_chatglm, thudm_to_engine)}
+        if model_type == "chatglm" and value_head:
+            raise ValueError(f"{path} is a THUDM ChatGLM language model (THUDM has no reward-model layout); "
+                             "start a scalar head from it with GLMForScalarHead.from_causal_lm(GLMForCausalLM.from_hf(...))")
+        readers = {"glm": GLMConfig.from_hf, "chatglm": GLMConfig.from_chatglm}
         if model_type not in readers:
             raise ValueError(f"{cfg_file}: model_type {model_type!r} is not supported; expected 'glm' "
-                             "(transformers GlmForCausalLM) or 'chatglm' (THUDM ChatGLM2/3, GLM-4)")
-        to_config, to_engine = readers[model_type]
-        config = to_config(raw)
-        engine_sd = to_engine(read_checkpoint_dir(path), config, source=str(path))
+                             "(transformers GlmForCausalLM / GlmForSequenceClassification) or 'chatglm' "
+                             "(THUDM ChatGLM2/3, GLM-4)")
+        config = readers[model_type](raw)
+        sd = read_checkpoint_dir(path)
+        if model_type == "glm":
+            # the declared architecture decides; without one, the tensors do
+            architectures = raw.get("architectures") or []
+            is_reward_model = HF_REWARD_ARCHITECTURE in architectures if architectures else "score.weight" in sd
+            _check_head(cls, is_reward_model, _num_labels(raw), str(path))
+            engine_sd = hf_to_engine(sd, config, source=str(path), value_head=value_head)
+        else:
+            engine_sd = thudm_to_engine(sd, config, source=str(path))
     else:
         hf = path_or_model
         if not hasattr(hf, "config") or not hasattr(hf, "state_dict"):
-            raise TypeError(f"from_hf expects a path or a transformers GlmForCausalLM, got {type(hf).__name__}")
+            raise TypeError(f"from_hf expects a path or a transformers GlmForCausalLM / {HF_REWARD_ARCHITECTURE}, "
+                            f"got {type(hf).__name__}")
+        # GlmForSequenceClassification holds its head as ``score``, GlmForCausalLM as ``lm_head``
+        _check_head(cls, hasattr(hf, "score"), hf.config.num_labels, type(hf).__name__)
         config = GLMConfig.from_hf(hf.config)
-        engine_sd = hf_to_engine(hf.state_dict(), config, source=type(hf).__name__)
+        engine_sd = hf_to_engine(hf.state_dict(), config, source=type(hf).__name__, value_head=value_head)
     model = cls(config, spec, init=False)
     model.load_state_dict(engine_sd, strict=True)
     if dtype is not None:
@@ -212,12 +276,17 @@ def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
 
 
 def save_hf(model, directory, max_shard_bytes: int = 5 * 2**30) -> None:
-    """safetensors + config.json loadable by ``transformers.GlmForCausalLM.from_pretrained``."""
+    """safetensors + config.json loadable by ``transformers.GlmForCausalLM.from_pretrained``, or for a
+    GLMForScalarHead by ``transformers.GlmForSequenceClassification.from_pretrained`` (num_labels=1)."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf_sd = engine_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     cfg = model.config.to_hf_dict()
+    if _is_scalar_head(type(model)):
+        # HF pools at the last token != pad_token_id (to_hf_dict sets it), so batches need it
+        cfg.update(architectures=[HF_REWARD_ARCHITECTURE], num_labels=1,
+                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     cfg["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     shards, current, size = [], {}, 0
     for k, t in hf_sd.items():

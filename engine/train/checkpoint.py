@@ -869,6 +869,40 @@ def _read_for_rank(directory: Path, step, model, optimizer, layout, config, toke
     return _Loaded(manifest, params, targets, opt_states, hyper, rng)
 
 
+def load_model_weights(directory: Union[str, Path], model, layout, config: GLMConfig,
+                       step: Optional[int] = None, verify: bool = True) -> list[str]:
+    """Initialise ``model`` (a model or this rank's chunks) from the model weights of a checkpoint saved
+    under any layout, e.g. SFT from a pretraining run or a reward model from an SFT run. Nothing else
+    is restored (no optimizer, step or RNG). Checkpoint tensors the model lacks are ignored (an LM's
+    ``output_layer`` when starting a reward model); the model's parameters the checkpoint lacks keep
+    their initial values and are returned, so the caller decides which may be missing. Collective
+    over every rank of ``layout``; nothing changes unless every rank read everything it needs."""
+    directory = Path(directory)
+    error, loaded = None, None
+    try:
+        step_dir = _resolve_step_dir(directory, step)
+        manifest = _read_manifest(step_dir)
+        diff = _config_diff(manifest["config"], config)
+        if diff:
+            raise CheckpointError(f"{step_dir / MANIFEST} was saved with a different model config: " + "; ".join(diff))
+        params = _named_params(model)
+        maps = _maps(params, config, layout)
+        saved = manifest["tensors"].get(MODEL_SPACE, {})
+        targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items() if n in saved}
+        if not targets:
+            raise CheckpointError(f"{step_dir / MANIFEST} holds none of this model's parameters")
+        _read_needs(step_dir, manifest, [_Need(MODEL_SPACE, n, t, maps[n]) for n, t in targets.items()], verify)
+        loaded = (params, targets, sorted(set(params) - set(targets)))
+    except Exception as e:
+        error = _describe(e)
+    _agree(error, layout, f"loading model weights from {directory}")
+    params, targets, missing = loaded
+    with torch.no_grad():
+        for name, t in targets.items():
+            params[name].copy_(t)
+    return missing
+
+
 def read_manifest(directory: Union[str, Path], step: Optional[int] = None) -> dict:
     """The verified-readable manifest of a step (``latest`` when ``step`` is None)."""
     return _read_manifest(_resolve_step_dir(Path(directory), step))
@@ -899,5 +933,6 @@ def read_full_model_state(directory: Union[str, Path], step: Optional[int] = Non
     return config, full
 
 
-__all__ = ["CheckpointError", "latest_step", "load_checkpoint", "read_full_model_state", "read_manifest",
+__all__ = ["CheckpointError", "latest_step", "load_checkpoint", "load_model_weights", "read_full_model_state",
+           "read_manifest",
            "save_checkpoint", "step_dir_name"]

@@ -27,7 +27,8 @@ class StepMetrics:
     tokens: int
     """Input tokens in the global batch (global_batch_size * seq_length)."""
     loss_tokens: int
-    """Tokens that took loss (labels != ignore index) in the global batch."""
+    """Units the loss averages over in the global batch: tokens that took loss (labels != ignore
+    index) for a language model, preference pairs for a reward model."""
     seconds: float
     tokens_per_s: float
     skipped: bool = False
@@ -48,13 +49,20 @@ class StepMetrics:
     """This rank's seconds blocked on pipeline receives."""
     peak_memory_bytes: Optional[int] = None
     """Peak CUDA memory allocated during the step (None on CPU)."""
+    stats: dict = field(default_factory=dict)
+    """The objective's statistics, means over the loss units (reward model: accuracy, margin, ...)."""
 
-    def to_json(self) -> str:
+    def record(self) -> dict:
+        """Flat JSON-ready dict: the fields, with ``stats`` merged in at the top level."""
         d = asdict(self)
+        d.update(d.pop("stats"))
         for k, v in d.items():
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = str(v)  # JSON has no inf/nan
-        return json.dumps(d, sort_keys=False)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.record(), sort_keys=False)
 
 
 def ledger_totals(ledger: CommLedger) -> dict[str, float]:

@@ -1,16 +1,16 @@
 """One training step over any TP x PP x DP layout: schedule, loss scaling, grad sync, clip, AdamW step.
 
-Loss: mean token cross entropy over the GLOBAL batch, L = sum_tokens CE / N, N = non-ignored tokens of
-the whole global batch (every rank holds the global batch's labels, so N needs no communication).
-Each micro-batch backpropagates ``CE_sum(mb) * dp / N``: the DistributedOptimizer averages gradients
-over DP (divides by dp, then sums), so the synced gradient is exactly dL/dw of the single-process
-full-batch loss, whatever the split into micro-batches and DP ranks (and however unevenly the
-ignored tokens fall).
+Loss: the objective's mean over the GLOBAL batch, L = sum_units loss / N (``objectives``: token cross
+entropy with N = non-ignored tokens, or the reward model's pair loss with N = pairs); every rank
+holds the global batch, so N needs no communication. Each micro-batch backpropagates
+``loss_sum(mb) * dp / N``: the DistributedOptimizer averages gradients over DP (divides by dp, then
+sums), so the synced gradient is exactly dL/dw of the single-process full-batch loss, whatever the
+split into micro-batches and DP ranks (and however unevenly the ignored tokens fall).
 
     split the dp rank's rows into m micro-batches -> pipeline schedule (``schedules.run_schedule``;
-    pp = 1 is the plain gradient-accumulation loop) -> optimizer.finish_grad_sync() -> clip + AdamW
-    step with lr(step) -> metrics (loss reduced over DP and PP, comm bytes from the ledger delta,
-    bubble).
+    pp = 1 is the plain gradient-accumulation loop; the last stage runs the objective on the model
+    head's output) -> optimizer.finish_grad_sync() -> clip + AdamW step with lr(step) -> metrics (loss
+    and objective statistics reduced over DP and PP, comm bytes from the ledger delta, bubble).
 """
 from __future__ import annotations
 
@@ -20,27 +20,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import kernels
 from engine.config import GLMConfig
 from engine.parallel import comm
 from engine.parallel.accounting import analytic_bubble
 from engine.parallel.pipeline import activation_shape, chunk_named_parameters
 from engine.parallel.schedules import check_interleaved, measure_bubble, run_schedule
 from engine.train.metrics import (StepMetrics, ledger_delta, ledger_totals, peak_memory, reset_peak_memory)
+from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective
 
-IGNORE_INDEX = -100
-STAT_BYTES = 4  # the vocab-parallel loss reduces fp32 per-row statistics
 RECOMPUTE = ("none", "full", "selective")
-
-
-def record_vocab_parallel_loss(layout, rows: int) -> None:
-    """Record the traffic of ``kernels.cross_entropy(..., group=tp)``, which calls torch.distributed
-    directly (kernels do not depend on ``engine.parallel``): an all-reduce (max) of the [rows] row
-    maxima and one of the packed [2, rows] (sum of exponentials, label logit), fp32 (kernel module
-    doc). The backward is local."""
-    for numel in (rows, 2 * rows):
-        traffic = 2.0 * (layout.tp_size - 1) / layout.tp_size * numel * STAT_BYTES
-        layout.ledger.record("tp", "all_reduce", traffic, traffic)
 
 
 @dataclass(frozen=True)
@@ -65,6 +53,10 @@ class TrainConfig:
     """Layers per virtual pipeline stage (pp * vpp entries); None splits evenly."""
     ignore_index: int = IGNORE_INDEX
     """Label value that takes no loss."""
+    eval_interval: int = 0
+    """Evaluate on the held-out split every N steps (0: only after the last step, when there is one)."""
+    eval_batches: int = 1
+    """Global batches of the held-out split per evaluation."""
 
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
@@ -85,6 +77,10 @@ class TrainConfig:
             problems.append(f"sequence_parallel needs seq_length={self.seq_length} divisible by tp={dims.tp}")
         if not isinstance(self.train_steps, int) or self.train_steps < 0:
             problems.append(f"train_steps={self.train_steps!r} must be a non-negative integer")
+        if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
+            problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
+            problems.append(f"eval_batches={self.eval_batches!r} must be a positive integer")
         if not problems and dims.vpp > 1:
             try:
                 check_interleaved(dims.pp, dims.vpp, self.num_microbatches(dims.dp_size))
@@ -128,16 +124,20 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerC
 class Trainer:
     """Runs training steps of this rank's model chunks.
 
-    ``chunks``: this rank's pipeline chunks (``pipeline.build_model_chunks``; one model when pp = 1).
-    ``optimizer``: a ``DistributedOptimizer`` over them (``build_optimizer``). ``lr``: step -> learning
-    rate (``LRSchedule``). Every rank passes the same global batch to ``train_step``.
+    ``chunks``: this rank's pipeline chunks (``pipeline.build_model_chunks``; one model when pp = 1),
+    of the model class the objective reads (``GLMForCausalLM`` for the language-model objective,
+    ``GLMForScalarHead`` for the reward objective). ``optimizer``: a ``DistributedOptimizer`` over them
+    (``build_optimizer``). ``lr``: step -> learning rate (``LRSchedule``). ``objective``: an
+    ``objectives.Objective`` (default: token cross entropy). Every rank passes the same global batch
+    to ``train_step``.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], optimizer, layout, config: GLMConfig,
-                 train: TrainConfig, lr: Callable[[int], float]):
+                 train: TrainConfig, lr: Callable[[int], float], objective=None):
         self.dims = train.validate(layout.dims, config, layout.world_size)
         self.chunks, self.optimizer, self.layout, self.config = list(chunks), optimizer, layout, config
         self.train, self.lr = train, lr
+        self.objective = objective if objective is not None else LanguageModelObjective(train.ignore_index)
         self.cross_entropy_backend = self.chunks[-1].spec.kernels.cross_entropy  # the chunks' kernel plan
         self.last_schedule = None  # the last step's ScheduleResult (timeline, per-micro-batch losses)
         for chunk in self.chunks:
@@ -145,61 +145,69 @@ class Trainer:
         self.steps_done = 0
         param = next(self.chunks[0].parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.shape = activation_shape(train.micro_batch_size, train.seq_length, config.hidden_size,
-                                      layout.tp_size, train.sequence_parallel)
+        self.shape = activation_shape(train.micro_batch_size * self.objective.rows_per_sample, train.seq_length,
+                                      config.hidden_size, layout.tp_size, train.sequence_parallel)
         self._loss_scale = 0.0
+        self._sums: list[float] = []  # last stage: [loss, *stats] summed over this step's micro-batches
 
     # ---- batches -------------------------------------------------------------------------------
     def microbatches(self, batch: dict) -> tuple[list[dict], int]:
-        """This DP rank's micro-batches of a global batch, and the global count of loss tokens."""
-        t = self.train
-        ids, labels = batch["input_ids"], batch["labels"]
+        """This DP rank's micro-batches of a global batch (as model inputs), and the objective's N."""
+        t, obj = self.train, self.objective
         expected = (t.global_batch_size, t.seq_length)
-        if tuple(ids.shape) != expected or tuple(labels.shape) != expected:
-            raise ValueError(f"global batch input_ids {tuple(ids.shape)} / labels {tuple(labels.shape)} must be "
-                             f"[global_batch_size, seq_length] = {list(expected)}")
-        loss_tokens = int((labels != t.ignore_index).sum())
+        for k in obj.batch_keys:
+            if k not in batch or batch[k] is None:
+                raise ValueError(f"the global batch lacks {k!r} (has {sorted(batch)}); the {obj.name} objective "
+                                 f"needs {list(obj.batch_keys)}")
+        keys = list(obj.batch_keys) + [k for k in obj.optional_keys if batch.get(k) is not None]
+        for k in keys:
+            if tuple(batch[k].shape) != expected:
+                raise ValueError(f"global batch {k} {tuple(batch[k].shape)} must be [global_batch_size, seq_length] "
+                                 f"= {list(expected)}")
+        n = obj.normalizer(batch)
         dp, rank = self.layout.dp_size, self.layout.dp_rank
         rows = t.global_batch_size // dp
-        mine = {k: v[rank * rows:(rank + 1) * rows].to(self.device) for k, v in batch.items() if v is not None}
+        mine = {k: torch.as_tensor(batch[k])[rank * rows:(rank + 1) * rows].to(self.device) for k in keys}
         mbs = t.micro_batch_size
-        return [{k: v[i:i + mbs] for k, v in mine.items()} for i in range(0, rows, mbs)], loss_tokens
+        return [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)], n
 
-    def _loss(self, logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    def _loss_and_stats(self, output: torch.Tensor, mb: dict):
+        return self.objective.loss_and_stats(output, mb, self.layout, self.cross_entropy_backend)
+
+    def _loss(self, output: torch.Tensor, mb: dict) -> torch.Tensor:
         """Last stage: this micro-batch's share of the global mean loss, scaled for the DP average."""
-        return self._ce_sum(logits, mb) * self._loss_scale
+        loss, stats = self._loss_and_stats(output, mb)
+        self._accumulate(loss, stats)
+        return loss * self._loss_scale
 
-    def _ce_sum(self, logits: torch.Tensor, mb: dict) -> torch.Tensor:
-        """Summed token cross entropy. Under TP the logits stay vocab-sharded ``[b, s, v/tp]``: the
-        vocab-parallel kernel exchanges per-row statistics, never the logits."""
-        labels = mb["labels"]
-        if self.layout.tp_size == 1:
-            return kernels.cross_entropy(logits, labels, ignore_index=self.train.ignore_index, reduction="sum",
-                                         backend=self.cross_entropy_backend)
-        loss = kernels.cross_entropy(logits, labels, ignore_index=self.train.ignore_index, group=self.layout.tp_group,
-                                     reduction="sum", backend=self.cross_entropy_backend)
-        record_vocab_parallel_loss(self.layout, labels.numel())
-        return loss
+    def _accumulate(self, loss: torch.Tensor, stats: list) -> None:
+        values = [float(loss.detach())] + [float(v) for v in stats]
+        self._sums = values if not self._sums else [a + b for a, b in zip(self._sums, values)]
 
-    def _reduce_loss(self, local_sum: float) -> float:
-        """Sum a last-stage quantity over DP and PP (non-last stages contribute 0); "metrics" traffic."""
-        t = torch.tensor([local_sum], dtype=torch.float64, device=self.device)
+    def _reduce(self, local: list[float]) -> list[float]:
+        """Sum last-stage quantities over DP and PP (other stages contribute 0); "metrics" traffic."""
+        width = 1 + len(self.objective.stat_names)
+        t = torch.tensor(local or [0.0] * width, dtype=torch.float64, device=self.device)
         comm.all_reduce(t, self.layout.dp_group, self.layout.ledger, "metrics")
         comm.all_reduce(t, self.layout.pp_group, self.layout.ledger, "metrics")
-        return t.item()
+        return t.tolist()
+
+    def _means(self, sums: list[float], n: int) -> tuple[float, dict]:
+        total = self._reduce(sums)
+        return total[0] / n, {k: v / n for k, v in zip(self.objective.stat_names, total[1:])}
 
     # ---- steps ---------------------------------------------------------------------------------
     def train_step(self, batch: dict, on_grads: Optional[Callable[["Trainer"], None]] = None) -> StepMetrics:
-        """One optimizer step on a global batch ``{"input_ids", "labels"}`` (``[G, s]`` each; labels
-        already shifted, ``ignore_index`` where no loss). ``on_grads(trainer)`` runs after the gradient
-        sync, before clipping and the update (inspection, logging)."""
+        """One optimizer step on a global batch (the objective's ``batch_keys``, ``[G, s]`` each; for the
+        language model ``{"input_ids", "labels"}`` with labels already shifted and ``ignore_index``
+        where no loss). ``on_grads(trainer)`` runs after the gradient sync, before clipping and the
+        update (inspection, logging)."""
         t0 = time.perf_counter()
         reset_peak_memory(self.device)
         before = ledger_totals(self.layout.ledger)
-        mbs, loss_tokens = self.microbatches(batch)
-        if loss_tokens == 0:
-            raise ValueError("the global batch has no token that takes loss (every label is ignore_index)")
-        self._loss_scale = self.layout.dp_size / loss_tokens
+        mbs, n = self.microbatches(batch)
+        self._loss_scale = self.layout.dp_size / n
+        self._sums = []
         self.optimizer.zero_grad()
         result = run_schedule(self.chunks, self.layout, mbs, self.shape, loss_fn=self._loss, dtype=self.dtype)
         self.optimizer.finish_grad_sync()
@@ -211,30 +219,45 @@ class Trainer:
         comm_bytes = ledger_delta(before, ledger_totals(self.layout.ledger))
 
         # metrics (reductions of a few scalars, recorded under "metrics", outside the step's traffic)
-        local = sum(float(l) for l in result.losses) / self.layout.dp_size
-        loss = self._reduce_loss(local)
+        loss, stats = self._means(self._sums, n)
         bubble = measure_bubble(result, self.layout, len(mbs), self.device)
-        tokens = self.train.global_batch_size * self.train.seq_length
+        tokens = self.train.global_batch_size * self.train.seq_length * self.objective.rows_per_sample
         metrics = StepMetrics(
             step=self.steps_done, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
-            loss_tokens=loss_tokens, seconds=seconds, tokens_per_s=tokens / seconds, skipped=bool(skipped),
+            loss_tokens=n, seconds=seconds, tokens_per_s=tokens / seconds, skipped=bool(skipped),
             schedule=result.schedule, num_microbatches=len(mbs), comm_bytes=comm_bytes,
             bubble_fraction=bubble.wall, bubble_fraction_cpu=bubble.cpu,
             bubble_fraction_analytic=analytic_bubble(self.layout.pp_size, len(mbs), self.layout.vpp_size),
-            busy_s=bubble.busy_s, idle_s=bubble.idle_s, peak_memory_bytes=peak_memory(self.device))
+            busy_s=bubble.busy_s, idle_s=bubble.idle_s, peak_memory_bytes=peak_memory(self.device), stats=stats)
         self.steps_done += 1
         self.last_schedule = result
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, batch: dict) -> float:
-        """Mean token cross entropy of a global batch with the forward-only schedule (no update)."""
-        mbs, loss_tokens = self.microbatches(batch)
-        if loss_tokens == 0:
-            raise ValueError("the global batch has no token that takes loss (every label is ignore_index)")
-        result = run_schedule(self.chunks, self.layout, mbs, self.shape, forward_only=True,
-                              output_fn=lambda logits, mb: self._ce_sum(logits, mb), dtype=self.dtype)
-        return self._reduce_loss(sum(float(o) for o in result.outputs)) / loss_tokens
+    def evaluate(self, batches) -> dict:
+        """Held-out metrics over one global batch or a list of them, with the forward-only schedule (no
+        update): ``{"loss": mean, **objective stats}``, each a mean over all the batches' units
+        (tokens or pairs)."""
+        batches = [batches] if isinstance(batches, dict) else list(batches)
+        if not batches:
+            raise ValueError("evaluate needs at least one global batch")
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            sums, total_n = [], 0
+            for batch in batches:
+                mbs, n = self.microbatches(batch)
+                total_n += n
+                result = run_schedule(self.chunks, self.layout, mbs, self.shape, forward_only=True,
+                                      output_fn=self._loss_and_stats, dtype=self.dtype)
+                for loss, stats in result.outputs:
+                    values = [float(loss)] + [float(v) for v in stats]
+                    sums = values if not sums else [a + b for a, b in zip(sums, values)]
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        loss, stats = self._means(sums, total_n)
+        return {"loss": loss, **stats}
 
 
 __all__ = ["OptimizerConfig", "TrainConfig", "Trainer", "build_optimizer"]

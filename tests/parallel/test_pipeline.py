@@ -187,7 +187,7 @@ def _parity_case(layout, config, reference):
     train = TrainConfig(global_batch_size=M_PARITY, micro_batch_size=1, seq_length=S_PARITY)
     trainer = Trainer(chunks, build_optimizer(chunks, layout, OptimizerConfig(), 1e-3), layout, config, train,
                       LRSchedule(LRConfig(lr=1e-3), 1))
-    evaluated = trainer.evaluate({"input_ids": ids, "labels": labels})
+    evaluated = trainer.evaluate({"input_ids": ids, "labels": labels})["loss"]
     return {"loss": loss.item(), "ref_loss": ref_loss, "grad_err": grad_err, "logits_err": logits_err,
             "timeline": timeline, "evaluated": evaluated, "schedule": result.schedule}
 

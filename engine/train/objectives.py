@@ -1,0 +1,182 @@
+"""Training objectives: what the Trainer's last pipeline stage computes from the model's head output.
+
+An objective says which tensors a global batch holds, turns a micro-batch into model inputs, names
+the count N the loss is averaged over (tokens that take loss for a language model, preference
+pairs for a reward model), and returns, for one micro-batch, the SUM of the per-unit losses plus
+summed statistics. The Trainer backpropagates ``sum * dp / N``; the DistributedOptimizer averages
+gradients over DP, so the synced gradient is dL/dw of the single-process full-batch mean loss for
+every objective, whatever the micro-batch split, DP degree or pipeline schedule.
+
+    LanguageModelObjective  pretraining and SFT: token cross entropy (vocab-parallel under TP)
+    RewardObjective         reward model: pairwise ranking loss + L2 penalty on the scores
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+IGNORE_INDEX = -100
+STAT_BYTES = 4  # the vocab-parallel loss reduces fp32 per-row statistics
+
+
+class Objective(Protocol):
+    name: str
+    batch_keys: tuple[str, ...]
+    """Tensors every global batch must hold, each ``[global_batch_size, seq_length]``."""
+    optional_keys: tuple[str, ...]
+    """Tensors passed through when present (same shape)."""
+    rows_per_sample: int
+    """Model rows per batch row (2 for a reward model: chosen and rejected in one forward)."""
+    stat_names: tuple[str, ...]
+    """Statistics reported besides the loss, each a sum over units divided by N."""
+
+    def normalizer(self, batch: dict) -> int: ...
+
+    def model_inputs(self, mb: dict) -> dict: ...
+
+    def loss_and_stats(self, output: torch.Tensor, mb: dict, layout, backend: str
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+def record_vocab_parallel_loss(layout, rows: int) -> None:
+    """Record the traffic of ``kernels.cross_entropy(..., group=tp)``, which calls torch.distributed
+    directly (kernels do not depend on ``engine.parallel``): an all-reduce (max) of the [rows] row
+    maxima and one of the packed [2, rows] (sum of exponentials, label logit), fp32 (kernel module
+    doc). The backward is local."""
+    for numel in (rows, 2 * rows):
+        traffic = 2.0 * (layout.tp_size - 1) / layout.tp_size * numel * STAT_BYTES
+        layout.ledger.record("tp", "all_reduce", traffic, traffic)
+
+
+@dataclass(frozen=True)
+class LanguageModelObjective:
+    """Mean next-token cross entropy over the labels that are not ``ignore_index`` (pretraining: every
+    token; SFT: assistant turns only). Output: logits ``[b, s, v(/tp)]``; under TP they stay
+    vocab-sharded and the kernel exchanges per-row statistics, never the logits."""
+
+    ignore_index: int = IGNORE_INDEX
+    name = "lm"
+    batch_keys = ("input_ids", "labels")
+    optional_keys = ("attention_mask", "position_ids")
+    rows_per_sample = 1
+    stat_names = ()
+
+    def normalizer(self, batch: dict) -> int:
+        n = int((batch["labels"] != self.ignore_index).sum())
+        if n == 0:
+            raise ValueError("the global batch has no token that takes loss (every label is ignore_index)")
+        return n
+
+    def model_inputs(self, mb: dict) -> dict:
+        return mb
+
+    def loss_and_stats(self, logits, mb, layout, backend):
+        labels = mb["labels"]
+        if layout.tp_size == 1:
+            return kernels.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum",
+                                         backend=backend), []
+        loss = kernels.cross_entropy(logits, labels, ignore_index=self.ignore_index, group=layout.tp_group,
+                                     reduction="sum", backend=backend)
+        record_vocab_parallel_loss(layout, labels.numel())
+        return loss, []
+
+
+# ---- reward model (ChatGLM-RLHF recipe, arXiv 2404.00934) -------------------------------------------
+
+def _check_pair(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} rewards must both be "
+                         "[b] with the same b")
+    if chosen.numel() == 0:
+        raise ValueError("empty batch of reward pairs")
+
+
+def pairwise_ranking_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry ranking loss ``mean_i -log sigmoid(r_c[i] - r_r[i])``.
+
+    chosen_rewards, rejected_rewards: ``[b]``. Returns a scalar (fp32 math; logsigmoid is stable
+    for large margins)."""
+    _check_pair(chosen_rewards, rejected_rewards)
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def reward_l2_penalty(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, coef: float) -> torch.Tensor:
+    """L2 penalty on the scores: ``coef * mean_i(r_c[i]^2 + r_r[i]^2)``.
+
+    chosen_rewards, rejected_rewards: ``[b]``; coef >= 0. Returns a scalar. Gradient w.r.t. r_c[i]
+    is ``2 * coef * r_c[i] / b``. A zero-mean Gaussian prior on the scores: the ranking loss only
+    sees differences, so without it the scores drift and PPO rewards change scale between RM runs."""
+    _check_pair(chosen_rewards, rejected_rewards)
+    if not coef >= 0:
+        raise ValueError(f"reward L2 penalty coef must be >= 0, got {coef}")
+    return coef * (chosen_rewards.float().pow(2) + rejected_rewards.float().pow(2)).mean()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs with ``r_c > r_r`` (ties count as wrong). ``[b], [b] -> scalar``."""
+    _check_pair(chosen_rewards, rejected_rewards)
+    return (chosen_rewards > rejected_rewards).float().mean()
+
+
+def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values ``[b, s]`` -> the value at each row's last real token ``[b]`` (left or right padding)."""
+    from engine.model.glm import last_token_index
+    return values.gather(1, last_token_index(values, attention_mask)[:, None]).squeeze(1)
+
+
+PAIR_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
+
+
+@dataclass(frozen=True)
+class RewardObjective:
+    """Pairwise ranking loss plus ``l2_coef`` times the L2 penalty on the scores, averaged over the pairs
+    of the global batch. Chosen and rejected rows of a micro-batch go through ONE forward
+    (concatenated along the batch: ``[2b, s]``); the output is the scalar head's values ``[2b, s]``
+    (full on every TP rank), read at each row's last real token.
+
+    Stats (means over pairs): ranking_loss, l2_penalty, accuracy, margin (r_c - r_r), chosen_reward,
+    rejected_reward."""
+
+    l2_coef: float = 1e-3
+    """Coefficient of the L2 penalty on reward scores."""
+    name = "reward"
+    batch_keys = PAIR_KEYS
+    optional_keys = ()
+    rows_per_sample = 2
+    stat_names = ("ranking_loss", "l2_penalty", "accuracy", "margin", "chosen_reward", "rejected_reward")
+
+    def __post_init__(self):
+        if not self.l2_coef >= 0:
+            raise ValueError(f"reward.l2_coef={self.l2_coef} must be >= 0")
+
+    def normalizer(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def model_inputs(self, mb: dict) -> dict:
+        return {**mb, "input_ids": torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]]),
+                "attention_mask": torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])}
+
+    def rewards(self, values: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values ``[2b, s]`` of the concatenated forward -> (chosen ``[b]``, rejected ``[b]``) rewards."""
+        r = last_token_values(values, mb["attention_mask"])
+        b = mb["chosen_input_ids"].shape[0]
+        return r[:b], r[b:]
+
+    def loss_and_stats(self, values, mb, layout, backend):
+        rc, rr = self.rewards(values, mb)
+        b = rc.shape[0]
+        ranking = pairwise_ranking_loss(rc, rr) * b
+        penalty = reward_l2_penalty(rc, rr, self.l2_coef) * b
+        rc, rr = rc.detach().float(), rr.detach().float()
+        stats = [ranking.detach(), penalty.detach(), preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(),
+                 rr.sum()]
+        return ranking + penalty, stats
+
+
+__all__ = ["LanguageModelObjective", "Objective", "PAIR_KEYS", "RewardObjective", "last_token_values",
+           "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]
