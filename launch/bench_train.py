@@ -81,7 +81,9 @@ def _trainer(config, layout, args, mixed_precision="fp32", micro_batch=None, glo
     train = TrainConfig(global_batch_size=global_batch or args.global_batch,
                         micro_batch_size=micro_batch or args.micro_batch, seq_length=args.seq)
     chunks = build_model_chunks(config, layout)
-    optimizer = build_optimizer(chunks, layout, OptimizerConfig(clip_grad=1.0, mixed_precision=mixed_precision), 1e-4)
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig(clip_grad=1.0, mixed_precision=mixed_precision,
+                                                                overlap_grad_reduce=args.overlap == "on",
+                                                                bucket_size_bytes=args.bucket_mb * 2**20), 1e-4)
     return Trainer(chunks, optimizer, layout, config, train, LRSchedule(LRConfig(lr=1e-4, min_lr=1e-5), args.steps))
 
 
@@ -187,6 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16", help="engine vs transformers precisions ('' to skip)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mm-size", type=int, default=MM_SIZE)
+    p.add_argument("--overlap", choices=("on", "off"), default="on",
+                   help="reduce DP gradient buckets during the last backward (on) or after it (off)")
+    p.add_argument("--bucket-mb", type=float, default=40.0, help="DP gradient bucket size in MiB")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.steps < 2:

@@ -25,6 +25,8 @@ PLOTS = {
     "win_rate": ("win_rate", "win rate"),
     "accuracy": ("accuracy", "preference accuracy"),
     "eval_accuracy": ("eval_accuracy", "held-out accuracy"),
+    "margin": ("margin", "reward margin (chosen - rejected)"),
+    "eval_margin": ("eval_margin", "held-out reward margin"),
 }
 
 

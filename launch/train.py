@@ -510,6 +510,10 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         board.close()
         if writer is not None:
             writer.close()
+        if distributed:
+            # no rank tears its gloo/NCCL connections down while a peer still has traffic in flight
+            # (an early exit has been seen to abort a peer's worker thread at shutdown)
+            dist.barrier()
         return 0
     finally:
         if distributed and dist.is_initialized():

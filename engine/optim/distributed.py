@@ -5,10 +5,15 @@ Life of one optimizer step (``layout`` gives the TP/PP/DP groups):
     backward (x micro-batches)   each param's grad is added into its fp32 ``main_grad`` (a view of a
                                  flat bucket buffer) by a post-accumulate hook, then freed: gradients
                                  accumulate in fp32 until ``zero_grad()``, whatever the param dtype.
-    finish_grad_sync()           1. sequence-parallel params (norm weights under SP): all-reduce
-                                    their grads over TP (one flat buffer);
-                                 2. per bucket, over DP: grads / dp, then all-reduce (plain DP) or
-                                    reduce-scatter to this rank's 1/dp shard (ZeRO-1).
+    bucket reduction             per bucket: 1. sequence-parallel params (norm weights under SP):
+                                 all-reduce their grads over TP; 2. over DP: grads / dp, then an async
+                                 all-reduce (plain DP) or reduce-scatter to this rank's 1/dp shard
+                                 (ZeRO-1). With ``overlap_grad_reduce`` and ``prepare_backward(m)``
+                                 announced, a bucket is launched from the grad hook as soon as each of
+                                 its params has received its m-th (last) gradient of the step, so the
+                                 reduction of the last layers runs while the first layers still
+                                 compute their backward (Megatron's overlap_grad_reduce).
+    finish_grad_sync()           launch the buckets not launched yet, wait for all of them.
     clip_grad_norm(max_norm)     global L2 norm (see ``_norm_segments``), clip, return the norm.
     step(lr=None)                AdamW on fp32 master weights (the whole model, or the DP shard);
                                  copy into the (bf16) params; ZeRO-1 all-gathers the updated shards.
@@ -63,13 +68,14 @@ class DistributedOptimizer:
 
     ``params``: the local (TP/PP-sharded) parameters, or ``(name, param)`` pairs. With
     ``mixed_precision="bf16"`` the parameters are moved to bf16 storage here (their fp32 values seed
-    the master weights). ``max_grad_norm`` (optional) makes ``step`` clip.
+    the master weights). ``max_grad_norm`` (optional) makes ``step`` clip. ``overlap_grad_reduce``:
+    reduce each bucket during the backward of the step's last micro-batch (see ``prepare_backward``).
     """
 
     def __init__(self, params: Iterable, layout, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, use_distributed_optimizer: bool = False,
                  bucket_size_bytes: int = 40 * 2**20, mixed_precision: str = "fp32", backend: str = "auto",
-                 max_grad_norm: Optional[float] = None):
+                 max_grad_norm: Optional[float] = None, overlap_grad_reduce: bool = False):
         items = list(params)
         named = [(it if isinstance(it, tuple) else (f"param{i}", it)) for i, it in enumerate(items)]
         seen: set = set()
@@ -95,6 +101,13 @@ class DistributedOptimizer:
         self._grad_norm: Optional[float] = None
         self.buckets = self._build_buckets(bucket_size_bytes)
         self._norm_views = self._norm_segments()
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self._bucket_of = {id(p): bi for bi, b in enumerate(self.buckets) for p in b.params}
+        self._expected_passes: Optional[int] = None  # backward passes announced for this step
+        self._passes: dict[int, int] = {}            # id(param) -> gradients received this step
+        self._waiting: list[int] = []                # per bucket: params still short of their last gradient
+        self._works: list = [None] * len(self.buckets)  # per bucket: False (not launched), Work or None (done)
+        self._reset_overlap()
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
 
     # ---- buffers ---------------------------------------------------------------------------
@@ -150,12 +163,60 @@ class DistributedOptimizer:
             # the buffers already hold DP-reduced (or scattered) gradients: adding would mix the two
             raise RuntimeError("a gradient arrived after finish_grad_sync()/step() without zero_grad(); "
                                "call optimizer.zero_grad() before the next backward")
+        bi = self._bucket_of[id(p)]
+        if self._works[bi] is not False:
+            raise RuntimeError(f"a gradient of {self._name(p)} arrived after its bucket's reduction started: "
+                               f"prepare_backward({self._expected_passes}) announced fewer backward passes than ran")
         p.main_grad.add_(p.grad)
         p.grad = None
         self._grad_norm = None
+        if self._expected_passes is not None:
+            seen = self._passes.get(id(p), 0) + 1
+            self._passes[id(p)] = seen
+            if seen == self._expected_passes:
+                self._waiting[bi] -= 1
+                if self._waiting[bi] == 0:
+                    self._launch(bi)
+
+    def _name(self, p: torch.Tensor) -> str:
+        return next((n for n, q in zip(self.names, self.params) if q is p), "a parameter")
+
+    def _reset_overlap(self) -> None:
+        self._expected_passes = None
+        self._passes = {}
+        self._waiting = [len(b.params) for b in self.buckets]
+        self._works = [False] * len(self.buckets)
+
+    def prepare_backward(self, num_passes: int) -> None:
+        """Announce that every parameter gets ``num_passes`` gradients (backward passes: micro-batches)
+        before the next ``finish_grad_sync``; with ``overlap_grad_reduce`` each bucket's reduction then
+        starts as soon as all its parameters have their last one. Call after ``zero_grad()``. A
+        parameter that gets fewer (unused) holds its bucket back until ``finish_grad_sync``; more
+        raises. Every DP and TP rank must announce the same count (the launch order of the bucket
+        collectives follows the backward order, identical on all of them)."""
+        if not isinstance(num_passes, int) or num_passes < 1:
+            raise ValueError(f"num_passes={num_passes!r} must be a positive integer")
+        self._reset_overlap()
+        if self.overlap_grad_reduce and self.layout.dp_size > 1:
+            self._expected_passes = num_passes
+
+    def _launch(self, bi: int) -> None:
+        """Start bucket ``bi``'s reduction: SP grads over TP (blocking, a few norm weights), then the
+        async DP all-reduce / reduce-scatter of the bucket."""
+        b = self.buckets[bi]
+        sync_sequence_parallel_grads(b.params, self.layout, grads=[p.main_grad for p in b.params])
+        if self.layout.dp_size > 1:
+            b.grad.div_(self.layout.dp_size)
+        if self.distributed:
+            work = comm.reduce_scatter_into(b.grad_shard, b.grad, self.layout.dp_group, self.layout.ledger, "dp",
+                                            async_op=True)
+        else:
+            work = comm.all_reduce(b.grad, self.layout.dp_group, self.layout.ledger, "dp", async_op=True)
+        self._works[bi] = work
 
     # ---- gradients -------------------------------------------------------------------------
     def zero_grad(self) -> None:
+        self._wait_all()  # never zero a buffer a collective is still reading
         for b in self.buckets:
             b.grad.zero_()
             if b.grad_shard is not None:
@@ -164,21 +225,23 @@ class DistributedOptimizer:
             p.grad = None
         self._synced = False
         self._grad_norm = None
+        self._reset_overlap()
+
+    def _wait_all(self) -> None:
+        for bi, work in enumerate(self._works):
+            if work is not None and work is not False:
+                work.wait()
+                self._works[bi] = None
 
     def finish_grad_sync(self) -> None:
-        """SP grad all-reduce over TP, then DP all-reduce / reduce-scatter of every bucket. Idempotent
-        until the next backward."""
+        """Reduce every bucket not reduced yet (SP grads over TP, then DP) and wait for all of them.
+        Idempotent until the next backward."""
         if self._synced:
             return
-        sync_sequence_parallel_grads(self.params, self.layout, grads=[p.main_grad for p in self.params])
-        dp = self.layout.dp_size
-        for b in self.buckets:
-            if dp > 1:
-                b.grad.div_(dp)
-            if self.distributed:
-                comm.reduce_scatter_into(b.grad_shard, b.grad, self.layout.dp_group, self.layout.ledger, "dp")
-            else:
-                comm.all_reduce(b.grad, self.layout.dp_group, self.layout.ledger, "dp")
+        for bi, work in enumerate(self._works):
+            if work is False:
+                self._launch(bi)
+        self._wait_all()
         self._synced = True
 
     def _norm_segments(self) -> list[tuple[int, int, int]]:

@@ -109,6 +109,9 @@ class OptimizerConfig:
     """Gradient bucket size of the DP reduction."""
     backend: str = "auto"
     """Kernel backend of the AdamW update."""
+    overlap_grad_reduce: bool = True
+    """Start each gradient bucket's DP reduction during the last micro-batch's backward, as soon as the
+    bucket's gradients are complete (False: all buckets after the backward)."""
 
 
 def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerConfig, lr: float):
@@ -118,7 +121,8 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerC
                                 eps=optim.eps, weight_decay=optim.weight_decay,
                                 use_distributed_optimizer=optim.use_distributed_optimizer,
                                 bucket_size_bytes=optim.bucket_size_bytes, mixed_precision=optim.mixed_precision,
-                                backend=optim.backend, max_grad_norm=optim.clip_grad or None)
+                                backend=optim.backend, max_grad_norm=optim.clip_grad or None,
+                                overlap_grad_reduce=optim.overlap_grad_reduce)
 
 
 class Trainer:
@@ -209,6 +213,7 @@ class Trainer:
         self._loss_scale = self.layout.dp_size / n
         self._sums = []
         self.optimizer.zero_grad()
+        self.optimizer.prepare_backward(len(mbs))  # one backward pass per micro-batch
         result = run_schedule(self.chunks, self.layout, mbs, self.shape, loss_fn=self._loss, dtype=self.dtype)
         self.optimizer.finish_grad_sync()
         if on_grads is not None:

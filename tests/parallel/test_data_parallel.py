@@ -81,9 +81,11 @@ def _reference(clip):
 
 
 def _train(config, layout, *, distributed, mixed_precision="fp32", sp=False, micro_batches=1, clip=None,
-           steps=STEPS, model=None, optimizer=None):
+           steps=STEPS, model=None, optimizer=None, overlap=False, launched=None):
     """Train ``steps`` AdamW steps on this DP rank's slice of the global batch; the loss before each
-    step and after the last is averaged over DP."""
+    step and after the last is averaged over DP. ``overlap``: announce the micro-batches so buckets
+    reduce during the last backward; ``launched`` (a list) collects, per step, whether each bucket's
+    reduction had started before ``step()``."""
     ids, labels = _data(config)
     per_rank = GLOBAL_BATCH // layout.dp_size
     ids = ids[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
@@ -95,8 +97,10 @@ def _train(config, layout, *, distributed, mixed_precision="fp32", sp=False, mic
     if optimizer is None:
         optimizer = DistributedOptimizer(model.named_parameters(), layout, use_distributed_optimizer=distributed,
                                          bucket_size_bytes=256 * 1024,  # several buckets on the tiny model
-                                         mixed_precision=mixed_precision, max_grad_norm=clip, **HYPER)
+                                         mixed_precision=mixed_precision, max_grad_norm=clip,
+                                         overlap_grad_reduce=overlap, **HYPER)
     losses, norms = [], []
+    optimizer.prepare_backward(micro_batches)
     layout.ledger.reset()
     for step in range(steps + 1):
         total = 0.0
@@ -111,10 +115,13 @@ def _train(config, layout, *, distributed, mixed_precision="fp32", sp=False, mic
             dist.all_reduce(t, group=layout.dp_group)
         losses.append(t.item())
         if step < steps:
+            if launched is not None:
+                launched.append([w is not False for w in optimizer._works])
             norm, skipped = optimizer.step()
             assert not skipped
             norms.append(norm)
             optimizer.zero_grad()
+            optimizer.prepare_backward(micro_batches)
     return losses, norms, model, optimizer
 
 
@@ -151,7 +158,30 @@ def _world4(rank, world_size):
         _, _, _, opt = _train(config, tp2dp2, distributed=distributed)
         out[("dp_ledger", distributed)] = (tp2dp2.ledger.snapshot()["dp"], [b.numel for b in opt.buckets])
     out["resume"] = _resume_case(config, tp2dp2)
+    for case, layout, kwargs in (("zero_sp_accum_clip", tp2dp2, dict(distributed=True, sp=True, micro_batches=2,
+                                                                    clip=CLIP)),
+                                 ("dp4_plain_accum", dp4, dict(distributed=False, micro_batches=2))):
+        launched = []
+        out[case + "_overlap"] = _train(config, layout, overlap=True, launched=launched, **kwargs)[:2] + (launched,)
+    out["overlap_error"] = _too_many_passes(config, dp4)
     return out
+
+
+def _too_many_passes(config, layout) -> str:
+    """A third backward after prepare_backward(2) announced two: the hook refuses it."""
+    model = GLMForCausalLM(config)
+    opt = DistributedOptimizer(model.named_parameters(), layout, bucket_size_bytes=256 * 1024,
+                               overlap_grad_reduce=True, **HYPER)
+    ids, labels = _data(config)
+    opt.prepare_backward(2)
+    try:
+        for _ in range(3):
+            kernels.cross_entropy(model(ids[:1]), labels[:1]).backward()
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        opt.zero_grad()  # waits for the launched reductions
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +221,18 @@ def test_clipped_grad_norm_over_tp_dp_matches(world4, reference_clipped, case):
         losses, norms = res[case]
         assert _close(norms, ref_norms, 1e-5), (rank, norms, ref_norms)
         assert _close(losses, ref_losses, 1e-5), (rank, losses, ref_losses)
+
+
+@pytest.mark.parametrize("case", ["zero_sp_accum_clip", "dp4_plain_accum"])
+def test_overlapped_grad_reduction_is_identical(world4, case):
+    """Reducing each bucket from the grad hook during the last micro-batch's backward gives bitwise the
+    same losses and norms as reducing after the backward (same buckets, same collectives), and every
+    bucket had started before step()."""
+    for rank, res in enumerate(world4):
+        losses, norms, launched = res[case + "_overlap"]
+        assert (losses, norms) == res[case], rank
+        assert launched and all(all(step) for step in launched), (rank, launched)
+        assert "announced fewer backward passes than ran" in res["overlap_error"], res["overlap_error"]
 
 
 def test_bf16_params_fp32_master(world4, reference):
