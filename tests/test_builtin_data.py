@@ -66,7 +66,7 @@ def test_preference_pairs_reward_relevance_not_length():
     assert min(longer_wins, longer_loses) >= len(pairs) // 4, (longer_wins, longer_loses)
 
 
-def test_rejected_is_off_topic():
+def test_rejected_is_a_scrambled_off_topic_answer():
     from pydoc_data.topics import topics
     pairs = builtin_preference_pairs()
     # compare word sequences: the answers drop emphasis markup and rejoin words wrapped at hyphens
@@ -76,9 +76,14 @@ def test_rejected_is_off_topic():
         head = " ".join(re.findall(r"\w+", answer)[:8])
         return {i for i, t in enumerate(texts) if head in t}
 
+    by_words = {tuple(sorted(p["chosen"].split())): p["chosen"] for p in pairs}
+    scrambled = 0
     for pair in pairs:
-        chosen, rejected = topics_containing(pair["chosen"]), topics_containing(pair["rejected"])
-        assert chosen and rejected and not chosen <= rejected, pair
+        source = by_words[tuple(sorted(pair["rejected"].split()))]  # the answer whose words were shuffled
+        chosen, other = topics_containing(pair["chosen"]), topics_containing(source)
+        assert source != pair["chosen"] and chosen and other and not chosen <= other, pair
+        scrambled += pair["rejected"] != source
+    assert scrambled >= len(pairs) - 2  # a shuffle can leave a very short answer in order
 
 
 # -- split -----------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_run_yamls_load():
     runs = Path(__file__).resolve().parent.parent / "configs" / "runs"
     sft = load_run_config(runs / "sft.yaml")
     assert sft.mode == "sft" and sft.model.name == "tiny" and sft.train.global_batch_size == 8
-    assert sft.optim.betas == (0.9, 0.95) and sft.train.eval_interval == 5 and sft.data.eval_fraction == 0.1
+    assert sft.optim.betas == (0.9, 0.95) and sft.train.eval_interval == 25 and sft.data.eval_fraction == 0.1
     rm = load_run_config(runs / "rm.yaml")
     assert rm.mode == "rm" and rm.reward.l2_coef == 1e-3 and rm.lr.warmup_steps == 4 and rm.log_dir == "runs/rm"
     assert rm.data.balance_buckets == 4
