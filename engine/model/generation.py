@@ -149,7 +149,8 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
     out_mask = torch.zeros((b, n_max), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
-    logits = model(ids, full_mask[:, :p_len], positions, cache, last_only=True)[:, -1].float()  # [b, v]
+    gather_vocab = model.spec.gather_vocab or (lambda x: x)  # tensor parallel: full-vocabulary logits
+    logits = gather_vocab(model(ids, full_mask[:, :p_len], positions, cache, last_only=True)[:, -1]).float()  # [b, v]
     steps = 0
     for t in range(n_max):
         scaled = logits / params.temperature if params.temperature != 1.0 else logits
@@ -168,6 +169,7 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
         steps = t + 1
         if bool(done.all()) or t == n_max - 1:
             break
-        logits = model(token[:, None], full_mask[:, :p_len + t + 1], next_pos + t, cache, last_only=True)[:, -1].float()
+        logits = gather_vocab(model(token[:, None], full_mask[:, :p_len + t + 1], next_pos + t, cache,
+                                    last_only=True)[:, -1]).float()
     model.train(was_training)
     return GenerationOutput(ids, mask, out_ids[:, :steps], out_mask[:, :steps], out_logp[:, :steps])

@@ -61,3 +61,6 @@ class ModelSpec:
     gather_sequence: Optional[Callable] = None
     """Under sequence parallel: ``[b, s/tp, h] -> [b, s, h]`` for heads computed identically on every TP
     rank (the value head, last-token logits); None when the residual stream holds the full sequence."""
+    gather_vocab: Optional[Callable] = None
+    """Under tensor parallel: vocab-sharded logits ``[..., v/tp] -> [..., v]`` (what sampling needs: every
+    TP rank then draws the same token); None when the output layer holds the full vocabulary."""

@@ -182,10 +182,14 @@ def tensor_parallel_spec(config: GLMConfig, layout, sequence_parallel: bool = Fa
     def gather_sequence(x: torch.Tensor) -> torch.Tensor:
         return gather_sequence_replicated(x, layout)
 
+    def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(logits, layout)
+
     gather = gather_sequence if (sequence_parallel and layout.tp_size > 1) else None
     return ModelSpec(column_linear=column_linear, row_linear=row_linear, embedding=embedding,
                      tp_size=layout.tp_size, kernels=kernels,
-                     vocab_group=layout.tp_group if layout.tp_size > 1 else None, gather_sequence=gather)
+                     vocab_group=layout.tp_group if layout.tp_size > 1 else None, gather_sequence=gather,
+                     gather_vocab=gather_vocab if layout.tp_size > 1 else None)
 
 
 class GateUpParallelLinear(ColumnParallelLinear):

@@ -101,12 +101,12 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, metrics: StepMetrics, **extra) -> None:
-        line = metrics.to_json()
-        if extra:
-            d = json.loads(line)
-            d.update(extra)
-            line = json.dumps(d)
-        self._file.write(line + "\n")
+        self.write_record({**metrics.record(), **extra})
+
+    def write_record(self, record: dict) -> None:
+        """One JSON line from a flat dict (non-finite floats written as strings: JSON has no inf/nan)."""
+        d = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(d) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

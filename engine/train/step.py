@@ -149,15 +149,18 @@ class Trainer:
         self.steps_done = 0
         param = next(self.chunks[0].parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.shape = activation_shape(train.micro_batch_size * self.objective.rows_per_sample, train.seq_length,
-                                      config.hidden_size, layout.tp_size, train.sequence_parallel)
-        self._loss_scale = 0.0
-        self._sums: list[float] = []  # last stage: [loss, *stats] summed over this step's micro-batches
+        self.shape = self._shape(self.objective)
+
+    def _shape(self, objective) -> tuple[int, int, int]:
+        t = self.train
+        return activation_shape(t.micro_batch_size * objective.rows_per_sample, t.seq_length, self.config.hidden_size,
+                                self.layout.tp_size, t.sequence_parallel)
 
     # ---- batches -------------------------------------------------------------------------------
-    def microbatches(self, batch: dict) -> tuple[list[dict], int]:
-        """This DP rank's micro-batches of a global batch (as model inputs), and the objective's N."""
-        t, obj = self.train, self.objective
+    def microbatches(self, batch: dict, objective=None) -> tuple[list[dict], int]:
+        """This DP rank's micro-batches of a global batch (as model inputs), and the objective's N
+        (``objective``: default the trainer's)."""
+        t, obj = self.train, objective or self.objective
         expected = (t.global_batch_size, t.seq_length)
         for k in obj.batch_keys:
             if k not in batch or batch[k] is None:
@@ -175,46 +178,55 @@ class Trainer:
         mbs = t.micro_batch_size
         return [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)], n
 
-    def _loss_and_stats(self, output: torch.Tensor, mb: dict):
-        return self.objective.loss_and_stats(output, mb, self.layout, self.cross_entropy_backend)
+    def _loss_and_stats(self, objective):
+        def fn(output: torch.Tensor, mb: dict):
+            return objective.loss_and_stats(output, mb, self.layout, self.cross_entropy_backend)
+        return fn
 
-    def _loss(self, output: torch.Tensor, mb: dict) -> torch.Tensor:
-        """Last stage: this micro-batch's share of the global mean loss, scaled for the DP average."""
-        loss, stats = self._loss_and_stats(output, mb)
-        self._accumulate(loss, stats)
-        return loss * self._loss_scale
+    def _training_loss(self, objective, scale: float, sums: list):
+        """Last stage: each micro-batch's loss sum times ``scale`` (dp / N, times a mixing coefficient),
+        the unscaled loss and stats summed into ``sums`` for the metrics."""
+        def fn(output: torch.Tensor, mb: dict) -> torch.Tensor:
+            loss, stats = objective.loss_and_stats(output, mb, self.layout, self.cross_entropy_backend)
+            _add_into(sums, [float(loss.detach())] + [float(v) for v in stats])
+            return loss * scale
+        return fn
 
-    def _accumulate(self, loss: torch.Tensor, stats: list) -> None:
-        values = [float(loss.detach())] + [float(v) for v in stats]
-        self._sums = values if not self._sums else [a + b for a, b in zip(self._sums, values)]
-
-    def _reduce(self, local: list[float]) -> list[float]:
+    def _reduce(self, local: list[float], width: int) -> list[float]:
         """Sum last-stage quantities over DP and PP (other stages contribute 0); "metrics" traffic."""
-        width = 1 + len(self.objective.stat_names)
         t = torch.tensor(local or [0.0] * width, dtype=torch.float64, device=self.device)
         comm.all_reduce(t, self.layout.dp_group, self.layout.ledger, "metrics")
         comm.all_reduce(t, self.layout.pp_group, self.layout.ledger, "metrics")
         return t.tolist()
 
-    def _means(self, sums: list[float], n: int) -> tuple[float, dict]:
-        total = self._reduce(sums)
-        return total[0] / n, {k: v / n for k, v in zip(self.objective.stat_names, total[1:])}
+    def _means(self, sums: list[float], n: int, objective=None) -> tuple[float, dict]:
+        names = (objective or self.objective).stat_names
+        total = self._reduce(sums, 1 + len(names))
+        return total[0] / n, {k: v / n for k, v in zip(names, total[1:])}
 
     # ---- steps ---------------------------------------------------------------------------------
-    def train_step(self, batch: dict, on_grads: Optional[Callable[["Trainer"], None]] = None) -> StepMetrics:
+    def train_step(self, batch: dict, on_grads: Optional[Callable[["Trainer"], None]] = None,
+                   extra: Sequence[tuple] = ()) -> StepMetrics:
         """One optimizer step on a global batch (the objective's ``batch_keys``, ``[G, s]`` each; for the
         language model ``{"input_ids", "labels"}`` with labels already shifted and ``ignore_index``
-        where no loss). ``on_grads(trainer)`` runs after the gradient sync, before clipping and the
-        update (inspection, logging)."""
+        where no loss). ``extra``: ``(objective, batch, coef)`` terms added to the loss in the same
+        step, each its own global mean times ``coef`` (PPO-ptx: the language-model loss on SFT data
+        next to the policy loss); their means are reported in ``stats`` as ``<name>_loss``.
+        ``on_grads(trainer)`` runs after the gradient sync, before clipping and the update."""
         t0 = time.perf_counter()
         reset_peak_memory(self.device)
         before = ledger_totals(self.layout.ledger)
+        dp = self.layout.dp_size
         mbs, n = self.microbatches(batch)
-        self._loss_scale = self.layout.dp_size / n
-        self._sums = []
+        terms = [(self.objective, mbs, n, 1.0, [])]
+        for objective, extra_batch, coef in extra:
+            extra_mbs, extra_n = self.microbatches(extra_batch, objective)
+            terms.append((objective, extra_mbs, extra_n, float(coef), []))
         self.optimizer.zero_grad()
-        self.optimizer.prepare_backward(len(mbs))  # one backward pass per micro-batch
-        result = run_schedule(self.chunks, self.layout, mbs, self.shape, loss_fn=self._loss, dtype=self.dtype)
+        self.optimizer.prepare_backward(sum(len(t[1]) for t in terms))  # one backward per micro-batch
+        results = [run_schedule(self.chunks, self.layout, t_mbs, self._shape(objective), dtype=self.dtype,
+                                loss_fn=self._training_loss(objective, coef * dp / t_n, sums))
+                   for objective, t_mbs, t_n, coef, sums in terms]
         self.optimizer.finish_grad_sync()
         if on_grads is not None:
             on_grads(self)
@@ -224,7 +236,10 @@ class Trainer:
         comm_bytes = ledger_delta(before, ledger_totals(self.layout.ledger))
 
         # metrics (reductions of a few scalars, recorded under "metrics", outside the step's traffic)
-        loss, stats = self._means(self._sums, n)
+        loss, stats = self._means(terms[0][4], n)
+        for objective, _, t_n, _, sums in terms[1:]:
+            stats[f"{objective.name}_loss"] = self._means(sums, t_n, objective)[0]
+        result = results[0]
         bubble = measure_bubble(result, self.layout, len(mbs), self.device)
         tokens = self.train.global_batch_size * self.train.seq_length * self.objective.rows_per_sample
         metrics = StepMetrics(
@@ -254,15 +269,22 @@ class Trainer:
                 mbs, n = self.microbatches(batch)
                 total_n += n
                 result = run_schedule(self.chunks, self.layout, mbs, self.shape, forward_only=True,
-                                      output_fn=self._loss_and_stats, dtype=self.dtype)
+                                      output_fn=self._loss_and_stats(self.objective), dtype=self.dtype)
                 for loss, stats in result.outputs:
-                    values = [float(loss)] + [float(v) for v in stats]
-                    sums = values if not sums else [a + b for a, b in zip(sums, values)]
+                    _add_into(sums, [float(loss)] + [float(v) for v in stats])
         finally:
             for chunk in self.chunks:
                 chunk.train()
         loss, stats = self._means(sums, total_n)
         return {"loss": loss, **stats}
+
+
+def _add_into(sums: list, values: list) -> None:
+    """Element-wise ``sums += values`` (an empty ``sums`` becomes ``values``)."""
+    if not sums:
+        sums.extend(values)
+    else:
+        sums[:] = [a + b for a, b in zip(sums, values)]
 
 
 __all__ = ["OptimizerConfig", "TrainConfig", "Trainer", "build_optimizer"]

@@ -1,0 +1,88 @@
+"""PPO's actor and critic losses as Trainer objectives (``engine.train.objectives``), so the PPO update
+runs on the same Trainer, schedules and distributed optimizer as every other mode.
+
+A rollout row is ``[prompt (left-padded to P) | response (right-padded to T)]``, ``S = P + T`` tokens.
+Every per-token PPO quantity is stored ``[G, S]``, aligned with the position whose output concerns
+it: response token j sits at sequence position ``P + j`` and is predicted by the logits (and valued
+by the critic, "the state before token j") at position ``P + j - 1``. ``labels`` carries the
+response token there and ``-100`` elsewhere (prompt, padding, filtered-out rows), so the mask of
+every loss is ``labels != -100`` and N (the normalizer) is the number of response tokens that
+train in the global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kernels
+from engine.rlhf.core import ppo_policy_loss, value_loss
+from engine.train.objectives import IGNORE_INDEX
+
+
+def _mask(mb: dict):
+    return mb["labels"] != IGNORE_INDEX
+
+
+def _tokens(batch: dict) -> int:
+    n = int((batch["labels"] != IGNORE_INDEX).sum())
+    if n == 0:
+        raise ValueError("the PPO batch has no response token that trains (empty responses or every row "
+                         "filtered out)")
+    return n
+
+
+@dataclass(frozen=True)
+class PolicyObjective:
+    """Clipped PPO surrogate of the actor, summed over response tokens (``core.ppo_policy_loss``).
+    Output: logits ``[b, S, v(/tp)]``; log-probs of the sampled tokens under ``logits / temperature``
+    (the distribution the rollout sampled from), vocab-parallel under TP."""
+
+    clip_eps: float = 0.2
+    temperature: float = 1.0
+    name = "policy"
+    batch_keys = ("input_ids", "attention_mask", "labels", "old_logprobs", "advantages")
+    optional_keys = ()
+    rows_per_sample = 1
+    stat_names = ("clipfrac", "approx_kl", "entropy")
+
+    def normalizer(self, batch: dict) -> int:
+        return _tokens(batch)
+
+    def model_inputs(self, mb: dict) -> dict:
+        return mb
+
+    def loss_and_stats(self, logits, mb, layout, backend):
+        mask = _mask(mb)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        group = layout.tp_group if layout.tp_size > 1 else None
+        logprobs, entropy = kernels.token_logprobs(logits, mb["labels"].clamp(min=0), group=group,
+                                                   return_entropy=True, backend=backend)
+        loss, stats = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, self.clip_eps,
+                                      reduction="sum")
+        return loss, [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
+
+
+@dataclass(frozen=True)
+class ValueObjective:
+    """Clipped value loss of the critic, summed over response tokens (``core.value_loss``). Output: the
+    scalar head's values ``[b, S]``."""
+
+    clip_eps: float = 0.2
+    name = "value"
+    batch_keys = ("input_ids", "attention_mask", "labels", "old_values", "returns")
+    optional_keys = ()
+    rows_per_sample = 1
+    stat_names = ("vf_clipfrac",)
+
+    def normalizer(self, batch: dict) -> int:
+        return _tokens(batch)
+
+    def model_inputs(self, mb: dict) -> dict:
+        return mb
+
+    def loss_and_stats(self, values, mb, layout, backend):
+        loss, stats = value_loss(values, mb["old_values"], mb["returns"], _mask(mb), self.clip_eps, reduction="sum")
+        return loss, [stats["vf_clipfrac"]]
+
+
+__all__ = ["PolicyObjective", "ValueObjective"]

@@ -1,0 +1,323 @@
+"""RLHF with PPO (ChatGLM-RLHF recipe): actor, critic, reference and reward models on the same ranks.
+
+    python -m launch.rlhf --config configs/runs/ppo.yaml --actor-from SFT_CKPT --reward-from RM_CKPT \\
+        [--critic-from CKPT] [--tp T] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
+    torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / tp
+
+The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
+layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic from ``--critic-from``
+(default: the reward model; a language-model checkpoint also works: trunk copied, fresh value head).
+Prompts: ``data.prompts`` (JSONL, one ``{"prompt": str}`` per line, encoded with the chat template) or
+the built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
+(a chat indexed dataset) or the built-in conversations. Rank 0 appends one JSON line per iteration to
+``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...); ``--save``
+writes the final actor and critic checkpoints (``DIR/actor``, ``DIR/critic``; export them with
+``launch.convert --checkpoint``). A PPO run does not resume from its checkpoints yet.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+
+from engine.config import GLMConfig, config_section, model_from_spec
+from engine.rlhf.ppo import PPOConfig
+from engine.train.lr import LRConfig
+from engine.train.step import OptimizerConfig
+
+PROG = "launch.rlhf"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "ppo.yaml"
+
+
+@dataclass(frozen=True)
+class RLHFData:
+    prompts: Optional[str] = None
+    """JSONL of ``{"prompt": str}`` lines; None: the built-in questions."""
+    ptx_path: Optional[str] = None
+    """Chat indexed dataset for PPO-ptx; None: the built-in conversations."""
+    tokenizer_cache: Optional[str] = None
+    """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
+
+
+@dataclass(frozen=True)
+class RLHFCheckpoints:
+    actor_from: Optional[str] = None
+    """SFT checkpoint: the actor's and the reference's weights (required)."""
+    reward_from: Optional[str] = None
+    """Reward-model checkpoint (required)."""
+    critic_from: Optional[str] = None
+    """Critic weights (None: the reward model's)."""
+    save: Optional[str] = None
+    """Write the final actor and critic checkpoints here."""
+
+
+@dataclass(frozen=True)
+class RLHFRun:
+    model: GLMConfig
+    tp: int = 1
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    actor_lr: LRConfig = field(default_factory=lambda: LRConfig(lr=1e-5))
+    critic_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic_lr: LRConfig = field(default_factory=lambda: LRConfig(lr=1e-5))
+    data: RLHFData = field(default_factory=RLHFData)
+    checkpoint: RLHFCheckpoints = field(default_factory=RLHFCheckpoints)
+    log_dir: str = "runs/ppo"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+SECTIONS = {"model", "tp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
+            "log_dir"}
+
+
+def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
+    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``log_dir``: a value)."""
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"run config {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: expected a mapping with sections {sorted(SECTIONS)}")
+        unknown = sorted(set(raw) - SECTIONS)
+        if unknown:
+            raise ValueError(f"{p}: unknown section(s) {unknown}; valid sections are {sorted(SECTIONS)}")
+        base = p.parent
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            raw[section] = {**(raw.get(section) or {}), **values}
+        else:
+            raw[section] = values
+    return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
+                   ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
+                   actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
+                   actor_lr=config_section(LRConfig, raw.get("actor_lr") or {"lr": 1e-5}, "actor_lr"),
+                   critic_optim=config_section(OptimizerConfig, raw.get("critic_optim"), "critic_optim"),
+                   critic_lr=config_section(LRConfig, raw.get("critic_lr") or {"lr": 1e-5}, "critic_lr"),
+                   data=config_section(RLHFData, raw.get("data"), "data"),
+                   checkpoint=config_section(RLHFCheckpoints, raw.get("checkpoint"), "checkpoint"),
+                   log_dir=str(raw.get("log_dir", "runs/ppo")))
+
+
+def validate_rlhf_run(run: RLHFRun, world_size: int):
+    """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
+    from engine.parallel import ParallelDims
+    dims = ParallelDims(tp=run.tp, pp=1, dp=None).validate(world_size, run.model)
+    run.ppo.validate(dims.dp)
+    ck = run.checkpoint
+    if not ck.actor_from or not ck.reward_from:
+        raise ValueError("PPO needs --actor-from (an SFT checkpoint) and --reward-from (a reward-model checkpoint)")
+    for name in ("actor_optim", "critic_optim"):
+        if getattr(run, name).mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"{name}.mixed_precision must be fp32 or bf16")
+    for lr in (run.actor_lr, run.critic_lr):
+        lr.validate()
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO run YAML (default: configs/runs/ppo.yaml)")
+    p.add_argument("--model", help="model preset name or model YAML")
+    p.add_argument("--tp", type=int)
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--rollout-prompts", type=int)
+    p.add_argument("--samples-per-prompt", type=int)
+    p.add_argument("--mini-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--kl-coef", type=float)
+    p.add_argument("--ptx-coef", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--actor-from")
+    p.add_argument("--reward-from")
+    p.add_argument("--critic-from")
+    p.add_argument("--save")
+    p.add_argument("--log-dir")
+    return p
+
+
+_PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
+              "max_new_tokens", "kl_coef", "ptx_coef", "seed")
+_CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save")
+
+
+def cli_overrides(args) -> dict:
+    out: dict = {}
+    for name in _PPO_FLAGS:
+        if getattr(args, name) is not None:
+            out.setdefault("ppo", {})[name] = getattr(args, name)
+    for name in _CKPT_FLAGS:
+        if getattr(args, name) is not None:
+            out.setdefault("checkpoint", {})[name] = getattr(args, name)
+    for name in ("tp", "log_dir", "model"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
+def _error(message: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        run = load_rlhf_run(args.config, cli_overrides(args))
+        validate_rlhf_run(run, world_size)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        return _error(str(e))
+    return train_ppo(run)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def read_prompts(path: str) -> list[str]:
+    """``{"prompt": str}`` per JSONL line; a bad line raises naming file:line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+                raise ValueError(f"{path}:{n}: expected {{\"prompt\": non-empty string}}")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, barrier):
+    from engine.data.builtin import builtin_dataset
+    from engine.data.datasets import SFTDataset
+    from engine.data.indexed_dataset import IndexedDataset
+    from engine.train.batches import DatasetBatches
+    if run.data.ptx_path:
+        indexed = IndexedDataset(run.data.ptx_path, tokenizer)
+    else:
+        prefix = builtin_dataset("chat", tokenizer, run.data.tokenizer_cache) if rank == 0 else None
+        barrier()
+        if rank != 0:
+            prefix = builtin_dataset("chat", tokenizer, run.data.tokenizer_cache)
+        indexed = IndexedDataset(prefix, tokenizer)
+    return DatasetBatches(SFTDataset(indexed, seq_length), run.ppo.mini_batch_size, run.ppo.seed,
+                          ("input_ids", "labels", "attention_mask"))
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def _load(model_cls, path: str, run: RLHFRun, layout, device, allow_missing=()):
+    from engine.parallel.pipeline import build_model_chunks
+    from engine.train.checkpoint import CheckpointError, load_model_weights
+    (model,) = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
+    missing = load_model_weights(path, [model], layout, run.model)
+    bad = [n for n in missing if not n.startswith(tuple(allow_missing)) or not allow_missing]
+    if bad:
+        raise CheckpointError(f"{path} lacks {bad[:5]} for a {model_cls.__name__}")
+    return model.to(device)
+
+
+def train_ppo(run: RLHFRun) -> int:
+    import torch.distributed as dist
+
+    from engine.data.tokenizer import default_tokenizer
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
+    from engine.parallel import ParallelDims, ParallelLayout
+    from engine.rlhf.ppo import PPOLoop
+    from engine.train.checkpoint import CheckpointError, save_checkpoint
+    from engine.train.metrics import MetricsWriter
+
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if distributed:
+        if cuda:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    elif cuda:
+        device = torch.device("cuda", 0)
+    try:
+        layout = ParallelLayout.build(ParallelDims(tp=run.tp, pp=1, dp=None)) if distributed else ParallelLayout.single()
+        rank, barrier = layout.rank, (dist.barrier if distributed else (lambda: None))
+        torch.manual_seed(run.ppo.seed)
+        ck, c = run.checkpoint, run.ppo
+        try:
+            if rank == 0:
+                tokenizer = default_tokenizer(run.data.tokenizer_cache)
+            barrier()
+            if rank != 0:
+                tokenizer = default_tokenizer(run.data.tokenizer_cache)
+            if run.data.prompts:
+                texts = read_prompts(run.data.prompts)
+            else:
+                from engine.data.builtin import builtin_prompts
+                texts = builtin_prompts()
+            prompts = [tokenizer.encode_prompt(t) for t in texts]
+            seq_length = c.max_prompt_length + c.max_new_tokens
+            ptx = _ptx_batches(run, tokenizer, seq_length, rank, barrier) if c.ptx_coef > 0 else None
+            actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device)
+            reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device)
+            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device)
+            critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device,
+                           allow_missing=("value_head.",))
+            loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
+                           tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
+                           ptx_batches=ptx)
+        except (ValueError, CheckpointError, FileNotFoundError) as e:
+            return _error(str(e))
+        writer = None
+        if rank == 0:
+            Path(run.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+            writer = MetricsWriter(run.log_dir)
+            print(f"{PROG}: PPO on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params per model, "
+                  f"4 models), tp={layout.tp_size} dp={layout.dp_size}, {len(loop.prompts)} prompts"
+                  + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
+                  + f", device {device}", flush=True)
+        for _ in range(c.iterations):
+            stats = loop.iteration()
+            if writer is not None:
+                writer.write_record(stats)
+                print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}  vs ref {stats['reward_vs_reference']:+.3f}"
+                      f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
+                      + (f"  policy {stats['policy_loss']:+.4f}  value {stats['value_loss']:.4f}  clip "
+                         f"{stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
+                      + f"  [{stats['seconds']:.1f}s]", flush=True)
+        if ck.save:
+            for name, model, trainer in (("actor", actor, loop.actor_trainer), ("critic", critic, loop.critic_trainer)):
+                save_checkpoint(Path(ck.save) / name, loop.iterations_done, [model], trainer.optimizer, layout,
+                                run.model, extra_state={"mode": "ppo_" + name},
+                                tokenizer_fingerprint=tokenizer.fingerprint())
+        if writer is not None:
+            writer.close()
+        if distributed:
+            dist.barrier()  # no rank tears down its connections while a peer still has traffic in flight
+        return 0
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

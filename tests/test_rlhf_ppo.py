@@ -1,0 +1,229 @@
+"""The PPO loop: objectives on the Trainer equal the core math, the behaviour log-probs of the rollout
+equal the training forward's, the ChatGLM-RLHF options (reference baseline, reward-spread filter,
+PPO-ptx) do what they say, TP generation equals single-process generation, the update is layout
+independent (TP=2, DP=2 vs one process), and launch.rlhf's errors are clear."""
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import kernels
+from engine.config import GLMConfig
+from engine.model.glm import GLMForCausalLM, GLMForScalarHead
+from engine.parallel import ParallelDims, ParallelLayout
+from engine.rlhf.core import ppo_policy_loss
+from engine.rlhf.ppo import PPOConfig, PPOLoop, align, left_pad_prompts
+from engine.train.lr import LRConfig
+from engine.train.objectives import LanguageModelObjective
+from engine.train.step import OptimizerConfig
+from tests._dist import run_distributed
+
+VOCAB, EOS, PAD = 64, 2, 0
+OPTIM = OptimizerConfig(weight_decay=0.0, clip_grad=0.0)
+LR = LRConfig(lr=1e-3, min_lr=1e-3)
+
+
+def _config() -> GLMConfig:
+    return GLMConfig(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=4,
+                     num_kv_groups=2, head_dim=8, max_position_embeddings=64, name="ppo-test",
+                     pad_token_id=PAD, eos_token_id=[EOS])
+
+
+def _prompts(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _ppo(**kw) -> PPOConfig:
+    base = dict(iterations=2, rollout_prompts=4, samples_per_prompt=2, max_prompt_length=8, max_new_tokens=6,
+                mini_batch_size=4, micro_batch_size=2, kl_coef=0.1, min_reward_spread=0.0, seed=7)
+    return PPOConfig(**{**base, **kw})
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    actor, critic = GLMForCausalLM(_config()), GLMForScalarHead(_config())
+    reward = GLMForScalarHead(_config())
+    return actor, critic, copy.deepcopy(actor), reward
+
+
+def _loop(config=None, layout=None, models=None, ptx=None) -> PPOLoop:
+    actor, critic, reference, reward = models or _models()
+    return PPOLoop(config or _ppo(), _config(), layout or ParallelLayout.single(), actor, critic, reference, reward,
+                   _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR, ptx_batches=ptx)
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def test_left_pad_and_align():
+    ids, mask = left_pad_prompts([[5, 6], [7, 8, 9]], 4, PAD)
+    assert ids.tolist() == [[0, 0, 5, 6], [0, 7, 8, 9]] and mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    with pytest.raises(ValueError, match="prompt 0 has 3 tokens, more than max_prompt_length=2"):
+        left_pad_prompts([[1, 2, 3]], 2, PAD)
+    # response token j (position P + j) is predicted at position P + j - 1
+    assert align(torch.tensor([[1.0, 2.0, 3.0]]), 4, 0.0).tolist() == [[0, 0, 0, 1, 2, 3, 0]]
+
+
+def test_rollout_logprobs_match_the_training_forward_and_the_first_ratio_is_one():
+    """One mini-batch holding the whole rollout: the policy objective's log-probs of the unchanged
+    actor equal the rollout's behaviour log-probs, so ratio = 1, no clipping and approx_kl = 0; the
+    loss equals the core function on the response tokens."""
+    loop = _loop(_ppo(mini_batch_size=8, micro_batch_size=4, iterations=1))
+    rollout, _ = loop.rollout(0)
+    batch, stats = loop.advantages(rollout)
+    assert stats["kept_fraction"] == 1.0 and stats["kl"] == pytest.approx(0.0, abs=1e-5)  # actor == reference
+    mask = rollout.response_mask.bool()
+    P = loop.config.max_prompt_length
+    assert torch.equal(batch["labels"][:, P - 1:-1][mask], rollout.responses[mask])
+    logits = loop.actor(rollout.sequences, rollout.attention_mask)[:, P - 1:-1]
+    fresh = kernels.token_logprobs(logits, rollout.responses)
+    torch.testing.assert_close(fresh[mask], rollout.logprobs[mask], rtol=0, atol=1e-5)  # fp32, other batch rows
+    expected, _ = ppo_policy_loss(fresh, rollout.logprobs, batch["advantages"][:, P - 1:-1], mask, 0.2)
+    update = loop.update(batch, 0)
+    assert update["ppo_steps"] == 1 and update["clipfrac"] == 0.0 and update["approx_kl"] < 1e-8
+    assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
+    loop = _loop()
+    records = [loop.iteration() for _ in range(2)]
+    for r in records:
+        for key in ("reward", "reward_vs_reference", "reference_reward", "kl", "policy_loss", "value_loss",
+                    "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "response_length", "generate_s"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["ppo_steps"] == 2 and r["kept_fraction"] == 1.0
+        # the score relative to the reference answer: scores minus the cached per-prompt baselines
+        assert r["reward_vs_reference"] == pytest.approx(r["reward"] - r["reference_reward"], abs=1e-5)
+    seen = {int(i) for it in range(2) for i in loop.prompt_indices(it)}
+    assert set(loop._baseline_cache) == seen  # one reference answer per prompt, computed once
+
+
+def test_reward_spread_filter_can_drop_everything_and_then_nothing_trains():
+    loop = _loop(_ppo(min_reward_spread=1e9, iterations=1))
+    before = {k: v.clone() for k, v in loop.actor.state_dict().items()}
+    record = loop.iteration()
+    assert record["kept_fraction"] == 0.0 and record["ppo_steps"] == 0 and record["skipped_minibatches"] == 2
+    assert all(torch.equal(v, before[k]) for k, v in loop.actor.state_dict().items())
+
+
+def test_ptx_loss_is_added_in_the_same_actor_step():
+    """PPO-ptx: the actor's gradient is the policy gradient plus ptx_coef times the LM gradient on the
+    SFT batch (checked against each term computed alone)."""
+    g = torch.Generator().manual_seed(3)
+    S = 14
+    ids = torch.randint(3, VOCAB, (4, S), generator=g)
+    ptx = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
+    grads = {}
+    for coef in (0.0, 0.5):
+        loop = _loop(_ppo(ptx_coef=coef, iterations=1), ptx=lambda step: ptx)
+        rollout, _ = loop.rollout(0)
+        batch, _ = loop.advantages(rollout)
+        mb = {k: v[:4] for k, v in batch.items()}
+        seen = {}
+        metrics = loop.actor_trainer.train_step(
+            mb, on_grads=lambda t: seen.update({n: p.main_grad.clone() for n, p in t.chunks[0].named_parameters()}),
+            extra=((LanguageModelObjective(), ptx, coef),) if coef else ())
+        grads[coef] = seen
+        if coef:
+            assert metrics.stats["lm_loss"] == pytest.approx(
+                kernels.cross_entropy(_models()[0](ids), ptx["labels"]).item(), rel=1e-5)
+    lm = _models()[0]
+    kernels.cross_entropy(lm(ids), ptx["labels"]).backward()
+    for name, p in lm.named_parameters():
+        torch.testing.assert_close(grads[0.5][name], grads[0.0][name] + 0.5 * p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(mini_batch_size=3), "mini_batch_size=3 must divide"),
+    (dict(kl_kind="k9"), "kl_kind='k9'"),
+    (dict(samples_per_prompt=1, min_reward_spread=0.1), "needs samples_per_prompt >= 2"),
+    (dict(rollout_prompts=0), "rollout_prompts=0 must be a positive integer"),
+    (dict(top_p=0.0), "top_p=0.0"),
+])
+def test_config_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        _ppo(**kwargs).validate(1)
+
+
+def test_loop_errors():
+    with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_batches"):
+        _loop(_ppo(ptx_coef=0.1))
+    with pytest.raises(ValueError, match="fewer than rollout_prompts=40"):
+        _loop(_ppo(rollout_prompts=40, mini_batch_size=8))
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+def _world2(rank, world_size, states, prompts_greedy, batch):
+    """TP=2: greedy generation equals one process; TP=2 and DP=2: one PPO update (fixed rollout batch)
+    gives the single-process losses and actor weights; DP=2: a full iteration runs (rollout gather)."""
+    from engine.model.generation import SamplingParams, generate
+    from engine.parallel.pipeline import build_model_chunks
+    from engine.parallel.sharding import gather_full_state_dict, load_full_into
+    out = {}
+    for name, dims in (("tp2", ParallelDims(tp=2)), ("dp2", ParallelDims(dp=2))):
+        layout = ParallelLayout.build(dims, name=name)
+        models = []
+        for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead),
+                              states):
+            (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
+            load_full_into(m, state, layout)
+            models.append(m)
+        loop = _loop(layout=layout, models=models)
+        if name == "tp2":
+            ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+            gen = generate(loop.actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+            out["greedy"] = (gen.response_ids.numpy(), gen.logprobs.numpy())
+        update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+        full = gather_full_state_dict(loop.actor, _config(), dataclasses.replace(layout, ledger=type(layout.ledger)()))
+        out[name] = (update, {k: v.clone().numpy() for k, v in full.items()})  # tp=1: views of live params
+        if name == "dp2":
+            record = loop.iteration()
+            out["dp2_iteration"] = (record["ppo_steps"], layout.ledger.bytes("rollout") > 0)
+    return out
+
+
+def test_tp2_and_dp2_match_one_process():
+    from engine.model.generation import SamplingParams, generate
+    actor, critic, reference, reward = _models(seed=5)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
+    loop = _loop(models=(actor, critic, reference, reward))
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    prompts = _prompts(3, seed=9)
+    ids, mask = left_pad_prompts(prompts, 8, PAD)
+    ref_gen = generate(loop.actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+    ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    ref_weights = loop.actor.state_dict()
+    results = run_distributed(_world2, 2, states, prompts, batch, timeout=240)
+    for r in results:
+        tokens, logprobs = r["greedy"]
+        assert torch.equal(torch.from_numpy(tokens), ref_gen.response_ids)
+        torch.testing.assert_close(torch.from_numpy(logprobs), ref_gen.logprobs, rtol=0, atol=1e-5)
+        for case in ("tp2", "dp2"):
+            update, weights = r[case]
+            for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy"):
+                # fp32, another reduction order over TP shards / DP ranks
+                assert update[key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), (case, key)
+            for name, w in weights.items():
+                torch.testing.assert_close(torch.from_numpy(w), ref_weights[name], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{case} {name}: {m}")
+        assert r["dp2_iteration"] == (2, True)
+
+
+# ---- launcher ------------------------------------------------------------------------------------
+def test_launcher_errors(tmp_path, capsys):
+    from launch.rlhf import main, read_prompts
+    assert main(["--iterations", "1"]) == 2
+    assert "needs --actor-from" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--mini-batch-size", "5"]) == 2
+    assert "mini_batch_size=5 must divide" in capsys.readouterr().err
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi"}) + "\n" + "{oops\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
+        read_prompts(str(bad))
+    bad.write_text(json.dumps({"text": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected"):
+        read_prompts(str(bad))
