@@ -1,15 +1,16 @@
-"""The main job on the built-in tiny default: pretrain -> SFT -> reward model on CPU, then sample and score.
+"""The main job on the built-in tiny default, the RLHF demo on CPU: pretrain -> SFT -> reward model -> PPO.
 
     python -m launch.demo [--out runs/demo] [--pretrain-steps 120] [--sft-steps 100] [--rm-steps 120]
-                          [--seq-length 128] [--max-new-tokens 32]
+                          [--ppo-iterations 20] [--seq-length 128] [--max-new-tokens 32]
 
 Runs the three ``launch.train`` modes back to back on the ``tiny`` preset with the built-in data (the
 default tokenizer and ``pydoc_data.topics``: raw text, then conversations, then preference pairs;
-``engine.data.builtin``), each stage starting from the previous stage's checkpoint (``--init-from``).
-Then the SFT model answers a few held-out questions (sampled with its KV cache) and the reward model
-scores each answer against a deliberately off-topic one. Writes each stage's metrics.jsonl and
-checkpoint under --out, and Hugging Face exports of the SFT model (GlmForCausalLM) and the reward
-model (GlmForSequenceClassification). The RLHF stage (PPO) extends this chain once it exists.
+``engine.data.builtin``), each stage starting from the previous stage's checkpoint (``--init-from``),
+then PPO (``launch.rlhf``: actor and reference from the SFT checkpoint, reward model and critic from
+the RM checkpoint). Finally the SFT and the PPO actors answer a few held-out questions (sampled with
+the KV cache) and the reward model scores both answers. Writes each stage's metrics.jsonl and
+checkpoints under --out, and Hugging Face exports of the PPO actor (GlmForCausalLM) and the reward
+model (GlmForSequenceClassification).
 """
 from __future__ import annotations
 
@@ -46,6 +47,25 @@ def _stage(mode: str, out: Path, steps: int, seq_length: int, init_from: Path | 
     return ckpt
 
 
+def _ppo_stage(out: Path, sft: Path, rm: Path, iterations: int) -> Path:
+    """PPO (``launch.rlhf``) from the SFT and RM checkpoints; returns the directory of its actor/critic."""
+    from launch.rlhf import load_rlhf_run, train_ppo, validate_rlhf_run
+    save = out / "ppo" / "ckpt"
+    run = load_rlhf_run(RUNS / "ppo.yaml", {"ppo": {"iterations": iterations}, "log_dir": str(out / "ppo"),
+                                            "checkpoint": {"actor_from": str(sft), "reward_from": str(rm),
+                                                           "save": str(save)}})
+    validate_rlhf_run(run, 1)
+    print(f"\n== ppo: {iterations} iterations ({RUNS / 'ppo.yaml'})", flush=True)
+    if train_ppo(run) != 0:
+        raise SystemExit("the ppo stage failed")
+    lines = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    k = max(1, len(lines) // 4)  # mean of the first and last quarter: single rollouts are noisy
+    first, last = (sum(r["reward"] for r in rs) / len(rs) for rs in (lines[:k], lines[-k:]))
+    print(f"ppo: reward {first:+.3f} -> {last:+.3f} (mean of the first / last {k} iterations), KL to the "
+          f"reference {lines[-1]['kl']:.3f}", flush=True)
+    return save
+
+
 def _load(model_cls, ckpt: Path):
     from engine.train.checkpoint import read_full_model_state
     config, state = read_full_model_state(ckpt)
@@ -60,14 +80,15 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=120)
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--rm-steps", type=int, default=120)
+    p.add_argument("--ppo-iterations", type=int, default=20)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args(argv)
-    if min(args.pretrain_steps, args.sft_steps, args.rm_steps) < 1 or args.seq_length < 48:
-        p.error("every --*-steps must be >= 1 and --seq-length >= 48 (a built-in question and the start of "
-                "its answer)")
+    if min(args.pretrain_steps, args.sft_steps, args.rm_steps, args.ppo_iterations) < 1 or args.seq_length < 48:
+        p.error("every --*-steps and --ppo-iterations must be >= 1 and --seq-length >= 48 (a built-in question "
+                "and the start of its answer)")
 
     from engine.data.builtin import builtin_preference_pairs, split_indices
     from engine.data.tokenizer import default_tokenizer
@@ -81,32 +102,35 @@ def main(argv=None) -> int:
     sft = _stage("sft", out, args.sft_steps, args.seq_length, pt, eval_interval=0)
     rm = _stage("rm", out, args.rm_steps, args.seq_length, sft, eval_interval=0)
 
-    # sample answers to held-out questions (the rm run's split: pairs it never trained on) and score
-    # each, in the training format, against the off-topic answer of the same pair
+    ppo = _ppo_stage(out, sft, rm, args.ppo_iterations)
+
+    # sample answers to held-out questions (the rm run's split: pairs it never trained on) from the SFT
+    # and the PPO actor, and score both, in the training format, with the reward model
     from launch.train import load_run_config
     rm_run = load_run_config(RUNS / "rm.yaml")
-    actor, reward_model = _load(GLMForCausalLM, sft), _load(GLMForScalarHead, rm)
+    reward_model = _load(GLMForScalarHead, rm)
+    actors = {"SFT": _load(GLMForCausalLM, sft), "PPO": _load(GLMForCausalLM, ppo / "actor")}
     pairs = builtin_preference_pairs()
     _, held = split_indices(len(pairs), rm_run.data.eval_fraction, rm_run.train.seed)
     shown = [pairs[int(i)] for i in held[:3]]
     prompts = [tok.encode_prompt(pair["prompt"]) for pair in shown]
-    gen = actor.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.7,
-                         top_p=0.9, eos_token_id=tok.stop_ids, seed=args.seed)
-    print("\n== samples from the SFT model, scored by the reward model (higher is better)")
+    answers = {name: actor.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.7,
+                                    top_p=0.9, eos_token_id=tok.stop_ids, seed=args.seed).responses()
+               for name, actor in actors.items()}
+    print("\n== held-out questions: answers of the SFT and the PPO actor, scored by the reward model")
     with torch.no_grad():
-        for pair, answer in zip(shown, gen.responses()):
-            text = tok.decode(answer).strip()
-            scores = []
-            for reply in (text, pair["rejected"]):
+        for i, pair in enumerate(shown):
+            print(f"Q: {pair['prompt']}")
+            for name in actors:
+                text = tok.decode(answers[name][i]).strip()
                 ids, _ = tok.encode_chat([{"role": "user", "content": pair["prompt"]},
-                                          {"role": "assistant", "content": reply}])
-                scores.append(reward_model.reward(torch.tensor([ids[:args.seq_length]])).item())
-            print(f"Q: {pair['prompt']}\nA: {' '.join(text.split())}\n   reward {scores[0]:+.3f}   "
-                  f"(an off-topic answer: {scores[1]:+.3f})")
-    actor.save_hf(out / "hf_sft")
+                                          {"role": "assistant", "content": text}])
+                score = reward_model.reward(torch.tensor([ids[:args.seq_length]])).item()
+                print(f"  {name} (reward {score:+.3f}): {' '.join(text.split())}")
+    actors["PPO"].save_hf(out / "hf_actor")
     reward_model.save_hf(out / "hf_rm")
-    print(f"\nwrote metrics and checkpoints under {out}/{{pretrain,sft,rm}}, Hugging Face exports in "
-          f"{out / 'hf_sft'} and {out / 'hf_rm'} [{time.perf_counter() - t0:.1f}s total]")
+    print(f"\nwrote metrics and checkpoints under {out}/{{pretrain,sft,rm,ppo}}, Hugging Face exports in "
+          f"{out / 'hf_actor'} and {out / 'hf_rm'} [{time.perf_counter() - t0:.1f}s total]")
     return 0
 
 
