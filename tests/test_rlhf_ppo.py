@@ -227,3 +227,36 @@ def test_launcher_errors(tmp_path, capsys):
     bad.write_text(json.dumps({"text": "hi"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:1: expected"):
         read_prompts(str(bad))
+
+
+def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
+    """launch.rlhf under torchrun (2 processes, tp=2) from language-model and reward checkpoints."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.train.checkpoint import read_full_model_state, save_checkpoint
+    root = Path(__file__).resolve().parent.parent
+    config = GLMConfig.preset("tiny").replace(num_layers=2)
+    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    save_checkpoint(tmp_path / "rm", 1, GLMForScalarHead(config), None, ParallelLayout.single(), config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--tp", "2", "--iterations", "2",
+           "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
+           "2", "--max-new-tokens", "8", "--actor-from", str(tmp_path / "sft"), "--reward-from", str(tmp_path / "rm"),
+           "--log-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1]
+    for r in lines:
+        assert all(math.isfinite(r[k]) for k in ("reward", "kl", "response_length", "generate_s"))
+    for name in ("actor", "critic"):
+        saved, state = read_full_model_state(tmp_path / "ppo" / name)
+        assert saved == config and ("value_head.weight" in state) == (name == "critic")
