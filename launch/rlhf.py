@@ -10,9 +10,10 @@ layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic 
 Prompts: ``data.prompts`` (JSONL, one ``{"prompt": str}`` per line, encoded with the chat template) or
 the built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
 (a chat indexed dataset) or the built-in conversations. Rank 0 appends one JSON line per iteration to
-``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...); ``--save``
-writes the final actor and critic checkpoints (``DIR/actor``, ``DIR/critic``; export them with
-``launch.convert --checkpoint``). A PPO run does not resume from its checkpoints yet.
+``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...). ``--save DIR
+[--save-interval N]`` writes actor and critic checkpoints (``DIR/actor``, ``DIR/critic``, with optimizer
+states; export them with ``launch.convert --checkpoint``); ``--load DIR`` resumes a PPO run (weights,
+optimizers, iteration, reference baselines; any TP x DP layout).
 """
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ class RLHFCheckpoints:
     critic_from: Optional[str] = None
     """Critic weights (None: the reward model's)."""
     save: Optional[str] = None
-    """Write the final actor and critic checkpoints here."""
+    """Write actor and critic checkpoints here (``DIR/actor``, ``DIR/critic``) at the end of the run."""
+    save_interval: int = 0
+    """Also save every N iterations (0: only at the end)."""
+    load: Optional[str] = None
+    """Resume from the PPO checkpoints in this directory (may equal ``save``)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
             raise ValueError(f"{name}.mixed_precision must be fp32 or bf16")
     for lr in (run.actor_lr, run.critic_lr):
         lr.validate()
+    if ck.save_interval < 0 or (ck.save_interval and not ck.save):
+        raise ValueError(f"checkpoint.save_interval={ck.save_interval} must be >= 0 and needs --save DIR")
     return dims
 
 
@@ -148,13 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-from")
     p.add_argument("--critic-from")
     p.add_argument("--save")
+    p.add_argument("--save-interval", type=int)
+    p.add_argument("--load")
     p.add_argument("--log-dir")
     return p
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "ptx_coef", "seed")
-_CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save")
+_CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 
 def cli_overrides(args) -> dict:
@@ -244,7 +253,7 @@ def train_ppo(run: RLHFRun) -> int:
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
     from engine.rlhf.ppo import PPOLoop
-    from engine.train.checkpoint import CheckpointError, save_checkpoint
+    from engine.train.checkpoint import CheckpointError
     from engine.train.metrics import MetricsWriter
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -286,6 +295,18 @@ def train_ppo(run: RLHFRun) -> int:
                            ptx_batches=ptx)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))
+        fingerprint = tokenizer.fingerprint()
+        try:
+            if ck.load:
+                from engine.train.checkpoint import latest_step
+                if latest_step(Path(ck.load) / "actor") is not None:
+                    loop.load(ck.load, tokenizer_fingerprint=fingerprint)
+                    if rank == 0:
+                        print(f"{PROG}: resumed from {ck.load} at iteration {loop.iterations_done}", flush=True)
+                elif ck.load != ck.save:  # never a silent fresh start from a mistyped --load
+                    return _error(f"--load {ck.load}: no PPO checkpoint found there (expected {ck.load}/actor)")
+        except CheckpointError as e:
+            return _error(str(e))
         writer = None
         if rank == 0:
             Path(run.log_dir).mkdir(parents=True, exist_ok=True)
@@ -295,7 +316,7 @@ def train_ppo(run: RLHFRun) -> int:
                   f"4 models), tp={layout.tp_size} dp={layout.dp_size}, {len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
-        for _ in range(c.iterations):
+        while loop.iterations_done < c.iterations:
             stats = loop.iteration()
             if writer is not None:
                 writer.write_record(stats)
@@ -304,11 +325,10 @@ def train_ppo(run: RLHFRun) -> int:
                       + (f"  policy {stats['policy_loss']:+.4f}  value {stats['value_loss']:.4f}  clip "
                          f"{stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
                       + f"  [{stats['seconds']:.1f}s]", flush=True)
-        if ck.save:
-            for name, model, trainer in (("actor", actor, loop.actor_trainer), ("critic", critic, loop.critic_trainer)):
-                save_checkpoint(Path(ck.save) / name, loop.iterations_done, [model], trainer.optimizer, layout,
-                                run.model, extra_state={"mode": "ppo_" + name},
-                                tokenizer_fingerprint=tokenizer.fingerprint())
+            if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
+                loop.save(ck.save, tokenizer_fingerprint=fingerprint)
+        if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
+            loop.save(ck.save, tokenizer_fingerprint=fingerprint)
         if writer is not None:
             writer.close()
         if distributed:

@@ -260,3 +260,44 @@ def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     for name in ("actor", "critic"):
         saved, state = read_full_model_state(tmp_path / "ppo" / name)
         assert saved == config and ("value_head.weight" in state) == (name == "critic")
+    # resume the tp=2 run in one process (resharded): one more iteration, numbered 2
+    resume = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
+    resume[resume.index("--tp") + 1], resume[resume.index("--iterations") + 1] = "1", "3"
+    resume[resume.index("--log-dir") + 1] = str(tmp_path / "resumed")
+    proc = subprocess.run(resume + ["--load", str(tmp_path / "ppo")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout
+    (line,) = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 2 and math.isfinite(line["reward"])
+
+
+def test_save_and_resume_continue_exactly(tmp_path):
+    """3 iterations straight == 1, save, a fresh loop (other initial actor/critic weights) loads and
+    runs 2 more: identical metrics (bitwise on CPU), since prompts and sampling seeds are functions
+    of the iteration and the baseline cache travels with the checkpoint."""
+    timing = ("generate_s", "score_s", "gather_s", "train_s", "seconds")
+    straight = _loop(_ppo(iterations=3))
+    expected = [straight.iteration() for _ in range(3)]
+    first = _loop(_ppo(iterations=3))
+    first.iteration()
+    first.save(tmp_path / "ck")
+    _, _, reference, reward = _models(seed=0)
+    actor, critic, _, _ = _models(seed=1)
+    second = _loop(_ppo(iterations=3), models=(actor, critic, reference, reward))
+    second.load(tmp_path / "ck")
+    assert second.iterations_done == 1 and second._baseline_cache == first._baseline_cache
+    resumed = [second.iteration() for _ in range(2)]
+    for want, got in zip(expected[1:], resumed):
+        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    from engine.train.checkpoint import CheckpointError, save_checkpoint
+    other = _loop(_ppo(iterations=3))
+    for name, model, trainer in (("actor", other.actor, other.actor_trainer), ("critic", other.critic,
+                                                                               other.critic_trainer)):
+        save_checkpoint(tmp_path / "sft" / name, 1, [model], trainer.optimizer, ParallelLayout.single(), _config(),
+                        extra_state={"mode": "sft"})
+    with pytest.raises(CheckpointError, match="holds a 'sft' checkpoint, not a PPO actor"):
+        other.load(tmp_path / "sft")
+    save_checkpoint(tmp_path / "weights" / "actor", 1, [actor], None, ParallelLayout.single(), _config())
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        other.load(tmp_path / "weights")

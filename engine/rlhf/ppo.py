@@ -19,6 +19,10 @@ One iteration (``PPOLoop.iteration``):
               surrogate (plus ``ptx_coef`` times the language-model loss on SFT data: PPO-ptx), the
               critic's Trainer the clipped value loss (``engine.rlhf.objectives``)
 
+``save(DIR)`` / ``load(DIR)`` checkpoint the actor and critic (weights and optimizer state, any layout
+on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
+functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
+
 The pure math lives in ``engine.rlhf.core``. Not here yet: separate generation layouts (resharding the
 actor between its training and generation layouts) and offloading idle models; generation runs on
 the training layout, which is exact, only not the fastest.
@@ -357,6 +361,50 @@ class PPOLoop:
         if "lm_loss" in out:
             out["ptx_loss"] = out.pop("lm_loss")
         return out
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, directory, keep_last: Optional[int] = None, tokenizer_fingerprint: Optional[str] = None) -> None:
+        """``DIR/actor`` and ``DIR/critic`` checkpoints (``engine.train.checkpoint``, collective) at step =
+        iterations done; the baseline caches of all DP replicas are merged into the actor's extra state."""
+        from pathlib import Path
+
+        from engine.train.checkpoint import save_checkpoint
+        caches = [self._baseline_cache]
+        if torch.distributed.is_initialized() and self.layout.world_size > 1:
+            caches = [None] * self.layout.world_size
+            torch.distributed.all_gather_object(caches, self._baseline_cache)
+        merged = {str(k): v for cache in caches for k, v in sorted(cache.items())}
+        merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))  # the same JSON on every rank
+        for name, model, trainer in (("actor", self.actor, self.actor_trainer),
+                                     ("critic", self.critic, self.critic_trainer)):
+            extra = {"mode": f"ppo_{name}", "iteration": self.iterations_done, "trainer_steps": trainer.steps_done}
+            if name == "actor":
+                extra["reference_baselines"] = merged
+            save_checkpoint(Path(directory) / name, self.iterations_done, [model], trainer.optimizer, self.layout,
+                            self.model_config, extra_state=extra, keep_last=keep_last,
+                            tokenizer_fingerprint=tokenizer_fingerprint)
+
+    def load(self, directory, tokenizer_fingerprint: Optional[str] = None) -> None:
+        """Resume from ``save(DIR)``: weights, optimizer states, iteration, LR-schedule position and the
+        reference-baseline cache (the layout may differ from the saving run's)."""
+        from pathlib import Path
+
+        from engine.train.checkpoint import CheckpointError, load_checkpoint
+        states = {}
+        for name, model, trainer in (("actor", self.actor, self.actor_trainer),
+                                     ("critic", self.critic, self.critic_trainer)):
+            extra = load_checkpoint(Path(directory) / name, [model], trainer.optimizer, self.layout,
+                                    self.model_config, tokenizer_fingerprint=tokenizer_fingerprint)
+            if extra.get("mode") != f"ppo_{name}":
+                raise CheckpointError(f"{Path(directory) / name} holds a {extra.get('mode')!r} checkpoint, not a "
+                                      f"PPO {name}")
+            trainer.steps_done = int(extra["trainer_steps"])
+            states[name] = extra
+        if states["actor"]["iteration"] != states["critic"]["iteration"]:
+            raise CheckpointError(f"{directory}: actor at iteration {states['actor']['iteration']}, critic at "
+                                  f"{states['critic']['iteration']}: not one save")
+        self.iterations_done = int(states["actor"]["iteration"])
+        self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
 
     def iteration(self) -> dict:
         """One rollout + update; returns the iteration's metrics (the same on every rank)."""
