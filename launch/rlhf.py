@@ -235,11 +235,11 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, barrier):
 
 
 # ---- main ----------------------------------------------------------------------------------------
-def _load(model_cls, path: str, run: RLHFRun, layout, device, allow_missing=()):
+def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, allow_missing=()):
     from engine.parallel.pipeline import build_model_chunks
     from engine.train.checkpoint import CheckpointError, load_model_weights
     (model,) = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
-    missing = load_model_weights(path, [model], layout, run.model)
+    missing = load_model_weights(path, [model], layout, run.model, tokenizer_fingerprint=fingerprint)
     bad = [n for n in missing if not n.startswith(tuple(allow_missing)) or not allow_missing]
     if bad:
         raise CheckpointError(f"{path} lacks {bad[:5]} for a {model_cls.__name__}")
@@ -285,17 +285,17 @@ def train_ppo(run: RLHFRun) -> int:
             prompts = [tokenizer.encode_prompt(t) for t in texts]
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, barrier) if c.ptx_coef > 0 else None
-            actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device)
-            reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device)
-            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device)
-            critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device,
+            fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
+            actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
+            reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
+            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint)
+            critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device, fingerprint,
                            allow_missing=("value_head.",))
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))
-        fingerprint = tokenizer.fingerprint()
         try:
             if ck.load:
                 from engine.train.checkpoint import latest_step

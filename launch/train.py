@@ -188,6 +188,9 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
         raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if d.eval_path and d.eval_fraction:
         raise ValueError("give data.eval_path or data.eval_fraction, not both")
+    if run.mode == "pretrain" and not d.path and d.eval_path:
+        raise ValueError("data.eval_path is a held-out indexed dataset for data.path; the built-in corpus holds "
+                         "out data.eval_fraction of its windows instead")
     if run.mode == "pretrain" and d.path and d.eval_fraction:
         raise ValueError("data.eval_fraction splits samples, but an indexed pretraining dataset repeats its "
                          "documents across epochs; preprocess a held-out file and pass data.eval_path")
@@ -199,7 +202,8 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run YAML (default: configs/runs/pretrain.yaml)")
+    p.add_argument("--config", default=None,
+                   help="run YAML (default: configs/runs/<mode>.yaml, i.e. pretrain.yaml without --mode)")
     p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
     p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
     p.add_argument("--tp", type=int)
@@ -371,11 +375,17 @@ def _error(message: str) -> int:
     return 2
 
 
+def run_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run YAML (``--config``, else the mode's own ``configs/runs/<mode>.yaml``) with the flags applied."""
+    config = args.config or DEFAULT_CONFIG.parent / f"{args.mode or 'pretrain'}.yaml"
+    return load_run_config(config, cli_overrides(args))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        run = load_run_config(args.config, cli_overrides(args))
+        run = run_from_args(args)
         validate_run(run, world_size)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         return _error(str(e))
@@ -393,10 +403,11 @@ def _summary(metrics, record: dict) -> str:
     return line + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else "")
 
 
-def _initialise(run: RunConfig, chunks, layout, model_cls) -> None:
+def _initialise(run: RunConfig, chunks, layout, model_cls, tokenizer_fingerprint) -> None:
     """``checkpoint.init_from``: copy a checkpoint's model weights (any layout) into fresh chunks."""
     from engine.train.checkpoint import CheckpointError, load_model_weights
-    missing = load_model_weights(run.checkpoint.init_from, chunks, layout, run.model)
+    missing = load_model_weights(run.checkpoint.init_from, chunks, layout, run.model,
+                                 tokenizer_fingerprint=tokenizer_fingerprint)
     allowed = ("value_head.",) if run.mode == "rm" else ()
     unexpected = [n for n in missing if not n.startswith(allowed) or not allowed]
     if unexpected:
@@ -441,9 +452,30 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                                                             sequence_parallel=run.train.sequence_parallel,
                                                             layers_per_stage=run.train.layers_per_stage,
                                                             seed=run.train.seed)]
+        ck = run.checkpoint
+        try:
+            # a damaged checkpoint raises CheckpointError here
+            resume = bool(ck.load) and latest_step(ck.load) is not None
+            if ck.load and not resume and ck.load != ck.save:  # never a silent fresh start from a mistyped --load
+                return _error(f"--load {ck.load}: no checkpoint found there")
+            if ck.init_from and not resume:
+                # before the optimizer exists: under ZeRO-1 / bf16 it copies the weights into its fp32
+                # master at construction, and a later load into the params alone would be undone by step()
+                _initialise(run, chunks, layout, model_cls, data.tokenizer_fingerprint)
+        except CheckpointError as e:
+            return _error(str(e))
         optimizer = build_optimizer(chunks, layout, run.optim, run.lr.lr)
         trainer = Trainer(chunks, optimizer, layout, run.model, run.train, LRSchedule(run.lr, run.train.train_steps),
                           objective)
+        if resume:
+            try:
+                extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model,
+                                        tokenizer_fingerprint=data.tokenizer_fingerprint)
+                if extra.get("mode", run.mode) != run.mode:
+                    raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
+            except CheckpointError as e:
+                return _error(str(e))
+            trainer.steps_done = extra["step"]  # the data order is a function of the step
         writer = None
         if rank == 0:
             Path(run.log_dir).mkdir(parents=True, exist_ok=True)
@@ -453,26 +485,10 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                   f"({run.model.num_parameters() / 1e6:.1f}M params), "
                   f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{dist.get_backend() if distributed else 'single process'}, device {device}", flush=True)
-        ck = run.checkpoint
-        try:
-            resumed = False
-            if ck.load:
-                if latest_step(ck.load) is not None:  # a damaged checkpoint raises CheckpointError here
-                    extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model)
-                    if extra.get("mode", run.mode) != run.mode:
-                        raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
-                    trainer.steps_done = extra["step"]  # the data order is a function of the step
-                    resumed = True
-                    if rank == 0:
-                        print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
-                elif ck.load != ck.save:  # never a silent fresh start from a mistyped --load
-                    return _error(f"--load {ck.load}: no checkpoint found there")
-            if ck.init_from and not resumed:
-                _initialise(run, chunks, layout, model_cls)
-                if rank == 0:
-                    print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
-        except CheckpointError as e:
-            return _error(str(e))
+            if resume:
+                print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
+            elif ck.init_from:
+                print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
 
         def save() -> None:
             save_checkpoint(ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,

@@ -102,3 +102,36 @@ def test_reward_model_initialised_from_a_language_model_checkpoint(tmp_path):
     other = GLMForScalarHead(_tiny().replace(num_layers=1))
     with pytest.raises(CheckpointError, match="different model config"):
         load_model_weights(tmp_path / "lm", [other], layout, other.config)
+
+
+def test_init_from_survives_zero1_and_bf16_master_weights(tmp_path):
+    """--init-from loads before the optimizer copies the weights into its fp32 master (ZeRO-1 / bf16):
+    with lr 0 the saved weights are the initial checkpoint's, rounded to bf16, not the random init."""
+    from engine.train.checkpoint import read_full_model_state
+    _launch(tmp_path, "pt", "pretrain", "--train-steps", "1", "--save", str(tmp_path / "pt_ck"))
+    _launch(tmp_path, "sft", "sft", "--train-steps", "2", "--init-from", str(tmp_path / "pt_ck"), "--lr", "0",
+            "--min-lr", "0", "--distributed-optimizer", "--mixed-precision", "bf16", "--save", str(tmp_path / "sft_ck"))
+    _, start = read_full_model_state(tmp_path / "pt_ck")
+    _, after = read_full_model_state(tmp_path / "sft_ck")
+    for name, value in start.items():
+        assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], value.to(torch.bfloat16)), name
+
+
+def test_mode_flag_picks_the_modes_run_file_and_eval_path_needs_data():
+    from launch.train import build_parser, run_from_args, validate_run
+    run = run_from_args(build_parser().parse_args(["--mode", "rm"]))
+    assert run.mode == "rm" and run.log_dir == "runs/rm" and run.reward.l2_coef == 1e-3
+    run = run_from_args(build_parser().parse_args(["--eval-path", "held/out"]))
+    with pytest.raises(ValueError, match="data.eval_path is a held-out indexed dataset for data.path"):
+        validate_run(run, 1)
+
+
+def test_load_model_weights_refuses_foreign_tensors_and_tokenizers(tmp_path):
+    layout = ParallelLayout.single()
+    save_checkpoint(tmp_path / "rm", 1, GLMForScalarHead(_tiny()), None, layout, _tiny(), tokenizer_fingerprint="aaa")
+    with pytest.raises(CheckpointError, match=r"holds \['value_head.weight'\], which a GLMForCausalLM has no place"):
+        load_model_weights(tmp_path / "rm", [GLMForCausalLM(_tiny())], layout, _tiny())
+    with pytest.raises(CheckpointError, match="saved with tokenizer aaa, this run uses bbb"):
+        load_model_weights(tmp_path / "rm", [GLMForScalarHead(_tiny())], layout, _tiny(), tokenizer_fingerprint="bbb")
+    assert load_model_weights(tmp_path / "rm", [GLMForScalarHead(_tiny())], layout, _tiny(),
+                              tokenizer_fingerprint="aaa") == []

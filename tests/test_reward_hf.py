@@ -224,3 +224,9 @@ def test_config_without_architectures_is_told_apart_by_its_tensors(tmp_path):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
     with pytest.raises(ValueError, match="not a causal LM"):
         GLMForCausalLM.from_hf(tmp_path)
+    # launch.convert --input tells it apart the same way
+    from engine.model.hf_adapter import is_reward_model_dir
+    from launch.convert import convert
+    assert is_reward_model_dir(tmp_path)
+    convert(str(tmp_path), str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GlmForSequenceClassification"]

@@ -209,10 +209,28 @@ def _num_labels(d: dict) -> int:
     return len(d["id2label"]) if d.get("id2label") else 2
 
 
+def _tensor_names(path: Path) -> set[str]:
+    """Tensor names of a HF directory without reading the tensors (safetensors headers / index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+    names: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names.update(st.keys())
+    return names
+
+
 def is_reward_model_dir(path) -> bool:
-    """Whether a checkpoint directory's config.json declares a HF GlmForSequenceClassification."""
-    cfg_file = Path(path) / "config.json"
-    return cfg_file.is_file() and HF_REWARD_ARCHITECTURE in (json.loads(cfg_file.read_text()).get("architectures") or [])
+    """Whether a HF checkpoint directory holds a GlmForSequenceClassification: its config.json's
+    ``architectures`` decide; without them, a ``score.weight`` tensor (as ``load_hf`` decides)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return False
+    architectures = json.loads(cfg_file.read_text()).get("architectures") or []
+    return HF_REWARD_ARCHITECTURE in architectures if architectures else "score.weight" in _tensor_names(path)
 
 
 def _check_head(cls, is_reward_model: bool, num_labels: int, source: str) -> None:

@@ -196,6 +196,10 @@ class DistributedOptimizer:
         collectives follows the backward order, identical on all of them)."""
         if not isinstance(num_passes, int) or num_passes < 1:
             raise ValueError(f"num_passes={num_passes!r} must be a positive integer")
+        if any(work is not False for work in self._works) or self._passes:
+            # buckets already reducing (or reduced) hold this step's gradients: re-arming them would
+            # add the next gradients into buffers a collective is still reading
+            raise RuntimeError("prepare_backward() after gradients of this step arrived; call zero_grad() first")
         self._reset_overlap()
         if self.overlap_grad_reduce and self.layout.dp_size > 1:
             self._expected_passes = num_passes

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import kernels
 from engine.rlhf.core import ppo_policy_loss, value_loss
-from engine.train.objectives import IGNORE_INDEX
+from engine.train.objectives import IGNORE_INDEX, record_vocab_parallel_loss
 
 
 def _mask(mb: dict):
@@ -54,7 +54,10 @@ class PolicyObjective:
         mask = _mask(mb)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        group = layout.tp_group if layout.tp_size > 1 else None
+        group = None
+        if layout.tp_size > 1:
+            group = layout.tp_group
+            record_vocab_parallel_loss(layout, mb["labels"].numel(), with_entropy=True)
         logprobs, entropy = kernels.token_logprobs(logits, mb["labels"].clamp(min=0), group=group,
                                                    return_entropy=True, backend=backend)
         loss, stats = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, self.clip_eps,

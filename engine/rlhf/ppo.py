@@ -44,7 +44,7 @@ from engine.rlhf.core import (gae_advantages, kl_estimate, masked_mean, masked_w
                               reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.train.lr import LRConfig, LRSchedule
-from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective
+from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record_vocab_parallel_loss
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
 KL_KINDS = ("k1", "k2", "k3")
@@ -65,8 +65,12 @@ class PPOConfig:
     max_new_tokens: int = 32
     """Response length limit (responses are right-padded to it)."""
     temperature: float = 1.0
+    """Sampling temperature; the PPO log-probs are those of ``softmax(logits / temperature)``."""
     top_p: float = 1.0
     top_k: int = 0
+    """Nucleus / top-k truncation of the sampling. The PPO log-probs (old and new alike) stay those of the
+    untruncated tempered softmax, as in OpenRLHF: an approximation of the sampling policy when either is
+    set; the ratio still starts at 1."""
     ppo_epochs: int = 1
     """Passes over each rollout."""
     mini_batch_size: int = 8
@@ -236,7 +240,10 @@ class PPOLoop:
         logits = model(sequences, mask)[:, P - 1:-1]
         if self.config.temperature != 1.0:
             logits = logits / self.config.temperature
-        group = self.layout.tp_group if self.layout.tp_size > 1 else None
+        group = None
+        if self.layout.tp_size > 1:
+            group = self.layout.tp_group
+            record_vocab_parallel_loss(self.layout, responses.numel())
         return kernels.token_logprobs(logits, responses, group=group, backend=model.spec.kernels.cross_entropy)
 
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:

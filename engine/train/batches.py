@@ -51,7 +51,11 @@ class CorpusBatches:
         return self._batch(self.samples[rows])
 
     def held_out(self, max_batches: int) -> list[dict]:
+        """Up to ``max_batches`` global batches of the held-out windows (none when nothing is held out)."""
         G = self.global_batch_size
+        if 0 < len(self.held) < G:
+            raise ValueError(f"the held-out split has {len(self.held)} windows, fewer than one global batch of {G}: "
+                             "raise data.eval_fraction or lower global_batch_size")
         return [self._batch(self.held[i:i + G]) for i in range(0, (len(self.held) // G) * G, G)][:max_batches]
 
 

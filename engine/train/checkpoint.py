@@ -870,13 +870,16 @@ def _read_for_rank(directory: Path, step, model, optimizer, layout, config, toke
 
 
 def load_model_weights(directory: Union[str, Path], model, layout, config: GLMConfig,
-                       step: Optional[int] = None, verify: bool = True) -> list[str]:
+                       step: Optional[int] = None, verify: bool = True,
+                       tokenizer_fingerprint: Optional[str] = None) -> list[str]:
     """Initialise ``model`` (a model or this rank's chunks) from the model weights of a checkpoint saved
     under any layout, e.g. SFT from a pretraining run or a reward model from an SFT run. Nothing else
-    is restored (no optimizer, step or RNG). Checkpoint tensors the model lacks are ignored (an LM's
-    ``output_layer`` when starting a reward model); the model's parameters the checkpoint lacks keep
-    their initial values and are returned, so the caller decides which may be missing. Collective
-    over every rank of ``layout``; nothing changes unless every rank read everything it needs."""
+    is restored (no optimizer, step or RNG). The one checkpoint tensor a model may lack is an LM's
+    ``output_layer`` when starting a scalar-head model (reward model / critic); any other tensor of
+    the checkpoint that the (full) model has no place for is an error, never silently dropped. The
+    model's parameters the checkpoint lacks keep their initial values and are returned, so the caller
+    decides which may be missing. Collective over every rank of ``layout``; nothing changes unless
+    every rank read everything it needs."""
     directory = Path(directory)
     error, loaded = None, None
     try:
@@ -885,9 +888,20 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         diff = _config_diff(manifest["config"], config)
         if diff:
             raise CheckpointError(f"{step_dir / MANIFEST} was saved with a different model config: " + "; ".join(diff))
+        saved_fp = manifest.get("tokenizer_fingerprint")
+        if tokenizer_fingerprint is not None and saved_fp is not None and saved_fp != tokenizer_fingerprint:
+            raise CheckpointError(f"{step_dir / MANIFEST} was saved with tokenizer {saved_fp}, this run uses "
+                                  f"{tokenizer_fingerprint}")
         params = _named_params(model)
         maps = _maps(params, config, layout)
         saved = manifest["tensors"].get(MODEL_SPACE, {})
+        from engine.model.hf_adapter import expected_shapes  # the full model's names, every pipeline stage
+        scalar_head = _model_class(model) == "GLMForScalarHead"
+        unplaced = sorted(n for n in set(saved) - set(expected_shapes(config, value_head=scalar_head))
+                          if not (scalar_head and n.startswith("output_layer.")))
+        if unplaced:
+            raise CheckpointError(f"{step_dir / MANIFEST} holds {unplaced[:5]}, which a {_model_class(model)} has no "
+                                  "place for (a checkpoint of another model class or version)")
         targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items() if n in saved}
         if not targets:
             raise CheckpointError(f"{step_dir / MANIFEST} holds none of this model's parameters")

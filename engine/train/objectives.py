@@ -43,12 +43,12 @@ class Objective(Protocol):
                        ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
-def record_vocab_parallel_loss(layout, rows: int) -> None:
-    """Record the traffic of ``kernels.cross_entropy(..., group=tp)``, which calls torch.distributed
-    directly (kernels do not depend on ``engine.parallel``): an all-reduce (max) of the [rows] row
-    maxima and one of the packed [2, rows] (sum of exponentials, label logit), fp32 (kernel module
-    doc). The backward is local."""
-    for numel in (rows, 2 * rows):
+def record_vocab_parallel_loss(layout, rows: int, with_entropy: bool = False) -> None:
+    """Record the traffic of ``kernels.cross_entropy`` / ``token_logprobs(..., group=tp)``, which call
+    torch.distributed directly (kernels do not depend on ``engine.parallel``): an all-reduce (max) of
+    the [rows] row maxima and one of the packed [2, rows] (sum of exponentials, label logit; [3, rows]
+    with the entropy's weighted sum), fp32 (kernel module doc). The backward is local."""
+    for numel in (rows, (3 if with_entropy else 2) * rows):
         traffic = 2.0 * (layout.tp_size - 1) / layout.tp_size * numel * STAT_BYTES
         layout.ledger.record("tp", "all_reduce", traffic, traffic)
 

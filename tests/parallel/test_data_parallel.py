@@ -291,3 +291,5 @@ def test_single_process_optimizer_matches_torch_adamw_and_guards_accumulation():
     opt.step()
     with pytest.raises(RuntimeError, match="zero_grad"):
         kernels.cross_entropy(ours(ids), labels).backward()
+    with pytest.raises(RuntimeError, match="prepare_backward.*call zero_grad"):
+        opt.prepare_backward(1)  # this step's buckets are reduced: re-arming them needs zero_grad first
