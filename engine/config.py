@@ -258,6 +258,28 @@ def config_section(cls, values: Any, where: str):
                   for k, v in values.items()})
 
 
+def read_run_file(path, sections: set, overrides: Optional[dict] = None) -> tuple[dict, Path]:
+    """A run YAML's top-level mapping (unknown sections refused, naming the valid ones) with
+    ``overrides`` ``{section: {field: value}}`` merged in (a non-mapping override replaces the section),
+    and the folder relative model paths resolve against (the file's, else the working directory)."""
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"run config {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: expected a mapping with sections {sorted(sections)}")
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ValueError(f"{p}: unknown section(s) {unknown}; valid sections are {sorted(sections)}")
+        base = p.parent
+    for section, values in (overrides or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values} if isinstance(values, dict) else values
+    return raw, base
+
+
 def model_from_spec(spec: Any, base_dir: Optional[Path] = None) -> GLMConfig:
     """``model:`` of a run file: a preset name, a model YAML path (relative paths also tried against
     ``base_dir``, the run file's folder), or a mapping ``{preset: tiny, field: value, ...}`` / full fields."""

@@ -29,10 +29,11 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from engine.config import GLMConfig, config_section, model_from_spec
+from engine.config import GLMConfig, config_section, model_from_spec, read_run_file
 from engine.rlhf.ppo import PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
+from launch.runtime import Processes, error
 
 PROG = "launch.rlhf"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "ppo.yaml"
@@ -89,24 +90,7 @@ SECTIONS = {"model", "tp", "ppo", "actor_optim", "actor_lr", "critic_optim", "cr
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
     """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``log_dir``: a value)."""
-    raw: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"run config {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{p}: expected a mapping with sections {sorted(SECTIONS)}")
-        unknown = sorted(set(raw) - SECTIONS)
-        if unknown:
-            raise ValueError(f"{p}: unknown section(s) {unknown}; valid sections are {sorted(SECTIONS)}")
-        base = p.parent
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict):
-            raw[section] = {**(raw.get(section) or {}), **values}
-        else:
-            raw[section] = values
+    raw, base = read_run_file(path, SECTIONS, overrides)
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
@@ -181,9 +165,7 @@ def cli_overrides(args) -> dict:
 
 
 def _error(message: str) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return 2
+    return error(PROG, message)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -217,7 +199,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, barrier):
+def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
     from engine.data.builtin import builtin_dataset
     from engine.data.datasets import SFTDataset
     from engine.data.indexed_dataset import IndexedDataset
@@ -225,10 +207,7 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, barrier):
     if run.data.ptx_path:
         indexed = IndexedDataset(run.data.ptx_path, tokenizer)
     else:
-        prefix = builtin_dataset("chat", tokenizer, run.data.tokenizer_cache) if rank == 0 else None
-        barrier()
-        if rank != 0:
-            prefix = builtin_dataset("chat", tokenizer, run.data.tokenizer_cache)
+        prefix = procs.rank0_first(rank, lambda: builtin_dataset("chat", tokenizer, run.data.tokenizer_cache))
         indexed = IndexedDataset(prefix, tokenizer)
     return DatasetBatches(SFTDataset(indexed, seq_length), run.ppo.mini_batch_size, run.ppo.seed,
                           ("input_ids", "labels", "attention_mask"))
@@ -247,8 +226,6 @@ def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, 
 
 
 def train_ppo(run: RLHFRun) -> int:
-    import torch.distributed as dist
-
     from engine.data.tokenizer import default_tokenizer
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
@@ -256,27 +233,14 @@ def train_ppo(run: RLHFRun) -> int:
     from engine.train.checkpoint import CheckpointError
     from engine.train.metrics import MetricsWriter
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    cuda = torch.cuda.is_available()
-    device = torch.device("cpu")
-    if distributed:
-        if cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    elif cuda:
-        device = torch.device("cuda", 0)
-    try:
-        layout = ParallelLayout.build(ParallelDims(tp=run.tp, pp=1, dp=None)) if distributed else ParallelLayout.single()
-        rank, barrier = layout.rank, (dist.barrier if distributed else (lambda: None))
+    with Processes() as procs:
+        device = procs.device
+        layout = ParallelLayout.build(ParallelDims(tp=run.tp, pp=1, dp=None)) if procs.distributed else ParallelLayout.single()
+        rank = layout.rank
         torch.manual_seed(run.ppo.seed)
         ck, c = run.checkpoint, run.ppo
         try:
-            if rank == 0:
-                tokenizer = default_tokenizer(run.data.tokenizer_cache)
-            barrier()
-            if rank != 0:
-                tokenizer = default_tokenizer(run.data.tokenizer_cache)
+            tokenizer = procs.rank0_first(rank, lambda: default_tokenizer(run.data.tokenizer_cache))
             if run.data.prompts:
                 texts = read_prompts(run.data.prompts)
             else:
@@ -284,7 +248,7 @@ def train_ppo(run: RLHFRun) -> int:
                 texts = builtin_prompts()
             prompts = [tokenizer.encode_prompt(t) for t in texts]
             seq_length = c.max_prompt_length + c.max_new_tokens
-            ptx = _ptx_batches(run, tokenizer, seq_length, rank, barrier) if c.ptx_coef > 0 else None
+            ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
             actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
@@ -331,12 +295,8 @@ def train_ppo(run: RLHFRun) -> int:
             loop.save(ck.save, tokenizer_fingerprint=fingerprint)
         if writer is not None:
             writer.close()
-        if distributed:
-            dist.barrier()  # no rank tears down its connections while a peer still has traffic in flight
+        procs.done()
         return 0
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

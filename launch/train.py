@@ -44,11 +44,12 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from engine.config import GLMConfig, config_section, model_from_spec
+from engine.config import GLMConfig, config_section, model_from_spec, read_run_file
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
+from launch.runtime import Processes, error
 
 PROG = "launch.train"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "pretrain.yaml"
@@ -135,26 +136,7 @@ MODES = ("pretrain", "sft", "rm")
 
 def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict] = None) -> RunConfig:
     """Read a run YAML and apply ``overrides`` ``{section: {field: value}}`` (``log_dir``/``model``/``mode``: a value)."""
-    raw: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"run config {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{p}: expected a mapping with sections {sorted(RUN_SECTIONS)}")
-        unknown = sorted(set(raw) - RUN_SECTIONS)
-        if unknown:
-            raise ValueError(f"{p}: unknown section(s) {unknown}; valid sections are {sorted(RUN_SECTIONS)}")
-        base = p.parent
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict):
-            merged = dict(raw.get(section) or {})
-            merged.update(values)
-            raw[section] = merged
-        else:
-            raw[section] = values
+    raw, base = read_run_file(path, RUN_SECTIONS, overrides)
     mode = raw.get("mode", "pretrain")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
@@ -295,13 +277,10 @@ KEYS = {"pretrain": ("input_ids", "labels"), "sft": ("input_ids", "labels", "att
 KINDS = {"sft": "chat", "rm": "preference"}
 
 
-def _default_tokenizer(run: RunConfig, rank: int, barrier):
+def _default_tokenizer(run: RunConfig, rank: int, procs):
     from engine.data.tokenizer import default_tokenizer
-    if rank == 0:
-        tokenizer = default_tokenizer(run.data.tokenizer_cache)  # trains and caches it the first time
-    barrier()
-    if rank != 0:
-        tokenizer = default_tokenizer(run.data.tokenizer_cache)
+    # rank 0 trains and caches it the first time
+    tokenizer = procs.rank0_first(rank, lambda: default_tokenizer(run.data.tokenizer_cache))
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(f"the default tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={run.model.vocab_size}")
@@ -327,7 +306,7 @@ def _dataset(indexed, run: RunConfig):
     return PretrainDataset(indexed, t.seq_length, max(1, t.train_steps) * t.global_batch_size, t.seed)
 
 
-def build_data(run: RunConfig, rank: int, barrier) -> RunData:
+def build_data(run: RunConfig, rank: int, procs) -> RunData:
     """Training batches and held-out batches of the run's mode (the same on every rank)."""
     from engine.data.datasets import bucket_balance
     from engine.data.builtin import split_indices
@@ -335,7 +314,7 @@ def build_data(run: RunConfig, rank: int, barrier) -> RunData:
     d, t, keys = run.data, run.train, KEYS[run.mode]
     fingerprint = None
     if d.path is None:
-        tokenizer = _default_tokenizer(run, rank, barrier)
+        tokenizer = _default_tokenizer(run, rank, procs)
         fingerprint = tokenizer.fingerprint()
         if run.mode == "pretrain":
             from engine.data.tokenizer import default_corpus
@@ -344,10 +323,7 @@ def build_data(run: RunConfig, rank: int, barrier) -> RunData:
             return RunData(corpus, corpus.held_out(t.eval_batches), fingerprint)
         from engine.data.builtin import builtin_dataset
         from engine.data.indexed_dataset import IndexedDataset
-        prefix = builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache) if rank == 0 else None
-        barrier()  # rank 0 built (or found) the cached dataset; the others read it
-        if rank != 0:
-            prefix = builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache)
+        prefix = procs.rank0_first(rank, lambda: builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache))
         dataset = _dataset(IndexedDataset(prefix, tokenizer), run)
     else:
         dataset = _dataset(_open_indexed(d.path, run, "data.path"), run)
@@ -370,9 +346,7 @@ def build_data(run: RunConfig, rank: int, barrier) -> RunData:
 
 # ---- main ---------------------------------------------------------------------------------------
 def _error(message: str) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    return 2
+    return error(PROG, message)
 
 
 def run_from_args(args: argparse.Namespace) -> RunConfig:
@@ -417,8 +391,6 @@ def _initialise(run: RunConfig, chunks, layout, model_cls, tokenizer_fingerprint
 
 
 def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
-    import torch.distributed as dist
-
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelLayout
     from engine.parallel.pipeline import build_model_chunks
@@ -426,24 +398,14 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
     from engine.train.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
     from engine.train.objectives import LanguageModelObjective
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
-    cuda = torch.cuda.is_available()
-    device = torch.device("cpu")
-    if distributed:
-        if cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    elif cuda:
-        device = torch.device("cuda", 0)
-    try:
+    with Processes() as procs:
+        device = procs.device
         dims = run.parallel.dims()
-        layout = ParallelLayout.build(dims) if distributed else ParallelLayout.single()
+        layout = ParallelLayout.build(dims) if procs.distributed else ParallelLayout.single()
         rank = layout.rank
-        barrier = dist.barrier if distributed else (lambda: None)
         torch.manual_seed(run.train.seed)
         try:
-            data = build_data(run, rank, barrier)
+            data = build_data(run, rank, procs)
         except ValueError as e:
             return _error(str(e))
         model_cls = GLMForScalarHead if run.mode == "rm" else GLMForCausalLM
@@ -484,7 +446,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             print(f"{PROG}: {run.mode} {model_cls.__name__} {run.model.name} "
                   f"({run.model.num_parameters() / 1e6:.1f}M params), "
                   f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
-                  f"{dist.get_backend() if distributed else 'single process'}, device {device}", flush=True)
+                  f"{procs.backend}, device {device}", flush=True)
             if resume:
                 print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
             elif ck.init_from:
@@ -526,14 +488,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         board.close()
         if writer is not None:
             writer.close()
-        if distributed:
-            # no rank tears its gloo/NCCL connections down while a peer still has traffic in flight
-            # (an early exit has been seen to abort a peer's worker thread at shutdown)
-            dist.barrier()
+        procs.done()
         return 0
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

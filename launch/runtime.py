@@ -1,0 +1,72 @@
+"""What every entry point shares: the process group and device under torchrun, rank-0-first cache
+building, and the one-line error exit.
+
+    with Processes() as procs:          # torchrun: NCCL on CUDA, else gloo; a plain `python -m`: none
+        layout = ParallelLayout.build(dims) if procs.distributed else ParallelLayout.single()
+        tokenizer = procs.rank0_first(layout.rank, default_tokenizer)
+        ...
+        procs.done()                    # a clean end: every rank meets before the teardown
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def error(prog: str, message: str) -> int:
+    """Print ``prog: error: message`` once (rank 0) and return the CLI's exit code 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+class Processes:
+    """The process group of a torchrun launch (none for a single process) and this rank's device."""
+
+    def __init__(self):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cpu")
+        if self.distributed:
+            if cuda:
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if cuda else "gloo")
+        elif cuda:
+            self.device = torch.device("cuda", 0)
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend() if self.distributed else "single process"
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def rank0_first(self, rank: int, build: Callable[[], T]) -> T:
+        """``build()`` on rank 0, then on the others: rank 0 creates a shared cache (tokenizer, built-in
+        dataset) that the others then only read."""
+        if rank == 0:
+            value = build()
+        self.barrier()
+        if rank != 0:
+            value = build()
+        return value
+
+    def done(self) -> None:
+        """A clean end: no rank tears its connections down while a peer still has traffic in flight
+        (an early exit has been seen to abort a peer's gloo worker thread at shutdown)."""
+        self.barrier()
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
