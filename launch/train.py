@@ -458,7 +458,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                             tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
-        flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute)
+        flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute, lm_head=run.mode != "rm")
         progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
         board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
         t = run.train

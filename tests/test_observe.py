@@ -28,6 +28,8 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(c, 5, recompute="full") == 12288 + 3 * 1312
     assert flops_per_token(c, 5, recompute="selective") == 12288 + 3 * 160
     assert flops_per_token(c, 5, causal=True) == 3 * (3 * (1152 + 80) + 160)
+    h = c.hidden_size  # a scalar head: 2 h FLOPs per token instead of 2 h V (160 here)
+    assert flops_per_token(c, 5, lm_head=False) == 12288 - 3 * (160 - 2 * h)
     assert mfu(1000.0, 12288.0, 1.2288e7 * 2, num_devices=1) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="recompute"):
         flops_per_token(c, 5, recompute="some")

@@ -29,8 +29,9 @@ RECOMPUTE = ("none", "full", "selective")
 
 
 def flops_per_token(config: GLMConfig, seq_length: int, recompute: str = "none", causal: bool = False,
-                    training: bool = True) -> float:
-    """Model FLOPs per token of one training step (or one forward when ``training=False``)."""
+                    training: bool = True, lm_head: bool = True) -> float:
+    """Model FLOPs per token of one training step (or one forward when ``training=False``);
+    ``lm_head=False`` for a scalar-head model (reward model / critic: an [h, 1] head instead of [h, V])."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} must be one of {RECOMPUTE}")
     if seq_length < 1:
@@ -40,7 +41,7 @@ def flops_per_token(config: GLMConfig, seq_length: int, recompute: str = "none",
     d = config.head_dim if config.head_dim is not None else h // hq
     weights = 2 * (h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * f)
     attention = 2 * 2 * seq_length * hq * d * (0.5 if causal else 1.0)
-    head = 2 * h * V
+    head = 2 * h * (V if lm_head else 1)
     if not training:
         return float(L * (weights + attention) + head)
     total = 3 * (L * (weights + attention) + head)
