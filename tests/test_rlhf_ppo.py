@@ -109,6 +109,18 @@ def test_reward_spread_filter_can_drop_everything_and_then_nothing_trains():
     assert all(torch.equal(v, before[k]) for k, v in loop.actor.state_dict().items())
 
 
+def test_score_normalisation_and_clipping():
+    """normalize_scores feeds the kept rows' adjusted scores into the running moments; with no KL
+    penalty, gamma = lam = 1 and a tiny score_clip, every return (the sum of the rewards after the
+    token) is bounded by the clip."""
+    loop = _loop(_ppo(normalize_scores=True, score_clip=1e-3, kl_coef=0.0, lam=1.0, iterations=1))
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    assert loop.score_moments.count == loop.config.rollout_rows
+    # returns = advantages + values in fp32 with |values| ~ 1: rounding adds up to a few 1e-7
+    assert batch["returns"].abs().max().item() <= 1e-3 + 1e-6
+
+
 def test_ptx_loss_is_added_in_the_same_actor_step():
     """PPO-ptx: the actor's gradient is the policy gradient plus ptx_coef times the LM gradient on the
     SFT batch (checked against each term computed alone)."""
@@ -142,6 +154,7 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
     (dict(samples_per_prompt=1, min_reward_spread=0.1), "needs samples_per_prompt >= 2"),
     (dict(rollout_prompts=0), "rollout_prompts=0 must be a positive integer"),
     (dict(top_p=0.0), "top_p=0.0"),
+    (dict(score_clip=-1.0), "score_clip=-1.0 must be >= 0"),
 ])
 def test_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -277,14 +290,15 @@ def test_save_and_resume_continue_exactly(tmp_path):
     runs 2 more: identical metrics (bitwise on CPU), since prompts and sampling seeds are functions
     of the iteration and the baseline cache travels with the checkpoint."""
     timing = ("generate_s", "score_s", "gather_s", "train_s", "seconds")
-    straight = _loop(_ppo(iterations=3))
+    config = _ppo(iterations=3, normalize_scores=True)  # the running score moments travel too
+    straight = _loop(config)
     expected = [straight.iteration() for _ in range(3)]
-    first = _loop(_ppo(iterations=3))
+    first = _loop(config)
     first.iteration()
     first.save(tmp_path / "ck")
     _, _, reference, reward = _models(seed=0)
     actor, critic, _, _ = _models(seed=1)
-    second = _loop(_ppo(iterations=3), models=(actor, critic, reference, reward))
+    second = _loop(config, models=(actor, critic, reference, reward))
     second.load(tmp_path / "ck")
     assert second.iterations_done == 1 and second._baseline_cache == first._baseline_cache
     resumed = [second.iteration() for _ in range(2)]

@@ -40,8 +40,8 @@ import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
 from engine.parallel import comm
-from engine.rlhf.core import (gae_advantages, kl_estimate, masked_mean, masked_whiten, reference_baseline,
-                              reward_spread_filter, shape_rewards)
+from engine.rlhf.core import (RunningMoments, gae_advantages, kl_estimate, masked_mean, masked_whiten,
+                              reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.train.lr import LRConfig, LRSchedule
 from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record_vocab_parallel_loss
@@ -90,6 +90,12 @@ class PPOConfig:
     min_reward_spread: float = 0.0
     """Drop prompts whose k responses' scores span less than this (0: keep all; needs k >= 2)."""
     whiten_advantages: bool = True
+    normalize_scores: bool = False
+    """Divide the (baseline-adjusted) scores by their running std over all rollouts so far
+    (``core.RunningMoments``), so the KL coefficient keeps its meaning whatever the reward model's
+    scale."""
+    score_clip: float = 0.0
+    """Clip the (normalised) scores to [-score_clip, score_clip] (0: off)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the language-model loss on SFT data in the actor's step (0: off)."""
     seed: int = 1234
@@ -118,7 +124,7 @@ class PPOConfig:
                                 f"{self.micro_batch_size} x dp={dp}")
         if self.kl_kind not in KL_KINDS:
             problems.append(f"kl_kind={self.kl_kind!r} must be one of {KL_KINDS}")
-        for name in ("kl_coef", "ptx_coef", "min_reward_spread"):
+        for name in ("kl_coef", "ptx_coef", "min_reward_spread", "score_clip"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if self.min_reward_spread > 0 and self.samples_per_prompt < 2:
@@ -221,6 +227,7 @@ class PPOLoop:
         self.device = next(actor.parameters()).device
         self.iterations_done = 0
         self._baseline_cache: dict[int, float] = {}
+        self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
 
     # ---- rollout ------------------------------------------------------------------------------
     def prompt_indices(self, iteration: int) -> torch.Tensor:
@@ -319,6 +326,11 @@ class PPOLoop:
                                              c.min_reward_spread)
             keep = spread_ok.repeat_interleave(c.samples_per_prompt)
         mask = r.response_mask.bool() & keep[:, None]
+        if c.normalize_scores and keep.any():
+            self.score_moments.update(adjusted[keep])  # the global rollout: the same on every rank
+            adjusted = adjusted / self.score_moments.std
+        if c.score_clip > 0:
+            adjusted = adjusted.clamp(-c.score_clip, c.score_clip)
         rewards, kl = shape_rewards(adjusted, r.logprobs, r.ref_logprobs, mask, c.kl_coef, c.kl_kind)
         adv, returns = gae_advantages(rewards, r.values, mask, c.gamma, c.lam)
         if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
@@ -387,6 +399,7 @@ class PPOLoop:
             extra = {"mode": f"ppo_{name}", "iteration": self.iterations_done, "trainer_steps": trainer.steps_done}
             if name == "actor":
                 extra["reference_baselines"] = merged
+                extra["score_moments"] = self.score_moments.state_dict()
             save_checkpoint(Path(directory) / name, self.iterations_done, [model], trainer.optimizer, self.layout,
                             self.model_config, extra_state=extra, keep_last=keep_last,
                             tokenizer_fingerprint=tokenizer_fingerprint)
@@ -412,6 +425,7 @@ class PPOLoop:
                                   f"{states['critic']['iteration']}: not one save")
         self.iterations_done = int(states["actor"]["iteration"])
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
+        self.score_moments.load_state_dict(states["actor"]["score_moments"])
 
     def iteration(self) -> dict:
         """One rollout + update; returns the iteration's metrics (the same on every rank)."""
