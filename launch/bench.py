@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m launch.bench {model,kernels,train,data,gpu} [options]``.
+"""Benchmarks: ``python -m launch.bench {model,kernels,train,data,rlhf,gpu} [options]``.
 
 Each suite lives in its own module (``launch/bench_<suite>.py``) with a ``main(argv)``; this file only
 dispatches, so suites can be read and run on their own.
@@ -14,6 +14,7 @@ SUITES = {
     "gpu": "launch.bench_kernels",      # kernel tests on CUDA + kernel benchmarks, one JSON (lent GPU)
     "train": "launch.bench_train",      # tokens/s and MFU per parallel layout, vs transformers step
     "data": "launch.bench_data",        # preprocessing throughput, sample-index build C++ vs Python
+    "rlhf": "launch.bench_rlhf",        # PPO iteration phases (generate, score, update) per TP x DP layout
 }
 
 

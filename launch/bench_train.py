@@ -60,19 +60,40 @@ def matmul_rate(size: int = MM_SIZE, repeats: int = 5) -> float:
 
 
 # ---- one layout, several processes ---------------------------------------------------------------
-def _layout_worker(rank, world_size, port, spec, args, queue):
+def _layout_worker(rank, world_size, port, fn, fn_args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import torch.distributed as dist
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, _run_layout(spec, args)))
+        queue.put((rank, fn(*fn_args)))
     except BaseException as e:  # noqa: BLE001 - report, the parent prints it
         queue.put((rank, {"error": f"{type(e).__name__}: {e}"}))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def spawn_workers(fn, world: int, *fn_args, what: str = "benchmark") -> dict:
+    """Run ``fn(*fn_args)`` on ``world`` fresh gloo processes (one thread each); rank 0's result.
+    ``fn`` must be importable (spawned processes pickle it by name)."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_layout_worker, args=(r, world, port, fn, fn_args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=1800) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+    errors = [r["error"] for r in results.values() if "error" in r]
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}")
+    return results[0]
 
 
 def _trainer(config, layout, args, mixed_precision="fp32", micro_batch=None, global_batch=None):
@@ -109,24 +130,8 @@ def _run_layout(spec, args) -> dict:
 
 
 def run_layout(spec, args) -> dict:
-    import torch.multiprocessing as mp
     tp, pp, dp, vpp = spec
-    world = tp * pp * dp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_layout_worker, args=(r, world, port, spec, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=1800) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-    errors = [r["error"] for r in results.values() if "error" in r]
-    if errors:
-        raise RuntimeError(f"layout tp={tp} pp={pp} dp={dp} vpp={vpp} failed: {errors[0]}")
-    return results[0]
+    return spawn_workers(_run_layout, tp * pp * dp, spec, args, what=f"layout tp={tp} pp={pp} dp={dp} vpp={vpp}")
 
 
 # ---- engine vs transformers ----------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file
-from engine.rlhf.ppo import PPOConfig
+from engine.rlhf.ppo import PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
 from launch.runtime import Processes, error
@@ -71,9 +71,9 @@ class RLHFRun:
     tp: int = 1
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    actor_lr: LRConfig = field(default_factory=lambda: LRConfig(lr=1e-5))
+    actor_lr: LRConfig = field(default_factory=lambda: PPO_LR)
     critic_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    critic_lr: LRConfig = field(default_factory=lambda: LRConfig(lr=1e-5))
+    critic_lr: LRConfig = field(default_factory=lambda: PPO_LR)
     data: RLHFData = field(default_factory=RLHFData)
     checkpoint: RLHFCheckpoints = field(default_factory=RLHFCheckpoints)
     log_dir: str = "runs/ppo"
@@ -94,9 +94,9 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
-                   actor_lr=config_section(LRConfig, raw.get("actor_lr") or {"lr": 1e-5}, "actor_lr"),
+                   actor_lr=config_section(LRConfig, raw.get("actor_lr"), "actor_lr") if raw.get("actor_lr") else PPO_LR,
                    critic_optim=config_section(OptimizerConfig, raw.get("critic_optim"), "critic_optim"),
-                   critic_lr=config_section(LRConfig, raw.get("critic_lr") or {"lr": 1e-5}, "critic_lr"),
+                   critic_lr=config_section(LRConfig, raw.get("critic_lr"), "critic_lr") if raw.get("critic_lr") else PPO_LR,
                    data=config_section(RLHFData, raw.get("data"), "data"),
                    checkpoint=config_section(RLHFCheckpoints, raw.get("checkpoint"), "checkpoint"),
                    log_dir=str(raw.get("log_dir", "runs/ppo")))

@@ -228,7 +228,12 @@ def test_tp2_and_dp2_match_one_process():
 
 # ---- launcher ------------------------------------------------------------------------------------
 def test_launcher_errors(tmp_path, capsys):
-    from launch.rlhf import main, read_prompts
+    from engine.rlhf.ppo import PPO_LR
+    from launch.rlhf import load_rlhf_run, main, read_prompts, validate_rlhf_run
+    # a run file without learning-rate sections gets a valid fine-tuning schedule
+    run = load_rlhf_run(None, {"checkpoint": {"actor_from": "a", "reward_from": "b"}})
+    validate_rlhf_run(run, 1)
+    assert run.actor_lr == run.critic_lr == PPO_LR
     assert main(["--iterations", "1"]) == 2
     assert "needs --actor-from" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--mini-batch-size", "5"]) == 2

@@ -48,6 +48,7 @@ from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
 KL_KINDS = ("k1", "k2", "k3")
+PPO_LR = LRConfig(lr=1e-5, min_lr=1e-6)  # the default of actor and critic: a fine-tuning rate
 
 
 @dataclass(frozen=True)
@@ -193,12 +194,13 @@ class PPOLoop:
     def __init__(self, config: PPOConfig, model_config: GLMConfig, layout, actor, critic, reference, reward,
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
-                 actor_lr: LRConfig = LRConfig(lr=1e-5), critic_lr: LRConfig = LRConfig(lr=1e-5),
+                 actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None):
         if layout.pp_size != 1:
             raise ValueError(f"PPOLoop runs on a TP x DP layout; got pp={layout.pp_size} (generation needs every "
                              "layer on the rank)")
         self.config = config.validate(layout.dp_size)
+        actor_lr, critic_lr = actor_lr or PPO_LR, critic_lr or PPO_LR
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
         self.model_config, self.layout = model_config, layout

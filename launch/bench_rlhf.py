@@ -1,0 +1,96 @@
+"""PPO iteration throughput per layout: time of each phase and tokens/s.
+
+    python -m launch.bench rlhf [--config tiny] [--layouts "1,1 2,1 1,2"] [--iterations 3]
+                                [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
+                                [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
+
+Layouts are ``tp,dp``; each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
+is a warm-up and is not timed) in its own gloo process group, one thread per process. Actor, critic,
+reference and reward models are randomly initialised copies of ``--config`` (all four resident on
+every rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a
+random model rarely samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the
+measured lengths. Reported per
+phase (median over the timed iterations): generate (sampling with the KV cache), score (actor,
+reference, critic and reward forwards; the reference answers of prompts not seen before), update
+(the actor's and the critic's optimizer steps), and the whole iteration; generated tokens/s =
+rollout responses' tokens / generate time; trained tokens/s = rollout tokens (prompt + response)
+x PPO epochs / update time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from launch.bench_train import spawn_workers
+
+
+def _run(tp: int, dp: int, args) -> dict:
+    from engine.config import load_config
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
+    from engine.parallel import ParallelDims, ParallelLayout
+    from engine.parallel.pipeline import build_model_chunks
+    from engine.rlhf.ppo import PPOConfig, PPOLoop
+    from engine.train.lr import LRConfig
+    from engine.train.step import OptimizerConfig
+
+    config = load_config(args.config)
+    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=1, dp=dp))
+    models = [build_model_chunks(config, layout, model_cls=cls, seed=i)[0]
+              for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
+    g = torch.Generator().manual_seed(0)
+    n_prompts = args.rollout_prompts * args.iterations
+    prompts = torch.randint(3, config.vocab_size, (n_prompts, args.prompt_length), generator=g).tolist()
+    ppo = PPOConfig(iterations=args.iterations, rollout_prompts=args.rollout_prompts,
+                    samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.prompt_length,
+                    max_new_tokens=args.max_new_tokens, mini_batch_size=args.mini_batch,
+                    micro_batch_size=args.micro_batch, seed=0)
+    optim = OptimizerConfig(clip_grad=1.0, mixed_precision=args.dtype)
+    loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
+                   critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
+    records = [loop.iteration() for _ in range(args.iterations)][1:]
+    out = {k: statistics.median(r[k] for r in records) for k in ("generate_s", "score_s", "gather_s", "train_s",
+                                                                  "seconds", "response_length")}
+    rows = ppo.rollout_rows
+    out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
+    out["trained_tokens_per_s"] = rows * (args.prompt_length + args.max_new_tokens) / out["train_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.bench rlhf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="model preset or YAML")
+    p.add_argument("--layouts", default="1,1 2,1 1,2", help="space-separated tp,dp")
+    p.add_argument("--iterations", type=int, default=3, help="PPO iterations per layout (the first is not timed)")
+    p.add_argument("--rollout-prompts", type=int, default=8)
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--mini-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="actor and critic parameters")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.iterations < 2:
+        p.error("--iterations must be >= 2 (the first is a warm-up)")
+    print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
+          f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
+          f"{args.dtype}; median of {args.iterations - 1} iterations")
+    header = (f"{'tp':>3}{'dp':>3}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
+              f"{'gen tok/s':>9}  {'train tok/s':>11}")
+    print(f"{header}\n{'-' * len(header)}")
+    out = {"args": vars(args), "layouts": []}
+    for item in args.layouts.split():
+        tp, dp = (int(x) for x in item.split(","))
+        r = spawn_workers(_run, tp * dp, tp, dp, args, what=f"PPO layout tp={tp} dp={dp}")
+        print(f"{tp:>3}{dp:>3}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
+              f"{r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  {r['trained_tokens_per_s']:>11.0f}",
+              flush=True)
+        out["layouts"].append({"tp": tp, "dp": dp, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
