@@ -1,10 +1,11 @@
 """PPO iteration throughput per layout: time of each phase and tokens/s.
 
-    python -m launch.bench rlhf [--config tiny] [--layouts "1,1 2,1 1,2"] [--iterations 3]
+    python -m launch.bench rlhf [--config tiny] [--layouts "1,1 2,1 2,1,1 1,2"] [--iterations 3]
                                 [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
 
-Layouts are ``tp,dp``; each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
+Layouts are ``tp,dp[,generation_tp]`` (generation_tp 1: the actor is resharded to a whole model per rank
+for sampling, ``PPOConfig.generation_tp``); each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
 is a warm-up and is not timed) in its own gloo process group, one thread per process. Actor, critic,
 reference and reward models are randomly initialised copies of ``--config`` (all four resident on
 every rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a
@@ -27,7 +28,7 @@ import torch
 from launch.bench_train import spawn_workers
 
 
-def _run(tp: int, dp: int, args) -> dict:
+def _run(tp: int, dp: int, gen_tp, args) -> dict:
     from engine.config import load_config
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
@@ -46,7 +47,7 @@ def _run(tp: int, dp: int, args) -> dict:
     ppo = PPOConfig(iterations=args.iterations, rollout_prompts=args.rollout_prompts,
                     samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.prompt_length,
                     max_new_tokens=args.max_new_tokens, mini_batch_size=args.mini_batch,
-                    micro_batch_size=args.micro_batch, seed=0)
+                    micro_batch_size=args.micro_batch, generation_tp=gen_tp, seed=0)
     optim = OptimizerConfig(clip_grad=1.0, mixed_precision=args.dtype)
     loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
@@ -56,6 +57,7 @@ def _run(tp: int, dp: int, args) -> dict:
     rows = ppo.rollout_rows
     out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
     out["trained_tokens_per_s"] = rows * (args.prompt_length + args.max_new_tokens) / out["train_s"]
+    out["reshard_bytes_per_iteration"] = layout.ledger.received("reshard") / args.iterations
     return out
 
 
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench rlhf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="model preset or YAML")
-    p.add_argument("--layouts", default="1,1 2,1 1,2", help="space-separated tp,dp")
+    p.add_argument("--layouts", default="1,1 2,1 2,1,1 1,2", help="space-separated tp,dp[,generation_tp]")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations per layout (the first is not timed)")
     p.add_argument("--rollout-prompts", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=2)
@@ -79,17 +81,18 @@ def main(argv=None) -> int:
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
           f"{args.dtype}; median of {args.iterations - 1} iterations")
-    header = (f"{'tp':>3}{'dp':>3}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
+    header = (f"{'tp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
               f"{'gen tok/s':>9}  {'train tok/s':>11}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
-        tp, dp = (int(x) for x in item.split(","))
-        r = spawn_workers(_run, tp * dp, tp, dp, args, what=f"PPO layout tp={tp} dp={dp}")
-        print(f"{tp:>3}{dp:>3}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
+        spec = [int(x) for x in item.split(",")]
+        tp, dp, gen_tp = spec[0], spec[1], spec[2] if len(spec) > 2 else None
+        r = spawn_workers(_run, tp * dp, tp, dp, gen_tp, args, what=f"PPO layout tp={tp} dp={dp} gen_tp={gen_tp}")
+        print(f"{tp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
               f"{r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  {r['trained_tokens_per_s']:>11.0f}",
               flush=True)
-        out["layouts"].append({"tp": tp, "dp": dp, **r})
+        out["layouts"].append({"tp": tp, "dp": dp, "generation_tp": gen_tp or tp, **r})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--kl-coef", type=float)
     p.add_argument("--ptx-coef", type=float)
+    p.add_argument("--generation-tp", type=int, help="1: reshard the actor to a whole model per rank for sampling")
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "ptx_coef", "seed")
+              "max_new_tokens", "kl_coef", "ptx_coef", "seed", "generation_tp")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 

@@ -155,6 +155,7 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
     (dict(rollout_prompts=0), "rollout_prompts=0 must be a positive integer"),
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(score_clip=-1.0), "score_clip=-1.0 must be >= 0"),
+    (dict(generation_tp=0), "generation_tp=0 must be None, 1 or the training tp"),
 ])
 def test_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -195,6 +196,23 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
         if name == "dp2":
             record = loop.iteration()
             out["dp2_iteration"] = (record["ppo_steps"], layout.ledger.bytes("rollout") > 0)
+    # generation_tp=1 on a tp=2 training layout: the resharded actor is the whole model (greedy decoding
+    # equals one process), the all-gather moves what the analytic count says, and an iteration runs
+    layout = ParallelLayout.build(ParallelDims(tp=2), name="tp2_gen1")
+    models = []
+    for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead), states):
+        (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
+        load_full_into(m, state, layout)
+        models.append(m)
+    loop = _loop(_ppo(generation_tp=1), layout=layout, models=models)
+    local_bytes = sum(t.numel() * t.element_size() for t in loop.actor.state_dict().values())
+    gen = loop.generation_model()
+    ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+    greedy = generate(gen, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+    received = layout.ledger.received("reshard")
+    record = loop.iteration()
+    out["gen1"] = (greedy.response_ids.numpy(), received, local_bytes, record["ppo_steps"],
+                   layout.ledger.received("reshard") == 2 * received)
     return out
 
 
@@ -224,6 +242,13 @@ def test_tp2_and_dp2_match_one_process():
                 torch.testing.assert_close(torch.from_numpy(w), ref_weights[name], rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{case} {name}: {m}")
         assert r["dp2_iteration"] == (2, True)
+        tokens, received, local_bytes, steps, once_per_iteration = r["gen1"]
+        assert torch.equal(torch.from_numpy(tokens), ref_gen.response_ids)
+        full_bytes = sum(t.numel() * t.element_size() for t in ref_weights.values())
+        # every local tensor all-gathered once over tp=2: (tp - 1) x the local bytes; at least the
+        # analytic minimum M (1 - 1/tp), above it by the replicated tensors (norm weights)
+        assert received == local_bytes and full_bytes / 2 <= received < full_bytes / 2 + 0.01 * full_bytes
+        assert steps == 2 and once_per_iteration
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -248,7 +273,8 @@ def test_launcher_errors(tmp_path, capsys):
 
 
 def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
-    """launch.rlhf under torchrun (2 processes, tp=2) from language-model and reward checkpoints."""
+    """launch.rlhf under torchrun (2 processes, tp=2, sampling resharded to tp=1) from language-model and
+    reward checkpoints; then a resume in one process."""
     import os
     import subprocess
     import sys
@@ -265,7 +291,7 @@ def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--tp", "2", "--iterations", "2",
+           "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--tp", "2", "--generation-tp", "1", "--iterations", "2",
            "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
            "2", "--max-new-tokens", "8", "--actor-from", str(tmp_path / "sft"), "--reward-from", str(tmp_path / "rm"),
            "--log-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo")]

@@ -23,9 +23,12 @@ One iteration (``PPOLoop.iteration``):
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
 functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
 
-The pure math lives in ``engine.rlhf.core``. Not here yet: separate generation layouts (resharding the
-actor between its training and generation layouts) and offloading idle models; generation runs on
-the training layout, which is exact, only not the fastest.
+``generation_tp=1`` reshards the actor for the rollout: every rank all-gathers the whole actor over
+its training TP group ("reshard" traffic, (tp-1)/tp of the actor's bytes), samples its own slice of
+the rollout with no per-token communication, and drops the copy before scoring.
+
+The pure math lives in ``engine.rlhf.core``. Not here yet: intermediate generation layouts
+(1 < tp_g < tp), resharding across pipeline stages, and offloading idle models.
 """
 from __future__ import annotations
 
@@ -72,6 +75,12 @@ class PPOConfig:
     """Nucleus / top-k truncation of the sampling. The PPO log-probs (old and new alike) stay those of the
     untruncated tempered softmax, as in OpenRLHF: an approximation of the sampling policy when either is
     set; the ratio still starts at 1."""
+    generation_tp: Optional[int] = None
+    """TP degree the actor generates with: None (or the training tp) samples on the training layout;
+    1 reshards it for the rollout into a whole model on every rank (an all-gather over the training TP
+    group, freed after sampling), so each rank samples its own slice of the rollout with no per-token
+    communication (dp_g = world size). The trade: (tp-1)/tp of the actor's bytes received per
+    iteration and one whole copy of the actor during generation."""
     ppo_epochs: int = 1
     """Passes over each rollout."""
     mini_batch_size: int = 8
@@ -113,6 +122,8 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        if self.generation_tp not in (None, 1) and not (isinstance(self.generation_tp, int) and self.generation_tp > 1):
+            problems.append(f"generation_tp={self.generation_tp!r} must be None, 1 or the training tp")
         if not problems:
             if self.rollout_rows % dp:
                 problems.append(f"rollout_prompts x samples_per_prompt = {self.rollout_rows} must be divisible by "
@@ -200,6 +211,13 @@ class PPOLoop:
             raise ValueError(f"PPOLoop runs on a TP x DP layout; got pp={layout.pp_size} (generation needs every "
                              "layer on the rank)")
         self.config = config.validate(layout.dp_size)
+        if config.generation_tp not in (None, 1, layout.tp_size):
+            raise ValueError(f"generation_tp={config.generation_tp} must be 1 or the training tp={layout.tp_size} "
+                             "(intermediate generation layouts are not built yet)")
+        self.reshard = config.generation_tp == 1 and layout.tp_size > 1
+        if self.reshard and config.rollout_rows % layout.world_size:
+            raise ValueError(f"generation_tp=1 samples on every rank: rollout_prompts x samples_per_prompt = "
+                             f"{config.rollout_rows} must be divisible by the world size {layout.world_size}")
         actor_lr, critic_lr = actor_lr or PPO_LR, critic_lr or PPO_LR
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
@@ -271,6 +289,47 @@ class PPOLoop:
             self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores)})
         return torch.tensor([self._baseline_cache[int(i)] for i in prompt_index.tolist()], dtype=torch.float32)
 
+    def _sample(self, model, ids: torch.Tensor, mask: torch.Tensor, seed: int):
+        c = self.config
+        return generate(model, ids.to(self.device), mask.to(self.device),
+                        SamplingParams(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
+                                       top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_ids,
+                                       pad_token_id=self.pad_id, seed=seed))
+
+    def generation_model(self):
+        """The actor resharded to the generation layout (tp_g = 1): a whole ``GLMForCausalLM`` on every
+        rank, all-gathered over the training TP group; the traffic is recorded in the layout's ledger
+        under "reshard". The caller drops it after sampling."""
+        import dataclasses
+
+        from engine.model.glm import GLMForCausalLM
+        from engine.parallel.comm import CommLedger
+        from engine.parallel.sharding import gather_full_state_dict
+        side = dataclasses.replace(self.layout, ledger=CommLedger())
+        full = gather_full_state_dict(self.actor, self.model_config, side)
+        self.layout.ledger.record("reshard", "all_gather", side.ledger.bytes("tp"), side.ledger.received("tp"))
+        model = GLMForCausalLM(self.model_config, init=False).to(device=self.device, dtype=next(
+            self.actor.parameters()).dtype)
+        model.load_state_dict(full, strict=True)
+        return model.eval()
+
+    def _generate_resharded(self, rows: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the whole rollout with the actor resharded to tp_g = 1: rank r samples rows
+        ``[r R/W, (r+1) R/W)`` (seed per (iteration, rank)); returns every rank's ``[R, T]`` responses
+        and masks (all-gathered over the world, "rollout" traffic)."""
+        c, layout = self.config, self.layout
+        model = self.generation_model()
+        per = c.rollout_rows // layout.world_size
+        slice_ = rows[layout.rank * per:(layout.rank + 1) * per]
+        ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in slice_], c.max_prompt_length, self.pad_id)
+        seed = int(np.random.default_rng([c.seed, iteration, layout.rank, 1]).integers(2**62))
+        out = self._sample(model, ids, pmask, seed)
+        del model  # the whole-model copy lives only while sampling
+        responses, mask = self._pad_response(out.response_ids, out.response_mask)
+        world = torch.distributed.group.WORLD
+        return (comm.all_gather(responses.contiguous(), 0, world, layout.ledger, "rollout"),
+                comm.all_gather(mask.contiguous(), 0, world, layout.ledger, "rollout"))
+
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
         pad = t - ids.shape[1]
@@ -286,15 +345,17 @@ class PPOLoop:
         per_rank = c.rollout_rows // layout.dp_size
         mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
-        # one seed per (iteration, DP replica): the TP ranks of a replica draw the same tokens
-        seed = int(np.random.default_rng([c.seed, iteration, layout.dp_rank]).integers(2**62))
-        out = generate(self.actor, ids.to(self.device), pmask.to(self.device),
-                       SamplingParams(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-                                      top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_ids,
-                                      pad_token_id=self.pad_id, seed=seed))
-        responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
-        sequences = torch.cat([out.prompt_ids, responses], 1)
-        attention = torch.cat([out.prompt_mask.long(), response_mask], 1)
+        if self.reshard:  # sampled on the generation layout: this DP replica's rows of the whole rollout
+            responses, response_mask = (t[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+                                        for t in self._generate_resharded(rows, iteration))
+        else:
+            # one seed per (iteration, DP replica): the TP ranks of a replica draw the same tokens
+            seed = int(np.random.default_rng([c.seed, iteration, layout.dp_rank]).integers(2**62))
+            out = self._sample(self.actor, ids, pmask, seed)
+            responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
+        prompt_ids, prompt_mask = ids.to(self.device), pmask.to(self.device)
+        sequences = torch.cat([prompt_ids, responses], 1)
+        attention = torch.cat([prompt_mask, response_mask], 1)
         t1 = time.perf_counter()
 
         for model in (self.actor, self.critic):
