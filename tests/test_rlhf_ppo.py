@@ -170,22 +170,27 @@ def test_loop_errors():
 
 
 # ---- layouts -----------------------------------------------------------------------------------
+def _sharded(states, layout) -> list:
+    """Actor, critic, reference and reward built for ``layout`` from full state dicts."""
+    from engine.parallel.pipeline import build_model_chunks
+    from engine.parallel.sharding import load_full_into
+    models = []
+    for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead), states):
+        (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
+        load_full_into(m, state, layout)
+        models.append(m)
+    return models
+
+
 def _world2(rank, world_size, states, prompts_greedy, batch):
     """TP=2: greedy generation equals one process; TP=2 and DP=2: one PPO update (fixed rollout batch)
     gives the single-process losses and actor weights; DP=2: a full iteration runs (rollout gather)."""
     from engine.model.generation import SamplingParams, generate
-    from engine.parallel.pipeline import build_model_chunks
-    from engine.parallel.sharding import gather_full_state_dict, load_full_into
+    from engine.parallel.sharding import gather_full_state_dict
     out = {}
     for name, dims in (("tp2", ParallelDims(tp=2)), ("dp2", ParallelDims(dp=2))):
         layout = ParallelLayout.build(dims, name=name)
-        models = []
-        for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead),
-                              states):
-            (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
-            load_full_into(m, state, layout)
-            models.append(m)
-        loop = _loop(layout=layout, models=models)
+        loop = _loop(layout=layout, models=_sharded(states, layout))
         if name == "tp2":
             ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
             gen = generate(loop.actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
@@ -199,12 +204,7 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
     # generation_tp=1 on a tp=2 training layout: the resharded actor is the whole model (greedy decoding
     # equals one process), the all-gather moves what the analytic count says, and an iteration runs
     layout = ParallelLayout.build(ParallelDims(tp=2), name="tp2_gen1")
-    models = []
-    for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead), states):
-        (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
-        load_full_into(m, state, layout)
-        models.append(m)
-    loop = _loop(_ppo(generation_tp=1), layout=layout, models=models)
+    loop = _loop(_ppo(generation_tp=1), layout=layout, models=_sharded(states, layout))
     local_bytes = sum(t.numel() * t.element_size() for t in loop.actor.state_dict().values())
     gen = loop.generation_model()
     ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
