@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,7 +32,7 @@ from engine.config import GLMConfig, config_section, model_from_spec, read_run_f
 from engine.rlhf.ppo import PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
-from launch.runtime import Processes, error
+from launch.runtime import Processes, error, exit_process
 
 PROG = "launch.rlhf"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "ppo.yaml"
@@ -301,4 +300,4 @@ def train_ppo(run: RLHFRun) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,7 +48,7 @@ from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
-from launch.runtime import Processes, error
+from launch.runtime import Processes, error, exit_process
 
 PROG = "launch.train"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "pretrain.yaml"
@@ -493,4 +492,4 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

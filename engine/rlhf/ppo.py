@@ -256,9 +256,12 @@ class PPOLoop:
         c, n = self.config, len(self.prompts)
         out = []
         start = iteration * c.rollout_prompts
+        orders: dict[int, np.ndarray] = {}  # one permutation per epoch the slice touches
         for i in range(start, start + c.rollout_prompts):
             epoch, j = divmod(i, n)
-            out.append(int(np.random.default_rng([c.seed, epoch]).permutation(n)[j]))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([c.seed, epoch]).permutation(n)
+            out.append(int(orders[epoch][j]))
         return torch.tensor(out, dtype=torch.long)
 
     def _token_logprobs(self, model, sequences, mask, responses) -> torch.Tensor:
