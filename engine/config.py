@@ -258,6 +258,13 @@ def config_section(cls, values: Any, where: str):
                   for k, v in values.items()})
 
 
+def run_dict(run) -> dict:
+    """A run dataclass (with a ``model: GLMConfig`` field) as the plain dict written to config.json."""
+    d = dataclasses.asdict(run)
+    d["model"] = run.model.to_dict()
+    return d
+
+
 def read_run_file(path, sections: set, overrides: Optional[dict] = None) -> tuple[dict, Path]:
     """A run YAML's top-level mapping (unknown sections refused, naming the valid ones) with
     ``overrides`` ``{section: {field: value}}`` merged in (a non-mapping override replaces the section),

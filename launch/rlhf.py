@@ -18,7 +18,6 @@ optimizers, iteration, reference baselines; any TP x DP layout).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from engine.config import GLMConfig, config_section, model_from_spec, read_run_file
+from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.rlhf.ppo import PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
@@ -78,9 +77,7 @@ class RLHFRun:
     log_dir: str = "runs/ppo"
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
+        return run_dict(self)
 
 
 SECTIONS = {"model", "tp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
@@ -216,12 +213,9 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
 # ---- main ----------------------------------------------------------------------------------------
 def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, allow_missing=()):
     from engine.parallel.pipeline import build_model_chunks
-    from engine.train.checkpoint import CheckpointError, load_model_weights
+    from engine.train.checkpoint import load_model_weights
     (model,) = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
-    missing = load_model_weights(path, [model], layout, run.model, tokenizer_fingerprint=fingerprint)
-    bad = [n for n in missing if not n.startswith(tuple(allow_missing)) or not allow_missing]
-    if bad:
-        raise CheckpointError(f"{path} lacks {bad[:5]} for a {model_cls.__name__}")
+    load_model_weights(path, [model], layout, run.model, tokenizer_fingerprint=fingerprint, allow_missing=allow_missing)
     return model.to(device)
 
 

@@ -33,7 +33,6 @@ and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from engine.config import GLMConfig, config_section, model_from_spec, read_run_file
+from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import RewardObjective
@@ -123,9 +122,7 @@ class RunConfig:
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
+        return run_dict(self)
 
 
 # ---- config parsing -------------------------------------------------------------------------------
@@ -376,17 +373,12 @@ def _summary(metrics, record: dict) -> str:
     return line + ("  SKIPPED (non-finite grad norm)" if metrics.skipped else "")
 
 
-def _initialise(run: RunConfig, chunks, layout, model_cls, tokenizer_fingerprint) -> None:
-    """``checkpoint.init_from``: copy a checkpoint's model weights (any layout) into fresh chunks."""
-    from engine.train.checkpoint import CheckpointError, load_model_weights
-    missing = load_model_weights(run.checkpoint.init_from, chunks, layout, run.model,
-                                 tokenizer_fingerprint=tokenizer_fingerprint)
-    allowed = ("value_head.",) if run.mode == "rm" else ()
-    unexpected = [n for n in missing if not n.startswith(allowed) or not allowed]
-    if unexpected:
-        raise CheckpointError(f"--init-from {run.checkpoint.init_from}: the checkpoint lacks {unexpected[:5]}; "
-                              f"a {model_cls.__name__} can only start from a checkpoint of the same model "
-                              "(or, for rm, of a causal LM with the same trunk)")
+def _initialise(run: RunConfig, chunks, layout, tokenizer_fingerprint) -> None:
+    """``checkpoint.init_from``: copy a checkpoint's model weights (any layout) into fresh chunks; a
+    reward model may start from a causal LM's trunk (its value head stays freshly initialised)."""
+    from engine.train.checkpoint import load_model_weights
+    load_model_weights(run.checkpoint.init_from, chunks, layout, run.model, tokenizer_fingerprint=tokenizer_fingerprint,
+                       allow_missing=("value_head.",) if run.mode == "rm" else ())
 
 
 def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
@@ -422,7 +414,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             if ck.init_from and not resume:
                 # before the optimizer exists: under ZeRO-1 / bf16 it copies the weights into its fp32
                 # master at construction, and a later load into the params alone would be undone by step()
-                _initialise(run, chunks, layout, model_cls, data.tokenizer_fingerprint)
+                _initialise(run, chunks, layout, data.tokenizer_fingerprint)
         except CheckpointError as e:
             return _error(str(e))
         optimizer = build_optimizer(chunks, layout, run.optim, run.lr.lr)

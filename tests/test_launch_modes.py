@@ -99,6 +99,10 @@ def test_reward_model_initialised_from_a_language_model_checkpoint(tmp_path):
     for name, value in rm.state_dict().items():
         expected = head if name == "value_head.weight" else trunk[name]
         assert torch.equal(value, expected), name
+    with pytest.raises(CheckpointError, match=r"lacks \['value_head.weight'\] of this GLMForScalarHead"):
+        load_model_weights(tmp_path / "lm", [GLMForScalarHead(_tiny())], layout, _tiny(), allow_missing=())
+    assert load_model_weights(tmp_path / "lm", [GLMForScalarHead(_tiny())], layout, _tiny(),
+                              allow_missing=("value_head.",)) == ["value_head.weight"]
     other = GLMForScalarHead(_tiny().replace(num_layers=1))
     with pytest.raises(CheckpointError, match="different model config"):
         load_model_weights(tmp_path / "lm", [other], layout, other.config)

@@ -57,7 +57,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -871,15 +871,18 @@ def _read_for_rank(directory: Path, step, model, optimizer, layout, config, toke
 
 def load_model_weights(directory: Union[str, Path], model, layout, config: GLMConfig,
                        step: Optional[int] = None, verify: bool = True,
-                       tokenizer_fingerprint: Optional[str] = None) -> list[str]:
+                       tokenizer_fingerprint: Optional[str] = None,
+                       allow_missing: Optional[Sequence[str]] = None) -> list[str]:
     """Initialise ``model`` (a model or this rank's chunks) from the model weights of a checkpoint saved
     under any layout, e.g. SFT from a pretraining run or a reward model from an SFT run. Nothing else
     is restored (no optimizer, step or RNG). The one checkpoint tensor a model may lack is an LM's
     ``output_layer`` when starting a scalar-head model (reward model / critic); any other tensor of
     the checkpoint that the (full) model has no place for is an error, never silently dropped. The
-    model's parameters the checkpoint lacks keep their initial values and are returned, so the caller
-    decides which may be missing. Collective over every rank of ``layout``; nothing changes unless
-    every rank read everything it needs."""
+    model's parameters the checkpoint lacks keep their initial values and are returned; with
+    ``allow_missing`` (name prefixes, e.g. ``("value_head.",)``) any other missing parameter is an
+    error, raised on every rank together (under pipeline parallelism only some ranks hold a given
+    parameter). Collective over every rank of ``layout``; nothing changes unless every rank read
+    everything it needs."""
     directory = Path(directory)
     error, loaded = None, None
     try:
@@ -905,8 +908,13 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items() if n in saved}
         if not targets:
             raise CheckpointError(f"{step_dir / MANIFEST} holds none of this model's parameters")
+        missing = sorted(set(params) - set(targets))
+        if allow_missing is not None:
+            lacking = [n for n in missing if not n.startswith(tuple(allow_missing))]
+            if lacking:
+                raise CheckpointError(f"{step_dir / MANIFEST} lacks {lacking[:5]} of this {_model_class(model)}")
         _read_needs(step_dir, manifest, [_Need(MODEL_SPACE, n, t, maps[n]) for n, t in targets.items()], verify)
-        loaded = (params, targets, sorted(set(params) - set(targets)))
+        loaded = (params, targets, missing)
     except Exception as e:
         error = _describe(e)
     _agree(error, layout, f"loading model weights from {directory}")
