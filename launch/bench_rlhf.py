@@ -4,8 +4,8 @@
                                 [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
 
-Layouts are ``tp,dp[,generation_tp]`` (generation_tp 1: the actor is resharded to a whole model per rank
-for sampling, ``PPOConfig.generation_tp``); each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
+Layouts are ``tp,dp[,generation_tp]`` (generation_tp < tp: the actor is resharded to that TP degree for
+sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``); each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
 is a warm-up and is not timed) in its own gloo process group, one thread per process. Actor, critic,
 reference and reward models are randomly initialised copies of ``--config`` (all four resident on
 every rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a

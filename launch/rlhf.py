@@ -102,7 +102,7 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
     dims = ParallelDims(tp=run.tp, pp=1, dp=None).validate(world_size, run.model)
-    run.ppo.validate(dims.dp)
+    run.ppo.validate(dims.dp, run.tp)
     ck = run.checkpoint
     if not ck.actor_from or not ck.reward_from:
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and --reward-from (a reward-model checkpoint)")
@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--kl-coef", type=float)
     p.add_argument("--ptx-coef", type=float)
-    p.add_argument("--generation-tp", type=int, help="1: reshard the actor to a whole model per rank for sampling")
+    p.add_argument("--generation-tp", type=int,
+                   help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
+                        "model per rank")
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")

@@ -155,11 +155,22 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
     (dict(rollout_prompts=0), "rollout_prompts=0 must be a positive integer"),
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(score_clip=-1.0), "score_clip=-1.0 must be >= 0"),
-    (dict(generation_tp=0), "generation_tp=0 must be None, 1 or the training tp"),
+    (dict(generation_tp=0), "generation_tp=0 must be None or a positive divisor of the training tp"),
 ])
 def test_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         _ppo(**kwargs).validate(1)
+
+
+def test_generation_layout_config_errors():
+    with pytest.raises(ValueError, match="generation_tp=3 must divide the training tp=4"):
+        _ppo(generation_tp=3).validate(1, 4)
+    # 8 rows, dp=2 x tp=4 -> generation_tp=1: 8 replicas fine; rows 6 (3 prompts x 2) over 8 replicas not
+    _ppo(generation_tp=1).validate(2, 4)
+    with pytest.raises(ValueError, match="divisible by the 8 sampling replicas of generation_tp=1"):
+        _ppo(generation_tp=1, rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(2, 4)
+    with pytest.raises(ValueError, match="divisible by dp=4: each samples"):
+        _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(4)
 
 
 def test_loop_errors():
@@ -167,6 +178,8 @@ def test_loop_errors():
         _loop(_ppo(ptx_coef=0.1))
     with pytest.raises(ValueError, match="fewer than rollout_prompts=40"):
         _loop(_ppo(rollout_prompts=40, mini_batch_size=8))
+    with pytest.raises(ValueError, match="generation_tp=2 must divide the training tp=1"):
+        _loop(_ppo(generation_tp=2))
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -180,6 +193,11 @@ def _sharded(states, layout) -> list:
         load_full_into(m, state, layout)
         models.append(m)
     return models
+
+
+def _sharded_bytes(model) -> int:
+    """Bytes of a rank's tensor-parallel shards (norm weights are replicated, never resharded)."""
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if not k.endswith("norm.weight"))
 
 
 def _world2(rank, world_size, states, prompts_greedy, batch):
@@ -205,7 +223,7 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
     # equals one process), the all-gather moves what the analytic count says, and an iteration runs
     layout = ParallelLayout.build(ParallelDims(tp=2), name="tp2_gen1")
     loop = _loop(_ppo(generation_tp=1), layout=layout, models=_sharded(states, layout))
-    local_bytes = sum(t.numel() * t.element_size() for t in loop.actor.state_dict().values())
+    local_bytes = _sharded_bytes(loop.actor)
     gen = loop.generation_model()
     ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
     greedy = generate(gen, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
@@ -244,11 +262,59 @@ def test_tp2_and_dp2_match_one_process():
         assert r["dp2_iteration"] == (2, True)
         tokens, received, local_bytes, steps, once_per_iteration = r["gen1"]
         assert torch.equal(torch.from_numpy(tokens), ref_gen.response_ids)
-        full_bytes = sum(t.numel() * t.element_size() for t in ref_weights.values())
-        # every local tensor all-gathered once over tp=2: (tp - 1) x the local bytes; at least the
-        # analytic minimum M (1 - 1/tp), above it by the replicated tensors (norm weights)
-        assert received == local_bytes and full_bytes / 2 <= received < full_bytes / 2 + 0.01 * full_bytes
+        full_bytes = sum(t.numel() * t.element_size() for k, t in ref_weights.items() if not k.endswith("norm.weight"))
+        # every sharded tensor all-gathered once over tp=2: (tp - 1) x its local bytes, which is the
+        # analytic M (1 - 1/tp) here (no replicated KV heads at tp = groups); norms are not moved
+        assert received == local_bytes == full_bytes / 2
         assert steps == 2 and once_per_iteration
+
+
+def _world4_generation(rank, world_size, states, prompts_greedy):
+    """Training tp=4 (KV heads replicated over pairs of ranks), generation tp_g = 2 and 1: the regrouped
+    layout, the resharded shards (bitwise the tp_g slices of the full weights), the bytes moved, greedy
+    decoding on the generation layout, and a PPO iteration."""
+    from engine.model.generation import SamplingParams, generate
+    from engine.parallel.sharding import reshard_tp, tp_slice
+    layout = ParallelLayout.build(ParallelDims(tp=4), name="tp4")
+    out = {}
+    for tp_g in (2, 1):
+        loop = _loop(_ppo(generation_tp=tp_g, rollout_prompts=2), layout=layout, models=_sharded(states, layout))
+        gen = loop.generation_layout
+        before = layout.ledger.received("reshard")
+        shards = reshard_tp(loop.actor, _config(), layout, gen)
+        received = layout.ledger.received("reshard") - before
+        exact = all(torch.equal(t, tp_slice(k, states[0][k], _config(), tp_g, gen.tp_rank)) for k, t in shards.items())
+        ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+        greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+        record = loop.iteration()
+        out[tp_g] = dict(tp_ranks=gen.tp_ranks, dp_ranks=gen.dp_ranks, tp_rank=gen.tp_rank, dp_rank=gen.dp_rank,
+                         exact=exact, names=sorted(shards) == sorted(states[0]), received=received,
+                         local=_sharded_bytes(loop.actor), tokens=greedy.response_ids.numpy(),
+                         steps=record["ppo_steps"], rollout=record["response_length"])
+    return out
+
+
+def test_generation_layouts_tp4_to_tp2_and_tp1():
+    from engine.model.generation import SamplingParams, generate
+    actor, critic, reference, reward = _models(seed=6)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
+    prompts = _prompts(3, seed=4)
+    ids, mask = left_pad_prompts(prompts, 8, PAD)
+    ref = generate(actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
+    results = run_distributed(_world4_generation, 4, states, prompts, timeout=300)
+    for rank, r in enumerate(results):
+        two, one = r[2], r[1]
+        # tp 4 -> 2: f = 2 consecutive training ranks gather; generation TP groups are strided
+        assert two["tp_rank"] == rank // 2 and two["tp_ranks"] == ((0, 2) if rank % 2 == 0 else (1, 3))
+        assert two["dp_rank"] == rank % 2 and two["dp_ranks"] == ((0, 1) if rank < 2 else (2, 3))
+        # tp 4 -> 1: every rank a whole model and its own generation replica
+        assert one["tp_rank"] == 0 and one["tp_ranks"] == (rank,) and one["dp_rank"] == rank
+        for case, f in ((two, 2), (one, 4)):
+            assert case["exact"] and case["names"]
+            # each sharded tensor gathered once over f ranks: (f - 1) x the local bytes
+            assert case["received"] == (f - 1) * case["local"]
+            assert torch.equal(torch.from_numpy(case["tokens"]), ref)  # greedy: same tokens as one process
+            assert case["steps"] == 1 and case["rollout"] > 0
 
 
 # ---- launcher ------------------------------------------------------------------------------------

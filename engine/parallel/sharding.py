@@ -185,6 +185,50 @@ def gather_full_state_dict(local: Union[nn.Module, dict[str, torch.Tensor]], con
 
 
 @torch.no_grad()
+def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConfig, src, dst) -> dict[str, torch.Tensor]:
+    """This rank's tensors on layout ``dst`` (tensor parallel degree tp_dst) from its tensors on
+    ``src`` (tp_src, a multiple of tp_dst; pp = 1): ``dst`` is ``ParallelLayout.for_generation(src,
+    tp_dst)``, whose TP rank j needs only the shards of src TP ranks [f j, f j + f), f = tp_src / tp_dst,
+    i.e. its src TP subgroup of size f. Each tensor is all-gathered over that subgroup ((f - 1) x the
+    local bytes received, ledger category "reshard") and the rows/columns of dst's shard are picked
+    from the gathered ones. Which full index each shard holds comes from ``tp_slice`` itself (applied
+    to an index probe), so every sharding rule (vocab rows, [gate | up], QKV per KV group with
+    replicated KV heads, columns) is handled by the code that defines it. Collective over the subgroup."""
+    tp_src, tp_dst = src.tp_size, dst.tp_size
+    if tp_src % tp_dst != 0:
+        raise ValueError(f"reshard_tp: tp {tp_src} -> {tp_dst}: the target degree must divide the source one")
+    f = tp_src // tp_dst
+    j = src.tp_rank // f
+    if dst.tp_rank != j:
+        raise ValueError(f"reshard_tp: source TP rank {src.tp_rank} becomes target TP rank {j}, but the target layout "
+                         f"says {dst.tp_rank}; build it with ParallelLayout.for_generation")
+    group, _ = src.tp_subgroup(f)
+    members = range(f * j, f * j + f)  # src TP ranks gathered, in the subgroup's rank order
+    sd = local.state_dict() if isinstance(local, nn.Module) else dict(local)
+    out = {}
+    for name in sorted(sd):
+        t = sd[name].detach()
+        role = _role(name)
+        if f == 1 or role == "replicated":
+            out[name] = t
+            continue
+        gathered = comm.all_gather(t.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0)
+        dim = 1 if role == "columns" else 0
+        full_size = config.qkv_size if role == "qkv" else t.shape[dim] * tp_src
+        probe = torch.arange(full_size).unsqueeze(1 - dim)  # [n, 1] or [1, n]: the full index along dim
+        held = torch.cat([tp_slice(name, probe, config, tp_src, r).flatten() for r in members])
+        wanted = tp_slice(name, probe, config, tp_dst, j).flatten()
+        position = torch.full((full_size,), -1, dtype=torch.long)
+        position[held] = torch.arange(held.numel())
+        pick = position[wanted]
+        if (pick < 0).any():  # cannot happen for the rules above; guards a new rule that breaks the grouping
+            raise RuntimeError(f"reshard_tp: {name}: target TP rank {j} of {tp_dst} needs indices that source TP "
+                               f"ranks {list(members)} of {tp_src} do not hold")
+        out[name] = torch.cat(gathered, dim).index_select(dim, pick.to(t.device))
+    return out
+
+
+@torch.no_grad()
 def load_full_into(model: nn.Module, full_sd: dict[str, torch.Tensor], layout, config: Optional[GLMConfig] = None) -> None:
     """Load a full engine state dict into a (tensor/pipeline-parallel) model: each rank takes its shard."""
     config = config or model.config

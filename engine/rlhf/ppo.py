@@ -23,12 +23,14 @@ One iteration (``PPOLoop.iteration``):
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
 functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
 
-``generation_tp=1`` reshards the actor for the rollout: every rank all-gathers the whole actor over
-its training TP group ("reshard" traffic, (tp-1)/tp of the actor's bytes), samples its own slice of
-the rollout with no per-token communication, and drops the copy before scoring.
+``generation_tp=tp_g`` (a divisor of the training tp) reshards the actor for the rollout onto the
+generation layout (``ParallelLayout.for_generation``: tp_g-way TP, world / tp_g replicas): each rank
+all-gathers the shards of its tp / tp_g neighbouring training TP ranks ("reshard" traffic, (tp/tp_g - 1)
+x its local bytes; tp_g = 1: the whole actor on every rank, no per-token communication), each
+generation replica samples its own slice of the rollout, and the copy is dropped before scoring.
 
-The pure math lives in ``engine.rlhf.core``. Not here yet: intermediate generation layouts
-(1 < tp_g < tp), resharding across pipeline stages, and offloading idle models.
+The pure math lives in ``engine.rlhf.core``. Not here yet: resharding across pipeline stages and
+offloading idle models.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
-from engine.parallel import comm
+from engine.parallel import ParallelLayout, comm
 from engine.rlhf.core import (RunningMoments, gae_advantages, kl_estimate, masked_mean, masked_whiten,
                               reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
@@ -76,11 +78,12 @@ class PPOConfig:
     untruncated tempered softmax, as in OpenRLHF: an approximation of the sampling policy when either is
     set; the ratio still starts at 1."""
     generation_tp: Optional[int] = None
-    """TP degree the actor generates with: None (or the training tp) samples on the training layout;
-    1 reshards it for the rollout into a whole model on every rank (an all-gather over the training TP
-    group, freed after sampling), so each rank samples its own slice of the rollout with no per-token
-    communication (dp_g = world size). The trade: (tp-1)/tp of the actor's bytes received per
-    iteration and one whole copy of the actor during generation."""
+    """TP degree tp_g the actor generates with, a divisor of the training tp: None (or the training tp)
+    samples on the training layout; a smaller tp_g reshards the actor for the rollout (an all-gather over
+    tp / tp_g neighbouring training TP ranks, freed after sampling) so world / tp_g replicas each sample
+    a slice of the rollout with tp_g-way per-token communication (none at tp_g = 1). The trade: (tp/tp_g
+    - 1) x the local actor bytes received per iteration and a tp/tp_g times larger actor copy during
+    generation, for fewer per-token collectives and more sampling replicas."""
     ppo_epochs: int = 1
     """Passes over each rollout."""
     mini_batch_size: int = 8
@@ -114,7 +117,8 @@ class PPOConfig:
     def rollout_rows(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
-    def validate(self, dp: int) -> "PPOConfig":
+    def validate(self, dp: int, tp: int = 1) -> "PPOConfig":
+        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` ranks."""
         problems = []
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                 "ppo_epochs", "mini_batch_size", "micro_batch_size")
@@ -122,12 +126,18 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
-        if self.generation_tp not in (None, 1) and not (isinstance(self.generation_tp, int) and self.generation_tp > 1):
-            problems.append(f"generation_tp={self.generation_tp!r} must be None, 1 or the training tp")
+        if self.generation_tp is not None and not (isinstance(self.generation_tp, int) and self.generation_tp >= 1):
+            problems.append(f"generation_tp={self.generation_tp!r} must be None or a positive divisor of the training tp")
+        elif self.generation_tp is not None and tp % self.generation_tp:
+            problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
+                            "layout regroups the training TP shards)")
         if not problems:
-            if self.rollout_rows % dp:
+            replicas = dp * tp // self.generation_tp if self.generation_tp else dp  # a multiple of dp
+            if self.rollout_rows % replicas:
+                who = (f"dp={dp}" if replicas == dp else
+                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp} (world / generation_tp)")
                 problems.append(f"rollout_prompts x samples_per_prompt = {self.rollout_rows} must be divisible by "
-                                f"dp={dp} (each DP replica samples an equal slice)")
+                                f"{who}: each samples an equal slice")
             if self.rollout_rows % self.mini_batch_size:
                 problems.append(f"mini_batch_size={self.mini_batch_size} must divide rollout_prompts x "
                                 f"samples_per_prompt = {self.rollout_rows}")
@@ -210,14 +220,11 @@ class PPOLoop:
         if layout.pp_size != 1:
             raise ValueError(f"PPOLoop runs on a TP x DP layout; got pp={layout.pp_size} (generation needs every "
                              "layer on the rank)")
-        self.config = config.validate(layout.dp_size)
-        if config.generation_tp not in (None, 1, layout.tp_size):
-            raise ValueError(f"generation_tp={config.generation_tp} must be 1 or the training tp={layout.tp_size} "
-                             "(intermediate generation layouts are not built yet)")
-        self.reshard = config.generation_tp == 1 and layout.tp_size > 1
-        if self.reshard and config.rollout_rows % layout.world_size:
-            raise ValueError(f"generation_tp=1 samples on every rank: rollout_prompts x samples_per_prompt = "
-                             f"{config.rollout_rows} must be divisible by the world size {layout.world_size}")
+        self.config = config.validate(layout.dp_size, layout.tp_size)
+        tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
+        self.reshard = tp_g < layout.tp_size
+        # built once (creating process groups is collective and slow); ranks regrouped for the fewest bytes
+        self.generation_layout = ParallelLayout.for_generation(layout, tp_g) if self.reshard else layout
         actor_lr, critic_lr = actor_lr or PPO_LR, critic_lr or PPO_LR
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
@@ -300,38 +307,39 @@ class PPOLoop:
                                        pad_token_id=self.pad_id, seed=seed))
 
     def generation_model(self):
-        """The actor resharded to the generation layout (tp_g = 1): a whole ``GLMForCausalLM`` on every
-        rank, all-gathered over the training TP group; the traffic is recorded in the layout's ledger
-        under "reshard". The caller drops it after sampling."""
-        import dataclasses
-
+        """The actor resharded to the generation layout: a ``GLMForCausalLM`` with tp_g-way tensor
+        parallelism (a plain whole model at tp_g = 1) built from ``sharding.reshard_tp`` of the training
+        shards ("reshard" traffic in the layout's ledger). The caller drops it after sampling."""
         from engine.model.glm import GLMForCausalLM
-        from engine.parallel.comm import CommLedger
-        from engine.parallel.sharding import gather_full_state_dict
-        side = dataclasses.replace(self.layout, ledger=CommLedger())
-        full = gather_full_state_dict(self.actor, self.model_config, side)
-        self.layout.ledger.record("reshard", "all_gather", side.ledger.bytes("tp"), side.ledger.received("tp"))
-        model = GLMForCausalLM(self.model_config, init=False).to(device=self.device, dtype=next(
+        from engine.model.spec import ModelSpec
+        from engine.parallel.sharding import reshard_tp
+        from engine.parallel.tensor_parallel import tensor_parallel_spec
+        gen = self.generation_layout
+        state = reshard_tp(self.actor, self.model_config, self.layout, gen)
+        kernel_plan = self.actor.spec.kernels
+        spec = (ModelSpec(kernels=kernel_plan) if gen.tp_size == 1
+                else tensor_parallel_spec(self.model_config, gen, kernels=kernel_plan))
+        model = GLMForCausalLM(self.model_config, spec, init=False).to(device=self.device, dtype=next(
             self.actor.parameters()).dtype)
-        model.load_state_dict(full, strict=True)
+        model.load_state_dict(state, strict=True)
         return model.eval()
 
     def _generate_resharded(self, rows: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the whole rollout with the actor resharded to tp_g = 1: rank r samples rows
-        ``[r R/W, (r+1) R/W)`` (seed per (iteration, rank)); returns every rank's ``[R, T]`` responses
-        and masks (all-gathered over the world, "rollout" traffic)."""
-        c, layout = self.config, self.layout
+        """Sample the whole rollout on the generation layout: generation replica g of G = world / tp_g
+        samples rows ``[g R/G, (g+1) R/G)`` (seed per (iteration, g), shared by its TP ranks); returns
+        every rank's ``[R, T]`` responses and masks (all-gathered over the generation DP group, whose
+        rank order is g: "rollout" traffic)."""
+        c, gen = self.config, self.generation_layout
         model = self.generation_model()
-        per = c.rollout_rows // layout.world_size
-        slice_ = rows[layout.rank * per:(layout.rank + 1) * per]
+        per = c.rollout_rows // gen.dp_size
+        slice_ = rows[gen.dp_rank * per:(gen.dp_rank + 1) * per]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in slice_], c.max_prompt_length, self.pad_id)
-        seed = int(np.random.default_rng([c.seed, iteration, layout.rank, 1]).integers(2**62))
+        seed = int(np.random.default_rng([c.seed, iteration, gen.dp_rank, 1]).integers(2**62))
         out = self._sample(model, ids, pmask, seed)
-        del model  # the whole-model copy lives only while sampling
+        del model  # the resharded copy lives only while sampling
         responses, mask = self._pad_response(out.response_ids, out.response_mask)
-        world = torch.distributed.group.WORLD
-        return (comm.all_gather(responses.contiguous(), 0, world, layout.ledger, "rollout"),
-                comm.all_gather(mask.contiguous(), 0, world, layout.ledger, "rollout"))
+        return (comm.all_gather(responses.contiguous(), 0, gen.dp_group, gen.ledger, "rollout"),
+                comm.all_gather(mask.contiguous(), 0, gen.dp_group, gen.ledger, "rollout"))
 
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
