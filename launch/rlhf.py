@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--kl-coef", type=float)
+    p.add_argument("--kl-target", type=float, help="> 0: adapt kl_coef toward this KL per response")
     p.add_argument("--ptx-coef", type=float)
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "ptx_coef", "seed", "generation_tp")
+              "max_new_tokens", "kl_coef", "kl_target", "ptx_coef", "seed", "generation_tp")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 

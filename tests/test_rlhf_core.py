@@ -489,3 +489,29 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
 def test_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- adaptive KL controller ------------------------------------------------------------------------
+@pytest.mark.parametrize("observed, expected_error", [(0.06, 0.2), (0.05, 0.0), (0.045, -0.1), (0.0, -0.2),
+                                                      (0.055, 0.1)])
+def test_adaptive_kl_coef_is_the_clipped_proportional_controller(observed, expected_error):
+    from engine.rlhf.core import adaptive_kl_coef
+    # error = clip(observed / target - 1, -0.2, 0.2); coef * (1 + error * n / horizon), exact in fp64
+    got = adaptive_kl_coef(0.1, observed, 0.05, 1000, 64)
+    assert got == pytest.approx(0.1 * (1 + expected_error * 64 / 1000), rel=1e-12)
+
+
+def test_adaptive_kl_coef_moves_toward_the_target_and_rejects_bad_input():
+    from engine.rlhf.core import adaptive_kl_coef
+    coef = 0.2
+    for _ in range(50):  # KL stuck above target: the coefficient grows every step
+        new = adaptive_kl_coef(coef, 5.0, 1.0, 100, 10)
+        assert new > coef
+        coef = new
+    assert adaptive_kl_coef(0.2, 0.5, 1.0, 100, 10) < 0.2
+    assert adaptive_kl_coef(0.0, 5.0, 1.0, 100, 10) == 0.0  # multiplicative: zero stays zero
+    for kwargs, needle in ((dict(target_kl=0.0), "target_kl > 0"), (dict(horizon=-1.0), "horizon > 0"),
+                           (dict(kl_coef=float("nan")), "kl_coef"), (dict(n_samples=-1), "n_samples")):
+        args = {**dict(kl_coef=0.1, observed_kl=1.0, target_kl=1.0, horizon=100, n_samples=8), **kwargs}
+        with pytest.raises(ValueError, match=needle):
+            adaptive_kl_coef(**args)

@@ -121,6 +121,23 @@ def test_score_normalisation_and_clipping():
     assert batch["returns"].abs().max().item() <= 1e-3 + 1e-6
 
 
+def test_adaptive_kl_coefficient_follows_the_controller():
+    """kl_target > 0: each iteration uses the current coefficient (logged as kl_coef) and then moves it
+    by the controller on that rollout's KL; kl_target = 0 keeps it fixed."""
+    from engine.rlhf.core import adaptive_kl_coef
+    loop = _loop(_ppo(kl_target=1e-3, kl_horizon=16, iterations=3))
+    coef = loop.config.kl_coef
+    for _ in range(3):
+        record = loop.iteration()
+        assert record["kl_coef"] == coef
+        new = adaptive_kl_coef(coef, record["kl"], 1e-3, 16, loop.config.rollout_rows)
+        assert loop.kl_coef == new and (new > coef) == (record["kl"] > 1e-3)
+        coef = new
+    assert coef != loop.config.kl_coef
+    fixed = _loop(_ppo(iterations=1))
+    assert fixed.iteration()["kl_coef"] == fixed.kl_coef == fixed.config.kl_coef
+
+
 def test_ptx_loss_is_added_in_the_same_actor_step():
     """PPO-ptx: the actor's gradient is the policy gradient plus ptx_coef times the LM gradient on the
     SFT batch (checked against each term computed alone)."""
@@ -387,7 +404,8 @@ def test_save_and_resume_continue_exactly(tmp_path):
     runs 2 more: identical metrics (bitwise on CPU), since prompts and sampling seeds are functions
     of the iteration and the baseline cache travels with the checkpoint."""
     timing = ("generate_s", "score_s", "gather_s", "train_s", "seconds")
-    config = _ppo(iterations=3, normalize_scores=True)  # the running score moments travel too
+    # the running score moments and the adapted KL coefficient travel too
+    config = _ppo(iterations=3, normalize_scores=True, kl_target=0.01, kl_horizon=32)
     straight = _loop(config)
     expected = [straight.iteration() for _ in range(3)]
     first = _loop(config)
@@ -398,6 +416,7 @@ def test_save_and_resume_continue_exactly(tmp_path):
     second = _loop(config, models=(actor, critic, reference, reward))
     second.load(tmp_path / "ck")
     assert second.iterations_done == 1 and second._baseline_cache == first._baseline_cache
+    assert second.kl_coef == first.kl_coef != config.kl_coef
     resumed = [second.iteration() for _ in range(2)]
     for want, got in zip(expected[1:], resumed):
         assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}

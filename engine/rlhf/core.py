@@ -21,6 +21,7 @@ k = sampled responses per prompt):
     masked_sum / masked_mean / masked_var / masked_whiten   reductions over real tokens
     kl_estimate                 k1 / k2 / k3 per-token estimators of KL(pi || pi_ref)
     shape_rewards               -kl_coef * KL per token + the sequence score at the last token
+    adaptive_kl_coef            the KL coefficient's proportional controller toward a target KL
     gae_advantages              generalized advantage estimation and returns
     ppo_policy_loss, value_loss clipped PPO surrogate and clipped value loss
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
@@ -232,6 +233,31 @@ def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
                             torch.zeros((), dtype=torch.float32, device=scores.device))
         rewards.scatter_add_(1, last[:, None], score[:, None])
     return rewards, kl
+
+
+def adaptive_kl_coef(kl_coef: float, observed_kl: float, target_kl: float, horizon: float,
+                     n_samples: int, max_error: float = 0.2) -> float:
+    """The next KL coefficient of the adaptive controller of Ziegler et al. 2019 ("Fine-Tuning Language
+    Models from Human Preferences", sec. 2.2), used by InstructGPT-style PPO::
+
+        error = clip(observed_kl / target_kl - 1, -max_error, max_error)
+        kl_coef' = kl_coef * (1 + error * n_samples / horizon)
+
+    A proportional controller on log(kl_coef): the coefficient grows while the policy's KL to the
+    reference (``observed_kl``, per response, e.g. the rollout mean of summed per-token k1) is above
+    ``target_kl`` and shrinks below it; ``horizon`` (in samples) sets how fast, and the clip keeps one
+    noisy rollout from moving it by more than ``max_error * n_samples / horizon``. Python floats in
+    and out (the rollout's mean KL is one number)."""
+    kl_coef, observed_kl = _finite_number("kl_coef", kl_coef), _finite_number("observed_kl", observed_kl)
+    target_kl, horizon = _finite_number("target_kl", target_kl), _finite_number("horizon", horizon)
+    max_error = _finite_number("max_error", max_error)
+    if kl_coef < 0 or target_kl <= 0 or horizon <= 0 or max_error <= 0:
+        raise ValueError(f"adaptive_kl_coef needs kl_coef >= 0, target_kl > 0, horizon > 0 and max_error > 0; got "
+                         f"kl_coef={kl_coef}, target_kl={target_kl}, horizon={horizon}, max_error={max_error}")
+    if not isinstance(n_samples, numbers.Integral) or n_samples < 0:
+        raise ValueError(f"n_samples must be a non-negative integer, got {n_samples!r}")
+    error = min(max(observed_kl / target_kl - 1.0, -max_error), max_error)
+    return kl_coef * (1.0 + error * n_samples / horizon)
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

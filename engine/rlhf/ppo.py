@@ -45,7 +45,7 @@ import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
 from engine.parallel import ParallelLayout, comm
-from engine.rlhf.core import (RunningMoments, gae_advantages, kl_estimate, masked_mean, masked_whiten,
+from engine.rlhf.core import (RunningMoments, adaptive_kl_coef, gae_advantages, kl_estimate, masked_mean, masked_whiten,
                               reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.train.lr import LRConfig, LRSchedule
@@ -93,7 +93,13 @@ class PPOConfig:
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
-    """Weight of the per-token KL(actor || reference) penalty in the reward."""
+    """Weight of the per-token KL(actor || reference) penalty in the reward (the initial one when
+    ``kl_target`` is set)."""
+    kl_target: float = 0.0
+    """0: a fixed ``kl_coef``. > 0: after each rollout the coefficient follows the adaptive controller
+    (``core.adaptive_kl_coef``) toward this KL per response (the logged ``kl``)."""
+    kl_horizon: int = 10000
+    """Samples over which the adaptive controller closes the gap (larger: slower)."""
     kl_kind: str = "k1"
     """KL estimator of the penalty: k1, k2 or k3 (``core.kl_estimate``)."""
     gamma: float = 1.0
@@ -146,9 +152,11 @@ class PPOConfig:
                                 f"{self.micro_batch_size} x dp={dp}")
         if self.kl_kind not in KL_KINDS:
             problems.append(f"kl_kind={self.kl_kind!r} must be one of {KL_KINDS}")
-        for name in ("kl_coef", "ptx_coef", "min_reward_spread", "score_clip"):
+        for name in ("kl_coef", "kl_target", "ptx_coef", "min_reward_spread", "score_clip"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
+            problems.append(f"kl_horizon={self.kl_horizon!r} must be a positive integer (samples)")
         if self.min_reward_spread > 0 and self.samples_per_prompt < 2:
             problems.append("min_reward_spread compares a prompt's responses: it needs samples_per_prompt >= 2")
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
@@ -255,6 +263,7 @@ class PPOLoop:
         self.iterations_done = 0
         self._baseline_cache: dict[int, float] = {}
         self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
+        self.kl_coef = float(config.kl_coef)  # adapted after every rollout when kl_target > 0
 
     # ---- rollout ------------------------------------------------------------------------------
     def prompt_indices(self, iteration: int) -> torch.Tensor:
@@ -405,7 +414,7 @@ class PPOLoop:
             adjusted = adjusted / self.score_moments.std
         if c.score_clip > 0:
             adjusted = adjusted.clamp(-c.score_clip, c.score_clip)
-        rewards, kl = shape_rewards(adjusted, r.logprobs, r.ref_logprobs, mask, c.kl_coef, c.kl_kind)
+        rewards, kl = shape_rewards(adjusted, r.logprobs, r.ref_logprobs, mask, self.kl_coef, c.kl_kind)
         adv, returns = gae_advantages(rewards, r.values, mask, c.gamma, c.lam)
         if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
             adv = masked_whiten(adv, mask)
@@ -419,8 +428,10 @@ class PPOLoop:
         stats = {"reward": r.scores.mean().item(), "reward_vs_reference": (r.scores - r.baselines).mean().item(),
                  "reference_reward": r.baselines.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
-                 "kept_fraction": keep.float().mean().item(),
+                 "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
                  "value_mean": masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0}
+        if c.kl_target > 0:  # the coefficient of the next rollout (the same on every rank: global rollout)
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["kl"], c.kl_target, c.kl_horizon, c.rollout_rows)
         return batch, stats
 
     # ---- update -------------------------------------------------------------------------------
@@ -474,6 +485,7 @@ class PPOLoop:
             if name == "actor":
                 extra["reference_baselines"] = merged
                 extra["score_moments"] = self.score_moments.state_dict()
+                extra["kl_coef"] = self.kl_coef
             save_checkpoint(Path(directory) / name, self.iterations_done, [model], trainer.optimizer, self.layout,
                             self.model_config, extra_state=extra, keep_last=keep_last,
                             tokenizer_fingerprint=tokenizer_fingerprint)
@@ -500,6 +512,8 @@ class PPOLoop:
         self.iterations_done = int(states["actor"]["iteration"])
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
         self.score_moments.load_state_dict(states["actor"]["score_moments"])
+        # checkpoints written before the adaptive controller existed ran with the fixed configured value
+        self.kl_coef = float(states["actor"].get("kl_coef", self.config.kl_coef))
 
     def iteration(self) -> dict:
         """One rollout + update; returns the iteration's metrics (the same on every rank)."""
