@@ -21,6 +21,10 @@ backward (P recomputed from lse, never stored)::
     P_ij = exp(s_ij - lse_i),  delta_i = sum_d o_id * do_id  (= sum_j P_ij dP_ij)
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q
 
+Decoding calls (s_q < s_kv with at most 64 query rows per KV head) run the forward of flash_decode.py
+instead, which packs the query heads of a KV group into one tile and splits the KV cache across
+programs (see ``flash_decode.pays_off``); it returns the same o and lse, so the backward is shared.
+
 dK/dV of a KV head are accumulated in registers over the ``hq // hkv`` query heads that read it, in
 one program per KV block, so K/V are never expanded in memory and no atomics are needed. Matmul
 operands are the input dtype (bf16/fp16 tensor cores on GPU; P and dS are rounded to it) with fp32
@@ -154,6 +158,12 @@ def _to_operand(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @_jit
+def _batch_head(pid_bh, num_heads):
+    """Grid index over (batch, head) pairs -> (batch, head), as int64 for the pointer offsets."""
+    return (pid_bh // num_heads).to(tl.int64), (pid_bh % num_heads).to(tl.int64)
+
+
+@_jit
 def _dot(a, b, IEEE: tl.constexpr):
     # fp32 inputs use exact fp32 products (as torch does by default), not tf32.
     if IEEE:
@@ -209,18 +219,49 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, 
 
 
 @_jit
-def _causal_kv_range(start_m, seq_q, seq_kv, diag_offset,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range of the query block [start_m, start_m + BLOCK_M): keys < full_end are visible to every
-    row (no causal mask needed, BLOCK_N-aligned and in bounds); keys in [full_end, hi) need masking."""
+def _fwd_attend(q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
+                offs_m, offs_n, offs_d, start, full_end, end, seq_kv, diag_offset, qk_scale_log2,
+                DTYPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Attention of the BLOCK_M rows of q (query positions offs_m) over the keys [start, end), keys below
+    full_end unmasked (whole in-bounds blocks visible to every row; start and full_end BLOCK_N-aligned).
+    Returns (o [BLOCK_M, BLOCK_D] fp32, lse [BLOCK_M] natural log); rows that saw no key: 0 and -inf."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
+                               stride_vd, stride_ms, offs_m, offs_n, offs_d, start, full_end, seq_kv, diag_offset,
+                               qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
+                               stride_vd, stride_ms, offs_m, offs_n, offs_d, full_end, end, seq_kv, diag_offset,
+                               qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    l_safe, lse = _softmax_denominator(l_i, m_i)
+    return acc / l_safe[:, None], lse
+
+
+@_jit
+def _causal_kv_range(pos_lo, pos_hi, seq_kv, diag_offset, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of a tile whose rows hold query positions in [pos_lo, pos_hi) (pos_hi <= s_q): keys
+    < full_end are visible to every row (no causal mask needed, BLOCK_N-aligned and in bounds); keys in
+    [full_end, hi) need masking."""
     if CAUSAL:
-        hi = tl.minimum(seq_kv, tl.minimum(start_m + BLOCK_M, seq_q) + diag_offset)
-        hi = tl.maximum(hi, 0)
-        full_end = tl.maximum(start_m + diag_offset + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(seq_kv, pos_hi + diag_offset), 0)
+        full_end = tl.maximum(pos_lo + diag_offset + 1, 0) // BLOCK_N * BLOCK_N
     else:
         hi = seq_kv
         full_end = seq_kv // BLOCK_N * BLOCK_N
     return full_end, hi
+
+
+@_jit
+def _softmax_denominator(l_i, m_i):
+    """(l_safe, lse) from the online-softmax sum l and base-2 max m: o = acc / l_safe, and lse the
+    natural-log logsumexp. Rows that saw no key (l == 0, acc == 0) get o = 0 and lse = -inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # * ln 2
+    return l_safe, lse
 
 
 @_jit
@@ -241,8 +282,7 @@ def _flash_attn_fwd_kernel(
     # programs start in the first wave instead of forming a tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads_q).to(tl.int64)
-    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_b, off_h = _batch_head(pid_bh, num_heads_q)
     off_hk = off_h // group_size
     DTYPE: tl.constexpr = Q.dtype.element_ty
     IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
@@ -260,22 +300,12 @@ def _flash_attn_fwd_kernel(
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     km_base = KEY_MASK + off_b * stride_mb
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag_offset = seq_kv - seq_q
-    full_end, hi = _causal_kv_range(start_m, seq_q, seq_kv, diag_offset, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
-                               stride_vd, stride_ms, offs_m, offs_n, offs_d, 0, full_end, seq_kv, diag_offset,
-                               qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
-                               stride_vd, stride_ms, offs_m, offs_n, offs_d, full_end, hi, seq_kv, diag_offset,
-                               qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
-
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)  # empty rows: acc == 0, so o = 0
-    o = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # * ln 2
+    full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
+                                     CAUSAL, BLOCK_N)
+    o, lse = _fwd_attend(q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
+                         offs_m, offs_n, offs_d, 0, full_end, hi, seq_kv, diag_offset, qk_scale_log2, DTYPE, CAUSAL,
+                         HAS_KEY_MASK, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, IEEE)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, _to_store(o, O.dtype.element_ty, EMULATE), mask=io_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
@@ -296,8 +326,7 @@ def _flash_attn_bwd_preprocess_kernel(
     """delta[b, h, i] = sum_d o[b, i, h, d] * do[b, i, h, d] (fp32). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads_q).to(tl.int64)
-    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_b, off_h = _batch_head(pid_bh, num_heads_q)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
@@ -359,8 +388,7 @@ def _flash_attn_bwd_dkdv_kernel(
     Grid (cdiv(s_kv, BLOCK_N), b * hkv)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads_kv).to(tl.int64)
-    off_hk = (pid_bh % num_heads_kv).to(tl.int64)
+    off_b, off_hk = _batch_head(pid_bh, num_heads_kv)
     DTYPE: tl.constexpr = Q.dtype.element_ty
     IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
 
@@ -465,8 +493,7 @@ def _flash_attn_bwd_dq_kernel(
     """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query blocks first
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // num_heads_q).to(tl.int64)
-    off_h = (pid_bh % num_heads_q).to(tl.int64)
+    off_b, off_h = _batch_head(pid_bh, num_heads_q)
     off_hk = off_h // group_size
     DTYPE: tl.constexpr = Q.dtype.element_ty
     IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
@@ -491,7 +518,8 @@ def _flash_attn_bwd_dq_kernel(
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     km_base = KEY_MASK + off_b * stride_mb
     diag_offset = seq_kv - seq_q
-    full_end, hi = _causal_kv_range(start_m, seq_q, seq_kv, diag_offset, CAUSAL, BLOCK_M, BLOCK_N)
+    full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
+                                     CAUSAL, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
                        stride_ms, offs_m, offs_n, offs_d, 0, full_end, seq_kv, diag_offset, qk_scale_log2,
@@ -580,16 +608,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None):
-    """Launch the forward kernel. Returns (o [b, s_q, hq, d], lse [b, hq, s_q] fp32)."""
+def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None,
+                        split_kv: bool | None = None, num_splits: int | None = None):
+    """Launch the forward kernel. Returns (o [b, s_q, hq, d], lse [b, hq, s_q] fp32).
+
+    split_kv: None routes decoding calls to the split-KV kernel of flash_decode.py when it pays (its
+    ``pays_off`` rule); True always, False never (the per-query-head kernel, e.g. to benchmark it).
+    num_splits: the split-KV kernel's number of key chunks (None: chosen from the GPU's size)."""
     b, s_q, hq, d = q.shape
     s_kv, hkv = k.shape[1], k.shape[2]
+    if q.numel() == 0 or s_kv == 0:  # nothing to compute, or every row sees no key
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        return out, torch.full((b, hq, s_q), float("-inf"), dtype=torch.float32, device=q.device)
+    # Imported here, not at the top: flash_decode.py imports this module's device helpers.
+    from .flash_decode import flash_decode_forward, pays_off
+    if split_kv or (split_kv is None and pays_off(s_q, s_kv, hq // hkv)):
+        return flash_decode_forward(q, k, v, causal, scale, key_mask, _emulate(q), num_splits)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or s_kv == 0:  # nothing to compute, or every row sees no key
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
     block_d = _block_d(d)
     blk = _fwd_blocks(block_d, s_q, q.dtype, q.is_cuda)
     mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
@@ -660,8 +696,9 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Triton flash attention; saves q, k, v, o and the fp32 logsumexp [b, hq, s_q] for backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None):
-        o, lse = _flash_attn_forward(q, k, v, causal, scale, key_mask)
+    def forward(ctx, q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None,
+                split_kv: bool | None = None, num_splits: int | None = None):
+        o, lse = _flash_attn_forward(q, k, v, causal, scale, key_mask, split_kv, num_splits)
         ctx.save_for_backward(q, k, v, o, lse, key_mask)
         ctx.causal = causal
         ctx.scale = scale
@@ -673,34 +710,34 @@ class FlashAttentionFunction(torch.autograd.Function):
         dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, key_mask,
                                           need_dq=ctx.needs_input_grad[0],
                                           need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _check(q, k, v, attention_mask):
+def _check(op: str, q, k, v, attention_mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_floating("flash_attention", name, t)
+        check_floating(op, name, t)
         if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k shape {tuple(k.shape)} != v shape {tuple(v.shape)}")
+        raise ValueError(f"{op}: k shape {tuple(k.shape)} != v shape {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"flash_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"flash_attention: query heads {q.shape[2]} (q {tuple(q.shape)}) not divisible by "
+        raise ValueError(f"{op}: query heads {q.shape[2]} (q {tuple(q.shape)}) not divisible by "
                          f"KV heads {k.shape[2]} (k {tuple(k.shape)})")
     if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise TypeError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
-        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"flash_attention: attention_mask must be a torch.Tensor or None, "
+            raise TypeError(f"{op}: attention_mask must be a torch.Tensor or None, "
                             f"got {type(attention_mask).__name__}")
         if tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError(f"flash_attention: attention_mask shape {tuple(attention_mask.shape)} must be "
+            raise ValueError(f"{op}: attention_mask shape {tuple(attention_mask.shape)} must be "
                              f"[batch, s_kv] = {(k.shape[0], k.shape[1])}")
         if attention_mask.device != q.device:
-            raise ValueError(f"flash_attention: attention_mask {tuple(attention_mask.shape)} is on "
+            raise ValueError(f"{op}: attention_mask {tuple(attention_mask.shape)} is on "
                              f"{attention_mask.device}, q on {q.device}")
 
 
@@ -708,8 +745,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Attention of q ``[b, s_q, hq, d]`` over k/v ``[b, s_kv, hkv, d]`` -> ``[b, s_q, hq, d]`` (see module doc)."""
-    _check(q, k, v, attention_mask)
-    backend = resolve_backend("flash_attention", backend, q)
+    return _attention("flash_attention", q, k, v, causal, softmax_scale, attention_mask, backend)
+
+
+def _attention(op: str, q, k, v, causal, softmax_scale, attention_mask, backend: str,
+               split_kv: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """flash_attention and flash_decode: validation (errors name ``op``), backend choice, autograd."""
+    _check(op, q, k, v, attention_mask)
+    backend = resolve_backend(op, backend, q)
     if backend == TORCH:
         if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
             # CPU has no fast half-precision attention (its bf16 SDPA backward runs ~3x slower than
@@ -718,14 +761,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             return out.to(q.dtype)
         return attention_reference(q, k, v, causal, softmax_scale, attention_mask)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"flash_attention: backend='triton' supports fp32/fp16/bf16, got q {tuple(q.shape)} {q.dtype}")
+        raise TypeError(f"{op}: backend='triton' supports fp32/fp16/bf16, got q {tuple(q.shape)} {q.dtype}")
     if q.shape[3] > _MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: backend='triton' supports head_dim <= {_MAX_HEAD_DIM}, "
-                         f"got q {tuple(q.shape)}")
+        raise ValueError(f"{op}: backend='triton' supports head_dim <= {_MAX_HEAD_DIM}, got q {tuple(q.shape)}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     # int8 0/1 copy of the [b, s_kv] mask: any dtype in, one pointer type for the kernels.
     key_mask = attention_mask.ne(0).to(torch.int8) if attention_mask is not None else None
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_mask)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_mask, split_kv, num_splits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,8 +775,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 # ------------------------------------------------------------------------------------------------
 
 def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, causal: bool = True):
-    """``[(jit_function, signature, constexprs, name)]`` for every kernel in this file, at the block
-    sizes the launchers pick on GPU for ``head_dim``/``dtype``, for
+    """``[(jit_function, signature, constexprs, name, options)]`` for every kernel in this file, at the
+    block sizes, warps and stages the launchers pick on GPU for ``head_dim``/``dtype``, for
     ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``.
 
     Signature format (triton 3.x): every parameter name -> ``"*bf16"``/``"*fp32"``/``"*i8"`` (pointers),
@@ -758,7 +800,7 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
             consts[f"stride_{n}d"] = 1
         return sig, consts
 
-    def spec(fn, pointers, tensors, scalars, consts, name):
+    def spec(fn, pointers, tensors, scalars, consts, name, blocks=None):
         stride_sig, stride_consts = tensor_strides(*tensors)
         consts = {**stride_consts, **consts}
         sig = {**pointers, **stride_sig, **scalars}
@@ -766,7 +808,9 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
         missing = [a for a in fn.arg_names if a not in sig]
         if missing:  # keep the specs in step with the kernel signatures
             raise RuntimeError(f"compile_specs: {name} lacks parameters {missing}")
-        return fn, {a: sig[a] for a in fn.arg_names}, consts, name
+        # the launch options the launcher passes (Triton's defaults where it passes none)
+        options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages} if blocks else {}
+        return fn, {a: sig[a] for a in fn.arg_names}, consts, name, options
 
     mask_stride_sig, mask_stride_consts = {"stride_mb": "i32", "stride_ms": "constexpr"}, {"stride_ms": 1}
     specs = []
@@ -779,7 +823,7 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
             {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "KEY_MASK": "*i8"}, ("q", "k", "v", "o"),
             {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
              "qk_scale_log2": "fp32"},
-            consts, f"flash_attn_fwd_d{head_dim}_mask{int(has_mask)}"))
+            consts, f"flash_attn_fwd_d{head_dim}_mask{int(has_mask)}", fwd))
 
     specs.append(spec(
         _flash_attn_bwd_preprocess_kernel, {"O": ptr, "DO": ptr, "DELTA": "*fp32"}, ("o", "do"),
@@ -796,7 +840,7 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
          "group_size": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32"},
         dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
              BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
-        f"flash_attn_bwd_dkdv_d{head_dim}"))
+        f"flash_attn_bwd_dkdv_d{head_dim}", blk))
 
     blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, dtype)
     specs.append(spec(
@@ -807,5 +851,5 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
          "sm_scale": "fp32", "qk_scale_log2": "fp32"},
         dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
              BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
-        f"flash_attn_bwd_dq_d{head_dim}"))
+        f"flash_attn_bwd_dq_d{head_dim}", blk))
     return specs

@@ -260,16 +260,19 @@ def test_compile_specs_cover_every_kernel():
                             "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"}
     specs = compile_specs()
     assert {fn.__name__ for fn, *_ in specs} == kernel_names
-    assert len({name for *_, name in specs}) == len(specs)
-    for fn, signature, constexprs, name in specs:
+    assert len({spec[3] for spec in specs}) == len(specs)
+    for fn, signature, constexprs, name, options in specs:
         assert list(signature) == list(fn.arg_names), name
+        assert set(options) <= {"num_warps", "num_stages"}, name
         assert {k for k, t in signature.items() if t == "constexpr"} == set(constexprs), name
         if "BLOCK_D" in constexprs:
             assert constexprs["BLOCK_D"] == 128 and constexprs["HEAD_DIM"] == 128, name
         if "EMULATE" in constexprs:
             assert constexprs["EMULATE"] is False and constexprs["CAUSAL"] is True, name
-    fwd = [c for fn, _, c, _ in specs if fn.__name__ == "_flash_attn_fwd_kernel"][0]
-    assert (fwd["BLOCK_M"], fwd["BLOCK_N"]) == (module._FWD_BLOCKS[128].block_m, module._FWD_BLOCKS[128].block_n)
+    fwd, options = [(c, o) for fn, _, c, _, o in specs if fn.__name__ == "_flash_attn_fwd_kernel"][0]
+    blocks = module._FWD_BLOCKS[128]
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"]) == (blocks.block_m, blocks.block_n)
+    assert options == {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
 
 
 @pytest.mark.skipif("cpu" not in DEVICES, reason="the interpreter runs the GPU code path only on CPU")
