@@ -538,5 +538,6 @@ def compile_specs():
                       "HAS_GRAD_SCALE": has_scale, "ALIGNED": aligned, "BLOCK": _BLOCK_GPU, "TILES": _TILES_GPU,
                       "EMULATE": False}
         specs.append((_adamw_kernel, dict(sig_common), constexprs,
-                      f"adamw_p{p_dt}_g{g_dt}_master{int(has_master)}_scale{int(has_scale)}_aligned{int(aligned)}"))
+                      f"adamw_p{p_dt}_g{g_dt}_master{int(has_master)}_scale{int(has_scale)}_aligned{int(aligned)}",
+                      {"num_warps": _WARPS_GPU}))
     return specs

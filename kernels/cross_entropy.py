@@ -398,6 +398,7 @@ def compile_specs():
                    "stride_z": "i64", "stride_dz": "i64", "vocab_start": "i32", "ignore_index": "i32"}
             meta = {"HAS_IGNORE": has_ignore, "WITH_ENTROPY": entropy, "BLOCK_V": _BLOCK_V_GPU}
             tag = f"{dt}_{'ignore' if has_ignore else 'entropy'}_65024"
-            specs.append((_ce_fwd_kernel, fwd, meta, f"ce_fwd_{tag}"))
-            specs.append((_ce_bwd_kernel, bwd, dict(meta, EMULATE=False), f"ce_bwd_{tag}"))
+            options = {"num_warps": _NUM_WARPS_GPU}  # what _block_v picks for BLOCK_V >= 2048
+            specs.append((_ce_fwd_kernel, fwd, meta, f"ce_fwd_{tag}", options))
+            specs.append((_ce_bwd_kernel, bwd, dict(meta, EMULATE=False), f"ce_bwd_{tag}", options))
     return specs

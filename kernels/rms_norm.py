@@ -237,14 +237,23 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
             raise ValueError(f"rms_norm: residual {tuple(residual.shape)} is on {residual.device} but x is on {x.device}")
 
 
+# Backends beyond torch / triton, each a function of kernels/_cuda.py (imported on first use, so a
+# missing extension or package costs nothing until it is asked for).
+_CUDA_BACKENDS = {"cuda": "rms_norm_cuda", "apex": "rms_norm_apex", "transformer_engine": "rms_norm_te"}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              backend: str = "auto"):
-    """RMSNorm over the last dim. Returns ``y``, or ``(y, x + residual)`` when ``residual`` is given."""
+    """RMSNorm over the last dim. Returns ``y``, or ``(y, x + residual)`` when ``residual`` is given.
+
+    ``backend``: "auto" (triton on CUDA tensors, else torch), "torch", "triton", "cuda" (csrc kernels,
+    ``kernels._cuda_ops``), "apex" (NVIDIA apex FusedRMSNorm) or "transformer_engine" (NVIDIA TE
+    RMSNorm). The last three need CUDA tensors and add the residual with a separate torch op."""
     _check(x, weight, residual)
-    backend = resolve_backend("rms_norm", backend, x, extra=("cuda", "apex"))
-    if backend in ("cuda", "apex"):
-        from ._cuda import rms_norm_apex, rms_norm_cuda
-        return (rms_norm_cuda if backend == "cuda" else rms_norm_apex)(x, weight, eps, residual)
+    backend = resolve_backend("rms_norm", backend, x, extra=tuple(_CUDA_BACKENDS))
+    if backend in _CUDA_BACKENDS:
+        from . import _cuda
+        return getattr(_cuda, _CUDA_BACKENDS[backend])(x, weight, eps, residual)
     if backend == TORCH:
         h = x if residual is None else x + residual
         y = rms_norm_reference(h, weight, eps)
@@ -256,7 +265,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def compile_specs():
-    """Representative launches for the GPU compile test (see tests/kernels/test_gpu_compile.py)."""
+    """Representative launches for the GPU compile test (see tests/kernels/test_gpu_compile.py), with the
+    launchers' warps (_num_warps of the tile; ChatGLM's hidden 4096 is one row per tile)."""
     specs = []
     for dt, residual_flags in (("bf16", (False, True)), ("fp16", (True,)), ("fp32", (False,))):
         for has_res in residual_flags:
@@ -264,16 +274,17 @@ def compile_specs():
                    "rstd_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i64", "stride_res": "i64",
                    "eps": "fp32"}
             specs.append((_rms_norm_fwd_kernel, sig, {"HAS_RESIDUAL": has_res, "BLOCK_M": 1, "BLOCK_N": 4096,
-                                                      "EMULATE": False}, f"rms_norm_fwd_{dt}_res{int(has_res)}_4096"))
+                                                      "EMULATE": False}, f"rms_norm_fwd_{dt}_res{int(has_res)}_4096",
+                          {"num_warps": _num_warps(4096)}))
             sig = {"dy_ptr": f"*{dt}", "dh_out_ptr": f"*{dt}", "h_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                    "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dres_ptr": f"*{dt}", "dw_part_ptr": "*fp32",
                    "n_rows": "i32", "n_cols": "i32", "stride_dy": "i64", "stride_dh_out": "i64", "stride_h": "i64"}
             specs.append((_rms_norm_bwd_kernel, sig, {"HAS_DH_OUT": has_res, "HAS_DRES": has_res, "COMPUTE_DW": True,
                                                       "BLOCK_M": 1, "BLOCK_N": 4096, "EMULATE": False},
-                          f"rms_norm_bwd_{dt}_res{int(has_res)}_4096"))
+                          f"rms_norm_bwd_{dt}_res{int(has_res)}_4096", {"num_warps": _num_warps(4096)}))
     # small hidden size: several rows per tile
     sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*fp32", "h_ptr": "*bf16",
            "rstd_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i64", "stride_res": "i64", "eps": "fp32"}
     specs.append((_rms_norm_fwd_kernel, sig, {"HAS_RESIDUAL": False, "BLOCK_M": 16, "BLOCK_N": 256, "EMULATE": False},
-                  "rms_norm_fwd_bf16_fp32weight_16x256"))
+                  "rms_norm_fwd_bf16_fp32weight_16x256", {"num_warps": _num_warps(16 * 256)}))
     return specs

@@ -32,6 +32,10 @@ from ._triton_utils import tl, triton
 _TILE_ELEMS = 8192
 
 
+def _num_warps(block_h: int, block_d: int) -> int:
+    return max(1, min(8, block_h * block_d // 512))
+
+
 def rotary_inv_freq(rotary_dim: int, base: float, device) -> torch.Tensor:
     """theta_i = base^(-2i / rotary_dim), i < rotary_dim / 2, fp32 (shared by reference and kernel)."""
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
@@ -131,7 +135,7 @@ def rotary_launch(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, bas
     block_d = triton.next_power_of_2(d)
     block_h = max(1, min(triton.next_power_of_2(h), _TILE_ELEMS // block_d))
     has_pass = rotary_dim < d
-    num_warps = max(1, min(8, block_h * block_d // 512))
+    num_warps = _num_warps(block_h, block_d)
     _rotary_kernel[(b * s, triton.cdiv(h, block_h))](
         x, positions, inv_freq, out, s, h, d, rotary_dim,
         x.stride(0), x.stride(1), x.stride(2), stride_pb, stride_ps,
@@ -209,9 +213,11 @@ def compile_specs():
                 meta = {"INTERLEAVED": interleaved, "BACKWARD": backward, "HAS_PASS": True, "BLOCK_H": 64,
                         "BLOCK_P": 32, "BLOCK_PASS": 64, "EMULATE": False}
                 specs.append((_rotary_kernel, sig, meta,
-                              f"rotary_{'bwd' if backward else 'fwd'}_{dt}_{'inter' if interleaved else 'half'}"))
+                              f"rotary_{'bwd' if backward else 'fwd'}_{dt}_{'inter' if interleaved else 'half'}",
+                              {"num_warps": _num_warps(64, 128)}))
     # full-width rotary (no pass-through), int32 positions
     sig = dict(specs[0][1], pos_ptr="*i32")
     specs.append((_rotary_kernel, sig, {"INTERLEAVED": True, "BACKWARD": False, "HAS_PASS": False, "BLOCK_H": 32,
-                                        "BLOCK_P": 64, "BLOCK_PASS": 1, "EMULATE": False}, "rotary_fwd_bf16_full_i32pos"))
+                                        "BLOCK_P": 64, "BLOCK_PASS": 1, "EMULATE": False}, "rotary_fwd_bf16_full_i32pos",
+                  {"num_warps": _num_warps(32, 128)}))
     return specs

@@ -78,10 +78,14 @@ def _swiglu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n_rows, ffn, stride_x, stride_dy,
 # Launchers: flatten to 2-D, pick tile and warps.
 # ------------------------------------------------------------------------------------------------
 
+def _num_warps(block_m: int, block_n: int) -> int:
+    return max(1, min(8, block_m * block_n // 256))
+
+
 def _launch_config(n_rows: int, ffn: int) -> tuple[tuple[int, int], int, int, int]:
     block_n = min(triton.next_power_of_2(ffn), _MAX_BLOCK_N)
     block_m = max(1, min(triton.next_power_of_2(max(n_rows, 1)), _TILE_ELEMS // block_n))
-    num_warps = max(1, min(8, block_m * block_n // 256))
+    num_warps = _num_warps(block_m, block_n)
     # row tiles on grid axis 0 (up to 2^31 - 1), column tiles on axis 1 (up to 65535)
     return (triton.cdiv(n_rows, block_m), triton.cdiv(ffn, block_n)), block_m, block_n, num_warps
 
@@ -152,6 +156,7 @@ def compile_specs():
         # ChatGLM's ffn 13696 (1024-column tiles); a narrow ffn (several rows per tile), bf16 only
         for block_m, block_n in ((2, 1024), (32, 64))[: 2 if dt == "bf16" else 1]:
             meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "EMULATE": False}
-            specs.append((_swiglu_fwd_kernel, fwd, meta, f"swiglu_fwd_{dt}_{block_m}x{block_n}"))
-            specs.append((_swiglu_bwd_kernel, bwd, meta, f"swiglu_bwd_{dt}_{block_m}x{block_n}"))
+            options = {"num_warps": _num_warps(block_m, block_n)}
+            specs.append((_swiglu_fwd_kernel, fwd, meta, f"swiglu_fwd_{dt}_{block_m}x{block_n}", options))
+            specs.append((_swiglu_bwd_kernel, bwd, meta, f"swiglu_bwd_{dt}_{block_m}x{block_n}", options))
     return specs
