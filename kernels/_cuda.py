@@ -1,4 +1,5 @@
-"""Python side of the CUDA extension ``kernels._cuda_ops`` (csrc/), and the apex RMSNorm glue.
+"""Python side of the CUDA extension ``kernels._cuda_ops`` (csrc/), and the apex and
+transformer-engine RMSNorm glue.
 
 Importing ``kernels._cuda_ops`` registers the ops ``torch.ops.glm_engine.{rms_norm_fwd, rms_norm_bwd,
 adamw_step}`` (csrc/cuda_ops.cpp). setup.py builds the extension only when the installed torch has
@@ -23,12 +24,25 @@ from typing import Optional, Sequence
 
 import torch
 
-try:
-    from . import _cuda_ops  # noqa: F401  (registers torch.ops.glm_engine.*)
-    _IMPORT_ERROR: Optional[BaseException] = None
-except Exception as exc:  # not built (CPU-only torch, or build skipped) or built against another torch
-    _cuda_ops = None
-    _IMPORT_ERROR = exc
+_cuda_ops = None
+_IMPORT_ERROR: Optional[BaseException] = None
+
+
+def load_cuda_ops() -> bool:
+    """Import ``kernels._cuda_ops`` (registering its ops and their fake implementations) if it is not
+    loaded yet; True when it is. Runs at import; call it again after building the extension in a
+    running process (``launch.bench gpu`` does), since a failed import is not retried by itself."""
+    global _cuda_ops, _IMPORT_ERROR
+    if _cuda_ops is not None:
+        return True
+    try:
+        from . import _cuda_ops as ops  # registers torch.ops.glm_engine.*
+    except Exception as exc:  # not built (CPU-only torch, or build skipped) or built against another torch
+        _IMPORT_ERROR = exc
+        return False
+    _register_fakes()
+    _cuda_ops, _IMPORT_ERROR = ops, None
+    return True
 
 
 def cuda_ops_available() -> bool:
@@ -50,17 +64,17 @@ def require_cuda_ops(op: str) -> None:
         "backend='triton' or backend='torch'.")
 
 
-def _require_cuda_tensor(op: str, name: str, t: torch.Tensor) -> None:
+def _require_cuda_tensor(op: str, name: str, t: torch.Tensor, backend: str = "cuda") -> None:
     if not t.is_cuda:
-        raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got {name} on {t.device} "
-                           f"(shape {tuple(t.shape)})")
+        raise RuntimeError(f"{op}: backend='{backend}' needs CUDA tensors, got {name} on {t.device} "
+                           f"(shape {tuple(t.shape)}); for CPU tensors use backend='torch'")
 
 
 # ------------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing.
 # ------------------------------------------------------------------------------------------------
 
-if _cuda_ops is not None:
+def _register_fakes() -> None:
     @torch.library.register_fake("glm_engine::rms_norm_fwd")
     def _rms_norm_fwd_fake(x, weight, eps):
         return x.new_empty(x.shape, dtype=weight.dtype), x.new_empty((x.shape[0],), dtype=torch.float32)
@@ -73,6 +87,9 @@ if _cuda_ops is not None:
     def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, master_params, lr, beta1, beta2, eps,
                          weight_decay, step, inv_grad_scale, grad_scale):
         return None
+
+
+load_cuda_ops()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,11 +150,60 @@ def rms_norm_apex(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: O
                            "(apex.normalization.fused_layer_norm); it is not importable here. apex is not on "
                            "PyPI: build it from github.com/NVIDIA/apex with --cuda_ext, or use "
                            "backend='triton' / 'cuda' / 'torch'")
-    _require_cuda_tensor("rms_norm", "x", x)
+    _require_cuda_tensor("rms_norm", "x", x, backend="apex")
     fused, mixed = fns
     h = x if residual is None else x + residual
     fn = fused if h.dtype == weight.dtype else mixed
     y = fn(h, weight, (h.shape[-1],), float(eps))
+    out_dtype = torch.promote_types(h.dtype, weight.dtype)
+    y = y if y.dtype == out_dtype else y.to(out_dtype)
+    return y if residual is None else (y, h)
+
+
+# One transformer_engine.pytorch.RMSNorm per (hidden, eps, weight dtype, device). Its own weight is
+# never used: every call swaps in the caller's weight with functional_call, so gradients reach the
+# caller's tensor and one module serves every layer of that shape.
+_TE_NORMS: dict = {}
+
+
+def _te_pytorch():
+    """(transformer_engine.pytorch, None), or (None, the import error)."""
+    try:
+        import transformer_engine.pytorch as te_torch
+        return te_torch, None
+    except Exception as exc:  # missing, or its compiled library does not match this torch / CUDA
+        return None, exc
+
+
+def te_rms_norm_available() -> bool:
+    return _te_pytorch()[0] is not None
+
+
+def _te_norm(te_torch, hidden: int, eps: float, dtype: torch.dtype, device: torch.device):
+    key = (hidden, eps, dtype, device)
+    norm = _TE_NORMS.get(key)
+    if norm is None:
+        # zero_centered_gamma stated explicitly: GLM's weight multiplies the normalised row as is
+        norm = te_torch.RMSNorm(hidden, eps=eps, params_dtype=dtype, zero_centered_gamma=False, device=device)
+        norm.requires_grad_(False)  # the placeholder weight: never trained, never receives a gradient
+        _TE_NORMS[key] = norm
+    return norm
+
+
+def rms_norm_te(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """RMSNorm with NVIDIA Transformer Engine's kernel (same return convention as ``rms_norm_cuda``).
+    TE rounds once, after the weight multiply (TE 2.x also casts x to the weight's dtype first); the
+    output is cast to the reference's dtype (promote(x, weight)), whatever dtype TE returned."""
+    te_torch, err = _te_pytorch()
+    if te_torch is None:
+        raise RuntimeError("rms_norm: backend='transformer_engine' needs NVIDIA Transformer Engine "
+                           f"(transformer_engine.pytorch), which is not importable here ({err!r}). It is "
+                           "installed with `pip install transformer-engine[pytorch]` and must be built for this "
+                           "torch and CUDA; or use backend='triton' / 'cuda' / 'apex' / 'torch'")
+    _require_cuda_tensor("rms_norm", "x", x, backend="transformer_engine")
+    h = x if residual is None else x + residual
+    norm = _te_norm(te_torch, h.shape[-1], float(eps), weight.dtype, weight.device)
+    y = torch.func.functional_call(norm, {"weight": weight}, (h,))
     out_dtype = torch.promote_types(h.dtype, weight.dtype)
     y = y if y.dtype == out_dtype else y.to(out_dtype)
     return y if residual is None else (y, h)
