@@ -103,6 +103,9 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     from engine.parallel import ParallelDims
     dims = ParallelDims(tp=run.tp, pp=1, dp=None).validate(world_size, run.model)
     run.ppo.validate(dims.dp, run.tp)
+    if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
+        from engine.rlhf.ppo import validate_generation_dims
+        validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
     ck = run.checkpoint
     if not ck.actor_from or not ck.reward_from:
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and --reward-from (a reward-model checkpoint)")
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--kl-coef", type=float)
     p.add_argument("--kl-target", type=float, help="> 0: adapt kl_coef toward this KL per response")
+    p.add_argument("--kl-horizon", type=int, help="samples over which the adaptive KL controller closes the gap")
     p.add_argument("--ptx-coef", type=float)
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "kl_target", "ptx_coef", "seed", "generation_tp")
+              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 

@@ -173,6 +173,8 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(score_clip=-1.0), "score_clip=-1.0 must be >= 0"),
     (dict(generation_tp=0), "generation_tp=0 must be None or a positive divisor of the training tp"),
+    (dict(kl_target=0.1, kl_coef=0.0), "kl_target=0.1 adapts kl_coef multiplicatively: it needs kl_coef > 0"),
+    (dict(kl_horizon=0), "kl_horizon=0 must be a positive integer"),
 ])
 def test_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -180,6 +182,9 @@ def test_config_errors(kwargs, needle):
 
 
 def test_generation_layout_config_errors():
+    from engine.rlhf.ppo import validate_generation_dims
+    with pytest.raises(ValueError, match="generation_tp=3: the generation layout is invalid: .*num_attention_heads=4"):
+        validate_generation_dims(3, 6, _config())
     with pytest.raises(ValueError, match="generation_tp=3 must divide the training tp=4"):
         _ppo(generation_tp=3).validate(1, 4)
     # 8 rows, dp=2 x tp=4 -> generation_tp=1: 8 replicas fine; rows 6 (3 prompts x 2) over 8 replicas not
@@ -294,6 +299,19 @@ def _world4_generation(rank, world_size, states, prompts_greedy):
     from engine.parallel.sharding import reshard_tp, tp_slice
     layout = ParallelLayout.build(ParallelDims(tp=4), name="tp4")
     out = {}
+    # tp=4 > 2 KV groups: the QKV weights carry the replicated-KV gradient hook; a model holding such
+    # hooks is freed by its last reference, without the cyclic GC (the generation copy relies on it)
+    import gc
+    import weakref
+    from engine.parallel.pipeline import build_model_chunks
+    (model,) = build_model_chunks(_config(), layout, seed=None)
+    qkv = weakref.ref(next(iter(model.layers.values())).attention.qkv.weight)
+    gc.disable()
+    try:
+        del model
+        out["freed"] = qkv() is None
+    finally:
+        gc.enable()
     for tp_g in (2, 1):
         loop = _loop(_ppo(generation_tp=tp_g, rollout_prompts=2), layout=layout, models=_sharded(states, layout))
         gen = loop.generation_layout
@@ -302,11 +320,14 @@ def _world4_generation(rank, world_size, states, prompts_greedy):
         received = layout.ledger.received("reshard") - before
         exact = all(torch.equal(t, tp_slice(k, states[0][k], _config(), tp_g, gen.tp_rank)) for k, t in shards.items())
         ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
-        greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+        gen_model = loop.generation_model()
+        on_device = all(p.device == torch.device("cpu") and not p.requires_grad for p in gen_model.parameters())
+        greedy = generate(gen_model, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+        del gen_model
         record = loop.iteration()
         out[tp_g] = dict(tp_ranks=gen.tp_ranks, dp_ranks=gen.dp_ranks, tp_rank=gen.tp_rank, dp_rank=gen.dp_rank,
                          exact=exact, names=sorted(shards) == sorted(states[0]), received=received,
-                         local=_sharded_bytes(loop.actor), tokens=greedy.response_ids.numpy(),
+                         local=_sharded_bytes(loop.actor), tokens=greedy.response_ids.numpy(), on_device=on_device,
                          steps=record["ppo_steps"], rollout=record["response_length"])
     return out
 
@@ -320,6 +341,7 @@ def test_generation_layouts_tp4_to_tp2_and_tp1():
     ref = generate(actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
     results = run_distributed(_world4_generation, 4, states, prompts, timeout=300)
     for rank, r in enumerate(results):
+        assert r["freed"]
         two, one = r[2], r[1]
         # tp 4 -> 2: f = 2 consecutive training ranks gather; generation TP groups are strided
         assert two["tp_rank"] == rank // 2 and two["tp_ranks"] == ((0, 2) if rank % 2 == 0 else (1, 3))
@@ -327,7 +349,7 @@ def test_generation_layouts_tp4_to_tp2_and_tp1():
         # tp 4 -> 1: every rank a whole model and its own generation replica
         assert one["tp_rank"] == 0 and one["tp_ranks"] == (rank,) and one["dp_rank"] == rank
         for case, f in ((two, 2), (one, 4)):
-            assert case["exact"] and case["names"]
+            assert case["exact"] and case["names"] and case["on_device"]
             # each sharded tensor gathered once over f ranks: (f - 1) x the local bytes
             assert case["received"] == (f - 1) * case["local"]
             assert torch.equal(torch.from_numpy(case["tokens"]), ref)  # greedy: same tokens as one process
@@ -426,6 +448,10 @@ def test_save_and_resume_continue_exactly(tmp_path):
                                                                                other.critic_trainer)):
         save_checkpoint(tmp_path / "sft" / name, 1, [model], trainer.optimizer, ParallelLayout.single(), _config(),
                         extra_state={"mode": "sft"})
+    # a fixed KL coefficient is configuration: the resuming run's value holds
+    fixed = _loop(_ppo(iterations=3, kl_coef=0.5))
+    fixed.load(tmp_path / "ck")
+    assert fixed.kl_coef == 0.5
     with pytest.raises(CheckpointError, match="holds a 'sft' checkpoint, not a PPO actor"):
         other.load(tmp_path / "sft")
     save_checkpoint(tmp_path / "weights" / "actor", 1, [actor], None, ParallelLayout.single(), _config())

@@ -86,17 +86,24 @@ class QKVParallelLinear(ColumnParallelLinear):
         replicas = kv_replication(config, tp)
         if replicas > 1:
             group, ranks = layout.tp_subgroup(replicas)
-            self._kv_group = group
+            hook = _replicated_kv_grad_hook(self.q_rows, group, layout.ledger)
             for p in (self.weight, self.bias):
                 if p is not None:
-                    p.register_hook(self._sum_replicated_kv_grad)
+                    p.register_hook(hook)
                     if layout.rank != ranks[0]:
                         p.tp_duplicate_rows = (self.q_rows, self.local_out_features)
 
-    def _sum_replicated_kv_grad(self, grad: torch.Tensor) -> torch.Tensor:
+
+def _replicated_kv_grad_hook(q_rows: int, group, ledger):
+    """Gradient hook summing the KV rows (from ``q_rows`` on) over the ranks sharing those KV heads.
+    A closure over plain values rather than a bound method: a hook that holds its module makes a
+    parameter -> hook -> module -> parameter cycle, which only the cyclic GC frees (the RLHF
+    generation copy of the actor would outlive its ``del``)."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
-        comm.all_reduce(grad[self.q_rows:], self._kv_group, self.layout.ledger, "tp")  # rows: contiguous view
+        comm.all_reduce(grad[q_rows:], group, ledger, "tp")  # rows: a contiguous view
         return grad
+    return hook
 
 
 class RowParallelLinear(nn.Module):

@@ -99,7 +99,9 @@ class PPOConfig:
     """0: a fixed ``kl_coef``. > 0: after each rollout the coefficient follows the adaptive controller
     (``core.adaptive_kl_coef``) toward this KL per response (the logged ``kl``)."""
     kl_horizon: int = 10000
-    """Samples over which the adaptive controller closes the gap (larger: slower)."""
+    """Samples over which the adaptive controller closes the gap (larger: slower): with R rollout rows
+    an iteration moves the coefficient by at most a factor 1 +- 0.2 R / kl_horizon (Ziegler et al.
+    used 10000 with large rollouts; a small demo rollout needs a smaller horizon to adapt visibly)."""
     kl_kind: str = "k1"
     """KL estimator of the penalty: k1, k2 or k3 (``core.kl_estimate``)."""
     gamma: float = 1.0
@@ -157,6 +159,9 @@ class PPOConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
             problems.append(f"kl_horizon={self.kl_horizon!r} must be a positive integer (samples)")
+        if self.kl_target > 0 and not self.kl_coef > 0:
+            problems.append(f"kl_target={self.kl_target} adapts kl_coef multiplicatively: it needs kl_coef > 0, "
+                            f"got {self.kl_coef}")
         if self.min_reward_spread > 0 and self.samples_per_prompt < 2:
             problems.append("min_reward_spread compares a prompt's responses: it needs samples_per_prompt >= 2")
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
@@ -168,6 +173,16 @@ class PPOConfig:
         if problems:
             raise ValueError("invalid PPO configuration: " + "; ".join(problems))
         return self
+
+
+def validate_generation_dims(generation_tp: int, world_size: int, model_config: GLMConfig) -> None:
+    """ValueError unless the model can be split ``generation_tp`` ways (heads, KV groups, ffn, vocab),
+    checked before any process group is created."""
+    from engine.parallel import ParallelDims
+    try:
+        ParallelDims(tp=generation_tp, pp=1, dp=None).validate(world_size, model_config)
+    except ValueError as e:
+        raise ValueError(f"generation_tp={generation_tp}: the generation layout is invalid: {e}") from None
 
 
 @dataclass
@@ -231,6 +246,8 @@ class PPOLoop:
         self.config = config.validate(layout.dp_size, layout.tp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         self.reshard = tp_g < layout.tp_size
+        if self.reshard:
+            validate_generation_dims(tp_g, layout.world_size, model_config)
         # built once (creating process groups is collective and slow); ranks regrouped for the fewest bytes
         self.generation_layout = ParallelLayout.for_generation(layout, tp_g) if self.reshard else layout
         actor_lr, critic_lr = actor_lr or PPO_LR, critic_lr or PPO_LR
@@ -328,16 +345,20 @@ class PPOLoop:
         kernel_plan = self.actor.spec.kernels
         spec = (ModelSpec(kernels=kernel_plan) if gen.tp_size == 1
                 else tensor_parallel_spec(self.model_config, gen, kernels=kernel_plan))
-        model = GLMForCausalLM(self.model_config, spec, init=False).to(device=self.device, dtype=next(
-            self.actor.parameters()).dtype)
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+        # Parameters on the meta device, then the resharded tensors assigned as they are (their device
+        # and dtype): one copy of the generation shard, no allocation or init of a throwaway model.
+        # Replicated tensors (norms) stay shared with the actor; the copy is only read.
+        with torch.device("meta"):
+            model = GLMForCausalLM(self.model_config, spec, init=False)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
 
     def _generate_resharded(self, rows: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the whole rollout on the generation layout: generation replica g of G = world / tp_g
-        samples rows ``[g R/G, (g+1) R/G)`` (seed per (iteration, g), shared by its TP ranks); returns
-        every rank's ``[R, T]`` responses and masks (all-gathered over the generation DP group, whose
-        rank order is g: "rollout" traffic)."""
+        """Sample on the generation layout: generation replica g of G = world / tp_g samples rows
+        ``[g R/G, (g+1) R/G)`` of the global ``rows`` (seed per (iteration, g), shared by its TP ranks).
+        The f = tp / tp_g replicas (d f + o, o < f) split training DP replica d's rows and are exactly
+        this rank's training TP subgroup of size f, in order, so an all-gather over it ("rollout"
+        traffic) returns the ``[R / dp, T]`` responses and masks of this rank's training replica."""
         c, gen = self.config, self.generation_layout
         model = self.generation_model()
         per = c.rollout_rows // gen.dp_size
@@ -347,8 +368,9 @@ class PPOLoop:
         out = self._sample(model, ids, pmask, seed)
         del model  # the resharded copy lives only while sampling
         responses, mask = self._pad_response(out.response_ids, out.response_mask)
-        return (comm.all_gather(responses.contiguous(), 0, gen.dp_group, gen.ledger, "rollout"),
-                comm.all_gather(mask.contiguous(), 0, gen.dp_group, gen.ledger, "rollout"))
+        siblings, _ = self.layout.tp_subgroup(self.layout.tp_size // gen.tp_size)
+        return (comm.all_gather(responses.contiguous(), 0, siblings, self.layout.ledger, "rollout"),
+                comm.all_gather(mask.contiguous(), 0, siblings, self.layout.ledger, "rollout"))
 
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
@@ -365,9 +387,8 @@ class PPOLoop:
         per_rank = c.rollout_rows // layout.dp_size
         mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
-        if self.reshard:  # sampled on the generation layout: this DP replica's rows of the whole rollout
-            responses, response_mask = (t[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-                                        for t in self._generate_resharded(rows, iteration))
+        if self.reshard:  # sampled on the generation layout, returned for this DP replica's rows
+            responses, response_mask = self._generate_resharded(rows, iteration)
         else:
             # one seed per (iteration, DP replica): the TP ranks of a replica draw the same tokens
             seed = int(np.random.default_rng([c.seed, iteration, layout.dp_rank]).integers(2**62))
@@ -430,8 +451,6 @@ class PPOLoop:
                  "response_length": all_tokens.sum(1).float().mean().item(),
                  "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
                  "value_mean": masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0}
-        if c.kl_target > 0:  # the coefficient of the next rollout (the same on every rank: global rollout)
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["kl"], c.kl_target, c.kl_horizon, c.rollout_rows)
         return batch, stats
 
     # ---- update -------------------------------------------------------------------------------
@@ -512,8 +531,10 @@ class PPOLoop:
         self.iterations_done = int(states["actor"]["iteration"])
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
         self.score_moments.load_state_dict(states["actor"]["score_moments"])
-        # checkpoints written before the adaptive controller existed ran with the fixed configured value
-        self.kl_coef = float(states["actor"].get("kl_coef", self.config.kl_coef))
+        # The adapted coefficient is run state, resumed with the run; a fixed one is configuration, so the
+        # resuming run's value holds (also for checkpoints written before the controller existed).
+        if self.config.kl_target > 0 and "kl_coef" in states["actor"]:
+            self.kl_coef = float(states["actor"]["kl_coef"])
 
     def iteration(self) -> dict:
         """One rollout + update; returns the iteration's metrics (the same on every rank)."""
@@ -521,6 +542,9 @@ class PPOLoop:
         it = self.iterations_done
         rollout, times = self.rollout(it)
         batch, stats = self.advantages(rollout)
+        c = self.config
+        if c.kl_target > 0:  # the next rollout's coefficient (the same on every rank: global rollout)
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["kl"], c.kl_target, c.kl_horizon, c.rollout_rows)
         t1 = time.perf_counter()
         stats.update(self.update(batch, it))
         stats.update(times, train_s=time.perf_counter() - t1, seconds=time.perf_counter() - t0, step=it)
