@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", help="checkpoint directory to resume from (its latest step; layouts may differ)")
     p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak TFLOP/s; when given, metrics include MFU (Megatron's FLOP count)")
+                   help="per-device peak TFLOP/s; when given, metrics include MFU (model FLOPs, Megatron's count) "
+                        "and HFU (plus activation recompute)")
     p.add_argument("--log-dir")
     return p
 
@@ -449,7 +450,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                             tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
-        flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute, lm_head=run.mode != "rm")
+        # model FLOPs (what MFU counts) leave out activation recompute; hardware FLOPs (HFU) include it
+        flops = flops_per_token(run.model, run.train.seq_length, "none", lm_head=run.mode != "rm")
+        hw_flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute, lm_head=run.mode != "rm")
         progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
         board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
         t = run.train
@@ -460,11 +463,13 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             if data.held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
                 extra.update({f"eval_{k}": v for k, v in trainer.evaluate(data.held_out).items()})
             if writer is not None:
-                # achieved model TFLOP/s per device (Megatron's count, recompute excluded) and MFU
+                # achieved TFLOP/s per device (Megatron's count): model (recompute excluded) -> MFU,
+                # hardware (recompute included) -> HFU; equal without recompute
                 tflops = metrics.tokens_per_s * flops / layout.world_size / 1e12
-                extra["model_tflops_per_device"] = tflops
+                hw_tflops = metrics.tokens_per_s * hw_flops / layout.world_size / 1e12
+                extra.update(model_tflops_per_device=tflops, hardware_tflops_per_device=hw_tflops)
                 if peak_tflops:
-                    extra["mfu"] = tflops / peak_tflops
+                    extra.update(mfu=tflops / peak_tflops, hfu=hw_tflops / peak_tflops)
                 writer.write(metrics, **extra)
                 record = {**metrics.record(), **extra}
                 board.log(record, metrics.step)

@@ -59,8 +59,12 @@ def test_single_process_without_torchrun(tmp_path):
     assert line["schedule"] == "no_pipeline" and line["comm_bytes"] == {} and line["num_microbatches"] == 2
     from engine.config import GLMConfig
     from engine.train.observe import flops_per_token
-    tflops = line["tokens_per_s"] * flops_per_token(GLMConfig.preset("tiny"), 16, "full") / 1e12
+    # --recompute full: MFU counts the model's FLOPs only, HFU adds the recomputed forward
+    tflops = line["tokens_per_s"] * flops_per_token(GLMConfig.preset("tiny"), 16, "none") / 1e12
+    hw_tflops = line["tokens_per_s"] * flops_per_token(GLMConfig.preset("tiny"), 16, "full") / 1e12
     assert line["model_tflops_per_device"] == pytest.approx(tflops) and line["mfu"] == pytest.approx(tflops / 0.5)
+    assert line["hardware_tflops_per_device"] == pytest.approx(hw_tflops) and line["hfu"] == pytest.approx(hw_tflops / 0.5)
+    assert line["hfu"] > line["mfu"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard scalars written
 
 
