@@ -6,6 +6,9 @@ q ``[b, s_q, hq, d]``, k/v ``[b, s_kv, hkv, d]`` with ``hq % hkv == 0``: query h
 ``i // (hq // hkv)``. The causal mask is bottom-right aligned (query i sees keys j <= i + s_kv - s_q,
 as in flash-attn 2), so the same call serves prefill (s_q == s_kv) and decoding (s_q < s_kv).
 ``attention_mask`` ``[b, s_kv]`` marks real keys with 1/True and padding with 0/False.
+``segment_ids`` ``[b, s_kv]`` (integers; needs s_q <= s_kv) packs several documents into one sequence:
+query i, at key position i + s_kv - s_q, sees key j only if segment_ids[j] == segment_ids[i + s_kv - s_q]
+(equality, so a document need not be contiguous), on top of the causal and padding rules.
 A query row that sees no key at all (a left-padding row) outputs zeros, and gets zero gradients.
 
 Triton backend, per query row i of one (batch, query head) and with ``s_ij = scale * q_i . k_j``
@@ -24,6 +27,13 @@ backward (P recomputed from lse, never stored)::
 Decoding calls (s_q < s_kv with at most 64 query rows per KV head) run the forward of flash_decode.py
 instead, which packs the query heads of a KV group into one tile and splits the KV cache across
 programs (see ``flash_decode.pays_off``); it returns the same o and lse, so the backward is shared.
+Calls with segment_ids always run the kernels below (flash_decode has no segment test).
+
+Segments in the kernels: the launcher turns the ids into int32 spans (``_segment_spans``: per position,
+the first and last position of its segment; the first one serves as the id). Every key block, the
+causally "unmasked" ones included, compares ids, and each program visits only the blocks between the
+first and last position of its rows' (or, for dK/dV, its keys') segments: with contiguous documents,
+blocks of other documents are neither loaded nor multiplied.
 
 dK/dV of a KV head are accumulated in registers over the ``hq // hkv`` query heads that read it, in
 one program per KV block, so K/V are never expanded in memory and no atomics are needed. Matmul
@@ -58,8 +68,10 @@ _MAX_HEAD_DIM = 256  # one [BLOCK, head_dim] tile per operand lives in registers
 
 
 def attention_mask_matrix(b: int, s_q: int, s_kv: int, causal: bool, attention_mask: torch.Tensor | None,
-                          device) -> torch.Tensor | None:
-    """Boolean ``[b, 1, s_q, s_kv]`` mask of visible keys, or None when everything is visible."""
+                          device, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean ``[b, 1, s_q, s_kv]`` mask of visible keys, or None when everything is visible.
+    ``segment_ids`` ``[b, s_kv]`` (needs s_q <= s_kv): query i, at key position i + s_kv - s_q, sees
+    only the keys whose segment id equals the one at its own position."""
     mask = None
     if causal:
         i = torch.arange(s_q, device=device)[:, None]
@@ -68,6 +80,9 @@ def attention_mask_matrix(b: int, s_q: int, s_kv: int, causal: bool, attention_m
     if attention_mask is not None:
         keys = attention_mask.bool()[:, None, None, :]
         mask = keys if mask is None else (mask & keys)
+    if segment_ids is not None:
+        same = segment_ids[:, None, s_kv - s_q:, None] == segment_ids[:, None, None, :]  # [b, 1, s_q, s_kv]
+        mask = same if mask is None else (mask & same)
     return None if mask is None else mask.expand(b, 1, s_q, s_kv)
 
 
@@ -76,7 +91,8 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
+                        segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     b, s_q, hq, d = q.shape
     s_kv, hkv = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -85,7 +101,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     # share a KV head are stacked along the query axis, [b, hkv, rep * s_q, d].
     qt = q.transpose(1, 2).reshape(b, hkv, rep * s_q, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    if attention_mask is None and causal and s_q == s_kv:
+    if attention_mask is None and segment_ids is None and causal and s_q == s_kv:
         # plain causal self-attention: SDPA's is_causal path (no mask tensor, fused kernels)
         qh = q.transpose(1, 2)
         if rep == 1:
@@ -97,7 +113,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                                                  is_causal=True, scale=scale)
         return out.transpose(1, 2)
     # one query row per step (decoding): the bottom-right causal mask hides nothing
-    mask = attention_mask_matrix(b, s_q, s_kv, causal and s_q > 1, attention_mask, q.device)
+    mask = attention_mask_matrix(b, s_q, s_kv, causal and s_q > 1, attention_mask, q.device, segment_ids)
     if mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     else:
@@ -177,10 +193,37 @@ def _dot(a, b, IEEE: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
-               stride_ms, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset, qk_scale_log2,
-               DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
+def _mask_scores(x, fill, cols, offs_m, km_base, seg_base, seg_q, stride_ms, stride_ss, seq_kv, diag_offset,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """x [BLOCK_M, BLOCK_N] (scores or P of query positions offs_m, keys cols) set to ``fill`` where the
+    row cannot see the key. MASKED: apply the key bounds and the causal diagonal (the caller guarantees
+    that unmasked blocks are in bounds and causally fully visible). The key-padding mask and the
+    segment test (seg_q: the rows' segment ids) apply to every block: they follow no block structure."""
+    if MASKED:
+        in_kv = cols < seq_kv
+        visible = in_kv[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + diag_offset)
+        if HAS_KEY_MASK:
+            visible = visible & (tl.load(km_base + cols * stride_ms, mask=in_kv, other=0)[None, :] != 0)
+        if HAS_SEGMENTS:
+            seg_k = tl.load(seg_base + cols * stride_ss, mask=in_kv, other=-1)
+            visible = visible & (seg_k[None, :] == seg_q[:, None])
+        x = tl.where(visible, x, fill)
+    else:
+        if HAS_KEY_MASK:
+            x = tl.where(tl.load(km_base + cols * stride_ms)[None, :] != 0, x, fill)
+        if HAS_SEGMENTS:
+            x = tl.where(tl.load(seg_base + cols * stride_ss)[None, :] == seg_q[:, None], x, fill)
+    return x
+
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd, stride_vs,
+               stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset,
+               qk_scale_log2, DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax update over key blocks [start, end). MASKED: apply key bounds and the causal
     diagonal (the caller guarantees unmasked blocks are in bounds and causally fully visible)."""
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -192,20 +235,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, 
             kv_mask = d_ok
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(_operand(k, EMULATE)), IEEE) * qk_scale_log2  # [BLOCK_M, BLOCK_N], base 2
-        if HAS_KEY_MASK:
-            if MASKED:
-                km = tl.load(km_base + cols * stride_ms, mask=cols < seq_kv, other=0)
-            else:
-                km = tl.load(km_base + cols * stride_ms)
-        if MASKED:
-            visible = cols[None, :] < seq_kv
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + diag_offset)
-            if HAS_KEY_MASK:
-                visible = visible & (km[None, :] != 0)
-            s = tl.where(visible, s, float("-inf"))
-        elif HAS_KEY_MASK:
-            s = tl.where(km[None, :] != 0, s, float("-inf"))
+        s = _mask_scores(s, float("-inf"), cols, offs_m, km_base, seg_base, seg_q, stride_ms, stride_ss, seq_kv,
+                         diag_offset, MASKED, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead so that 2^(-inf) = 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -219,23 +250,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, 
 
 
 @_jit
-def _fwd_attend(q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-                offs_m, offs_n, offs_d, start, full_end, end, seq_kv, diag_offset, qk_scale_log2,
-                DTYPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
-                IEEE: tl.constexpr):
+def _fwd_attend(q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
+                stride_ss, offs_m, offs_n, offs_d, start, full_end, end, seq_kv, diag_offset, qk_scale_log2,
+                DTYPE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                EMULATE: tl.constexpr, IEEE: tl.constexpr):
     """Attention of the BLOCK_M rows of q (query positions offs_m) over the keys [start, end), keys below
-    full_end unmasked (whole in-bounds blocks visible to every row; start and full_end BLOCK_N-aligned).
+    full_end unmasked (whole in-bounds blocks visible to every row but for the key mask and segments;
+    start and full_end BLOCK_N-aligned). seg_q: the rows' segment ids (read only if HAS_SEGMENTS).
     Returns (o [BLOCK_M, BLOCK_D] fp32, lse [BLOCK_M] natural log); rows that saw no key: 0 and -inf."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
-                               stride_vd, stride_ms, offs_m, offs_n, offs_d, start, full_end, seq_kv, diag_offset,
-                               qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs,
-                               stride_vd, stride_ms, offs_m, offs_n, offs_d, full_end, end, seq_kv, diag_offset,
-                               qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd,
+                               stride_vs, stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, start, full_end,
+                               seq_kv, diag_offset, qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS,
+                               HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd,
+                               stride_vs, stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, full_end, end,
+                               seq_kv, diag_offset, qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS,
+                               HEAD_DIM, BLOCK_N, EMULATE, IEEE)
     l_safe, lse = _softmax_denominator(l_i, m_i)
     return acc / l_safe[:, None], lse
 
@@ -255,6 +289,25 @@ def _causal_kv_range(pos_lo, pos_hi, seq_kv, diag_offset, CAUSAL: tl.constexpr, 
 
 
 @_jit
+def _segment_kv_range(seg_base, seg_span, stride_ss, pos, row_ok, full_end, hi, CAUSAL: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Packed sequences: (segment ids of the rows at key positions ``pos``, start, full_end, hi), the
+    ``_causal_kv_range`` of a query tile narrowed to the keys its rows' segments can occupy. A segment
+    id is the first position of its segment in the row and seg_base + seg_span holds the last one, so
+    the keys of the tile's segments lie in [min first, max last]: blocks outside are skipped (with
+    contiguous documents, all but the tile's own documents). start and full_end stay BLOCK_N-aligned and
+    [start, full_end) within the in-bounds, causally visible [0, full_end) it was given."""
+    seg_q = tl.load(seg_base + pos * stride_ss, mask=row_ok, other=-1)
+    start = tl.min(tl.where(row_ok, seg_q, 2147483647), 0) // BLOCK_N * BLOCK_N
+    if not CAUSAL:  # (causally, hi is the last row's own position + 1, which its segment reaches anyway)
+        seg_end = tl.max(tl.load(seg_base + seg_span + pos * stride_ss, mask=row_ok, other=-1), 0) + 1
+        hi = tl.minimum(hi, seg_end)
+        full_end = tl.minimum(full_end, tl.cdiv(seg_end, BLOCK_N) * BLOCK_N)
+    full_end = tl.maximum(start, full_end)
+    return seg_q, start, full_end, hi
+
+
+@_jit
 def _softmax_denominator(l_i, m_i):
     """(l_safe, lse) from the online-softmax sum l and base-2 max m: o = acc / l_safe, and lse the
     natural-log logsumexp. Rows that saw no key (l == 0, acc == 0) get o = 0 and lse = -inf."""
@@ -266,18 +319,21 @@ def _softmax_denominator(l_i, m_i):
 
 @_jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, O, LSE, KEY_MASK,
+    Q, K, V, O, LSE, KEY_MASK, SEGMENTS,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_mb, stride_ms,
+    stride_sf, stride_sb, stride_ss,
     seq_q, seq_kv, num_heads_q, group_size, qk_scale_log2,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq).
-    Writes O [b, s_q, hq, d] and LSE [b, hq, s_q] (fp32, natural log, -inf for rows with no key)."""
+    Writes O [b, s_q, hq, d] and LSE [b, hq, s_q] (fp32, natural log, -inf for rows with no key).
+    SEGMENTS [2, b, s_kv] int32 (HAS_SEGMENTS): per key position the first and last position of its
+    segment (``_segment_spans``)."""
     # Last query blocks first: under the causal mask they have the most keys, so the longest
     # programs start in the first wave instead of forming a tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -299,13 +355,20 @@ def _flash_attn_fwd_kernel(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     km_base = KEY_MASK + off_b * stride_mb
+    seg_base = SEGMENTS + off_b * stride_sb
 
     diag_offset = seq_kv - seq_q
     full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
                                      CAUSAL, BLOCK_N)
-    o, lse = _fwd_attend(q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-                         offs_m, offs_n, offs_d, 0, full_end, hi, seq_kv, diag_offset, qk_scale_log2, DTYPE, CAUSAL,
-                         HAS_KEY_MASK, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, IEEE)
+    start = 0
+    seg_q = offs_m  # placeholder, read only with segments
+    if HAS_SEGMENTS:
+        seg_q, start, full_end, hi = _segment_kv_range(seg_base, stride_sf, stride_ss, offs_m + diag_offset, row_ok,
+                                                       full_end, hi, CAUSAL, BLOCK_N)
+    o, lse = _fwd_attend(q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd, stride_vs, stride_vd,
+                         stride_ms, stride_ss, offs_m, offs_n, offs_d, start, full_end, hi, seq_kv, diag_offset,
+                         qk_scale_log2, DTYPE, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+                         EMULATE, IEEE)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, _to_store(o, O.dtype.element_ty, EMULATE), mask=io_mask)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
@@ -338,14 +401,15 @@ def _flash_attn_bwd_preprocess_kernel(
 
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, col_ok,
-                    stride_qs, stride_qd, stride_dos, stride_dod,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, col_ok, seg_base, seg_k,
+                    stride_qs, stride_qd, stride_dos, stride_dod, stride_ss,
                     offs_n, offs_d, start, end, seq_q, diag_offset, qk_scale_log2,
-                    DTYPE: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    EMULATE: tl.constexpr, IEEE: tl.constexpr):
+                    DTYPE: tl.constexpr, MASKED: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [start, end) of one query head.
     Works on transposed tiles ([keys, queries]) so that no P/dS transpose is needed.
-    MASKED: apply the causal diagonal."""
+    MASKED: apply the causal diagonal. HAS_SEGMENTS: every block compares the rows' segment ids with
+    the keys' (seg_k, -2 where col_ok is False), which then replaces the col_ok/row_ok test."""
     offs_mb = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
@@ -359,7 +423,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, col_ok,
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634  # empty rows are masked below
         sT = _dot(k, qT, IEEE) * qk_scale_log2  # [BLOCK_N, BLOCK_M]
-        visible = col_ok[:, None] & row_ok[None, :]
+        if HAS_SEGMENTS:
+            # seg_k is -2 at invalid keys and seg_q -1 at rows past seq_q, so equal ids also mean both
+            # are valid (folding col_ok in keeps the register-hungry loop one [BLOCK_N] vector lighter)
+            seg_q = tl.load(seg_base + (offs_m + diag_offset) * stride_ss, mask=row_ok, other=-1)
+            visible = seg_k[:, None] == seg_q[None, :]
+        else:
+            visible = col_ok[:, None] & row_ok[None, :]
         if MASKED:
             visible = visible & (offs_m[None, :] + diag_offset >= offs_n[:, None])
         pT = tl.where(visible, tl.math.exp2(sT - lse2[None, :]), 0.0)
@@ -372,7 +442,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, col_ok,
 
 @_jit
 def _flash_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KEY_MASK,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KEY_MASK, SEGMENTS,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -380,8 +450,9 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_mb, stride_ms,
+    stride_sf, stride_sb, stride_ss,
     seq_q, seq_kv, num_heads_q, num_heads_kv, group_size, sm_scale, qk_scale_log2,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, KV head), looping over the group's query heads.
@@ -416,6 +487,19 @@ def _flash_attn_bwd_dkdv_kernel(
         lo = 0
         full_start = 0
         masked_end = 0
+    end = seq_q
+    seg_base = SEGMENTS + off_b * stride_sb
+    seg_k = offs_n  # placeholder, read only with segments
+    if HAS_SEGMENTS:
+        # Only the queries at positions of this block's (visible) keys' segments can see it: those in
+        # [min first - diag_offset, max last - diag_offset] (see _segment_kv_range); skip the rest.
+        seg_k = tl.load(seg_base + offs_n * stride_ss, mask=col_ok, other=-2)  # -2: invalid key (_bwd_dkdv_inner)
+        last_k = tl.load(seg_base + stride_sf + offs_n * stride_ss, mask=col_ok, other=-1)
+        end = tl.minimum(tl.max(last_k, 0) + 1 - diag_offset, seq_q)
+        masked_end = tl.minimum(masked_end, end)
+        if not CAUSAL:  # (causally, the rows before the block's own keys already see none of it)
+            lo = tl.maximum(tl.min(tl.where(col_ok, seg_k, 2147483647), 0) - diag_offset, 0) // BLOCK_M * BLOCK_M
+            full_start = lo
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -425,11 +509,13 @@ def _flash_attn_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         row_base = (off_b * num_heads_q + off_h) * seq_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, col_ok,
-                                 stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, lo, masked_end,
-                                 seq_q, diag_offset, qk_scale_log2, DTYPE, True, HEAD_DIM, BLOCK_M, EMULATE, IEEE)
+                                 seg_base, seg_k, stride_qs, stride_qd, stride_dos, stride_dod, stride_ss, offs_n,
+                                 offs_d, lo, masked_end, seq_q, diag_offset, qk_scale_log2, DTYPE, True, HAS_SEGMENTS,
+                                 HEAD_DIM, BLOCK_M, EMULATE, IEEE)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, col_ok,
-                                 stride_qs, stride_qd, stride_dos, stride_dod, offs_n, offs_d, full_start, seq_q,
-                                 seq_q, diag_offset, qk_scale_log2, DTYPE, False, HEAD_DIM, BLOCK_M, EMULATE, IEEE)
+                                 seg_base, seg_k, stride_qs, stride_qd, stride_dos, stride_dod, stride_ss, offs_n,
+                                 offs_d, full_start, end, seq_q, diag_offset, qk_scale_log2, DTYPE, False,
+                                 HAS_SEGMENTS, HEAD_DIM, BLOCK_M, EMULATE, IEEE)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks
@@ -439,10 +525,11 @@ def _flash_attn_bwd_dkdv_kernel(
 
 
 @_jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                  stride_ms, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset, qk_scale_log2,
-                  DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd, stride_vs,
+                  stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, start, end, seq_kv, diag_offset,
+                  qk_scale_log2, DTYPE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, end) (same masking split as forward)."""
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -457,20 +544,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, st
                              mask=kv_mask, other=0.0), EMULATE)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale_log2
         p = tl.math.exp2(s - lse2[:, None])
-        if HAS_KEY_MASK:
-            if MASKED:
-                km = tl.load(km_base + cols * stride_ms, mask=cols < seq_kv, other=0)
-            else:
-                km = tl.load(km_base + cols * stride_ms)
-        if MASKED:
-            visible = cols[None, :] < seq_kv
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + diag_offset)
-            if HAS_KEY_MASK:
-                visible = visible & (km[None, :] != 0)
-            p = tl.where(visible, p, 0.0)
-        elif HAS_KEY_MASK:
-            p = tl.where(km[None, :] != 0, p, 0.0)
+        p = _mask_scores(p, 0.0, cols, offs_m, km_base, seg_base, seg_q, stride_ms, stride_ss, seq_kv, diag_offset,
+                         MASKED, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(_to_operand(ds, DTYPE, EMULATE), k, IEEE)
@@ -479,15 +554,16 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, st
 
 @_jit
 def _flash_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KEY_MASK,
+    Q, K, V, DO, DQ, LSE, DELTA, KEY_MASK, SEGMENTS,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_mb, stride_ms,
+    stride_sf, stride_sb, stride_ss,
     seq_q, seq_kv, num_heads_q, group_size, sm_scale, qk_scale_log2,
-    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
@@ -517,16 +593,24 @@ def _flash_attn_bwd_dq_kernel(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     km_base = KEY_MASK + off_b * stride_mb
+    seg_base = SEGMENTS + off_b * stride_sb
     diag_offset = seq_kv - seq_q
     full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
                                      CAUSAL, BLOCK_N)
+    start = 0
+    seg_q = offs_m  # placeholder, read only with segments
+    if HAS_SEGMENTS:
+        seg_q, start, full_end, hi = _segment_kv_range(seg_base, stride_sf, stride_ss, offs_m + diag_offset, row_ok,
+                                                       full_end, hi, CAUSAL, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                       stride_ms, offs_m, offs_n, offs_d, 0, full_end, seq_kv, diag_offset, qk_scale_log2,
-                       DTYPE, False, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                       stride_ms, offs_m, offs_n, offs_d, full_end, hi, seq_kv, diag_offset, qk_scale_log2,
-                       DTYPE, True, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_N, EMULATE, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd,
+                       stride_vs, stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, start, full_end, seq_kv,
+                       diag_offset, qk_scale_log2, DTYPE, False, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS, HEAD_DIM,
+                       BLOCK_N, EMULATE, IEEE)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd,
+                       stride_vs, stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, full_end, hi, seq_kv,
+                       diag_offset, qk_scale_log2, DTYPE, True, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS, HEAD_DIM,
+                       BLOCK_N, EMULATE, IEEE)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs
              + offs_d[None, :] * stride_dqd, _to_store(dq, DQ.dtype.element_ty, EMULATE), mask=io_mask)
@@ -608,13 +692,41 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
+def _segment_spans(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[2, b, s_kv]`` int32 from integer ``segment_ids`` ``[b, s_kv]``: for each key position, the first
+    and the last position in its row holding the same id. The first position is the id the kernels
+    compare (equal ids <=> equal first positions, in int32 whatever the input dtype), and [first, last]
+    bounds the keys of a segment, which lets them skip blocks of other documents. Sort-based, so it
+    holds for non-contiguous segments too and never synchronizes with the GPU."""
+    b, s_kv = segment_ids.shape
+    spans = torch.empty((2, b, s_kv), dtype=torch.int32, device=segment_ids.device)
+    if s_kv == 0:
+        return spans
+    ids, order = torch.sort(segment_ids, dim=1, stable=True)  # equal ids stay in position order
+    index = torch.arange(s_kv, device=segment_ids.device).expand(b, s_kv)
+    run_start = torch.ones_like(ids, dtype=torch.bool)
+    run_start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run_end = torch.ones_like(run_start)
+    run_end[:, :-1] = run_start[:, 1:]
+    # sorted index of the first / last element of each element's run of equal ids
+    first = torch.where(run_start, index, 0).cummax(dim=1).values
+    last = torch.where(run_end, index, s_kv - 1).flip(1).cummin(dim=1).values.flip(1)
+    spans[0].scatter_(1, order, order.gather(1, first).to(torch.int32))
+    spans[1].scatter_(1, order, order.gather(1, last).to(torch.int32))
+    return spans
+
+
 def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None,
-                        split_kv: bool | None = None, num_splits: int | None = None):
+                        split_kv: bool | None = None, num_splits: int | None = None,
+                        segments: torch.Tensor | None = None):
     """Launch the forward kernel. Returns (o [b, s_q, hq, d], lse [b, hq, s_q] fp32).
 
     split_kv: None routes decoding calls to the split-KV kernel of flash_decode.py when it pays (its
     ``pays_off`` rule); True always, False never (the per-query-head kernel, e.g. to benchmark it).
-    num_splits: the split-KV kernel's number of key chunks (None: chosen from the GPU's size)."""
+    num_splits: the split-KV kernel's number of key chunks (None: chosen from the GPU's size).
+    segments: ``_segment_spans`` of the segment ids, or None. Calls with segments always run the
+    per-query-head kernel: flash_decode has no segment test (packed sequences are a training layout;
+    generation does not pack), and split_kv is ignored for them."""
     b, s_q, hq, d = q.shape
     s_kv, hkv = k.shape[1], k.shape[2]
     if q.numel() == 0 or s_kv == 0:  # nothing to compute, or every row sees no key
@@ -622,7 +734,7 @@ def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Ten
         return out, torch.full((b, hq, s_q), float("-inf"), dtype=torch.float32, device=q.device)
     # Imported here, not at the top: flash_decode.py imports this module's device helpers.
     from .flash_decode import flash_decode_forward, pays_off
-    if split_kv or (split_kv is None and pays_off(s_q, s_kv, hq // hkv)):
+    if segments is None and (split_kv or (split_kv is None and pays_off(s_q, s_kv, hq // hkv))):
         return flash_decode_forward(q, k, v, causal, scale, key_mask, _emulate(q), num_splits)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
@@ -630,20 +742,27 @@ def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Ten
     blk = _fwd_blocks(block_d, s_q, q.dtype, q.is_cuda)
     mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    segs, seg_strides = _segment_args(segments, q)
     grid = (triton.cdiv(s_q, blk.block_m), b * hq)
     _flash_attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        q, k, v, out, lse, mask, segs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides, *seg_strides,
         s_q, s_kv, hq, hq // hkv, scale * _LOG2E,
-        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, HEAD_DIM=d,
+        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, HAS_SEGMENTS=segments is not None, HEAD_DIM=d,
         BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, BLOCK_D=block_d, EMULATE=_emulate(q),
         num_warps=blk.num_warps, num_stages=blk.num_stages,
     )
     return out, lse
 
 
+def _segment_args(segments: torch.Tensor | None, dummy: torch.Tensor):
+    """(pointer, (stride_sf, stride_sb, stride_ss)) of the kernels' SEGMENTS; a dummy pointer, never
+    read when HAS_SEGMENTS=False."""
+    return (segments, segments.stride()) if segments is not None else (dummy, (0, 0, 0))
+
+
 def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_mask: torch.Tensor | None,
-                         need_dq: bool = True, need_dkdv: bool = True):
+                         need_dq: bool = True, need_dkdv: bool = True, segments: torch.Tensor | None = None):
     """Launch the backward kernels. Returns (dq, dk, dv); a gradient that is not needed is None."""
     b, s_q, hq, d = q.shape
     s_kv, hkv = k.shape[1], k.shape[2]
@@ -662,7 +781,9 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_ma
     has_mask = key_mask is not None
     mask = key_mask if has_mask else q
     mask_strides = key_mask.stride() if has_mask else (0, 0)
-    common = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HEAD_DIM=d, BLOCK_D=block_d, EMULATE=emulate)
+    segs, seg_strides = _segment_args(segments, q)
+    common = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HAS_SEGMENTS=segments is not None, HEAD_DIM=d,
+                  BLOCK_D=block_d, EMULATE=emulate)
 
     delta = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
     pre_m = _preprocess_block_m(block_d) if on_gpu else _INTERPRETER_BLOCKS.block_m
@@ -672,16 +793,17 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_ma
     if need_dkdv:
         blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
         _flash_attn_bwd_dkdv_kernel[(triton.cdiv(s_kv, blk.block_n), b * hkv)](
-            q, k, v, do, dk, dv, lse, delta, mask,
+            q, k, v, do, dk, dv, lse, delta, mask, segs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
+            *seg_strides,
             s_q, s_kv, hq, hkv, hq // hkv, scale, scale * _LOG2E,
             BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common,
         )
     if need_dq:
         blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
         _flash_attn_bwd_dq_kernel[(triton.cdiv(s_q, blk.block_m), b * hq)](
-            q, k, v, do, dq, lse, delta, mask,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
+            q, k, v, do, dq, lse, delta, mask, segs,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides, *seg_strides,
             s_q, s_kv, hq, hq // hkv, scale, scale * _LOG2E,
             BLOCK_M=blk.block_m, BLOCK_N=blk.block_n, num_warps=blk.num_warps, num_stages=blk.num_stages, **common,
         )
@@ -697,23 +819,24 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, key_mask: torch.Tensor | None,
-                split_kv: bool | None = None, num_splits: int | None = None):
-        o, lse = _flash_attn_forward(q, k, v, causal, scale, key_mask, split_kv, num_splits)
-        ctx.save_for_backward(q, k, v, o, lse, key_mask)
+                split_kv: bool | None = None, num_splits: int | None = None, segments: torch.Tensor | None = None):
+        o, lse = _flash_attn_forward(q, k, v, causal, scale, key_mask, split_kv, num_splits, segments)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask, segments)
         ctx.causal = causal
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_mask = ctx.saved_tensors
+        q, k, v, o, lse, key_mask, segments = ctx.saved_tensors
         dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, key_mask,
                                           need_dq=ctx.needs_input_grad[0],
-                                          need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        return dq, dk, dv, None, None, None, None, None
+                                          need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+                                          segments=segments)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _check(op: str, q, k, v, attention_mask):
+def _check(op: str, q, k, v, attention_mask, segment_ids=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_floating(op, name, t)
         if t.dim() != 4:
@@ -729,37 +852,49 @@ def _check(op: str, q, k, v, attention_mask):
         raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"{op}: attention_mask must be a torch.Tensor or None, "
-                            f"got {type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError(f"{op}: attention_mask shape {tuple(attention_mask.shape)} must be "
-                             f"[batch, s_kv] = {(k.shape[0], k.shape[1])}")
-        if attention_mask.device != q.device:
-            raise ValueError(f"{op}: attention_mask {tuple(attention_mask.shape)} is on "
-                             f"{attention_mask.device}, q on {q.device}")
+    for name, t in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(f"{op}: {name} shape {tuple(t.shape)} must be [batch, s_kv] = {(k.shape[0], k.shape[1])}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} is on {t.device}, q on {q.device}")
+    if segment_ids is not None:
+        if segment_ids.is_floating_point() or segment_ids.is_complex() or segment_ids.dtype == torch.bool:
+            raise TypeError(f"{op}: segment_ids must be an integer tensor (document index per key), got "
+                            f"dtype {segment_ids.dtype} with shape {tuple(segment_ids.shape)}")
+        if q.shape[1] > k.shape[1]:
+            # query i sits at key position i + s_kv - s_q: with more queries than keys the first rows
+            # have no position, hence no segment
+            raise ValueError(f"{op}: segment_ids needs s_q <= s_kv, got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, attention_mask: torch.Tensor | None = None,
-                    backend: str = "auto") -> torch.Tensor:
-    """Attention of q ``[b, s_q, hq, d]`` over k/v ``[b, s_kv, hkv, d]`` -> ``[b, s_q, hq, d]`` (see module doc)."""
-    return _attention("flash_attention", q, k, v, causal, softmax_scale, attention_mask, backend)
+                    segment_ids: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of q ``[b, s_q, hq, d]`` over k/v ``[b, s_kv, hkv, d]`` -> ``[b, s_q, hq, d]`` (see module doc).
+    ``segment_ids`` ``[b, s_kv]`` (any integer dtype): packed sequences, a key is visible only to the
+    queries of its own segment (see module doc)."""
+    return _attention("flash_attention", q, k, v, causal, softmax_scale, attention_mask, backend,
+                      segment_ids=segment_ids)
 
 
 def _attention(op: str, q, k, v, causal, softmax_scale, attention_mask, backend: str,
-               split_kv: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+               split_kv: bool | None = None, num_splits: int | None = None,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """flash_attention and flash_decode: validation (errors name ``op``), backend choice, autograd."""
-    _check(op, q, k, v, attention_mask)
+    _check(op, q, k, v, attention_mask, segment_ids)
     backend = resolve_backend(op, backend, q)
     if backend == TORCH:
         if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
             # CPU has no fast half-precision attention (its bf16 SDPA backward runs ~3x slower than
             # fp32): compute in fp32 and round the output once, which is also the more accurate path.
-            out = attention_reference(q.float(), k.float(), v.float(), causal, softmax_scale, attention_mask)
+            out = attention_reference(q.float(), k.float(), v.float(), causal, softmax_scale, attention_mask,
+                                      segment_ids)
             return out.to(q.dtype)
-        return attention_reference(q, k, v, causal, softmax_scale, attention_mask)
+        return attention_reference(q, k, v, causal, softmax_scale, attention_mask, segment_ids)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: backend='triton' supports fp32/fp16/bf16, got q {tuple(q.shape)} {q.dtype}")
     if q.shape[3] > _MAX_HEAD_DIM:
@@ -767,7 +902,8 @@ def _attention(op: str, q, k, v, causal, softmax_scale, attention_mask, backend:
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     # int8 0/1 copy of the [b, s_kv] mask: any dtype in, one pointer type for the kernels.
     key_mask = attention_mask.ne(0).to(torch.int8) if attention_mask is not None else None
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_mask, split_kv, num_splits)
+    segments = _segment_spans(segment_ids) if segment_ids is not None else None
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, key_mask, split_kv, num_splits, segments)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,10 +915,11 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
     block sizes, warps and stages the launchers pick on GPU for ``head_dim``/``dtype``, for
     ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``.
 
-    Signature format (triton 3.x): every parameter name -> ``"*bf16"``/``"*fp32"``/``"*i8"`` (pointers),
-    ``"i32"``/``"fp32"`` (scalars) or ``"constexpr"`` (value given in ``constexprs``). The head_dim
-    strides and the key-mask stride are the constexpr 1 that the JIT specializes them to for
-    contiguous last dims (the case launched in practice), so the compiled code is the one that runs.
+    Signature format (triton 3.x): every parameter name -> ``"*bf16"``/``"*fp32"``/``"*i8"``/``"*i32"``
+    (pointers), ``"i32"``/``"fp32"`` (scalars) or ``"constexpr"`` (value given in ``constexprs``). The
+    head_dim strides and the key-mask and segment position strides are the constexpr 1 that the JIT
+    specializes them to for contiguous last dims (the case launched in practice), so the compiled code
+    is the one that runs. Each kernel comes with and without HAS_SEGMENTS (packed sequences).
     ``_fwd_inner`` and the other helpers are device functions inlined into these kernels."""
     if triton is None:
         raise RuntimeError("flash_attention.compile_specs: triton is not installed")
@@ -812,18 +949,27 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
         options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages} if blocks else {}
         return fn, {a: sig[a] for a in fn.arg_names}, consts, name, options
 
-    mask_stride_sig, mask_stride_consts = {"stride_mb": "i32", "stride_ms": "constexpr"}, {"stride_ms": 1}
+    # key mask and segment strides: the rows of the [b, s_kv] mask and of the [2, b, s_kv] spans are contiguous
+    mask_stride_sig = {"stride_mb": "i32", "stride_ms": "constexpr", "stride_sf": "i32", "stride_sb": "i32",
+                       "stride_ss": "constexpr"}
+    mask_stride_consts = {"stride_ms": 1, "stride_ss": 1}
+    mask_pointers = {"KEY_MASK": "*i8", "SEGMENTS": "*i32"}
+
+    def variant(has_mask: bool, has_segments: bool) -> str:
+        return f"mask{int(has_mask)}" + ("_seg" if has_segments else "")
+
     specs = []
-    for has_mask in (False, True):
+    # forward: plain, key mask, and packed sequences without and with a key mask
+    for has_mask, has_segments in ((False, False), (True, False), (False, True), (True, True)):
         fwd = _gpu_blocks(_FWD_BLOCKS, block_d, dtype)
-        consts = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HEAD_DIM=head_dim, BLOCK_M=fwd.block_m,
-                      BLOCK_N=fwd.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts)
+        consts = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HAS_SEGMENTS=has_segments, HEAD_DIM=head_dim,
+                      BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts)
         specs.append(spec(
             _flash_attn_fwd_kernel,
-            {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "KEY_MASK": "*i8"}, ("q", "k", "v", "o"),
+            {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **mask_pointers}, ("q", "k", "v", "o"),
             {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
              "qk_scale_log2": "fp32"},
-            consts, f"flash_attn_fwd_d{head_dim}_mask{int(has_mask)}", fwd))
+            consts, f"flash_attn_fwd_d{head_dim}_{variant(has_mask, has_segments)}", fwd))
 
     specs.append(spec(
         _flash_attn_bwd_preprocess_kernel, {"O": ptr, "DO": ptr, "DELTA": "*fp32"}, ("o", "do"),
@@ -831,25 +977,27 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
         dict(HEAD_DIM=head_dim, BLOCK_M=_preprocess_block_m(block_d), BLOCK_D=block_d),
         f"flash_attn_bwd_preprocess_d{head_dim}"))
 
-    blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, dtype)
-    specs.append(spec(
-        _flash_attn_bwd_dkdv_kernel,
-        {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DK": ptr, "DV": ptr, "LSE": "*fp32", "DELTA": "*fp32",
-         "KEY_MASK": "*i8"}, ("q", "k", "v", "do", "dk", "dv"),
-        {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "num_heads_kv": "i32",
-         "group_size": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32"},
-        dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
-             BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
-        f"flash_attn_bwd_dkdv_d{head_dim}", blk))
+    # backward: with the key mask (the superset of the unmasked code), without and with segments
+    for has_segments in (False, True):
+        blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, dtype)
+        specs.append(spec(
+            _flash_attn_bwd_dkdv_kernel,
+            {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DK": ptr, "DV": ptr, "LSE": "*fp32", "DELTA": "*fp32",
+             **mask_pointers}, ("q", "k", "v", "do", "dk", "dv"),
+            {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "num_heads_kv": "i32",
+             "group_size": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+            dict(CAUSAL=causal, HAS_KEY_MASK=True, HAS_SEGMENTS=has_segments, HEAD_DIM=head_dim, BLOCK_M=blk.block_m,
+                 BLOCK_N=blk.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
+            f"flash_attn_bwd_dkdv_d{head_dim}" + ("_seg" if has_segments else ""), blk))
 
-    blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, dtype)
-    specs.append(spec(
-        _flash_attn_bwd_dq_kernel,
-        {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DQ": ptr, "LSE": "*fp32", "DELTA": "*fp32", "KEY_MASK": "*i8"},
-        ("q", "k", "v", "do", "dq"),
-        {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
-         "sm_scale": "fp32", "qk_scale_log2": "fp32"},
-        dict(CAUSAL=causal, HAS_KEY_MASK=True, HEAD_DIM=head_dim, BLOCK_M=blk.block_m, BLOCK_N=blk.block_n,
-             BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
-        f"flash_attn_bwd_dq_d{head_dim}", blk))
+        blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, dtype)
+        specs.append(spec(
+            _flash_attn_bwd_dq_kernel,
+            {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DQ": ptr, "LSE": "*fp32", "DELTA": "*fp32", **mask_pointers},
+            ("q", "k", "v", "do", "dq"),
+            {**mask_stride_sig, "seq_q": "i32", "seq_kv": "i32", "num_heads_q": "i32", "group_size": "i32",
+             "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+            dict(CAUSAL=causal, HAS_KEY_MASK=True, HAS_SEGMENTS=has_segments, HEAD_DIM=head_dim, BLOCK_M=blk.block_m,
+                 BLOCK_N=blk.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts),
+            f"flash_attn_bwd_dq_d{head_dim}" + ("_seg" if has_segments else ""), blk))
     return specs

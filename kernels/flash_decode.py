@@ -142,9 +142,12 @@ def _flash_decode_fwd_kernel(
     lo = pid_split * split_size
     split_end = lo + split_size
     mid = tl.minimum(tl.maximum(full_end, lo), split_end)
-    o, lse = _fwd_attend(q, k_base, v_base, km_base, stride_ks, stride_kd, stride_vs, stride_vd, stride_ms,
-                         pos, offs_n, offs_d, lo, mid, tl.minimum(split_end, hi), seq_kv, diag_offset, qk_scale_log2,
-                         DTYPE, CAUSAL, HAS_KEY_MASK, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, IEEE)
+    # no segment ids here (flash_attention routes packed sequences to its own kernel): the segment
+    # arguments are placeholders that HAS_SEGMENTS=False never reads
+    o, lse = _fwd_attend(q, k_base, v_base, km_base, km_base, pos, stride_ks, stride_kd, stride_vs, stride_vd,
+                         stride_ms, stride_ms, pos, offs_n, offs_d, lo, mid, tl.minimum(split_end, hi), seq_kv,
+                         diag_offset, qk_scale_log2, DTYPE, CAUSAL, HAS_KEY_MASK, False, HEAD_DIM, BLOCK_M, BLOCK_N,
+                         BLOCK_D, EMULATE, IEEE)
     o_ptrs = (O + pid_split * stride_o_split + off_b * stride_ob + pos[:, None] * stride_os
               + head[:, None] * stride_oh + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, _to_store(o, O.dtype.element_ty, EMULATE), mask=io_mask)

@@ -269,6 +269,10 @@ def test_compile_specs_cover_every_kernel():
             assert constexprs["BLOCK_D"] == 128 and constexprs["HEAD_DIM"] == 128, name
         if "EMULATE" in constexprs:
             assert constexprs["EMULATE"] is False and constexprs["CAUSAL"] is True, name
+    # packed sequences: every kernel that masks is compiled with and without segments
+    for kernel in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"):
+        variants = {c["HAS_SEGMENTS"] for fn, _, c, _, _ in specs if fn.__name__ == kernel}
+        assert variants == {False, True}, kernel
     fwd, options = [(c, o) for fn, _, c, _, o in specs if fn.__name__ == "_flash_attn_fwd_kernel"][0]
     blocks = module._FWD_BLOCKS[128]
     assert (fwd["BLOCK_M"], fwd["BLOCK_N"]) == (blocks.block_m, blocks.block_n)
