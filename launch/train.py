@@ -16,7 +16,7 @@ Modes (one Trainer, one objective each, ``engine.train.objectives``):
             ``launch.preprocess``) or the built-in corpus (``pydoc_data.topics``, default tokenizer),
             packed into ``seq_length + 1`` windows.
   sft       GLMForCausalLM, cross entropy on assistant tokens only. Data: a chat indexed dataset or the
-            built-in conversations (``engine.data.builtin``).
+            built-in conversations (``engine.data.builtin``); ``data.pack`` packs several per row.
   rm        GLMForScalarHead, pairwise ranking loss + ``reward.l2_coef`` L2 penalty on the scores, with
             held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
             bucket-based length balancing (``data.balance_buckets``).
@@ -68,6 +68,9 @@ class DataConfig:
     balance_buckets: int = 0
     """rm: bucket-based length balancing of the training pairs into this many length-difference
     buckets (ChatGLM-RLHF); 0: off."""
+    pack: bool = False
+    """sft: pack several conversations per row (``PackedSFTDataset``: per-conversation positions, no
+    attention across conversations) instead of one padded conversation per row."""
     tokenizer_cache: Optional[str] = None
     """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
 
@@ -174,6 +177,8 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
                          "documents across epochs; preprocess a held-out file and pass data.eval_path")
     if d.balance_buckets < 0 or (d.balance_buckets and run.mode != "rm"):
         raise ValueError(f"data.balance_buckets={d.balance_buckets} must be >= 0 and is for mode rm only")
+    if not isinstance(d.pack, bool) or (d.pack and run.mode != "sft"):
+        raise ValueError(f"data.pack={d.pack!r} must be true or false and packs conversations: mode sft only")
     return dims
 
 
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", help="indexed dataset prefix (default: the mode's built-in data)")
     p.add_argument("--eval-path", help="held-out indexed dataset prefix")
     p.add_argument("--eval-fraction", type=float, help="fraction of the data held out for evaluation")
+    p.add_argument("--pack", action="store_true", default=None,
+                   help="sft: pack several conversations per row (data.pack)")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: after the last step only)")
     p.add_argument("--init-from", help="checkpoint directory whose weights initialise a fresh run")
     p.add_argument("--save", help="checkpoint directory to write")
@@ -228,7 +235,7 @@ _FLAG_TARGETS = {
     "warmup_steps": ("lr", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "clip_grad": ("optim", "clip_grad"), "distributed_optimizer": ("optim", "use_distributed_optimizer"),
     "mixed_precision": ("optim", "mixed_precision"), "data_path": ("data", "path"),
-    "eval_path": ("data", "eval_path"), "eval_fraction": ("data", "eval_fraction"),
+    "eval_path": ("data", "eval_path"), "eval_fraction": ("data", "eval_fraction"), "pack": ("data", "pack"),
     "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
@@ -271,6 +278,7 @@ class RunData:
 
 KEYS = {"pretrain": ("input_ids", "labels"), "sft": ("input_ids", "labels", "attention_mask"),
         "rm": ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")}
+PACKED_SFT_KEYS = KEYS["sft"] + ("position_ids", "segment_ids")
 KINDS = {"sft": "chat", "rm": "preference"}
 
 
@@ -294,10 +302,10 @@ def _open_indexed(prefix: str, run: RunConfig, what: str):
 
 
 def _dataset(indexed, run: RunConfig):
-    from engine.data.datasets import PreferenceDataset, PretrainDataset, SFTDataset
+    from engine.data.datasets import PackedSFTDataset, PreferenceDataset, PretrainDataset, SFTDataset
     t = run.train
     if run.mode == "sft":
-        return SFTDataset(indexed, t.seq_length)
+        return PackedSFTDataset(indexed, t.seq_length, seed=t.seed) if run.data.pack else SFTDataset(indexed, t.seq_length)
     if run.mode == "rm":
         return PreferenceDataset(indexed, t.seq_length)
     return PretrainDataset(indexed, t.seq_length, max(1, t.train_steps) * t.global_batch_size, t.seed)
@@ -308,7 +316,7 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
     from engine.data.datasets import bucket_balance
     from engine.data.builtin import split_indices
     from engine.train.batches import CorpusBatches, DatasetBatches, Subset, eval_batches
-    d, t, keys = run.data, run.train, KEYS[run.mode]
+    d, t, keys = run.data, run.train, (PACKED_SFT_KEYS if run.data.pack else KEYS[run.mode])
     fingerprint = None
     if d.path is None:
         tokenizer = _default_tokenizer(run, rank, procs)

@@ -170,6 +170,74 @@ class SFTDataset:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+class PackedSFTDataset:
+    """Conversations packed into rows of ``seq_length`` tokens, with no attention across them.
+
+    Item keys, int64 ``[seq_length]``: ``input_ids`` (pad id after the last conversation), ``labels``
+    (as ``SFTDataset`` per conversation; the last token of each conversation predicts nothing, so no
+    loss crosses a boundary), ``attention_mask`` (1 on real tokens), ``position_ids`` (restart at 0
+    in every conversation) and ``segment_ids`` (1, 2, ... per conversation in the row, 0 on padding;
+    the model's attention keeps to one segment). A packed row gives each conversation the same
+    logits and loss terms as its own padded row would (tested), for far fewer padding tokens.
+
+    Packing: the conversations (``indices``, default all) in a seeded random order, next-fit: a row
+    takes conversations while they fit, then a new row starts. O(n), deterministic for a seed, and
+    rows mix conversations of every length. A conversation longer than ``seq_length`` tokens is cut
+    to ``seq_length`` (``num_truncated``); ``packing_efficiency`` is real tokens / row capacity.
+    """
+
+    def __init__(self, indexed: IndexedDataset, seq_length: int, indices: Optional[Sequence[int]] = None,
+                 seed: int = 0):
+        if not indexed.has_loss_mask:
+            raise ValueError(f"{indexed.prefix} holds {indexed.kind} data without a loss mask; SFT needs chat "
+                             "data (preprocess with --kind chat)")
+        self.indexed = indexed
+        self.seq_length = int(seq_length)
+        if self.seq_length < 2:
+            raise ValueError(f"seq_length must be >= 2 to pack conversations, got {seq_length}")
+        chosen = np.arange(len(indexed)) if indices is None else _check_indices(indices, len(indexed))
+        order = chosen[np.random.default_rng(seed).permutation(len(chosen))]
+        lengths = np.minimum(indexed.sizes[order].astype(np.int64), self.seq_length)
+        starts, fill = [0], 0
+        for k, n in enumerate(lengths):  # next-fit
+            if fill + n > self.seq_length:
+                starts.append(k)
+                fill = 0
+            fill += int(n)
+        self._order, self._lengths = order, lengths
+        self._row_starts = np.array(starts + [len(order)], dtype=np.int64) if len(order) else np.zeros(1, np.int64)
+        self.num_truncated = int((indexed.sizes[chosen] > self.seq_length).sum())
+
+    def __len__(self) -> int:
+        return len(self._row_starts) - 1
+
+    @property
+    def packing_efficiency(self) -> float:
+        return float(self._lengths.sum()) / max(1, len(self) * self.seq_length)
+
+    def conversations(self, i: int) -> np.ndarray:
+        """Indices (into the indexed dataset) of the conversations in row ``i``, in order."""
+        return self._order[self._row_starts[i]:self._row_starts[i + 1]]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        L = self.seq_length
+        out = {"input_ids": np.full(L, self.indexed.pad_id, dtype=np.int64),
+               "labels": np.full(L, IGNORE_INDEX, dtype=np.int64), "attention_mask": np.zeros(L, dtype=np.int64),
+               "position_ids": np.zeros(L, dtype=np.int64), "segment_ids": np.zeros(L, dtype=np.int64)}
+        p = 0
+        for segment, k in enumerate(range(self._row_starts[i], self._row_starts[i + 1]), start=1):
+            seq, n = int(self._order[k]), int(self._lengths[k])
+            ids = self.indexed.get(seq, 0, n).astype(np.int64)
+            mask = self.indexed.get_loss_mask(seq, 0, n)
+            out["input_ids"][p:p + n] = ids
+            out["labels"][p:p + n - 1] = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
+            out["attention_mask"][p:p + n] = 1
+            out["position_ids"][p:p + n] = np.arange(n)
+            out["segment_ids"][p:p + n] = segment
+            p += n
+        return out
+
+
 # -- preference pairs ------------------------------------------------------------------------------
 
 class PreferenceDataset:

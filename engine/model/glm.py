@@ -72,11 +72,13 @@ class GLMAttention(nn.Module):
         self.qkv = spec.column_linear(config.hidden_size, config.qkv_size, config.qkv_bias, "qkv")
         self.dense = spec.row_linear(config.num_attention_heads * self.head_dim, config.hidden_size, False, "dense")
 
-    def core_attention(self, q, k, v, attention_mask):
-        return kernels.flash_attention(q, k, v, causal=True, attention_mask=attention_mask, backend=self.kernels.attention)
+    def core_attention(self, q, k, v, attention_mask, segment_ids=None):
+        return kernels.flash_attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids,
+                                       backend=self.kernels.attention)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                cache: Optional[KVCache] = None, recompute_core: bool = False) -> torch.Tensor:
+                cache: Optional[KVCache] = None, recompute_core: bool = False,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, (hq + 2 hkv) d]; s is the full sequence even under sequence parallel
         b, s, _ = qkv.shape
         d = self.head_dim
@@ -91,9 +93,10 @@ class GLMAttention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)
         if recompute_core and torch.is_grad_enabled():
             # Selective recompute: keep only q, k, v; the attention core is recomputed in backward.
-            o = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False)
+            o = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, attention_mask, segment_ids,
+                                                  use_reentrant=False)
         else:
-            o = self.core_attention(q, k, v, attention_mask)
+            o = self.core_attention(q, k, v, attention_mask, segment_ids)
         return self.dense(o.reshape(b, s, hq * d))
 
 
@@ -116,8 +119,8 @@ class GLMBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, spec.kernels.rms_norm)
         self.mlp = GLMMLP(config, spec)
 
-    def forward(self, x, positions, attention_mask=None, cache=None, recompute_core=False):
-        x = x + self.attention(self.attn_norm(x), positions, attention_mask, cache, recompute_core)
+    def forward(self, x, positions, attention_mask=None, cache=None, recompute_core=False, segment_ids=None):
+        x = x + self.attention(self.attn_norm(x), positions, attention_mask, cache, recompute_core, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -166,22 +169,25 @@ class GLMTransformer(nn.Module):
                     p.normal_(0.0, std, generator=generator)
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask=None,
-                   cache: Optional[KVCache] = None) -> torch.Tensor:
+                   cache: Optional[KVCache] = None, segment_ids=None) -> torch.Tensor:
         for block in self.layers.values():
             if self.recompute == "full" and torch.is_grad_enabled() and cache is None:
-                hidden = torch.utils.checkpoint.checkpoint(block, hidden, positions, attention_mask, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, positions, attention_mask, None, False,
+                                                           segment_ids, use_reentrant=False)
             else:
-                hidden = block(hidden, positions, attention_mask, cache, self.recompute == "selective")
+                hidden = block(hidden, positions, attention_mask, cache, self.recompute == "selective", segment_ids)
         return hidden
 
     def trunk(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None,
-              cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Final-norm hidden states ``[b, s, h]`` for a model holding every stage."""
-        _check_inputs(input_ids, attention_mask, position_ids, self.config, cache)
+              cache: Optional[KVCache] = None, segment_ids=None) -> torch.Tensor:
+        """Final-norm hidden states ``[b, s, h]`` for a model holding every stage. ``segment_ids [b, s]``
+        (packed sequences): tokens attend only within their own segment (document); pass the
+        per-document ``position_ids`` with them."""
+        _check_inputs(input_ids, attention_mask, position_ids, self.config, cache, segment_ids)
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, cache.length if cache is not None else 0)
         hidden = self.embedding(input_ids)
-        hidden = self.run_layers(hidden, position_ids, attention_mask, cache)
+        hidden = self.run_layers(hidden, position_ids, attention_mask, cache, segment_ids)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.final_norm(hidden)
@@ -193,7 +199,7 @@ class GLMTransformer(nn.Module):
                        self.config.kv_channels, dtype or p.dtype, device or p.device)
 
 
-def _check_inputs(input_ids, attention_mask, position_ids, config: GLMConfig, cache) -> None:
+def _check_inputs(input_ids, attention_mask, position_ids, config: GLMConfig, cache, segment_ids=None) -> None:
     if input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -205,10 +211,16 @@ def _check_inputs(input_ids, attention_mask, position_ids, config: GLMConfig, ca
                              f"{' + cached' if cache is not None else ''}] = {(input_ids.shape[0], expected_s)}")
     if position_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed sequences) are for training/scoring forwards, not KV-cache decoding")
+        if tuple(segment_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
 
 
 class GLMForCausalLM(GLMTransformer):
-    """GLM language model: ``model(input_ids, attention_mask=None, position_ids=None) -> logits [b, s, v]``."""
+    """GLM language model: ``model(input_ids, attention_mask=None, position_ids=None) -> logits [b, s, v]``
+    (``segment_ids=`` for packed sequences, see ``trunk``)."""
 
     def __init__(self, config: GLMConfig, spec: Optional[ModelSpec] = None, layer_indices=None,
                  pre_process: bool = True, post_process: bool = True, init: bool = True):
@@ -219,9 +231,9 @@ class GLMForCausalLM(GLMTransformer):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[b, s, v]`` (``[b, 1, v]`` with ``last_only``, as decoding needs)."""
-        hidden = self.trunk(input_ids, attention_mask, position_ids, cache)
+        hidden = self.trunk(input_ids, attention_mask, position_ids, cache, segment_ids)
         if last_only and self.spec.gather_sequence is None:
             return self.output_layer(hidden[:, -1:])
         # under sequence parallel the output layer gathers the sequence itself; slice after it
@@ -267,8 +279,8 @@ class GLMForScalarHead(GLMTransformer):
                 with torch.no_grad():  # small head init so initial scores are near zero
                     self.value_head.weight.normal_(0.0, 1.0 / math.sqrt(config.hidden_size + 1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        return self.head(self.trunk(input_ids, attention_mask, position_ids))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> torch.Tensor:
+        return self.head(self.trunk(input_ids, attention_mask, position_ids, segment_ids=segment_ids))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states -> fp32 values ``[b, s]`` (the last pipeline chunk's output); under

@@ -110,17 +110,19 @@ def chunk_named_parameters(chunks: Sequence[nn.Module]) -> list[tuple[str, nn.Pa
 
 def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[torch.Tensor],
                   attention_mask: Optional[torch.Tensor] = None,
-                  position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  position_ids: Optional[torch.Tensor] = None,
+                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One pipeline chunk: ``[b, s] ids`` (first chunk) or ``hidden [b, s(/tp), h]`` -> hidden, or the
     model's head output on the last chunk (``chunk.head``: logits ``[b, s, v(/tp)]`` of a causal LM,
-    values ``[b, s]`` of a scalar-head model). Every chunk sees the ids to derive rotary positions."""
+    values ``[b, s]`` of a scalar-head model). Every chunk sees the ids to derive rotary positions, and
+    the packed-sequence ``segment_ids`` its attention needs."""
     if position_ids is None:
         position_ids = default_positions(input_ids, attention_mask)
     if chunk.pre_process:
         hidden = chunk.embedding(input_ids)
     elif hidden is None:
         raise ValueError("chunk_forward: a chunk without the embedding needs the previous stage's hidden states")
-    hidden = chunk.run_layers(hidden, position_ids, attention_mask)
+    hidden = chunk.run_layers(hidden, position_ids, attention_mask, segment_ids=segment_ids)
     if not chunk.post_process:
         return hidden
     return chunk.head(chunk.final_norm(hidden))

@@ -62,7 +62,7 @@ class LanguageModelObjective:
     ignore_index: int = IGNORE_INDEX
     name = "lm"
     batch_keys = ("input_ids", "labels")
-    optional_keys = ("attention_mask", "position_ids")
+    optional_keys = ("attention_mask", "position_ids", "segment_ids")  # the last two: packed sequences
     rows_per_sample = 1
     stat_names = ()
 
