@@ -35,6 +35,8 @@ def load_cuda_ops() -> bool:
     global _cuda_ops, _IMPORT_ERROR
     if _cuda_ops is not None:
         return True
+    import importlib
+    importlib.invalidate_caches()  # a library built since the last attempt must be found by the finders
     try:
         from . import _cuda_ops as ops  # registers torch.ops.glm_engine.*
     except Exception as exc:  # not built (CPU-only torch, or build skipped) or built against another torch

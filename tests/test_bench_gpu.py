@@ -286,6 +286,21 @@ def test_cpu_rehearsal_writes_every_stage(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["bench-gpu-tests.log", "bench-gpu-tests.xml", "bench-gpu.json"]
 
 
+def test_a_benchmark_stage_crash_keeps_the_report_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    """E.g. a sticky CUDA error raised outside one implementation's try: the rows so far, the summary
+    and the final JSON survive, the error is recorded and the exit code says so."""
+    def crash(ops, shapes, device, dtype, repeats, rates, budget, checkpoint):
+        checkpoint([{"op": "rms_norm", "impl": "torch", "skipped": "stand-in row"}], "benchmark rms_norm")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bg, "run_benchmarks", crash)
+    path = tmp_path / "r.json"
+    rc = bg.main(["--device", "cpu", "--small", "--op", "rms_norm", "--skip-tests", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert rc == 1 and "illegal memory access" in report["benchmarks_error"] and report["in_progress"] == ""
+    assert report["results"] == [{"op": "rms_norm", "impl": "torch", "skipped": "stand-in row"}]
+    assert "illegal memory access" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_gpu_unless_cpu_is_asked(tmp_path):
     assert bg.main(["--json", str(tmp_path / "x.json")]) == 2

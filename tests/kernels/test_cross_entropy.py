@@ -140,7 +140,12 @@ def test_entropy_only_gradient(device):
     assert_within_torch_error("d entropy / d logits", grads["triton"], grads["torch"], grads["fp64"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# Triton on CPU tensors needs the interpreter; with it off (GPU runs) these cases run on CUDA where noted.
+CPU_BACKENDS = ["torch"] + (["triton"] if "cpu" in kernel_devices() else [])
+BACKEND_DEVICES = [("torch", "cpu")] + [("triton", d) for d in kernel_devices()]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_entropy_gradient_formula_gradcheck(backend):
     """The derivation d entropy/dz_j = -p_j (z_j - zbar) (and d logprob/dz = onehot - p), checked by finite
     differences in fp64 on the vocab-parallel code path with group=None (torch math), and the Triton
@@ -196,12 +201,12 @@ def test_all_tokens_ignored_and_empty(device, backend):
     assert dz.shape == (0, 40)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_out_of_vocab_label_is_nan_without_the_host_check(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_out_of_vocab_label_is_nan_without_the_host_check(backend, device):
     # on CUDA the public functions skip the label-range check (a device sync); the kernels then
     # give NaN for such tokens rather than reading out of bounds. Exercised on the internal path.
-    z = torch.randn(4, 30)
-    labels = torch.tensor([3, 30, -7, IGNORE])
+    z = torch.randn(4, 30, device=device)
+    labels = torch.tensor([3, 30, -7, IGNORE], device=device)
     lp = _log_softmax_at_label(z, labels, None, IGNORE, False, backend)
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
 
@@ -229,10 +234,10 @@ def test_bad_inputs_raise_with_names_and_shapes():
         cross_entropy(z, labels, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_output_shapes_and_dtypes(backend):
-    z = torch.randn(2, 3, 17, dtype=torch.bfloat16)
-    labels = torch.randint(0, 17, (2, 3))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_output_shapes_and_dtypes(backend, device):
+    z = torch.randn(2, 3, 17, dtype=torch.bfloat16, device=device)
+    labels = torch.randint(0, 17, (2, 3), device=device)
     assert cross_entropy(z, labels, reduction="none", backend=backend).shape == (2, 3)
     assert cross_entropy(z, labels, backend=backend).shape == ()
     lp, ent = token_logprobs(z, labels, return_entropy=True, backend=backend)

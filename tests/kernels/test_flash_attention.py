@@ -234,6 +234,9 @@ def test_empty_key_sequence(device):
      ["q must be a floating-point", "(2, 8, 4, 16)"]),
 ])
 def test_bad_inputs_raise_with_names_and_shapes(args, error, words):
+    if not DEVICES and words[0] == "head_dim <= 256":
+        # checked after the backend is resolved, and no device takes the triton backend here
+        pytest.skip("the Triton head_dim limit needs CUDA or the interpreter")
     device = DEVICES[0] if DEVICES else "cpu"
     q = torch.zeros(args["q"], device=device).to(args.get("q_dtype", torch.float32))
     k = torch.zeros(args["k"], device=device)
