@@ -23,6 +23,8 @@ STEPS = 3
 # odd sizes (masked tails, several chunks of the interpreter's 1024-element chunk), a single
 # element, an empty tensor, and a 2-D param
 SIZES = [4097, 37, 1, 0, (3, 41)]
+if "cuda" in kernel_devices():  # GPU runs: a tensor spanning several 16K-element GPU chunks
+    SIZES.append(2 * 16384 + 5)
 
 
 def _kernel_cases():

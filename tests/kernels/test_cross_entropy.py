@@ -17,6 +17,8 @@ IGNORE = -100
 # (token shape, vocab, strided): 3 x 37 tokens over 1000 (logits a column slice of a wider buffer, so
 # the row stride is not the vocab), a prime vocab, and a vocab smaller than one chunk
 CASES = [((3, 37), 1000, True), ((2, 5), 997, False), ((7,), 50, False)]
+if "cuda" in kernel_devices():  # GPU runs: rows of several 4096-wide GPU chunks and a masked tail
+    CASES.append(((4, 9), 10007, True))
 
 
 def _case_id(c):
