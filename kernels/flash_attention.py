@@ -652,6 +652,21 @@ _BWD_DQ_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per program, BLOCK_N = ke
     16: _Blocks(64, 64, 8, 2), 32: _Blocks(64, 64, 8, 2), 64: _Blocks(64, 64, 8, 2),
     128: _Blocks(64, 64, 8, 2), 256: _Blocks(64, 32, 8, 2),
 }
+# Packed sequences (HAS_SEGMENTS): the segment ids of the rows and the span bounds stay live across the
+# loops, and at head_dim 128 the tiles above sit at ptxas's 255-register cap and spill over the 64 B limit
+# of tests/kernels/test_gpu_compile.py, by how much depending on the triton version (spill stores per
+# thread, causal, bf16, key mask on for the backward, sm_80 / sm_90):
+#   forward (128, 64, 8, 3), no key mask:  triton 3.9: 48 / 0 B;  triton 3.6: 68 / 0 B
+#   dK/dV   (32, 64, 8, 2):                triton 3.9: 28 / 0 B;  triton 3.6:  0 / 68 B
+# Halving BLOCK_N of the forward (same query rows, warps and stages) and BLOCK_M of dK/dV (same keys per
+# program and pipelining) fit every variant: forward 0 B except 12 B (3.9, key mask, sm_80), dK/dV 0 B,
+# on both versions and both archs. Rejected: forward with 2 stages spills 52-84 B on sm_80 (both
+# versions); (64, 64, 4, 3) up to 36 B on 3.6; dK/dV with 1 stage keeps the 32 x 64 tile (0-4 B) but
+# loses the prefetch of the next Q/dO block. dQ with segments fits as is (0 B). Other head_dims use the
+# tables above (only head_dim 128 is in compile_specs; 256 fits with segments, 64 spills on sm_80 in
+# the backward with and without segments: dK/dV 44-192 B, dQ with segments 36-84 B).
+_FWD_SEG_BLOCKS = {**_FWD_BLOCKS, 128: _Blocks(128, 32, 8, 3)}
+_BWD_DKDV_SEG_BLOCKS = {**_BWD_DKDV_BLOCKS, 128: _Blocks(16, 64, 8, 2)}
 
 
 def _preprocess_block_m(block_d: int) -> int:
@@ -671,10 +686,10 @@ def _gpu_blocks(table: dict, block_d: int, dtype: torch.dtype) -> _Blocks:
     return blocks
 
 
-def _fwd_blocks(block_d: int, seq_q: int, dtype: torch.dtype, on_gpu: bool) -> _Blocks:
+def _fwd_blocks(block_d: int, seq_q: int, dtype: torch.dtype, on_gpu: bool, segments: bool = False) -> _Blocks:
     if not on_gpu:
         return _INTERPRETER_BLOCKS
-    blocks = _gpu_blocks(_FWD_BLOCKS, block_d, dtype)
+    blocks = _gpu_blocks(_FWD_SEG_BLOCKS if segments else _FWD_BLOCKS, block_d, dtype)
     if seq_q < blocks.block_m:  # decoding / short prompts: do not compute mostly-masked query rows
         block_m = max(16, triton.next_power_of_2(seq_q))
         blocks = blocks._replace(block_m=block_m, num_warps=4 if block_m < 64 else blocks.num_warps)
@@ -739,7 +754,7 @@ def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Ten
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
-    blk = _fwd_blocks(block_d, s_q, q.dtype, q.is_cuda)
+    blk = _fwd_blocks(block_d, s_q, q.dtype, q.is_cuda, segments is not None)
     mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
     segs, seg_strides = _segment_args(segments, q)
@@ -791,7 +806,8 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_ma
         o, do, delta, *o.stride(), *do.stride(), s_q, hq, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d,
     )
     if need_dkdv:
-        blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
+        dkdv_table = _BWD_DKDV_SEG_BLOCKS if segments is not None else _BWD_DKDV_BLOCKS
+        blk = _gpu_blocks(dkdv_table, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
         _flash_attn_bwd_dkdv_kernel[(triton.cdiv(s_kv, blk.block_n), b * hkv)](
             q, k, v, do, dk, dv, lse, delta, mask, segs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
@@ -961,7 +977,7 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
     specs = []
     # forward: plain, key mask, and packed sequences without and with a key mask
     for has_mask, has_segments in ((False, False), (True, False), (False, True), (True, True)):
-        fwd = _gpu_blocks(_FWD_BLOCKS, block_d, dtype)
+        fwd = _gpu_blocks(_FWD_SEG_BLOCKS if has_segments else _FWD_BLOCKS, block_d, dtype)
         consts = dict(CAUSAL=causal, HAS_KEY_MASK=has_mask, HAS_SEGMENTS=has_segments, HEAD_DIM=head_dim,
                       BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, BLOCK_D=block_d, EMULATE=False, **mask_stride_consts)
         specs.append(spec(
@@ -979,7 +995,7 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
 
     # backward: with the key mask (the superset of the unmasked code), without and with segments
     for has_segments in (False, True):
-        blk = _gpu_blocks(_BWD_DKDV_BLOCKS, block_d, dtype)
+        blk = _gpu_blocks(_BWD_DKDV_SEG_BLOCKS if has_segments else _BWD_DKDV_BLOCKS, block_d, dtype)
         specs.append(spec(
             _flash_attn_bwd_dkdv_kernel,
             {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DK": ptr, "DV": ptr, "LSE": "*fp32", "DELTA": "*fp32",
