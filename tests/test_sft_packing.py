@@ -197,3 +197,21 @@ def test_recompute_keeps_the_segments(tmp_path, mode):
         grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, g in grads["none"].items():
         torch.testing.assert_close(grads[mode][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_first_fit_bins_equals_the_plain_first_fit_loop():
+    from engine.data.datasets import first_fit_bins
+    rng = np.random.default_rng(0)
+    for capacity, n in ((64, 300), (7, 50), (100, 1)):
+        lengths = rng.integers(0, capacity + 1, n)
+        free, want = [], []
+        for x in lengths:  # O(n * bins) reference
+            b = next((i for i, f in enumerate(free) if f >= x), len(free))
+            if b == len(free):
+                free.append(capacity)
+            free[b] -= x
+            want.append(b)
+        assert first_fit_bins(lengths, capacity).tolist() == want
+    assert first_fit_bins(np.zeros(0, np.int64), 8).tolist() == []
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, capacity=8\], got \[1, 9\]"):
+        first_fit_bins(np.array([1, 9]), 8)

@@ -170,6 +170,32 @@ class SFTDataset:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def first_fit_bins(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """First-fit bin packing: item k (in order) goes to the lowest-numbered bin with room for
+    ``lengths[k]`` (every length in [0, capacity]); returns each item's bin index [n]. A max-tree over
+    the bins' free space finds that bin in O(log n), so n items take O(n log n), not O(n * bins)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and (lengths.min() < 0 or lengths.max() > capacity):
+        raise ValueError(f"first_fit_bins: lengths must lie in [0, capacity={capacity}], got "
+                         f"[{lengths.min()}, {lengths.max()}]")
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    free = [capacity] * (2 * size)  # leaves: free space of bins 0..size-1 (unopened bins are empty)
+    bins = np.empty(len(lengths), dtype=np.int64)
+    for k, n in enumerate(lengths.tolist()):
+        node = 1
+        while node < size:  # descend to the leftmost leaf with free >= n
+            node = 2 * node if free[2 * node] >= n else 2 * node + 1
+        bins[k] = node - size
+        free[node] -= n
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
 class PackedSFTDataset:
     """Conversations packed into rows of ``seq_length`` tokens, with no attention across them.
 
@@ -180,10 +206,11 @@ class PackedSFTDataset:
     the model's attention keeps to one segment). A packed row gives each conversation the same
     logits and loss terms as its own padded row would (tested), for far fewer padding tokens.
 
-    Packing: the conversations (``indices``, default all) in a seeded random order, next-fit: a row
-    takes conversations while they fit, then a new row starts. O(n), deterministic for a seed, and
-    rows mix conversations of every length. A conversation longer than ``seq_length`` tokens is cut
-    to ``seq_length`` (``num_truncated``); ``packing_efficiency`` is real tokens / row capacity.
+    Packing: the conversations (``indices``, default all) in a seeded random order, first-fit: each
+    goes to the first row with room for it (``first_fit_bins``), so short conversations fill the gaps
+    that long ones leave. Deterministic for a seed; rows mix conversations of every length, kept in
+    arrival order. A conversation longer than ``seq_length`` tokens is cut to ``seq_length``
+    (``num_truncated``); ``packing_efficiency`` is real tokens / row capacity.
     """
 
     def __init__(self, indexed: IndexedDataset, seq_length: int, indices: Optional[Sequence[int]] = None,
@@ -198,14 +225,11 @@ class PackedSFTDataset:
         chosen = np.arange(len(indexed)) if indices is None else _check_indices(indices, len(indexed))
         order = chosen[np.random.default_rng(seed).permutation(len(chosen))]
         lengths = np.minimum(indexed.sizes[order].astype(np.int64), self.seq_length)
-        starts, fill = [0], 0
-        for k, n in enumerate(lengths):  # next-fit
-            if fill + n > self.seq_length:
-                starts.append(k)
-                fill = 0
-            fill += int(n)
-        self._order, self._lengths = order, lengths
-        self._row_starts = np.array(starts + [len(order)], dtype=np.int64) if len(order) else np.zeros(1, np.int64)
+        bins = first_fit_bins(lengths, self.seq_length)
+        grouped = np.argsort(bins, kind="stable")  # by row, arrival order within a row
+        self._order, self._lengths = order[grouped], lengths[grouped]
+        counts = np.bincount(bins, minlength=int(bins.max()) + 1) if len(bins) else np.zeros(0, np.int64)
+        self._row_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_truncated = int((indexed.sizes[chosen] > self.seq_length).sum())
 
     def __len__(self) -> int:
