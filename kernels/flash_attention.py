@@ -308,6 +308,24 @@ def _segment_kv_range(seg_base, seg_span, stride_ss, pos, row_ok, full_end, hi, 
 
 
 @_jit
+def _query_tile_kv_range(start_m, offs_m, row_ok, seq_q, seq_kv, seg_base, stride_sf, stride_ss,
+                         CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """(seg_q, start, full_end, hi) of the query tile [start_m, start_m + BLOCK_M): keys [start, full_end)
+    need no causal mask, [full_end, hi) do (``_causal_kv_range``), narrowed to the tile's segments with
+    packed sequences (``_segment_kv_range``; seg_q is a placeholder without them)."""
+    diag_offset = seq_kv - seq_q
+    full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
+                                     CAUSAL, BLOCK_N)
+    start = 0
+    seg_q = offs_m
+    if HAS_SEGMENTS:
+        seg_q, start, full_end, hi = _segment_kv_range(seg_base, stride_sf, stride_ss, offs_m + diag_offset, row_ok,
+                                                       full_end, hi, CAUSAL, BLOCK_N)
+    return seg_q, start, full_end, hi
+
+
+@_jit
 def _softmax_denominator(l_i, m_i):
     """(l_safe, lse) from the online-softmax sum l and base-2 max m: o = acc / l_safe, and lse the
     natural-log logsumexp. Rows that saw no key (l == 0, acc == 0) get o = 0 and lse = -inf."""
@@ -358,13 +376,8 @@ def _flash_attn_fwd_kernel(
     seg_base = SEGMENTS + off_b * stride_sb
 
     diag_offset = seq_kv - seq_q
-    full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
-                                     CAUSAL, BLOCK_N)
-    start = 0
-    seg_q = offs_m  # placeholder, read only with segments
-    if HAS_SEGMENTS:
-        seg_q, start, full_end, hi = _segment_kv_range(seg_base, stride_sf, stride_ss, offs_m + diag_offset, row_ok,
-                                                       full_end, hi, CAUSAL, BLOCK_N)
+    seg_q, start, full_end, hi = _query_tile_kv_range(start_m, offs_m, row_ok, seq_q, seq_kv, seg_base, stride_sf,
+                                                      stride_ss, CAUSAL, HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     o, lse = _fwd_attend(q, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd, stride_vs, stride_vd,
                          stride_ms, stride_ss, offs_m, offs_n, offs_d, start, full_end, hi, seq_kv, diag_offset,
                          qk_scale_log2, DTYPE, CAUSAL, HAS_KEY_MASK, HAS_SEGMENTS, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -595,13 +608,8 @@ def _flash_attn_bwd_dq_kernel(
     km_base = KEY_MASK + off_b * stride_mb
     seg_base = SEGMENTS + off_b * stride_sb
     diag_offset = seq_kv - seq_q
-    full_end, hi = _causal_kv_range(start_m, tl.minimum(start_m + BLOCK_M, seq_q), seq_kv, diag_offset,
-                                     CAUSAL, BLOCK_N)
-    start = 0
-    seg_q = offs_m  # placeholder, read only with segments
-    if HAS_SEGMENTS:
-        seg_q, start, full_end, hi = _segment_kv_range(seg_base, stride_sf, stride_ss, offs_m + diag_offset, row_ok,
-                                                       full_end, hi, CAUSAL, BLOCK_N)
+    seg_q, start, full_end, hi = _query_tile_kv_range(start_m, offs_m, row_ok, seq_q, seq_kv, seg_base, stride_sf,
+                                                      stride_ss, CAUSAL, HAS_SEGMENTS, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, km_base, seg_base, seg_q, stride_ks, stride_kd,
                        stride_vs, stride_vd, stride_ms, stride_ss, offs_m, offs_n, offs_d, start, full_end, seq_kv,
