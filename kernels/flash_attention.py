@@ -348,14 +348,14 @@ def _flash_attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq).
+    """One program = BLOCK_M query rows of one (batch, query head). Grid (b * hq, cdiv(s_q, BLOCK_M)).
     Writes O [b, s_q, hq, d] and LSE [b, hq, s_q] (fp32, natural log, -inf for rows with no key).
     SEGMENTS [2, b, s_kv] int32 (HAS_SEGMENTS): per key position the first and last position of its
     segment (``_segment_spans``)."""
     # Last query blocks first: under the causal mask they have the most keys, so the longest
     # programs start in the first wave instead of forming a tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0)
     off_b, off_h = _batch_head(pid_bh, num_heads_q)
     off_hk = off_h // group_size
     DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -399,9 +399,9 @@ def _flash_attn_bwd_preprocess_kernel(
     seq_q, num_heads_q,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d o[b, i, h, d] * do[b, i, h, d] (fp32). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """delta[b, h, i] = sum_d o[b, i, h, d] * do[b, i, h, d] (fp32). Grid (b * hq, cdiv(s_q, BLOCK_M))."""
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     off_b, off_h = _batch_head(pid_bh, num_heads_q)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -469,9 +469,9 @@ def _flash_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, KV head), looping over the group's query heads.
-    Grid (cdiv(s_kv, BLOCK_N), b * hkv)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    Grid (b * hkv, cdiv(s_kv, BLOCK_N))."""
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     off_b, off_hk = _batch_head(pid_bh, num_heads_kv)
     DTYPE: tl.constexpr = Q.dtype.element_ty
     IEEE: tl.constexpr = EMULATE or (DTYPE == tl.float32)
@@ -579,9 +579,9 @@ def _flash_attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """One program = BLOCK_M query rows of one (batch, query head). Grid (cdiv(s_q, BLOCK_M), b * hq)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query blocks first
-    pid_bh = tl.program_id(1)
+    """One program = BLOCK_M query rows of one (batch, query head). Grid (b * hq, cdiv(s_q, BLOCK_M))."""
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query blocks first
+    pid_bh = tl.program_id(0)
     off_b, off_h = _batch_head(pid_bh, num_heads_q)
     off_hk = off_h // group_size
     DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -766,7 +766,7 @@ def _flash_attn_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Ten
     mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
     segs, seg_strides = _segment_args(segments, q)
-    grid = (triton.cdiv(s_q, blk.block_m), b * hq)
+    grid = (b * hq, triton.cdiv(s_q, blk.block_m))  # batch x heads on axis 0: up to 2^31 - 1 programs
     _flash_attn_fwd_kernel[grid](
         q, k, v, out, lse, mask, segs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides, *seg_strides,
@@ -810,13 +810,13 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_ma
 
     delta = torch.empty((b, hq, s_q), dtype=torch.float32, device=q.device)
     pre_m = _preprocess_block_m(block_d) if on_gpu else _INTERPRETER_BLOCKS.block_m
-    _flash_attn_bwd_preprocess_kernel[(triton.cdiv(s_q, pre_m), b * hq)](
+    _flash_attn_bwd_preprocess_kernel[(b * hq, triton.cdiv(s_q, pre_m))](
         o, do, delta, *o.stride(), *do.stride(), s_q, hq, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d,
     )
     if need_dkdv:
         dkdv_table = _BWD_DKDV_SEG_BLOCKS if segments is not None else _BWD_DKDV_BLOCKS
         blk = _gpu_blocks(dkdv_table, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
-        _flash_attn_bwd_dkdv_kernel[(triton.cdiv(s_kv, blk.block_n), b * hkv)](
+        _flash_attn_bwd_dkdv_kernel[(b * hkv, triton.cdiv(s_kv, blk.block_n))](
             q, k, v, do, dk, dv, lse, delta, mask, segs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
             *seg_strides,
@@ -825,7 +825,7 @@ def _flash_attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, key_ma
         )
     if need_dq:
         blk = _gpu_blocks(_BWD_DQ_BLOCKS, block_d, q.dtype) if on_gpu else _INTERPRETER_BLOCKS
-        _flash_attn_bwd_dq_kernel[(triton.cdiv(s_q, blk.block_m), b * hq)](
+        _flash_attn_bwd_dq_kernel[(b * hq, triton.cdiv(s_q, blk.block_m))](
             q, k, v, do, dq, lse, delta, mask, segs,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides, *seg_strides,
             s_q, s_kv, hq, hq // hkv, scale, scale * _LOG2E,

@@ -112,11 +112,11 @@ def _flash_decode_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One program = the packed rows [pid_m * BLOCK_M, +BLOCK_M) of one (batch, KV head) over the keys
-    [split * split_size, +split_size). Grid (num_splits, b * hkv, cdiv(group * s_q, BLOCK_M)).
+    [split * split_size, +split_size). Grid (b * hkv, num_splits, cdiv(group * s_q, BLOCK_M)).
     Writes o and natural-log lse per row at O/LSE + split * stride_*_split: the final [b, s_q, hq, d]
     output and [b, hq, s_q] lse when there is one split (split strides 0), else fp32 partials."""
-    pid_split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
     pid_m = tl.program_id(2)
     off_b, off_hk = _batch_head(pid_bh, num_heads_kv)
     DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -278,7 +278,7 @@ def flash_decode_forward(q, k, v, causal: bool, scale: float, key_mask: torch.Te
         lse_strides = part_lse.stride()
     mask = key_mask if key_mask is not None else q  # dummy pointer, never read when HAS_KEY_MASK=False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    _flash_decode_fwd_kernel[(num_splits, b * hkv, row_tiles)](
+    _flash_decode_fwd_kernel[(b * hkv, num_splits, row_tiles)](
         q, k, v, part_o, part_lse, mask,
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides, *mask_strides,
         s_q, s_kv, hkv, group, split_size, scale * _LOG2E,

@@ -291,3 +291,16 @@ def test_gpu_code_path_under_interpreter(monkeypatch, dtype, pads):
     q, k, v, do = _inputs(2, 21, 26, 4, 2, 40, dtype, "cpu", seed=7)
     mask = _left_padding(2, 26, pads) if pads is not None else None
     _check_against_fp64(q, k, v, do, True, mask)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="GPU only: a grid limit of the hardware (axis 1 <= 65535)")
+def test_more_than_65535_batch_heads():
+    # batch x heads runs on grid axis 0 (up to 2^31 - 1 programs); on axis 1 this launch would fail
+    b, s, hq, hkv, d = 2100, 16, 32, 2, 16
+    q, k, v, do = _inputs(b, s, s, hq, hkv, d, torch.bfloat16, "cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=True, backend="triton")
+    out.backward(do)
+    ref = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), causal=True)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
