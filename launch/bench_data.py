@@ -142,7 +142,8 @@ def bench_packing(seq_lengths: list[int]) -> list[dict]:
 
 
 def format_packing(rows: list[dict]) -> str:
-    out = [f"SFT packing (built-in conversations: {rows[0]['conversations']}, mean {rows[0]['mean_tokens']:.0f} tokens):",
+    first = rows[0]
+    out = [f"SFT packing (built-in conversations: {first['conversations']}, mean {first['mean_tokens']:.0f} tokens):",
            "", "| seq_length | padded rows | real tokens | packed rows | real tokens | useful tokens per step |",
            "|---:|---:|---:|---:|---:|---:|"]
     out += [f"| {r['seq_length']} | {r['padded_rows']} | {r['padded_real']:.1%} | {r['packed_rows']} | "

@@ -305,7 +305,9 @@ def _dataset(indexed, run: RunConfig):
     from engine.data.datasets import PackedSFTDataset, PreferenceDataset, PretrainDataset, SFTDataset
     t = run.train
     if run.mode == "sft":
-        return PackedSFTDataset(indexed, t.seq_length, seed=t.seed) if run.data.pack else SFTDataset(indexed, t.seq_length)
+        if run.data.pack:
+            return PackedSFTDataset(indexed, t.seq_length, seed=t.seed)
+        return SFTDataset(indexed, t.seq_length)
     if run.mode == "rm":
         return PreferenceDataset(indexed, t.seq_length)
     return PretrainDataset(indexed, t.seq_length, max(1, t.train_steps) * t.global_batch_size, t.seed)

@@ -371,9 +371,9 @@ class ParallelLayout:
                             mine[size] = (sub_group, tuple(sub))
             subgroups = mine
         dp_group = None
-        for j in range(tp):
+        for j in range(tp):  # f >= 2 replicas share each generation TP rank
             ranks = [member(d, o, j) for d, o in replicas]
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = dist.new_group(ranks)
             if train.rank in ranks:
                 dp_group = group
         return cls(dims=dims, rank=train.rank, world_size=world, tp_rank=my_j, dp_rank=replicas.index((my_d, my_offset)),

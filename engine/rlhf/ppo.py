@@ -44,7 +44,7 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
-from engine.parallel import ParallelLayout, comm
+from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.rlhf.core import (RunningMoments, adaptive_kl_coef, gae_advantages, kl_estimate, masked_mean, masked_whiten,
                               reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
@@ -135,7 +135,8 @@ class PPOConfig:
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
         if self.generation_tp is not None and not (isinstance(self.generation_tp, int) and self.generation_tp >= 1):
-            problems.append(f"generation_tp={self.generation_tp!r} must be None or a positive divisor of the training tp")
+            problems.append(f"generation_tp={self.generation_tp!r} must be None or a positive divisor of the "
+                            "training tp")
         elif self.generation_tp is not None and tp % self.generation_tp:
             problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
                             "layout regroups the training TP shards)")
@@ -178,7 +179,6 @@ class PPOConfig:
 def validate_generation_dims(generation_tp: int, world_size: int, model_config: GLMConfig) -> None:
     """ValueError unless the model can be split ``generation_tp`` ways (heads, KV groups, ffn, vocab),
     checked before any process group is created."""
-    from engine.parallel import ParallelDims
     try:
         ParallelDims(tp=generation_tp, pp=1, dp=None).validate(world_size, model_config)
     except ValueError as e:
