@@ -4,9 +4,11 @@
                                 [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
 
-Layouts are ``tp,dp[,generation_tp]`` (generation_tp < tp: the actor is resharded to that TP degree for
-sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``); each runs ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first
-is a warm-up and is not timed) in its own gloo process group, one thread per process. Actor, critic,
+Layouts are ``tp,dp[,generation_tp[,pp]]`` (generation_tp < tp: the actor is resharded to that TP
+degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
+scoring and training, the actor gathered to every layer per rank for sampling); each runs
+``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first is a warm-up and is not timed) in
+its own gloo process group, one thread per process. Actor, critic,
 reference and reward models are randomly initialised copies of ``--config`` (all four resident on
 every rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a
 random model rarely samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the
@@ -15,7 +17,9 @@ phase (median over the timed iterations): generate (sampling with the KV cache),
 reference, critic and reward forwards; the reference answers of prompts not seen before), update
 (the actor's and the critic's optimizer steps), and the whole iteration; generated tokens/s =
 rollout responses' tokens / generate time; trained tokens/s = rollout tokens (prompt + response)
-x PPO epochs / update time.
+x PPO epochs / update time; resident MiB: the device bytes each phase held (weights, optimizer state,
+gradient buffers, the generation copy: ``resident_bytes_<phase>``, measured from the tensors' storages;
+the KV cache and activations are not in it), with ``--offload`` holding only what the phase uses.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 from launch.bench_train import spawn_workers
 
 
-def _run(tp: int, dp: int, gen_tp, args) -> dict:
+def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
     from engine.config import load_config
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
@@ -38,8 +42,8 @@ def _run(tp: int, dp: int, gen_tp, args) -> dict:
     from engine.train.step import OptimizerConfig
 
     config = load_config(args.config)
-    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=1, dp=dp))
-    models = [build_model_chunks(config, layout, model_cls=cls, seed=i)[0]
+    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp))
+    models = [build_model_chunks(config, layout, model_cls=cls, seed=i)
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
@@ -47,13 +51,14 @@ def _run(tp: int, dp: int, gen_tp, args) -> dict:
     ppo = PPOConfig(iterations=args.iterations, rollout_prompts=args.rollout_prompts,
                     samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.prompt_length,
                     max_new_tokens=args.max_new_tokens, mini_batch_size=args.mini_batch,
-                    micro_batch_size=args.micro_batch, generation_tp=gen_tp, seed=0)
+                    micro_batch_size=args.micro_batch, generation_tp=gen_tp, offload=args.offload, seed=0)
     optim = OptimizerConfig(clip_grad=1.0, mixed_precision=args.dtype)
     loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
     records = [loop.iteration() for _ in range(args.iterations)][1:]
-    out = {k: statistics.median(r[k] for r in records) for k in ("generate_s", "score_s", "gather_s", "train_s",
-                                                                  "seconds", "response_length")}
+    keys = ("generate_s", "score_s", "gather_s", "train_s", "seconds", "response_length", "resident_bytes_generate",
+            "resident_bytes_score", "resident_bytes_update")
+    out = {k: statistics.median(r[k] for r in records) for k in keys}
     rows = ppo.rollout_rows
     out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
     out["trained_tokens_per_s"] = rows * (args.prompt_length + args.max_new_tokens) / out["train_s"]
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench rlhf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="model preset or YAML")
-    p.add_argument("--layouts", default="1,1 2,1 2,1,1 1,2", help="space-separated tp,dp[,generation_tp]")
+    p.add_argument("--layouts", default="1,1 2,1 2,1,1 1,2", help="space-separated tp,dp[,generation_tp[,pp]]")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations per layout (the first is not timed)")
     p.add_argument("--rollout-prompts", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=2)
@@ -74,25 +79,33 @@ def main(argv=None) -> int:
     p.add_argument("--mini-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="actor and critic parameters")
+    p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.iterations < 2:
         p.error("--iterations must be >= 2 (the first is a warm-up)")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
-          f"{args.dtype}; median of {args.iterations - 1} iterations")
-    header = (f"{'tp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
-              f"{'gen tok/s':>9}  {'train tok/s':>11}")
+          f"{args.dtype}{', offload' if args.offload else ''}; median of {args.iterations - 1} iterations; "
+          "resident MiB on rank 0")
+    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
+              f"{'gen tok/s':>9}  {'train tok/s':>11}  {'resident MiB gen/score/update':>29}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
         spec = [int(x) for x in item.split(",")]
-        tp, dp, gen_tp = spec[0], spec[1], spec[2] if len(spec) > 2 else None
-        r = spawn_workers(_run, tp * dp, tp, dp, gen_tp, args, what=f"PPO layout tp={tp} dp={dp} gen_tp={gen_tp}")
-        print(f"{tp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
-              f"{r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  {r['trained_tokens_per_s']:>11.0f}",
+        if not 2 <= len(spec) <= 4:
+            p.error(f"--layouts item {item!r}: expected tp,dp[,generation_tp[,pp]]")
+        tp, dp = spec[0], spec[1]
+        gen_tp = spec[2] if len(spec) > 2 else None
+        pp = spec[3] if len(spec) > 3 else 1
+        r = spawn_workers(_run, tp * pp * dp, tp, dp, gen_tp, pp, args,
+                          what=f"PPO layout tp={tp} pp={pp} dp={dp} gen_tp={gen_tp}")
+        print(f"{tp:>3}{pp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
+              f"{r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  {r['trained_tokens_per_s']:>11.0f}  "
+              + f"{'/'.join(f'{r[k] / 2**20:.2f}' for k in ('resident_bytes_generate', 'resident_bytes_score', 'resident_bytes_update')):>29}",
               flush=True)
-        out["layouts"].append({"tp": tp, "dp": dp, "generation_tp": gen_tp or tp, **r})
+        out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "generation_tp": gen_tp or tp, **r})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -1,8 +1,8 @@
 """RLHF with PPO (ChatGLM-RLHF recipe): actor, critic, reference and reward models on the same ranks.
 
     python -m launch.rlhf --config configs/runs/ppo.yaml --actor-from SFT_CKPT --reward-from RM_CKPT \\
-        [--critic-from CKPT] [--tp T] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
-    torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / tp
+        [--critic-from CKPT] [--tp T] [--pp P] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
+    torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / (tp pp)
 
 The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
 layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic from ``--critic-from``
@@ -67,6 +67,9 @@ class RLHFCheckpoints:
 class RLHFRun:
     model: GLMConfig
     tp: int = 1
+    pp: int = 1
+    """Pipeline stages of the training layout; the actor is resharded to every layer per rank for
+    sampling (``ppo.generation_tp``, default tp)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     actor_lr: LRConfig = field(default_factory=lambda: PPO_LR)
@@ -80,14 +83,16 @@ class RLHFRun:
         return run_dict(self)
 
 
-SECTIONS = {"model", "tp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
+SECTIONS = {"model", "tp", "pp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
             "log_dir"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
-    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``log_dir``: a value)."""
+    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``pp``/``log_dir``: a
+    value)."""
     raw, base = read_run_file(path, SECTIONS, overrides)
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
+                   pp=int(raw.get("pp", 1)),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
                    actor_lr=config_section(LRConfig, raw.get("actor_lr"), "actor_lr") if raw.get("actor_lr") else PPO_LR,
@@ -101,8 +106,8 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
 def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
-    dims = ParallelDims(tp=run.tp, pp=1, dp=None).validate(world_size, run.model)
-    run.ppo.validate(dims.dp, run.tp)
+    dims = ParallelDims(tp=run.tp, pp=run.pp, dp=None).validate(world_size, run.model)
+    run.ppo.validate(dims.dp, run.tp, run.pp)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
@@ -125,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO run YAML (default: configs/runs/ppo.yaml)")
     p.add_argument("--model", help="model preset name or model YAML")
     p.add_argument("--tp", type=int)
+    p.add_argument("--pp", type=int, help="pipeline stages of the training layout (sampling gathers every layer)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--rollout-prompts", type=int)
     p.add_argument("--samples-per-prompt", type=int)
@@ -138,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
                         "model per rank")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="keep the models and optimizer states a phase does not use in host memory")
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp")
+              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp", "offload")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 
@@ -162,7 +170,7 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
-    for name in ("tp", "log_dir", "model"):
+    for name in ("tp", "pp", "log_dir", "model"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -221,9 +229,9 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
 def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, allow_missing=()):
     from engine.parallel.pipeline import build_model_chunks
     from engine.train.checkpoint import load_model_weights
-    (model,) = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
-    load_model_weights(path, [model], layout, run.model, tokenizer_fingerprint=fingerprint, allow_missing=allow_missing)
-    return model.to(device)
+    chunks = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
+    load_model_weights(path, chunks, layout, run.model, tokenizer_fingerprint=fingerprint, allow_missing=allow_missing)
+    return [chunk.to(device) for chunk in chunks]
 
 
 def train_ppo(run: RLHFRun) -> int:
@@ -236,7 +244,8 @@ def train_ppo(run: RLHFRun) -> int:
 
     with Processes() as procs:
         device = procs.device
-        layout = ParallelLayout.build(ParallelDims(tp=run.tp, pp=1, dp=None)) if procs.distributed else ParallelLayout.single()
+        dims = ParallelDims(tp=run.tp, pp=run.pp, dp=None)
+        layout = ParallelLayout.build(dims) if procs.distributed else ParallelLayout.single()
         rank = layout.rank
         torch.manual_seed(run.ppo.seed)
         ck, c = run.checkpoint, run.ppo
@@ -278,7 +287,7 @@ def train_ppo(run: RLHFRun) -> int:
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: PPO on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params per model, "
-                  f"4 models), tp={layout.tp_size} dp={layout.dp_size}, {len(loop.prompts)} prompts"
+                  f"4 models), tp={layout.tp_size} pp={layout.pp_size} dp={layout.dp_size}, {len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
         while loop.iterations_done < c.iterations:

@@ -78,7 +78,7 @@ def test_rollout_logprobs_match_the_training_forward_and_the_first_ratio_is_one(
     mask = rollout.response_mask.bool()
     P = loop.config.max_prompt_length
     assert torch.equal(batch["labels"][:, P - 1:-1][mask], rollout.responses[mask])
-    logits = loop.actor(rollout.sequences, rollout.attention_mask)[:, P - 1:-1]
+    logits = loop.actor[0](rollout.sequences, rollout.attention_mask)[:, P - 1:-1]
     fresh = kernels.token_logprobs(logits, rollout.responses)
     torch.testing.assert_close(fresh[mask], rollout.logprobs[mask], rtol=0, atol=1e-5)  # fp32, other batch rows
     expected, _ = ppo_policy_loss(fresh, rollout.logprobs, batch["advantages"][:, P - 1:-1], mask, 0.2)
@@ -103,10 +103,10 @@ def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
 
 def test_reward_spread_filter_can_drop_everything_and_then_nothing_trains():
     loop = _loop(_ppo(min_reward_spread=1e9, iterations=1))
-    before = {k: v.clone() for k, v in loop.actor.state_dict().items()}
+    before = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
     record = loop.iteration()
     assert record["kept_fraction"] == 0.0 and record["ppo_steps"] == 0 and record["skipped_minibatches"] == 2
-    assert all(torch.equal(v, before[k]) for k, v in loop.actor.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in loop.actor[0].state_dict().items())
 
 
 def test_score_normalisation_and_clipping():
@@ -193,9 +193,15 @@ def test_generation_layout_config_errors():
         _ppo(generation_tp=1, rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(2, 4)
     with pytest.raises(ValueError, match="divisible by dp=4: each samples"):
         _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(4)
+    # pp > 1 always samples on the generation layout: world / tp_g replicas (dp 1 x tp 1 x pp 4 -> 4)
+    with pytest.raises(ValueError, match="divisible by the 4 sampling replicas of generation_tp=1 at pp=4"):
+        _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(1, 1, 4)
 
 
 def test_loop_errors():
+    single = ParallelLayout.single()
+    with pytest.raises(ValueError, match="PPOLoop runs without virtual pipeline stages; got vpp=2"):
+        _loop(layout=dataclasses.replace(single, dims=dataclasses.replace(single.dims, vpp=2)))
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_batches"):
         _loop(_ppo(ptx_coef=0.1))
     with pytest.raises(ValueError, match="fewer than rollout_prompts=40"):
@@ -233,10 +239,10 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
         loop = _loop(layout=layout, models=_sharded(states, layout))
         if name == "tp2":
             ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
-            gen = generate(loop.actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+            gen = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
             out["greedy"] = (gen.response_ids.numpy(), gen.logprobs.numpy())
         update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
-        full = gather_full_state_dict(loop.actor, _config(), dataclasses.replace(layout, ledger=type(layout.ledger)()))
+        full = gather_full_state_dict(loop.actor[0], _config(), dataclasses.replace(layout, ledger=type(layout.ledger)()))
         out[name] = (update, {k: v.clone().numpy() for k, v in full.items()})  # tp=1: views of live params
         if name == "dp2":
             record = loop.iteration()
@@ -245,7 +251,7 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
     # equals one process), the all-gather moves what the analytic count says, and an iteration runs
     layout = ParallelLayout.build(ParallelDims(tp=2), name="tp2_gen1")
     loop = _loop(_ppo(generation_tp=1), layout=layout, models=_sharded(states, layout))
-    local_bytes = _sharded_bytes(loop.actor)
+    local_bytes = _sharded_bytes(loop.actor[0])
     gen = loop.generation_model()
     ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
     greedy = generate(gen, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
@@ -265,9 +271,9 @@ def test_tp2_and_dp2_match_one_process():
     batch, _ = loop.advantages(rollout)
     prompts = _prompts(3, seed=9)
     ids, mask = left_pad_prompts(prompts, 8, PAD)
-    ref_gen = generate(loop.actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+    ref_gen = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
     ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
-    ref_weights = loop.actor.state_dict()
+    ref_weights = loop.actor[0].state_dict()
     results = run_distributed(_world2, 2, states, prompts, batch, timeout=240)
     for r in results:
         tokens, logprobs = r["greedy"]
@@ -316,7 +322,7 @@ def _world4_generation(rank, world_size, states, prompts_greedy):
         loop = _loop(_ppo(generation_tp=tp_g, rollout_prompts=2), layout=layout, models=_sharded(states, layout))
         gen = loop.generation_layout
         before = layout.ledger.received("reshard")
-        shards = reshard_tp(loop.actor, _config(), layout, gen)
+        shards = reshard_tp(loop.actor[0], _config(), layout, gen)
         received = layout.ledger.received("reshard") - before
         exact = all(torch.equal(t, tp_slice(k, states[0][k], _config(), tp_g, gen.tp_rank)) for k, t in shards.items())
         ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
@@ -327,7 +333,7 @@ def _world4_generation(rank, world_size, states, prompts_greedy):
         record = loop.iteration()
         out[tp_g] = dict(tp_ranks=gen.tp_ranks, dp_ranks=gen.dp_ranks, tp_rank=gen.tp_rank, dp_rank=gen.dp_rank,
                          exact=exact, names=sorted(shards) == sorted(states[0]), received=received,
-                         local=_sharded_bytes(loop.actor), tokens=greedy.response_ids.numpy(), on_device=on_device,
+                         local=_sharded_bytes(loop.actor[0]), tokens=greedy.response_ids.numpy(), on_device=on_device,
                          steps=record["ppo_steps"], rollout=record["response_length"])
     return out
 
@@ -356,6 +362,109 @@ def test_generation_layouts_tp4_to_tp2_and_tp1():
             assert case["steps"] == 1 and case["rollout"] > 0
 
 
+def _state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _world4_pipeline(rank, world_size, states, prompts_greedy, scored, batch, ckpt_dir):
+    """Training layouts with pp=2 (tp2 x pp2 sampling at tp_g = 1 and 2; pp2 x dp2): the generation layout's
+    rank order, the resharded shards (every layer, bitwise the tp_g slices of the full weights), the bytes
+    moved, greedy decoding, the pipelined scoring of fixed sequences, the reference baselines (sampled on
+    a resharded reference), one update on a fixed batch, a full iteration and a checkpoint; two layouts
+    offload idle models (``PPOConfig.offload``), which changes no number."""
+    from engine.model.generation import SamplingParams, generate
+    from engine.parallel.comm import CommLedger
+    from engine.parallel.sharding import gather_full_state_dict, reshard_for_generation, tp_slice
+    out = {}
+    sequences, attention, responses, prompt_index = scored
+    for name, dims, tp_g, offload in (("tp2pp2_gen1", ParallelDims(tp=2, pp=2), 1, True),
+                                      ("tp2pp2", ParallelDims(tp=2, pp=2), None, False),
+                                      ("pp2dp2", ParallelDims(pp=2, dp=2), None, True)):
+        layout = ParallelLayout.build(dims, name=name)
+        loop = _loop(_ppo(generation_tp=tp_g, offload=offload), layout=layout, models=_sharded(states, layout))
+        gen = loop.generation_layout
+        before = layout.ledger.received("reshard")
+        shards = reshard_for_generation(loop.actor, _config(), layout, gen)
+        received = layout.ledger.received("reshard") - before
+        exact = sorted(shards) == sorted(states[0]) and all(
+            torch.equal(t, tp_slice(k, states[0][k], _config(), gen.tp_size, gen.tp_rank)) for k, t in shards.items())
+        ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+        greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+        scores = (loop._token_logprobs(loop.actor, sequences, attention, responses),
+                  loop._token_logprobs(loop.reference, sequences, attention, responses),
+                  loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
+                  loop._baselines(prompt_index))
+        update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+        fresh = dataclasses.replace(layout, ledger=CommLedger())
+        # cloned now: at tp = 1 the own stage's tensors are the live parameters, which the iteration updates
+        weights = {k: v.clone() for k, v in gather_full_state_dict(loop.actor[0], _config(), fresh).items()}
+        record = loop.iteration()
+        if name == "tp2pp2":
+            loop.save(ckpt_dir)
+        after = gather_full_state_dict(loop.actor[0], _config(), fresh)
+        out[name] = dict(tp_rank=gen.tp_rank, dp_rank=gen.dp_rank, tp_ranks=gen.tp_ranks, exact=exact,
+                         received=received, expected=_state_bytes(shards) - _state_bytes(loop.actor[0].state_dict()),
+                         own=_state_bytes(loop.actor[0].state_dict()),
+                         tokens=greedy.response_ids.numpy(), scores=[t.numpy() for t in scores], update=update,
+                         weights={k: v.numpy() for k, v in weights.items()},
+                         after={k: v.clone().numpy() for k, v in after.items()},
+                         resident_generate=record["resident_bytes_generate"], dp=layout.dp_size,
+                         record={k: v for k, v in record.items()
+                                 if not k.endswith("_s") and k != "seconds" and not k.startswith("resident_bytes")})
+    return out
+
+
+def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
+    from engine.model.generation import SamplingParams, generate
+    actor, critic, reference, reward = _models(seed=8)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
+    loop = _loop(models=(actor, critic, reference, reward))
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    prompts = _prompts(3, seed=11)
+    ids, mask = left_pad_prompts(prompts, 8, PAD)
+    ref_tokens = generate(actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
+    scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
+    ref_scores = (rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.baselines)
+    ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    ref_weights = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
+    results = run_distributed(_world4_pipeline, 4, states, prompts, scored, batch, str(tmp_path / "ck"), timeout=480)
+    for rank, r in enumerate(results):
+        t, p = rank % 2, rank // 2  # tp2 x pp2: rank = 2 p + t; pp2 x dp2: rank = 2 p + d
+        # generation replica (d f + o) pp + p: a training replica's rows split over offsets, then stages
+        assert (r["tp2pp2_gen1"]["tp_rank"], r["tp2pp2_gen1"]["dp_rank"]) == (0, 2 * t + p)
+        assert (r["tp2pp2"]["tp_rank"], r["tp2pp2"]["dp_rank"], r["tp2pp2"]["tp_ranks"]) == (t, p, (2 * p, 2 * p + 1))
+        assert (r["pp2dp2"]["tp_rank"], r["pp2dp2"]["dp_rank"]) == (0, 2 * t + p)
+        for name, case in r.items():
+            assert case["exact"], name
+            # the analytic minimum: the generation shard minus what the rank already holds
+            assert case["received"] == case["expected"] > 0, name
+            assert torch.equal(torch.from_numpy(case["tokens"]), ref_tokens), name  # greedy, every layer
+            for got, want in zip(case["scores"], ref_scores):
+                # fp32: micro-batches of 2 rows vs 8, stage boundaries and TP partial sums
+                torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
+            for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy"):
+                assert case["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), (name, key)
+            for k, w in case["weights"].items():
+                # Adam's first step moves a weight by lr g / (|g| + eps): +-lr (1e-3) for a real gradient, a
+                # layout-dependent fraction of it for a gradient at fp32 noise level (~eps = 1e-8); a wrong
+                # gradient is off by ~lr
+                torch.testing.assert_close(torch.from_numpy(w), ref_weights[k], rtol=1e-4, atol=5e-5,
+                                           msg=lambda m: f"{name} {k}: {m}")
+            assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
+            if name != "tp2pp2":  # offloading: while sampling the device holds the generation copy alone
+                # (pp2dp2, tp_g = tp: this stage's part of it is the actor's flat buffer, padded to a multiple of dp)
+                assert 0 <= case["resident_generate"] - (case["received"] + case["own"]) <= 4 * (case["dp"] - 1), name
+            # every rank of every stage holds the same global rollout and metrics
+            assert case["record"] == results[0][name]["record"], name
+    # the tp2 x pp2 checkpoint loads into one process: the same actor weights
+    resumed = _loop()
+    resumed.load(tmp_path / "ck")
+    assert resumed.iterations_done == 1
+    for k, w in results[0]["tp2pp2"]["after"].items():
+        assert torch.equal(resumed.actor[0].state_dict()[k], torch.from_numpy(w)), k
+
+
 # ---- launcher ------------------------------------------------------------------------------------
 def test_launcher_errors(tmp_path, capsys):
     from engine.rlhf.ppo import PPO_LR
@@ -377,9 +486,9 @@ def test_launcher_errors(tmp_path, capsys):
         read_prompts(str(bad))
 
 
-def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
-    """launch.rlhf under torchrun (2 processes, tp=2, sampling resharded to tp=1) from language-model and
-    reward checkpoints; then a resume in one process."""
+def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
+    """launch.rlhf under torchrun (2 processes, pp=2: sampling on the actor gathered to every layer per rank)
+    from language-model and reward checkpoints; then a resume in one process."""
     import os
     import subprocess
     import sys
@@ -396,7 +505,7 @@ def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--tp", "2", "--generation-tp", "1", "--iterations", "2",
+           "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--pp", "2", "--iterations", "2",
            "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
            "2", "--max-new-tokens", "8", "--actor-from", str(tmp_path / "sft"), "--reward-from", str(tmp_path / "rm"),
            "--log-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo")]
@@ -409,9 +518,10 @@ def test_torchrun_tp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     for name in ("actor", "critic"):
         saved, state = read_full_model_state(tmp_path / "ppo" / name)
         assert saved == config and ("value_head.weight" in state) == (name == "critic")
-    # resume the tp=2 run in one process (resharded): one more iteration, numbered 2
+    assert "tp=1 pp=2 dp=1" in proc.stdout
+    # resume the pp=2 run in one process (resharded): one more iteration, numbered 2
     resume = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
-    resume[resume.index("--tp") + 1], resume[resume.index("--iterations") + 1] = "1", "3"
+    resume[resume.index("--pp") + 1], resume[resume.index("--iterations") + 1] = "1", "3"
     resume[resume.index("--log-dir") + 1] = str(tmp_path / "resumed")
     proc = subprocess.run(resume + ["--load", str(tmp_path / "ppo")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -446,7 +556,7 @@ def test_save_and_resume_continue_exactly(tmp_path):
     other = _loop(_ppo(iterations=3))
     for name, model, trainer in (("actor", other.actor, other.actor_trainer), ("critic", other.critic,
                                                                                other.critic_trainer)):
-        save_checkpoint(tmp_path / "sft" / name, 1, [model], trainer.optimizer, ParallelLayout.single(), _config(),
+        save_checkpoint(tmp_path / "sft" / name, 1, model, trainer.optimizer, ParallelLayout.single(), _config(),
                         extra_state={"mode": "sft"})
     # a fixed KL coefficient is configuration: the resuming run's value holds
     fixed = _loop(_ppo(iterations=3, kl_coef=0.5))

@@ -109,6 +109,7 @@ class DistributedOptimizer:
         self._works: list = [None] * len(self.buckets)  # per bucket: False (not launched), Work or None (done)
         self._reset_overlap()
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate) for p in self.params]
+        self.grads_released = False  # release_grads() freed the gradient buffers; zero_grad() re-allocates
 
     # ---- buffers ---------------------------------------------------------------------------
     def _build_buckets(self, bucket_size_bytes: int) -> list[_Bucket]:
@@ -163,6 +164,9 @@ class DistributedOptimizer:
             # the buffers already hold DP-reduced (or scattered) gradients: adding would mix the two
             raise RuntimeError("a gradient arrived after finish_grad_sync()/step() without zero_grad(); "
                                "call optimizer.zero_grad() before the next backward")
+        if self.grads_released:
+            raise RuntimeError(f"a gradient of {self._name(p)} arrived while the gradient buffers are released "
+                               "(offloaded): call optimizer.zero_grad() before the backward")
         bi = self._bucket_of[id(p)]
         if self._works[bi] is not False:
             raise RuntimeError(f"a gradient of {self._name(p)} arrived after its bucket's reduction started: "
@@ -220,7 +224,17 @@ class DistributedOptimizer:
 
     # ---- gradients -------------------------------------------------------------------------
     def zero_grad(self) -> None:
+        """Zero the gradient buffers (allocating them again, next to the params, after ``release_grads``)."""
         self._wait_all()  # never zero a buffer a collective is still reading
+        if self.grads_released:
+            for b in self.buckets:
+                b.grad = torch.zeros(b.numel, dtype=torch.float32, device=b.param.device)
+                if self.distributed:
+                    b.grad_shard = torch.zeros(b.numel // self.layout.dp_size, dtype=torch.float32,
+                                               device=b.param.device)
+                for p, off in zip(b.params, b.offsets):
+                    p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+            self.grads_released = False
         for b in self.buckets:
             b.grad.zero_()
             if b.grad_shard is not None:
@@ -242,6 +256,8 @@ class DistributedOptimizer:
         Idempotent until the next backward."""
         if self._synced:
             return
+        if self.grads_released:
+            raise RuntimeError("the gradient buffers are released (offloaded): zero_grad(), backward, then step")
         for bi, work in enumerate(self._works):
             if work is False:
                 self._launch(bi)
@@ -426,6 +442,66 @@ class DistributedOptimizer:
         self.step_count = step
         self.zero_grad()
         self._publish_params(from_master=True)
+
+    # ---- flat buffers (offloading: ``engine.rlhf.offload`` moves them between device and host) ----
+    def param_buffers(self) -> dict[str, torch.Tensor]:
+        """The flat buffers the params are views of (and, for fp32 without ZeRO, the master weights)."""
+        return {f"bucket{bi}.param": b.param for bi, b in enumerate(self.buckets)}
+
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The optimizer's own state: fp32 master weights (when separate from the params) and moments."""
+        out = {}
+        for bi, b in enumerate(self.buckets):
+            for key in STATE_KEYS:
+                if key == "master" and b.master is b.param:
+                    continue
+                out[f"bucket{bi}.{key}"] = getattr(b, key)
+        return out
+
+    def grad_buffers(self) -> dict[str, torch.Tensor]:
+        """The fp32 gradient buffers (the params' ``main_grad`` views; empty after ``release_grads``)."""
+        out = {}
+        for bi, b in enumerate(self.buckets):
+            out[f"bucket{bi}.grad"] = b.grad
+            if b.grad_shard is not None:
+                out[f"bucket{bi}.grad_shard"] = b.grad_shard
+        return out
+
+    @torch.no_grad()
+    def set_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Replace flat buffers by equal copies (another device), keyed as ``param_buffers`` /
+        ``state_buffers`` name them; the params are re-pointed at views of their new buffer, and the
+        master weights follow the param buffer they alias."""
+        self._wait_all()
+        for name, t in buffers.items():
+            bucket, key = name.split(".")
+            b = self.buckets[int(bucket.removeprefix("bucket"))]
+            old = getattr(b, key)
+            if t.shape != old.shape or t.dtype != old.dtype:
+                raise ValueError(f"set_buffers: {name} {tuple(t.shape)} {t.dtype} does not replace "
+                                 f"{tuple(old.shape)} {old.dtype}")
+            if key == "param":
+                if b.master is b.param:
+                    b.master = t
+                b.param = t
+                for p, off in zip(b.params, b.offsets):
+                    p.data = t[off:off + p.numel()].view_as(p)
+            else:
+                setattr(b, key, t)
+
+    def release_grads(self) -> None:
+        """Free the gradient buffers (nothing reads them between a step and the next ``zero_grad``, which
+        allocates them again): the offloaded optimizer holds no device memory for gradients."""
+        self._wait_all()
+        for b in self.buckets:
+            b.grad = torch.empty(0, dtype=torch.float32, device=b.param.device)
+            b.grad_shard = None
+            for p in b.params:
+                p.main_grad = None
+                p.grad = None
+        self.grads_released = True
+        self._synced = False
+        self._grad_norm = None
 
     def close(self) -> None:
         """Remove the gradient hooks (the params keep living in the flat buffers)."""

@@ -325,41 +325,43 @@ class ParallelLayout:
     # ---- the RLHF generation layout ---------------------------------------------------------
     @classmethod
     def for_generation(cls, train: "ParallelLayout", tp: int) -> "ParallelLayout":
-        """The layout the actor samples on: tensor parallel degree ``tp`` (dividing the training tp,
-        pp = 1), and ``world / tp`` generation replicas. Collective: every rank calls it once, with
-        the same arguments, after ``train`` was built.
+        """The layout the actor samples on: tensor parallel degree ``tp`` (dividing the training tp),
+        no pipeline (every layer on every rank), and ``world / tp`` generation replicas. Collective:
+        every rank calls it once, with the same arguments, after ``train`` was built.
 
-        Ranks are grouped so that resharding moves the fewest bytes: with f = tp_train / tp, training
-        TP rank t becomes generation TP rank t // f and needs exactly the shards of the f consecutive
-        training ranks around it (its training TP subgroup of size f, ``sharding.reshard_tp``), so
-        each generation TP group is strided: the ranks of one training TP group with equal t % f
-        (tp_train 4 -> 2: groups {0, 2} and {1, 3}). This order is not Megatron's, so use this
-        layout's fields (tp_rank, dp_rank, groups), not ``dims.coords``: its ``dims`` only carry the
-        degrees (tp, dp = world / tp, pp = 1) for validation.
+        Ranks are grouped so that resharding moves the fewest bytes (``sharding.reshard_for_generation``):
+        with f = tp_train / tp, training TP rank t becomes generation TP rank t // f and needs exactly
+        the shards of the f consecutive training ranks around it (its training TP subgroup of size f)
+        of every pipeline stage (its training PP group). So each generation TP group is strided: the
+        ranks of one training TP group (one stage) with equal t % f (tp_train 4 -> 2: groups {0, 2} and
+        {1, 3}). Generation replica (d f + o) pp + p is training replica d's o-th offset on stage p, so
+        a training replica's rows are split over its f pp generation replicas in an order that an
+        all-gather over its PP group, then over its TP subgroup, puts back. This order is not
+        Megatron's, so use this layout's fields (tp_rank, dp_rank, groups), not ``dims.coords``: its
+        ``dims`` only carry the degrees (tp, dp = world / tp, pp = 1) for validation.
         """
-        if train.pp_size != 1:
-            raise ValueError(f"a generation layout needs pp = 1 (every layer on the rank), got pp={train.pp_size}")
         if not _positive_int(tp) or train.tp_size % tp != 0:
             raise ValueError(f"generation tp={tp} must be a positive divisor of the training tp={train.tp_size}")
-        if tp == train.tp_size:
+        if tp == train.tp_size and train.pp_size == 1:
             return train
-        f, world = train.tp_size // tp, train.world_size
+        f, pp, world = train.tp_size // tp, train.pp_size, train.world_size
         dims = ParallelDims(tp=tp, dp=world // tp, pp=1)
 
-        def member(d: int, offset: int, j: int) -> int:  # training replica d, offset t % f, generation tp rank j
-            return train.dims.rank_of(offset + f * j, d, 0)
+        def member(d: int, offset: int, p: int, j: int) -> int:  # training replica d, offset t % f, stage p
+            return train.dims.rank_of(offset + f * j, d, p)
 
         t = train.tp_rank
-        my_d, my_offset, my_j = train.dp_rank, t % f, t // f
-        replicas = [(d, o) for d in range(train.dp_size) for o in range(f)]  # generation DP order
-        tp_ranks = tuple(member(my_d, my_offset, j) for j in range(tp))
-        dp_ranks = tuple(member(d, o, my_j) for d, o in replicas)
+        my_d, my_offset, my_p, my_j = train.dp_rank, t % f, train.pp_rank, t // f
+        # generation DP order: (d, o, p) lexicographic
+        replicas = [(d, o, p) for d in range(train.dp_size) for o in range(f) for p in range(pp)]
+        tp_ranks = tuple(member(my_d, my_offset, my_p, j) for j in range(tp))
+        dp_ranks = tuple(member(d, o, p, my_j) for d, o, p in replicas)
         if tp == 1:  # one whole model per rank: no TP groups to create
             tp_group, subgroups = None, {}
         else:
             mine: dict = {}
-            for d, o in replicas:  # every rank creates every group, in one order
-                ranks = [member(d, o, j) for j in range(tp)]
+            for d, o, p in replicas:  # every rank creates every group, in one order
+                ranks = [member(d, o, p, j) for j in range(tp)]
                 group = dist.new_group(ranks)
                 if train.rank in ranks:
                     tp_group = group
@@ -371,12 +373,12 @@ class ParallelLayout:
                             mine[size] = (sub_group, tuple(sub))
             subgroups = mine
         dp_group = None
-        for j in range(tp):  # f >= 2 replicas share each generation TP rank
-            ranks = [member(d, o, j) for d, o in replicas]
+        for j in range(tp):  # f pp >= 2 replicas share each generation TP rank
+            ranks = [member(d, o, p, j) for d, o, p in replicas]
             group = dist.new_group(ranks)
             if train.rank in ranks:
                 dp_group = group
-        return cls(dims=dims, rank=train.rank, world_size=world, tp_rank=my_j, dp_rank=replicas.index((my_d, my_offset)),
-                   pp_rank=0, tp_group=tp_group, dp_group=dp_group, pp_group=None, mp_group=tp_group,
+        return cls(dims=dims, rank=train.rank, world_size=world, tp_rank=my_j,
+                   dp_rank=replicas.index((my_d, my_offset, my_p)), pp_rank=0, tp_group=tp_group, dp_group=dp_group, pp_group=None, mp_group=tp_group,
                    tp_ranks=tp_ranks, dp_ranks=dp_ranks, pp_ranks=(train.rank,), mp_ranks=tp_ranks,
                    name=f"{train.name}-generation", ledger=train.ledger, tp_subgroups=subgroups)

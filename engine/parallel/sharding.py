@@ -18,9 +18,10 @@ Pipeline: a stage holds ``layers.i.*`` for its layer indices, ``embedding.*`` on
 """
 from __future__ import annotations
 
+import math
 import re
 import zlib
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -168,26 +169,46 @@ def gather_full_state_dict(local: Union[nn.Module, dict[str, torch.Tensor]], con
         t = sd[k].detach()
         stacked = comm.all_gather(t.contiguous().unsqueeze(0), 0, layout.tp_group, layout.ledger, "tp")
         tp_full[k] = tp_unslice(k, list(stacked.unbind(0)), config)
+    return _gather_stages(tp_full, layout, "pp")
+
+
+def _gather_stages(local: dict[str, torch.Tensor], layout, category: str) -> dict[str, torch.Tensor]:
+    """Every stage's tensors on every rank of this rank's PP group (stages hold different names).
+
+    Names, shapes and dtypes are shared first; then each stage broadcasts its tensors packed into one
+    flat buffer per dtype, so a stage costs one collective per dtype, not one per tensor (hundreds
+    of layers' worth of small launches on NCCL). Received tensors are views of those buffers; this
+    rank's own tensors are returned as they are. Bytes received: the other stages' tensors, recorded
+    under ``category``. Collective over the PP group; a no-op at pp = 1."""
     if layout.pp_size == 1:
-        return tp_full
-    # PP: stages hold different names; share names/shapes/dtypes first, then broadcast each tensor.
-    meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tp_full.items()]
+        return dict(local)
+    meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sorted(local.items())]
     metas: list = [None] * layout.pp_size
     dist.all_gather_object(metas, meta, group=layout.pp_group)
-    device = next(iter(tp_full.values())).device if tp_full else torch.device("cpu")
+    device = next(iter(local.values())).device if local else torch.device("cpu")
     out = {}
     for stage, stage_meta in enumerate(metas):
         src = layout.pp_ranks[stage]
-        for k, shape, dtype in stage_meta:
-            t = tp_full[k] if stage == layout.pp_rank else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            out[k] = comm.broadcast(t.contiguous(), src, layout.pp_group, layout.ledger, "pp")
+        for dtype in sorted({d for _, _, d in stage_meta}):
+            entries = [(k, shape) for k, shape, d in stage_meta if d == dtype]
+            if stage == layout.pp_rank:
+                flat = torch.cat([local[k].detach().reshape(-1) for k, _ in entries])
+            else:
+                flat = torch.empty(sum(math.prod(shape) for _, shape in entries), dtype=getattr(torch, dtype),
+                                   device=device)
+            flat = comm.broadcast(flat, src, layout.pp_group, layout.ledger, category)
+            if stage == layout.pp_rank:
+                out.update((k, local[k]) for k, _ in entries)
+                continue
+            for (k, shape), piece in zip(entries, flat.split([math.prod(shape) for _, shape in entries])):
+                out[k] = piece.view(shape)
     return out
 
 
 @torch.no_grad()
 def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConfig, src, dst) -> dict[str, torch.Tensor]:
     """This rank's tensors on layout ``dst`` (tensor parallel degree tp_dst) from its tensors on
-    ``src`` (tp_src, a multiple of tp_dst; pp = 1): ``dst`` is ``ParallelLayout.for_generation(src,
+    ``src`` (tp_src, a multiple of tp_dst; this stage's tensors when pp > 1): ``dst`` is ``ParallelLayout.for_generation(src,
     tp_dst)``, whose TP rank j needs only the shards of src TP ranks [f j, f j + f), f = tp_src / tp_dst,
     i.e. its src TP subgroup of size f. Each tensor is all-gathered over that subgroup ((f - 1) x the
     local bytes received, ledger category "reshard") and the rows/columns of dst's shard are picked
@@ -226,6 +247,25 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
                                f"ranks {list(members)} of {tp_src} do not hold")
         out[name] = torch.cat(gathered, dim).index_select(dim, pick.to(t.device))
     return out
+
+
+@torch.no_grad()
+def reshard_for_generation(local: Union[nn.Module, Sequence[nn.Module], dict[str, torch.Tensor]], config: GLMConfig,
+                           src, dst) -> dict[str, torch.Tensor]:
+    """This rank's whole generation shard (every layer, tp_dst slice) from its training shard on ``src``
+    (tp_src x pp; ``local``: its model chunks, one model, or their state dict), for ``dst =
+    ParallelLayout.for_generation(src, tp_dst)``: ``reshard_tp`` over the TP subgroup of f = tp_src /
+    tp_dst ranks (this stage's layers), then the stages' results exchanged over the PP group. Bytes
+    received ("reshard"): |generation shard| - |this rank's part of it|, the analytic minimum
+    M (1/tp_dst - 1/(tp_src pp)) when every tensor is sharded (replicated norms are not TP-gathered;
+    KV heads replicated over TP ranks are gathered from every sibling). Collective over both groups."""
+    if isinstance(local, nn.Module):
+        sd = local.state_dict()
+    elif isinstance(local, dict):
+        sd = dict(local)
+    else:  # pipeline chunks: names are global (layers keep their index), so the dicts merge
+        sd = {k: v for chunk in local for k, v in chunk.state_dict().items()}
+    return _gather_stages(reshard_tp(sd, config, src, dst), src, "reshard")
 
 
 @torch.no_grad()

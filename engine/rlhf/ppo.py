@@ -1,15 +1,17 @@
 """PPO with the ChatGLM-RLHF recipe (arXiv 2404.00934): actor, critic, reference and reward models
-co-located on the same ranks of one TP x DP layout.
+co-located on the same ranks of one TP x PP x DP layout.
 
 One iteration (``PPOLoop.iteration``):
 
     rollout   each DP replica (its TP group) samples ``samples_per_prompt`` responses for its slice of
               ``rollout_prompts`` prompts with the actor's KV cache (TP ranks gather the vocab-sharded
               logits and draw the same token)
-    score     on the same slice, no grad: actor log-probs (the behaviour policy, recomputed by a full
-              forward so they match the training forward's numerics), reference log-probs, critic
-              values, reward-model scores; the reference baseline r(x, y_ref) of each prompt (y_ref:
-              the reference model's greedy response), computed once per prompt and cached
+    score     on the same slice, no grad, with the forward-only pipeline schedule in micro-batches of
+              ``micro_batch_size`` rows (results broadcast from the last stage): actor log-probs (the
+              behaviour policy, recomputed by a full forward so they match the training forward's
+              numerics), reference log-probs, critic values, reward-model scores; the reference
+              baseline r(x, y_ref) of each prompt (y_ref: the reference model's greedy response),
+              computed once per prompt and cached
     gather    the scored slices are all-gathered over DP ("rollout" traffic): every rank holds the
               global rollout, so filtering, advantages and whitening need no further reduction
     advantage score - baseline (``reference_baseline``); prompts whose k responses score alike are
@@ -23,14 +25,22 @@ One iteration (``PPOLoop.iteration``):
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
 functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
 
-``generation_tp=tp_g`` (a divisor of the training tp) reshards the actor for the rollout onto the
-generation layout (``ParallelLayout.for_generation``: tp_g-way TP, world / tp_g replicas): each rank
-all-gathers the shards of its tp / tp_g neighbouring training TP ranks ("reshard" traffic, (tp/tp_g - 1)
-x its local bytes; tp_g = 1: the whole actor on every rank, no per-token communication), each
-generation replica samples its own slice of the rollout, and the copy is dropped before scoring.
+``generation_tp=tp_g`` (a divisor of the training tp) or pp > 1 reshards the actor for the rollout onto
+the generation layout (``ParallelLayout.for_generation``: tp_g-way TP, no pipeline, world / tp_g
+replicas): each rank gathers the shards of its tp / tp_g neighbouring training TP ranks of every stage
+(``sharding.reshard_for_generation``, "reshard" traffic: the analytic minimum M (1/tp_g - 1/(tp pp));
+tp_g = 1: the whole actor on every rank, no per-token communication), each generation replica samples
+its own slice of the rollout, and the copy is dropped before scoring. Under pp > 1 the reference model's
+greedy baseline responses are sampled the same way, on a resharded copy of the reference.
 
-The pure math lives in ``engine.rlhf.core``. Not here yet: resharding across pipeline stages and
-offloading idle models.
+``offload=True`` keeps every model and optimizer state that the current phase does not use in host
+memory (``engine.rlhf.offload``): sampling holds only the actor's generation copy (the training copy
+leaves once resharded, before the KV cache is allocated; without resharding, the actor's weights);
+scoring one model at a time; each update one model with its optimizer state (the actor's steps run
+before the critic's). Every phase records the device bytes of what it holds (``resident_bytes_<phase>``,
+measured from the tensors' storages) and, on CUDA, the allocator's peak (``peak_memory_<phase>``).
+
+The pure math lives in ``engine.rlhf.core``. Not here yet: virtual pipeline stages (vpp > 1) during PPO.
 """
 from __future__ import annotations
 
@@ -44,11 +54,16 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
+from engine.model.glm import last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
+from engine.parallel.pipeline import activation_shape
+from engine.parallel.schedules import run_schedule
 from engine.rlhf.core import (RunningMoments, adaptive_kl_coef, gae_advantages, kl_estimate, masked_mean, masked_whiten,
                               reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
+from engine.rlhf.offload import Offloader
 from engine.train.lr import LRConfig, LRSchedule
+from engine.train.metrics import peak_memory, reset_peak_memory
 from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record_vocab_parallel_loss
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
@@ -79,7 +94,8 @@ class PPOConfig:
     set; the ratio still starts at 1."""
     generation_tp: Optional[int] = None
     """TP degree tp_g the actor generates with, a divisor of the training tp: None (or the training tp)
-    samples on the training layout; a smaller tp_g reshards the actor for the rollout (an all-gather over
+    samples on the training layout when pp = 1 (under pp > 1 the stages' layers are gathered at tp_g =
+    tp); a smaller tp_g reshards the actor for the rollout (an all-gather over
     tp / tp_g neighbouring training TP ranks, freed after sampling) so world / tp_g replicas each sample
     a slice of the rollout with tp_g-way per-token communication (none at tp_g = 1). The trade: (tp/tp_g
     - 1) x the local actor bytes received per iteration and a tp/tp_g times larger actor copy during
@@ -119,14 +135,24 @@ class PPOConfig:
     """Clip the (normalised) scores to [-score_clip, score_clip] (0: off)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the language-model loss on SFT data in the actor's step (0: off)."""
+    offload: bool = False
+    """Keep the models and optimizer states a phase does not use in host memory (module docstring): the
+    device holds one model (or the generation copy and its KV cache) at a time, for two host copies
+    of each moved tensor per iteration."""
     seed: int = 1234
 
     @property
     def rollout_rows(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
-    def validate(self, dp: int, tp: int = 1) -> "PPOConfig":
-        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` ranks."""
+    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1) -> int:
+        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` training layout: dp at pp = 1 without
+        resharding, else world / tp_g (``ParallelLayout.for_generation``)."""
+        tp_g = self.generation_tp or tp
+        return dp if (tp_g == tp and pp == 1) else dp * tp * pp // tp_g
+
+    def validate(self, dp: int, tp: int = 1, pp: int = 1) -> "PPOConfig":
+        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` ranks."""
         problems = []
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                 "ppo_epochs", "mini_batch_size", "micro_batch_size")
@@ -141,10 +167,11 @@ class PPOConfig:
             problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
                             "layout regroups the training TP shards)")
         if not problems:
-            replicas = dp * tp // self.generation_tp if self.generation_tp else dp  # a multiple of dp
+            replicas = self.generation_replicas(dp, tp, pp)  # a multiple of dp
             if self.rollout_rows % replicas:
                 who = (f"dp={dp}" if replicas == dp else
-                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp} (world / generation_tp)")
+                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp or tp} at pp={pp} "
+                       "(world / generation_tp)")
                 problems.append(f"rollout_prompts x samples_per_prompt = {self.rollout_rows} must be divisible by "
                                 f"{who}: each samples an equal slice")
             if self.rollout_rows % self.mini_batch_size:
@@ -227,25 +254,31 @@ def align(per_token: torch.Tensor, prompt_length: int, fill) -> torch.Tensor:
     return out
 
 
+def _chunks(model) -> list[torch.nn.Module]:
+    """A model or this rank's pipeline chunks -> a list of chunks."""
+    return [model] if isinstance(model, torch.nn.Module) else list(model)
+
+
 class PPOLoop:
-    """PPO on one TP x DP layout (pp = 1). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
-    ``GLMForScalarHead`` built for ``layout`` (``pipeline.build_model_chunks(...)[0]``); ``reference``
-    and ``reward``: frozen models of the same classes. ``prompts``: token-id lists (chat prompts ending
-    in the assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]``
-    (SFT data; needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad
-    tokens."""
+    """PPO on one TP x PP x DP layout (vpp = 1). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
+    ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``; at pp = 1 the
+    one model may be passed as it is); ``reference`` and ``reward``: frozen chunks of the same
+    classes. ``prompts``: token-id lists (chat prompts ending in the assistant tag).
+    ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when
+    ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
 
     def __init__(self, config: PPOConfig, model_config: GLMConfig, layout, actor, critic, reference, reward,
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None):
-        if layout.pp_size != 1:
-            raise ValueError(f"PPOLoop runs on a TP x DP layout; got pp={layout.pp_size} (generation needs every "
-                             "layer on the rank)")
-        self.config = config.validate(layout.dp_size, layout.tp_size)
+        if layout.vpp_size != 1:
+            raise ValueError(f"PPOLoop runs without virtual pipeline stages; got vpp={layout.vpp_size} (use "
+                             "pp stages of one chunk each)")
+        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
-        self.reshard = tp_g < layout.tp_size
+        # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only)
+        self.reshard = tp_g < layout.tp_size or layout.pp_size > 1
         if self.reshard:
             validate_generation_dims(tp_g, layout.world_size, model_config)
         # built once (creating process groups is collective and slow); ranks regrouped for the fewest bytes
@@ -254,8 +287,14 @@ class PPOLoop:
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
         self.model_config, self.layout = model_config, layout
-        self.actor, self.critic, self.reference, self.reward = actor, critic, reference, reward
-        for frozen in (reference, reward):
+        self.actor, self.critic = _chunks(actor), _chunks(critic)
+        self.reference, self.reward = _chunks(reference), _chunks(reward)
+        for name, chunks in (("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
+                             ("reward", self.reward)):
+            if len(chunks) != 1:
+                raise ValueError(f"{name}: {len(chunks)} model chunks on this rank; PPOLoop takes one per rank "
+                                 "(pipeline.build_model_chunks at vpp = 1)")
+        for frozen in (*self.reference, *self.reward):
             frozen.eval()
             for p in frozen.parameters():
                 p.requires_grad_(False)
@@ -271,12 +310,19 @@ class PPOLoop:
         steps = config.iterations * config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
         train = TrainConfig(global_batch_size=config.mini_batch_size, micro_batch_size=config.micro_batch_size,
                             seq_length=self.seq_length, train_steps=steps, seed=config.seed)
-        self.actor_trainer = Trainer([actor], build_optimizer([actor], layout, actor_optim, actor_lr.lr), layout,
-                                     model_config, train, LRSchedule(actor_lr, steps),
+        self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
+                                     layout, model_config, train, LRSchedule(actor_lr, steps),
                                      PolicyObjective(config.clip_eps, config.temperature))
-        self.critic_trainer = Trainer([critic], build_optimizer([critic], layout, critic_optim, critic_lr.lr), layout,
-                                      model_config, train, LRSchedule(critic_lr, steps), ValueObjective(config.value_clip_eps))
-        self.device = next(actor.parameters()).device
+        self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
+                                      layout, model_config, train, LRSchedule(critic_lr, steps),
+                                      ValueObjective(config.value_clip_eps))
+        self.device = next(self.actor[0].parameters()).device
+        self.offloader = Offloader(self.device, enabled=config.offload)
+        self.offloader.add_model("actor", self.actor, self.actor_trainer.optimizer)
+        self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
+        self.offloader.add_model("reference", self.reference)
+        self.offloader.add_model("reward", self.reward)
+        self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
         self.iterations_done = 0
         self._baseline_cache: dict[int, float] = {}
         self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
@@ -297,80 +343,158 @@ class PPOLoop:
             out.append(int(orders[epoch][j]))
         return torch.tensor(out, dtype=torch.long)
 
-    def _token_logprobs(self, model, sequences, mask, responses) -> torch.Tensor:
+    def _resident(self, phase: str, *groups: str, extra: Sequence[torch.Tensor] = ()) -> None:
+        """Exactly ``groups`` on the device (``Offloader.ensure``; all of them when offloading is off), and
+        ``phase``'s ledger entry raised to the device bytes now held by them plus ``extra``."""
+        self.offloader.ensure(*groups)
+        held = self.offloader.resident_bytes(extra)
+        self._resident_peaks[phase] = max(self._resident_peaks.get(phase, 0), held)
+
+    @torch.no_grad()
+    def forward_rows(self, chunks, sequences: torch.Tensor, attention: torch.Tensor, output_fn: Callable,
+                     row_shape: tuple[int, ...], extra: Optional[dict] = None) -> torch.Tensor:
+        """``output_fn(head output, micro-batch) -> fp32 [rows, *row_shape]`` over ``sequences`` /
+        ``attention`` ``[n, S]`` with the forward-only pipeline schedule, in micro-batches of
+        ``micro_batch_size`` rows (the last one padded by repeating a row), concatenated
+        ``[n, *row_shape]`` on every rank of the PP group (broadcast from the last stage, "pp" traffic).
+        ``extra``: more ``[n, ...]`` tensors split with the rows (the micro-batch dict carries them to
+        ``output_fn``). Collective over the model-parallel group."""
+        layout, mbs = self.layout, self.config.micro_batch_size
+        n = sequences.shape[0]
+        pad = -n % mbs
+        tensors = {"input_ids": sequences, "attention_mask": attention, **(extra or {})}
+        if pad:
+            tensors = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in tensors.items()}
+        micro = [{k: v[i:i + mbs] for k, v in tensors.items()} for i in range(0, n + pad, mbs)]
+        shape = activation_shape(mbs, sequences.shape[1], self.model_config.hidden_size, layout.tp_size, False)
+        result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn)
+        if layout.is_last_stage:
+            out = torch.cat(result.outputs)
+        else:
+            out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
+        if layout.pp_size > 1:
+            out = comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")
+        return out[:n]
+
+    def _token_logprobs(self, chunks, sequences, mask, responses) -> torch.Tensor:
         """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel)."""
+        P, temperature = self.config.max_prompt_length, self.config.temperature
+        backend = chunks[-1].spec.kernels.cross_entropy
+
+        def output_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+            logits = logits[:, P - 1:-1]
+            if temperature != 1.0:
+                logits = logits / temperature
+            group = None
+            if self.layout.tp_size > 1:
+                group = self.layout.tp_group
+                record_vocab_parallel_loss(self.layout, mb["responses"].numel())
+            return kernels.token_logprobs(logits, mb["responses"], group=group, backend=backend).float()
+
+        return self.forward_rows(chunks, sequences, mask, output_fn, (responses.shape[1],), {"responses": responses})
+
+    def _values(self, chunks, sequences, mask) -> torch.Tensor:
+        """Critic values ``[r, T]`` of the states before each response token."""
         P = self.config.max_prompt_length
-        logits = model(sequences, mask)[:, P - 1:-1]
-        if self.config.temperature != 1.0:
-            logits = logits / self.config.temperature
-        group = None
-        if self.layout.tp_size > 1:
-            group = self.layout.tp_group
-            record_vocab_parallel_loss(self.layout, responses.numel())
-        return kernels.token_logprobs(logits, responses, group=group, backend=model.spec.kernels.cross_entropy)
+        return self.forward_rows(chunks, sequences, mask, lambda values, mb: values[:, P - 1:-1].float(),
+                                 (sequences.shape[1] - P,))
+
+    def _scores(self, chunks, sequences, mask) -> torch.Tensor:
+        """Reward-model scores ``[r]``: the value at each row's last real token."""
+        def output_fn(values: torch.Tensor, mb: dict) -> torch.Tensor:
+            last = last_token_index(mb["input_ids"], mb["attention_mask"])
+            return values.gather(1, last[:, None]).squeeze(1).float()
+        return self.forward_rows(chunks, sequences, mask, output_fn, ())
 
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:
         """r(x, y_ref) per row: the reward model's score of the reference model's greedy response to the
-        row's prompt, computed once per prompt (cached)."""
+        row's prompt, computed once per prompt (cached). Collective over the model-parallel group (the
+        ranks of one training DP replica hold the same rows)."""
         c = self.config
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
         if todo:
+            greedy = SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
+                                    pad_token_id=self.pad_id)
             ids, mask = left_pad_prompts([self.prompts[i] for i in todo], c.max_prompt_length, self.pad_id)
-            out = generate(self.reference, ids.to(self.device), mask.to(self.device),
-                           SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
-                                          pad_token_id=self.pad_id))
-            resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
-            seq, seq_mask = torch.cat([out.prompt_ids, resp], 1), torch.cat([out.prompt_mask.long(), resp_mask], 1)
-            scores = self.reward.reward(seq, seq_mask).float().cpu()
+            if self.layout.pp_size > 1:  # no stage holds every layer: sample on a resharded reference
+                resp, resp_mask = self._generate_split("reference", ids, mask, greedy, "score")
+            else:
+                self._resident("score", "reference")
+                out = generate(self.reference[0], ids.to(self.device), mask.to(self.device), greedy)
+                resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
+            seq = torch.cat([ids.to(self.device), resp], 1)
+            seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
+            self._resident("score", "reward")
+            scores = self._scores(self.reward, seq, seq_mask).cpu()
             self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores)})
         return torch.tensor([self._baseline_cache[int(i)] for i in prompt_index.tolist()], dtype=torch.float32)
 
-    def _sample(self, model, ids: torch.Tensor, mask: torch.Tensor, seed: int):
+    def _sampling(self, seed: int) -> SamplingParams:
         c = self.config
-        return generate(model, ids.to(self.device), mask.to(self.device),
-                        SamplingParams(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-                                       top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_ids,
-                                       pad_token_id=self.pad_id, seed=seed))
+        return SamplingParams(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
+                              top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                              seed=seed)
 
-    def generation_model(self):
-        """The actor resharded to the generation layout: a ``GLMForCausalLM`` with tp_g-way tensor
-        parallelism (a plain whole model at tp_g = 1) built from ``sharding.reshard_tp`` of the training
-        shards ("reshard" traffic in the layout's ledger). The caller drops it after sampling."""
+    def generation_model(self, chunks=None):
+        """``chunks`` (default: the actor's) resharded to the generation layout: a ``GLMForCausalLM``
+        with tp_g-way tensor parallelism and every layer (a plain whole model at tp_g = 1) built from
+        ``sharding.reshard_for_generation`` of the training shards ("reshard" traffic in the layout's
+        ledger). The caller drops it after sampling."""
         from engine.model.glm import GLMForCausalLM
         from engine.model.spec import ModelSpec
-        from engine.parallel.sharding import reshard_tp
+        from engine.parallel.sharding import reshard_for_generation
         from engine.parallel.tensor_parallel import tensor_parallel_spec
+        chunks = self.actor if chunks is None else _chunks(chunks)
         gen = self.generation_layout
-        state = reshard_tp(self.actor, self.model_config, self.layout, gen)
-        kernel_plan = self.actor.spec.kernels
+        state = reshard_for_generation(chunks, self.model_config, self.layout, gen)
+        if self.layout.tp_size > gen.tp_size:
+            # Only the replicated norms still share the training copy's flat buffers; own copies (a few
+            # KB) let those buffers leave the device while sampling instead of being pinned by a view.
+            # (tp_g = tp under pp > 1: this stage's tensors are all shared and are the generation copy.)
+            training = {p.untyped_storage().data_ptr() for chunk in chunks for p in chunk.parameters()}
+            state = {k: v.clone() if v.untyped_storage().data_ptr() in training else v for k, v in state.items()}
+        kernel_plan = chunks[0].spec.kernels
         spec = (ModelSpec(kernels=kernel_plan) if gen.tp_size == 1
                 else tensor_parallel_spec(self.model_config, gen, kernels=kernel_plan))
         # Parameters on the meta device, then the resharded tensors assigned as they are (their device
         # and dtype): one copy of the generation shard, no allocation or init of a throwaway model.
-        # Replicated tensors (norms) stay shared with the actor; the copy is only read.
+        # Tensors still shared with the training model (at tp_g = tp, this stage's) are only read.
         with torch.device("meta"):
             model = GLMForCausalLM(self.model_config, spec, init=False)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
-    def _generate_resharded(self, rows: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample on the generation layout: generation replica g of G = world / tp_g samples rows
-        ``[g R/G, (g+1) R/G)`` of the global ``rows`` (seed per (iteration, g), shared by its TP ranks).
-        The f = tp / tp_g replicas (d f + o, o < f) split training DP replica d's rows and are exactly
-        this rank's training TP subgroup of size f, in order, so an all-gather over it ("rollout"
-        traffic) returns the ``[R / dp, T]`` responses and masks of this rank's training replica."""
-        c, gen = self.config, self.generation_layout
-        model = self.generation_model()
-        per = c.rollout_rows // gen.dp_size
-        slice_ = rows[gen.dp_rank * per:(gen.dp_rank + 1) * per]
-        ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in slice_], c.max_prompt_length, self.pad_id)
-        seed = int(np.random.default_rng([c.seed, iteration, gen.dp_rank, 1]).integers(2**62))
-        out = self._sample(model, ids, pmask, seed)
+    def _generate_split(self, name: str, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+                        phase: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses ``[n, T]`` and masks to the left-padded prompts ``ids``/``mask`` ``[n, P]`` of this
+        rank's training DP replica, sampled on the generation layout: the replica's k = f pp generation
+        replicas (f = tp / tp_g) each sample a contiguous slice (the list padded to a multiple of k by
+        repeating the last prompt), and an all-gather over the PP group, then over the TP subgroup of
+        size f, puts the slices back in order (``ParallelLayout.for_generation``; "rollout" traffic).
+        ``name``: the model ("actor" or "reference") whose generation copy (``generation_model``) samples;
+        its training copy goes back to host memory before sampling when offloading (safe swap order:
+        the KV cache is allocated after), and the copy is dropped once sampled."""
+        layout, gen = self.layout, self.generation_layout
+        self._resident(phase, name)  # resharding reads the training shards
+        model = self.generation_model(getattr(self, name))
+        self._resident(phase, extra=list(model.parameters()))
+        f = layout.tp_size // gen.tp_size
+        k, q = f * layout.pp_size, gen.dp_rank % (f * layout.pp_size)  # slice q = offset * pp + stage
+        n = ids.shape[0]
+        per = -(-n // k)
+        pad = per * k - n
+        if pad:
+            ids, mask = torch.cat([ids, ids[-1:].expand(pad, -1)]), torch.cat([mask, mask[-1:].expand(pad, -1)])
+        out = generate(model, ids[q * per:(q + 1) * per].to(self.device), mask[q * per:(q + 1) * per].to(self.device),
+                       params)
         del model  # the resharded copy lives only while sampling
-        responses, mask = self._pad_response(out.response_ids, out.response_mask)
-        siblings, _ = self.layout.tp_subgroup(self.layout.tp_size // gen.tp_size)
-        return (comm.all_gather(responses.contiguous(), 0, siblings, self.layout.ledger, "rollout"),
-                comm.all_gather(mask.contiguous(), 0, siblings, self.layout.ledger, "rollout"))
+        responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
+        siblings, _ = layout.tp_subgroup(f)
+        gathered = []
+        for t in (responses, response_mask):
+            t = comm.all_gather(t.contiguous(), 0, layout.pp_group, layout.ledger, "rollout")
+            gathered.append(comm.all_gather(t.contiguous(), 0, siblings, layout.ledger, "rollout")[:n])
+        return gathered[0], gathered[1]
 
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
@@ -387,36 +511,50 @@ class PPOLoop:
         per_rank = c.rollout_rows // layout.dp_size
         mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
+        self._resident_peaks = {}
+        reset_peak_memory(self.device)
         if self.reshard:  # sampled on the generation layout, returned for this DP replica's rows
-            responses, response_mask = self._generate_resharded(rows, iteration)
+            # one seed per (iteration, generation replica), shared by its TP ranks
+            seed = int(np.random.default_rng([c.seed, iteration, self.generation_layout.dp_rank, 1]).integers(2**62))
+            responses, response_mask = self._generate_split("actor", ids, pmask, self._sampling(seed), "generate")
         else:
             # one seed per (iteration, DP replica): the TP ranks of a replica draw the same tokens
             seed = int(np.random.default_rng([c.seed, iteration, layout.dp_rank]).integers(2**62))
-            out = self._sample(self.actor, ids, pmask, seed)
+            self._resident("generate", "actor")
+            out = generate(self.actor[0], ids.to(self.device), pmask.to(self.device), self._sampling(seed))
             responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
         prompt_ids, prompt_mask = ids.to(self.device), pmask.to(self.device)
         sequences = torch.cat([prompt_ids, responses], 1)
         attention = torch.cat([prompt_mask, response_mask], 1)
         t1 = time.perf_counter()
+        peaks = {"generate": peak_memory(self.device)}
+        reset_peak_memory(self.device)
 
-        for model in (self.actor, self.critic):
+        for model in (*self.actor, *self.critic):
             model.eval()
+        self._resident("score", "actor")
         logprobs = self._token_logprobs(self.actor, sequences, attention, responses)
+        self._resident("score", "reference")
         ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses)
-        values = self.critic(sequences, attention)[:, c.max_prompt_length - 1:-1].float()
-        scores = self.reward.reward(sequences, attention).float()
-        for model in (self.actor, self.critic):
+        self._resident("score", "critic")
+        values = self._values(self.critic, sequences, attention)
+        self._resident("score", "reward")
+        scores = self._scores(self.reward, sequences, attention)
+        for model in (*self.actor, *self.critic):
             model.train()
         baselines = (self._baselines(mine) if c.reference_baseline else torch.zeros(len(mine))).to(self.device)
         t2 = time.perf_counter()
+        peaks["score"] = peak_memory(self.device)
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             return comm.all_gather(t.contiguous(), 0, layout.dp_group, layout.ledger, "rollout")
 
         rollout = Rollout(gather(sequences), gather(attention), gather(responses), gather(response_mask),
-                          gather(logprobs.float()), gather(ref_logprobs.float()), gather(values), gather(scores),
+                          gather(logprobs), gather(ref_logprobs), gather(values), gather(scores),
                           gather(baselines), rows)
-        return rollout, {"generate_s": t1 - t0, "score_s": t2 - t1, "gather_s": time.perf_counter() - t2}
+        times = {"generate_s": t1 - t0, "score_s": t2 - t1, "gather_s": time.perf_counter() - t2}
+        times.update({f"peak_memory_{k}": v for k, v in peaks.items() if v is not None})
+        return rollout, times
 
     # ---- advantages ---------------------------------------------------------------------------
     def advantages(self, r: Rollout) -> tuple[dict, dict]:
@@ -455,32 +593,46 @@ class PPOLoop:
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, batch: dict, iteration: int) -> dict:
-        """``ppo_epochs`` passes of actor and critic steps over seeded mini-batches of the rollout."""
+        """``ppo_epochs`` passes of actor and critic steps over seeded mini-batches of the rollout: every
+        actor step first, then every critic step (the two models are independent, so the order changes
+        nothing but what must be resident: one model and its optimizer state at a time)."""
         c = self.config
         G, R = c.mini_batch_size, c.rollout_rows
-        sums: dict[str, float] = {}
-        steps = skipped = 0
+        minibatches, skipped = [], 0
         for epoch in range(c.ppo_epochs):
             order = torch.from_numpy(np.random.default_rng([c.seed, iteration, epoch, 7]).permutation(R))
             for i in range(0, R, G):
-                rows = order[i:i + G]
-                mb = {k: v[rows] for k, v in batch.items()}
-                if not (mb["labels"] != IGNORE_INDEX).any():
+                mb = {k: v[order[i:i + G]] for k, v in batch.items()}
+                if (mb["labels"] != IGNORE_INDEX).any():
+                    minibatches.append(mb)
+                else:
                     skipped += 1  # every row filtered out or empty: nothing to learn from
-                    continue
-                extra = ()
-                if c.ptx_coef > 0:
-                    extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
-                actor = self.actor_trainer.train_step(mb, extra=extra)
-                critic = self.critic_trainer.train_step(mb)
-                record = {"policy_loss": actor.loss, "value_loss": critic.loss, "actor_grad_norm": actor.grad_norm,
-                          "critic_grad_norm": critic.grad_norm, **actor.stats, **critic.stats}
-                for k, v in record.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                steps += 1
+        reset_peak_memory(self.device)
+        sums: dict[str, float] = {}
+
+        def add(record: dict) -> None:
+            for k, v in record.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+
+        self._resident("update", "actor", "actor.optim")
+        for mb in minibatches:
+            extra = ()
+            if c.ptx_coef > 0:
+                extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
+            actor = self.actor_trainer.train_step(mb, extra=extra)
+            add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, **actor.stats})
+        self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
+        self._resident("update", "critic", "critic.optim")
+        for mb in minibatches:
+            critic = self.critic_trainer.train_step(mb)
+            add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats})
+        self._resident("update", "critic", "critic.optim")
+        steps = len(minibatches)
         out = {k: v / steps for k, v in sums.items()} if steps else {}
         out.update(ppo_steps=steps, skipped_minibatches=skipped, actor_lr=float(self.actor_trainer.lr(
             max(0, self.actor_trainer.steps_done - 1))))
+        if peak_memory(self.device) is not None:
+            out["peak_memory_update"] = peak_memory(self.device)
         if "lm_loss" in out:
             out["ptx_loss"] = out.pop("lm_loss")
         return out
@@ -500,12 +652,13 @@ class PPOLoop:
         merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))  # the same JSON on every rank
         for name, model, trainer in (("actor", self.actor, self.actor_trainer),
                                      ("critic", self.critic, self.critic_trainer)):
+            self.offloader.ensure(name, f"{name}.optim")  # collectives over device tensors
             extra = {"mode": f"ppo_{name}", "iteration": self.iterations_done, "trainer_steps": trainer.steps_done}
             if name == "actor":
                 extra["reference_baselines"] = merged
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
-            save_checkpoint(Path(directory) / name, self.iterations_done, [model], trainer.optimizer, self.layout,
+            save_checkpoint(Path(directory) / name, self.iterations_done, model, trainer.optimizer, self.layout,
                             self.model_config, extra_state=extra, keep_last=keep_last,
                             tokenizer_fingerprint=tokenizer_fingerprint)
 
@@ -518,7 +671,8 @@ class PPOLoop:
         states = {}
         for name, model, trainer in (("actor", self.actor, self.actor_trainer),
                                      ("critic", self.critic, self.critic_trainer)):
-            extra = load_checkpoint(Path(directory) / name, [model], trainer.optimizer, self.layout,
+            self.offloader.ensure(name, f"{name}.optim")
+            extra = load_checkpoint(Path(directory) / name, model, trainer.optimizer, self.layout,
                                     self.model_config, tokenizer_fingerprint=tokenizer_fingerprint)
             if extra.get("mode") != f"ppo_{name}":
                 raise CheckpointError(f"{Path(directory) / name} holds a {extra.get('mode')!r} checkpoint, not a "
@@ -548,6 +702,7 @@ class PPOLoop:
         t1 = time.perf_counter()
         stats.update(self.update(batch, it))
         stats.update(times, train_s=time.perf_counter() - t1, seconds=time.perf_counter() - t0, step=it)
+        stats.update({f"resident_bytes_{phase}": held for phase, held in self._resident_peaks.items()})
         self.iterations_done += 1
         return stats
 
