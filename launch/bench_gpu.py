@@ -8,7 +8,8 @@ machine has no network, so everything it needs must already be in the repository
    set; ninja when present). A failed or timed-out build is recorded and the run goes on.
 2. environment: torch, triton, CUDA, nvcc, driver, GPU name and SM count, which optional backends
    import (liger_kernel, apex, transformer_engine, flash_attn, kernels._cuda_ops).
-3. tests: ``pytest tests/kernels`` with ``TRITON_INTERPRET=0`` (the kernels run on the GPU) in a
+3. tests: ``pytest tests/kernels`` with ``TRITON_INTERPRET=0`` (the kernels run on the GPU), plus the
+   GPU-only tests outside it (``GPU_TESTS``: the offloader against the CUDA allocator), in a
    subprocess with a timeout; the full log and a junit XML go next to the JSON, the failures into it.
 4. benchmarks: the device's copy / matmul rates, then every op of ``launch.bench kernels``; the
    ``torch.compile`` rows run last (compiling costs tens of seconds per op), and an implementation
@@ -263,10 +264,14 @@ def environment(device) -> dict:
 # Stage 3: kernel tests
 # ------------------------------------------------------------------------------------------------
 
+# GPU-only tests outside tests/kernels (they skip on a CPU machine, so CI never runs them)
+GPU_TESTS = ("tests/test_rlhf_offload.py::test_offloading_frees_the_allocators_device_memory",)
+
+
 def pytest_command(xml_path: Path, extra: list[str], per_test_timeout_s: Optional[int]) -> list[str]:
     # -v: every test's id is written when it starts, so a log cut off by the timeout names the test
     # that was running; -rfE lists failures and errors at the end; junit XML for the full record.
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-v", "-rfE", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", *GPU_TESTS, "-v", "-rfE", "-p", "no:cacheprovider",
            f"--junitxml={xml_path}", "--durations=15"]
     if per_test_timeout_s:
         cmd += [f"--timeout={per_test_timeout_s}"]

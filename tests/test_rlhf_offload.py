@@ -36,12 +36,14 @@ def test_offloading_changes_no_number_and_each_phase_holds_only_what_it_uses():
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
     opt_a, opt_c = offloaded.actor_trainer.optimizer, offloaded.critic_trainer.optimizer
-    weights = {name: _bytes(t for m in getattr(offloaded, name) for t in m.parameters())
-               for name in ("actor", "critic", "reference", "reward")}
+    # (counted from shapes: offloaded tensors are views of one host arena per group)
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     # the trained models' weights are their optimizers' flat buffers (padded to a multiple of dp)
-    assert weights["actor"] == _bytes(opt_a.param_buffers().values())
+    weights = {"actor": nbytes(opt_a.param_buffers().values()), "critic": nbytes(opt_c.param_buffers().values()),
+               "reference": nbytes(offloaded.reference[0].parameters()),
+               "reward": nbytes(offloaded.reward[0].parameters())}
     # + moments and fp32 gradient buffers (the actor's are released now: counted from the bucket sizes)
-    training = {name: weights[name] + _bytes(opt.state_buffers().values()) + sum(4 * bk.numel for bk in opt.buckets)
+    training = {name: weights[name] + nbytes(opt.state_buffers().values()) + sum(4 * bk.numel for bk in opt.buckets)
                 for name, opt in (("actor", opt_a), ("critic", opt_c))}
     assert b["resident_bytes_generate"] == weights["actor"]  # pp = 1, no resharding: sampling on the actor
     assert b["resident_bytes_score"] == max(weights.values())  # one model at a time
@@ -71,11 +73,18 @@ def test_offloading_releases_the_device_copies_and_keeps_parameter_identity():
     assert all(r() is None for r in old_state + old_buffers + old_grads)  # nothing holds the device copies
     assert list(loop.actor[0].parameters()) == params  # the same Parameter objects, re-pointed
     assert all(p.main_grad is None for p in params) and optimizer.grads_released
-    # the host copy is reused: offloading again allocates nothing new
+    # the host arenas are reused: offloading again allocates nothing new
     host = dict(loop.offloader._host)
     loop.offloader.ensure_all()
     loop.offloader.ensure("reward")
     assert all(loop.offloader._host[k] is v for k, v in host.items())
+    # an optimizer state comes with its model's weights (its kernels read both); anything else leaves
+    loop.offloader.ensure("actor.optim")
+    assert [n for n, w in loop.offloader.where().items() if w == "device"] == ["actor", "actor.optim"]
+    # every group's arena is exactly its tensors, each rounded up to 256 bytes
+    sizes = {n: sum(-(-t.numel() * t.element_size() // 256) * 256 for t in g.get().values())
+             for n, g in loop.offloader.groups.items()}
+    assert loop.offloader.host_bytes() == sum(sizes.values())
 
 
 def test_save_and_load_from_an_offloaded_state_continue_exactly(tmp_path):
@@ -109,6 +118,11 @@ def test_optimizer_buffers_release_and_errors():
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
     assert not opt.grads_released and opt.grad_buffers()["bucket0.grad"].numel() > 0
+    # weights and optimizer state apart (an offloaded state next to resident weights): a clear error
+    opt.set_buffers({"bucket0.exp_avg": torch.zeros(1, 15, device="meta").view(15)})
+    with pytest.raises(RuntimeError, match=r"the optimizer's buffers are on several devices \['cpu', 'meta'\]"):
+        opt.step()
+    opt.set_buffers({"bucket0.exp_avg": torch.zeros(15)})
     with pytest.raises(ValueError, match=r"set_buffers: bucket0.exp_avg \(2,\) torch.float32 does not replace"):
         opt.set_buffers({"bucket0.exp_avg": torch.zeros(2)})
     # fp32 without ZeRO: the params are the master weights, which follow the param buffer
@@ -155,6 +169,10 @@ def test_offloading_frees_the_allocators_device_memory():
     off.ensure()
     torch.cuda.synchronize()
     assert before - torch.cuda.memory_allocated(device) == held
+    # host copies: page-locked in place, exactly the group's bytes (256-byte aligned), not rounded up
+    host = [t for g in off.groups.values() for t in g.get().values()]
+    assert all(t.is_pinned() for t in host)
+    assert off.host_bytes() == sum(-(-t.numel() * t.element_size() // 256) * 256 for t in host)
     off.ensure_all()
     assert all(p.device == device for p in model.parameters())
     opt.zero_grad()  # the released gradient buffers come back on the device

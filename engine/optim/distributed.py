@@ -320,6 +320,11 @@ class DistributedOptimizer:
         skipped (nothing changes) when the gradient norm is not finite. Gradients are kept: call
         ``zero_grad()`` before the next accumulation."""
         lr = self.lr if lr is None else lr
+        devices = {str(t.device) for b in self.buckets for t in (b.param, b.master, b.exp_avg, b.exp_avg_sq)}
+        if len(devices) > 1:  # e.g. an offloaded optimizer state next to resident weights
+            raise RuntimeError(f"the optimizer's buffers are on several devices {sorted(devices)}: bring the "
+                               "weights and the optimizer state to one device (Offloader.ensure(name, "
+                               "name + '.optim')) before step()")
         norm = self.clip_grad_norm(self.max_grad_norm) if self.max_grad_norm else self.grad_norm()
         if not math.isfinite(norm):
             return norm, True

@@ -151,8 +151,8 @@ class ScheduleResult:
 
 
 class _Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, synchronize: bool = True):
+        self.cuda = device.type == "cuda" and synchronize
 
     def now(self) -> tuple[float, float]:
         if self.cuda:
@@ -165,7 +165,8 @@ class _Timer:
 # ---- executor ----------------------------------------------------------------------------------
 def run_schedule(chunks: Sequence[torch.nn.Module], layout, microbatches: Sequence[dict],
                  shape: tuple[int, ...], loss_fn: Optional[LossFn] = None, forward_only: bool = False,
-                 output_fn: Callable = detached_output, dtype: Optional[torch.dtype] = None) -> ScheduleResult:
+                 output_fn: Callable = detached_output, dtype: Optional[torch.dtype] = None,
+                 timed: bool = True) -> ScheduleResult:
     """Run this rank's part of the pipeline schedule over ``microbatches`` (dicts with ``input_ids``
     ``[b, s]`` and whatever ``loss_fn`` reads, e.g. ``labels``; optional ``attention_mask`` /
     ``position_ids`` / ``segment_ids``). Every pipeline rank passes the same micro-batch list.
@@ -173,7 +174,9 @@ def run_schedule(chunks: Sequence[torch.nn.Module], layout, microbatches: Sequen
     Training (``forward_only=False``): ``loss_fn(output, mb) -> scalar`` on the last virtual stage; its
     gradients accumulate into the parameters (call once per global batch, then sync and step).
     Forward only: no autograd; the last stage collects ``output_fn(output, mb)``.
-    ``shape``: the inter-stage tensor shape (``pipeline.activation_shape``).
+    ``shape``: the inter-stage tensor shape (``pipeline.activation_shape``). ``timed=False``: no device
+    synchronisation around each action (the timeline then holds launch times only; for scoring passes
+    whose bubble nobody measures).
     """
     pp, vpp, rank = layout.pp_size, layout.vpp_size, layout.pp_rank
     if len(chunks) != vpp:
@@ -187,7 +190,7 @@ def run_schedule(chunks: Sequence[torch.nn.Module], layout, microbatches: Sequen
     device, dtype = param.device, dtype or param.dtype
     p2p = PipelineP2P(layout, shape, dtype, device, orders, forward_only) if pp > 1 else None
     last = pp * vpp - 1
-    timer = _Timer(device)
+    timer = _Timer(device, synchronize=timed)
     result = ScheduleResult(schedule=name)
     inputs: dict = {}    # (chunk, mb) -> received activation (requires grad)
     outputs: dict = {}   # (chunk, mb) -> output activation, or the loss on the last virtual stage

@@ -13,11 +13,16 @@ of tensors either on the compute device or in host memory:
                      offloading also releases its gradient buffers (nothing reads them between a step
                      and the next ``zero_grad``, which allocates them again), so they are never copied
 
-``ensure(*names)`` puts exactly the named groups on the device: it offloads the others first, so their
-device memory is free before anything is brought in (the safe swap order), then onloads. Each tensor's
-host copy is allocated once (pinned on CUDA, so copies in both directions run at PCIe/NVLink-C2C
-speed) and reused, so a round trip costs two copies and no host allocation. Parameters keep their
-identity (``p.data`` is re-pointed), so optimizers, hooks and checkpoint code see the same objects.
+``ensure(*names)`` puts exactly the named groups on the device (a ``.optim`` group brings its model's
+weights along: the optimizer's kernels read both): it offloads the others first, so their device
+memory is free before anything is brought in (the safe swap order), then onloads. Each group's host
+copy is one arena allocated at its first offload and reused, so a round trip costs two copies and no
+host allocation. On CUDA the arena is page-locked in place (``cudaHostRegister``, exact size; torch's
+pinned allocator would round each allocation up to a power of two and cache it), so copies in both
+directions run at PCIe/NVLink-C2C speed. Parameters keep their identity (``p.data`` is re-pointed), so
+optimizers, hooks and checkpoint code see the same objects. A trained model's gradient buffers are
+released whenever its weights or optimizer state move; ``zero_grad`` allocates them again next to the
+weights.
 
 ``device_bytes(tensors)`` measures residency from the tensors themselves: the bytes of the distinct
 storages among them (views of one flat buffer count once), which is what the device allocator holds
@@ -26,6 +31,7 @@ tests), nothing more.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -47,13 +53,27 @@ def device_bytes(tensors: Iterable[torch.Tensor], device: torch.device) -> int:
 
 class _Group:
     """Tensors that move together: ``get() -> {key: tensor}``, ``put({key: tensor})`` re-points their
-    owners at new copies, ``after_offload()`` runs once they are in host memory; ``measured()``: more
-    tensors the group holds wherever they are (gradient buffers: empty once released)."""
+    owners at new copies, ``after_move()`` runs after either direction; ``measured()``: more tensors
+    the group holds wherever they are (gradient buffers: empty once released); ``needs``: the group
+    that must be resident with this one."""
 
-    def __init__(self, get, put, after_offload=None, measured=None):
-        self.get, self.put, self.after_offload = get, put, after_offload
+    def __init__(self, get, put, after_move=None, measured=None, needs: Optional[str] = None):
+        self.get, self.put, self.after_move = get, put, after_move
         self.measured = measured or dict
+        self.needs = needs
         self.on_device = True
+
+
+_ALIGN = 256  # bytes: every tensor in a host arena starts at a multiple (vectorised copies, any dtype)
+
+
+def _page_locked(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked in place on CUDA (exactly that size)."""
+    arena = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+    cudart = torch.cuda.cudart()
+    torch.cuda.check_error(cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0))
+    weakref.finalize(arena, cudart.cudaHostUnregister, arena.data_ptr())
+    return arena
 
 
 def _parameter_group(params: dict[str, nn.Parameter]) -> _Group:
@@ -72,7 +92,7 @@ class Offloader:
         self.device, self.enabled = torch.device(device), enabled
         self.pin = self.device.type == "cuda"
         self.groups: dict[str, _Group] = {}
-        self._host: dict[tuple[str, str], torch.Tensor] = {}
+        self._host: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # group -> (arena, views)
 
     def add_model(self, name: str, chunks: Sequence[nn.Module], optimizer=None) -> None:
         """Register a model's weights as group ``name`` and, given its ``DistributedOptimizer``, the
@@ -99,10 +119,10 @@ class Offloader:
             optimizer.set_buffers({k: t for k, t in tensors.items() if k.startswith("bucket")})
             params.put({k: t for k, t in tensors.items() if not k.startswith("bucket")})
 
-        self.groups[name] = _Group(get_params, put_params)
+        self.groups[name] = _Group(get_params, put_params, after_move=optimizer.release_grads)
         self.groups[f"{name}.optim"] = _Group(optimizer.state_buffers, optimizer.set_buffers,
-                                              after_offload=optimizer.release_grads,
-                                              measured=optimizer.grad_buffers)
+                                              after_move=optimizer.release_grads, measured=optimizer.grad_buffers,
+                                              needs=name)
 
     # ---- moving ------------------------------------------------------------------------------
     def ensure(self, *names: str) -> None:
@@ -112,6 +132,7 @@ class Offloader:
             raise ValueError(f"Offloader: unknown groups {unknown}; registered: {sorted(self.groups)}")
         if not self.enabled:
             return
+        names = tuple(dict.fromkeys([*names, *(self.groups[n].needs for n in names if self.groups[n].needs)]))
         for name, group in self.groups.items():
             if name not in names and group.on_device:
                 self._offload(name, group)
@@ -123,19 +144,32 @@ class Offloader:
         """Every group on the device (what a run without offloading holds)."""
         self.ensure(*self.groups)
 
+    def _arena(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host views shaped like ``tensors``, in group ``name``'s arena (made at the first offload, or
+        again if the group's tensors changed shape or dtype)."""
+        cached = self._host.get(name)
+        if cached is not None and all(k in cached[1] and cached[1][k].shape == t.shape and
+                                      cached[1][k].dtype == t.dtype for k, t in tensors.items()):
+            return cached[1]
+        offsets, total = {}, 0
+        for key, t in tensors.items():
+            offsets[key] = total
+            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        arena = _page_locked(total) if self.pin else torch.empty(total, dtype=torch.uint8, device="cpu")
+        views = {key: arena[offsets[key]:offsets[key] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                 for key, t in tensors.items()}
+        self._host[name] = (arena, views)
+        return views
+
     @torch.no_grad()
     def _offload(self, name: str, group: _Group) -> None:
-        moved = {}
-        for key, t in group.get().items():
-            host = self._host.get((name, key))
-            if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
-                self._host[(name, key)] = host
-            host.copy_(t)  # synchronous: the device tensor may be freed as soon as it is replaced
-            moved[key] = host
-        group.put(moved)
-        if group.after_offload is not None:
-            group.after_offload()
+        tensors = group.get()
+        host = self._arena(name, tensors)
+        for key, t in tensors.items():
+            host[key].copy_(t)  # synchronous: the device tensor may be freed as soon as it is replaced
+        group.put({key: host[key] for key in tensors})
+        if group.after_move is not None:
+            group.after_move()
         group.on_device = False
 
     @torch.no_grad()
@@ -143,6 +177,8 @@ class Offloader:
         # copy=True: a new device tensor even when the device is the CPU, so the host copy stays the
         # host copy (a view of it would be overwritten by the next offload)
         group.put({key: t.to(self.device, non_blocking=self.pin, copy=True) for key, t in group.get().items()})
+        if group.after_move is not None:
+            group.after_move()
         group.on_device = True
 
     # ---- measuring ---------------------------------------------------------------------------
@@ -158,8 +194,8 @@ class Offloader:
         return device_bytes([*self.resident_tensors(), *extra], self.device)
 
     def host_bytes(self) -> int:
-        """Host memory held for offloaded copies (allocated once, reused)."""
-        return sum(t.numel() * t.element_size() for t in self._host.values())
+        """Host memory held for offloaded copies (the arenas: allocated once, reused)."""
+        return sum(arena.numel() for arena, _ in self._host.values())
 
     def where(self) -> dict[str, str]:
         """``{group: "device" | "host"}``."""

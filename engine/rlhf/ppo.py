@@ -6,8 +6,8 @@ One iteration (``PPOLoop.iteration``):
     rollout   each DP replica (its TP group) samples ``samples_per_prompt`` responses for its slice of
               ``rollout_prompts`` prompts with the actor's KV cache (TP ranks gather the vocab-sharded
               logits and draw the same token)
-    score     on the same slice, no grad, with the forward-only pipeline schedule in micro-batches of
-              ``micro_batch_size`` rows (results broadcast from the last stage): actor log-probs (the
+    score     on the same slice, no grad, in micro-batches of ``score_micro_batch_size`` rows (under
+              pp > 1 with the forward-only pipeline schedule, results broadcast from the last stage): actor log-probs (the
               behaviour policy, recomputed by a full forward so they match the training forward's
               numerics), reference log-probs, critic values, reward-model scores; the reference
               baseline r(x, y_ref) of each prompt (y_ref: the reference model's greedy response),
@@ -37,7 +37,8 @@ greedy baseline responses are sampled the same way, on a resharded copy of the r
 memory (``engine.rlhf.offload``): sampling holds only the actor's generation copy (the training copy
 leaves once resharded, before the KV cache is allocated; without resharding, the actor's weights);
 scoring one model at a time; each update one model with its optimizer state (the actor's steps run
-before the critic's). Every phase records the device bytes of what it holds (``resident_bytes_<phase>``,
+before the critic's). At tp_g = tp under pp > 1 this stage's part of the generation copy is the
+training copy itself (shared, not duplicated), so it stays while sampling. Every phase records the device bytes of what it holds (``resident_bytes_<phase>``,
 measured from the tensors' storages) and, on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
 The pure math lives in ``engine.rlhf.core``. Not here yet: virtual pipeline stages (vpp > 1) during PPO.
@@ -56,7 +57,7 @@ from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
 from engine.model.glm import last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
-from engine.parallel.pipeline import activation_shape
+from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
 from engine.rlhf.core import (RunningMoments, adaptive_kl_coef, gae_advantages, kl_estimate, masked_mean, masked_whiten,
                               reference_baseline, reward_spread_filter, shape_rewards)
@@ -106,6 +107,8 @@ class PPOConfig:
     """Sequences per optimizer step (global); divides rollout_prompts * samples_per_prompt."""
     micro_batch_size: int = 2
     """Sequences per forward/backward on one rank."""
+    score_micro_batch_size: int = 0
+    """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
@@ -160,6 +163,9 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        if not (isinstance(self.score_micro_batch_size, int) and self.score_micro_batch_size >= 0):
+            problems.append(f"score_micro_batch_size={self.score_micro_batch_size!r} must be a positive integer or 0 "
+                            "(micro_batch_size)")
         if self.generation_tp is not None and not (isinstance(self.generation_tp, int) and self.generation_tp >= 1):
             problems.append(f"generation_tp={self.generation_tp!r} must be None or a positive divisor of the "
                             "training tp")
@@ -354,27 +360,33 @@ class PPOLoop:
     def forward_rows(self, chunks, sequences: torch.Tensor, attention: torch.Tensor, output_fn: Callable,
                      row_shape: tuple[int, ...], extra: Optional[dict] = None) -> torch.Tensor:
         """``output_fn(head output, micro-batch) -> fp32 [rows, *row_shape]`` over ``sequences`` /
-        ``attention`` ``[n, S]`` with the forward-only pipeline schedule, in micro-batches of
-        ``micro_batch_size`` rows (the last one padded by repeating a row), concatenated
-        ``[n, *row_shape]`` on every rank of the PP group (broadcast from the last stage, "pp" traffic).
-        ``extra``: more ``[n, ...]`` tensors split with the rows (the micro-batch dict carries them to
-        ``output_fn``). Collective over the model-parallel group."""
-        layout, mbs = self.layout, self.config.micro_batch_size
+        ``attention`` ``[n, S]`` in micro-batches of ``score_micro_batch_size`` rows, concatenated
+        ``[n, *row_shape]``. Under pp > 1: the forward-only pipeline schedule (the last micro-batch
+        padded by repeating a row: stages exchange fixed shapes), the result broadcast from the last
+        stage to every rank of the PP group ("pp" traffic). ``extra``: more ``[n, ...]`` tensors split
+        with the rows (the micro-batch dict carries them to ``output_fn``). Collective over the
+        model-parallel group."""
+        layout = self.layout
+        mbs = self.config.score_micro_batch_size or self.config.micro_batch_size
         n = sequences.shape[0]
-        pad = -n % mbs
         tensors = {"input_ids": sequences, "attention_mask": attention, **(extra or {})}
+        if layout.pp_size == 1:
+            outputs = []
+            for i in range(0, n, mbs):
+                mb = {k: v[i:i + mbs] for k, v in tensors.items()}
+                outputs.append(output_fn(chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"]), mb))
+            return torch.cat(outputs)
+        pad = -n % mbs
         if pad:
             tensors = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in tensors.items()}
         micro = [{k: v[i:i + mbs] for k, v in tensors.items()} for i in range(0, n + pad, mbs)]
         shape = activation_shape(mbs, sequences.shape[1], self.model_config.hidden_size, layout.tp_size, False)
-        result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn)
+        result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn, timed=False)
         if layout.is_last_stage:
             out = torch.cat(result.outputs)
         else:
             out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
-        if layout.pp_size > 1:
-            out = comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")
-        return out[:n]
+        return comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")[:n]
 
     def _token_logprobs(self, chunks, sequences, mask, responses) -> torch.Tensor:
         """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel)."""
@@ -598,41 +610,42 @@ class PPOLoop:
         nothing but what must be resident: one model and its optimizer state at a time)."""
         c = self.config
         G, R = c.mini_batch_size, c.rollout_rows
-        minibatches, skipped = [], 0
+        minibatches, skipped = [], 0  # row indices (each pass slices its mini-batches when it uses them)
         for epoch in range(c.ppo_epochs):
             order = torch.from_numpy(np.random.default_rng([c.seed, iteration, epoch, 7]).permutation(R))
             for i in range(0, R, G):
-                mb = {k: v[order[i:i + G]] for k, v in batch.items()}
-                if (mb["labels"] != IGNORE_INDEX).any():
-                    minibatches.append(mb)
+                if (batch["labels"][order[i:i + G]] != IGNORE_INDEX).any():
+                    minibatches.append(order[i:i + G])
                 else:
                     skipped += 1  # every row filtered out or empty: nothing to learn from
-        reset_peak_memory(self.device)
         sums: dict[str, float] = {}
+        peaks: list[int] = []  # each step's allocator peak (CUDA; the Trainer resets it per step)
 
-        def add(record: dict) -> None:
+        def add(record: dict, step) -> None:
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            if step.peak_memory_bytes is not None:
+                peaks.append(step.peak_memory_bytes)
 
         self._resident("update", "actor", "actor.optim")
-        for mb in minibatches:
+        for rows in minibatches:
             extra = ()
             if c.ptx_coef > 0:
                 extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
-            actor = self.actor_trainer.train_step(mb, extra=extra)
-            add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, **actor.stats})
+            actor = self.actor_trainer.train_step({k: v[rows] for k, v in batch.items()}, extra=extra)
+            add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, **actor.stats}, actor)
         self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
         self._resident("update", "critic", "critic.optim")
-        for mb in minibatches:
-            critic = self.critic_trainer.train_step(mb)
-            add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats})
+        for rows in minibatches:
+            critic = self.critic_trainer.train_step({k: v[rows] for k, v in batch.items()})
+            add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats}, critic)
         self._resident("update", "critic", "critic.optim")
         steps = len(minibatches)
         out = {k: v / steps for k, v in sums.items()} if steps else {}
         out.update(ppo_steps=steps, skipped_minibatches=skipped, actor_lr=float(self.actor_trainer.lr(
             max(0, self.actor_trainer.steps_done - 1))))
-        if peak_memory(self.device) is not None:
-            out["peak_memory_update"] = peak_memory(self.device)
+        if peaks:
+            out["peak_memory_update"] = max(peaks)
         if "lm_loss" in out:
             out["ptx_loss"] = out.pop("lm_loss")
         return out
