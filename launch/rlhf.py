@@ -1,7 +1,7 @@
 """RLHF with PPO (ChatGLM-RLHF recipe): actor, critic, reference and reward models on the same ranks.
 
     python -m launch.rlhf --config configs/runs/ppo.yaml --actor-from SFT_CKPT --reward-from RM_CKPT \\
-        [--critic-from CKPT] [--tp T] [--pp P] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
+        [--critic-from CKPT] [--tp T] [--pp P] [--vpp V] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
     torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / (tp pp)
 
 The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
@@ -70,6 +70,8 @@ class RLHFRun:
     pp: int = 1
     """Pipeline stages of the training layout; the actor is resharded to every layer per rank for
     sampling (``ppo.generation_tp``, default tp)."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (the interleaved schedule; needs pp > 1)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     actor_lr: LRConfig = field(default_factory=lambda: PPO_LR)
@@ -83,16 +85,16 @@ class RLHFRun:
         return run_dict(self)
 
 
-SECTIONS = {"model", "tp", "pp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
+SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
             "log_dir"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
-    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``pp``/``log_dir``: a
-    value)."""
+    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``pp``/``vpp``/``log_dir``:
+    a value)."""
     raw, base = read_run_file(path, SECTIONS, overrides)
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
-                   pp=int(raw.get("pp", 1)),
+                   pp=int(raw.get("pp", 1)), vpp=int(raw.get("vpp", 1)),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
                    actor_lr=config_section(LRConfig, raw.get("actor_lr"), "actor_lr") if raw.get("actor_lr") else PPO_LR,
@@ -106,7 +108,7 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
 def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
-    dims = ParallelDims(tp=run.tp, pp=run.pp, dp=None).validate(world_size, run.model)
+    dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None).validate(world_size, run.model)
     run.ppo.validate(dims.dp, run.tp, run.pp)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model preset name or model YAML")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int, help="pipeline stages of the training layout (sampling gathers every layer)")
+    p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--rollout-prompts", type=int)
     p.add_argument("--samples-per-prompt", type=int)
@@ -170,7 +173,7 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
-    for name in ("tp", "pp", "log_dir", "model"):
+    for name in ("tp", "pp", "vpp", "log_dir", "model"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -244,7 +247,7 @@ def train_ppo(run: RLHFRun) -> int:
 
     with Processes() as procs:
         device = procs.device
-        dims = ParallelDims(tp=run.tp, pp=run.pp, dp=None)
+        dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None)
         layout = ParallelLayout.build(dims) if procs.distributed else ParallelLayout.single()
         rank = layout.rank
         torch.manual_seed(run.ppo.seed)
@@ -287,7 +290,8 @@ def train_ppo(run: RLHFRun) -> int:
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: PPO on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params per model, "
-                  f"4 models), tp={layout.tp_size} pp={layout.pp_size} dp={layout.dp_size}, {len(loop.prompts)} prompts"
+                  f"4 models), tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
+                  f"{len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
         while loop.iterations_done < c.iterations:

@@ -27,7 +27,8 @@ LR = LRConfig(lr=1e-3, min_lr=1e-3)
 
 
 def _config() -> GLMConfig:
-    return GLMConfig(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=4,
+    # 4 layers: pp = 2 x vpp = 2 gives every virtual stage one
+    return GLMConfig(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_layers=4, num_attention_heads=4,
                      num_kv_groups=2, head_dim=8, max_position_embeddings=64, name="ppo-test",
                      pad_token_id=PAD, eos_token_id=[EOS])
 
@@ -201,7 +202,7 @@ def test_generation_layout_config_errors():
 
 def test_loop_errors():
     single = ParallelLayout.single()
-    with pytest.raises(ValueError, match="PPOLoop runs without virtual pipeline stages; got vpp=2"):
+    with pytest.raises(ValueError, match=r"actor: 1 model chunks on this rank, the layout has vpp=2 \(pipeline"):
         _loop(layout=dataclasses.replace(single, dims=dataclasses.replace(single.dims, vpp=2)))
     with pytest.raises(ValueError, match="ptx_coef > 0 needs ptx_batches"):
         _loop(_ppo(ptx_coef=0.1))
@@ -213,14 +214,16 @@ def test_loop_errors():
 
 # ---- layouts -----------------------------------------------------------------------------------
 def _sharded(states, layout) -> list:
-    """Actor, critic, reference and reward built for ``layout`` from full state dicts."""
+    """Actor, critic, reference and reward built for ``layout`` from full state dicts (a model, or the
+    rank's chunks when vpp > 1)."""
     from engine.parallel.pipeline import build_model_chunks
     from engine.parallel.sharding import load_full_into
     models = []
     for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead), states):
-        (m,) = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
-        load_full_into(m, state, layout)
-        models.append(m)
+        chunks = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
+        for chunk in chunks:
+            load_full_into(chunk, state, layout)
+        models.append(chunks[0] if len(chunks) == 1 else chunks)
     return models
 
 
@@ -468,6 +471,36 @@ def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
         assert torch.equal(resumed.actor[0].state_dict()[k], torch.from_numpy(w)), k
 
 
+def _world2_interleaved(rank, world_size, states, scored, batch):
+    """pp=2 x vpp=2 (two chunks per rank, offloading on): scoring, baselines and one update."""
+    layout = ParallelLayout.build(ParallelDims(pp=2, vpp=2), name="pp2vpp2")
+    loop = _loop(_ppo(offload=True), layout=layout, models=_sharded(states, layout))
+    sequences, attention, responses, prompt_index = scored
+    scores = (loop._token_logprobs(loop.actor, sequences, attention, responses),
+              loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
+              loop._baselines(prompt_index))
+    update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    record = loop.iteration()
+    return dict(chunks=[len(loop.actor), len(loop.reference)], scores=[t.numpy() for t in scores], update=update,
+                steps=record["ppo_steps"])
+
+
+def test_interleaved_pipeline_ppo_matches_one_process():
+    actor, critic, reference, reward = _models(seed=9)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
+    loop = _loop(models=(actor, critic, reference, reward))
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
+    for r in run_distributed(_world2_interleaved, 2, states, scored, batch, timeout=300):
+        assert r["chunks"] == [2, 2] and r["steps"] == 2
+        for got, want in zip(r["scores"], (rollout.logprobs, rollout.values, rollout.scores, rollout.baselines)):
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=2e-5)  # fp32, as above
+        for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "actor_grad_norm", "critic_grad_norm"):
+            assert r["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
+
+
 # ---- launcher ------------------------------------------------------------------------------------
 def test_launcher_errors(tmp_path, capsys):
     from engine.rlhf.ppo import PPO_LR
@@ -521,7 +554,7 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     for name in ("actor", "critic"):
         saved, state = read_full_model_state(tmp_path / "ppo" / name)
         assert saved == config and ("value_head.weight" in state) == (name == "critic")
-    assert "tp=1 pp=2 dp=1" in proc.stdout
+    assert "tp=1 pp=2 vpp=1 dp=1" in proc.stdout
     # resume the pp=2 run in one process (resharded): one more iteration, numbered 2
     resume = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
     resume[resume.index("--pp") + 1], resume[resume.index("--iterations") + 1] = "1", "3"

@@ -41,7 +41,7 @@ before the critic's). At tp_g = tp under pp > 1 this stage's part of the generat
 training copy itself (shared, not duplicated), so it stays while sampling. Every phase records the device bytes of what it holds (``resident_bytes_<phase>``,
 measured from the tensors' storages) and, on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
-The pure math lives in ``engine.rlhf.core``. Not here yet: virtual pipeline stages (vpp > 1) during PPO.
+The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
 
@@ -266,9 +266,9 @@ def _chunks(model) -> list[torch.nn.Module]:
 
 
 class PPOLoop:
-    """PPO on one TP x PP x DP layout (vpp = 1). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
-    ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``; at pp = 1 the
-    one model may be passed as it is); ``reference`` and ``reward``: frozen chunks of the same
+    """PPO on one TP x PP x DP layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
+    ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank;
+    at pp = 1 the one model may be passed as it is); ``reference`` and ``reward``: frozen chunks of the same
     classes. ``prompts``: token-id lists (chat prompts ending in the assistant tag).
     ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when
     ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
@@ -278,9 +278,6 @@ class PPOLoop:
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None):
-        if layout.vpp_size != 1:
-            raise ValueError(f"PPOLoop runs without virtual pipeline stages; got vpp={layout.vpp_size} (use "
-                             "pp stages of one chunk each)")
         self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only)
@@ -297,9 +294,9 @@ class PPOLoop:
         self.reference, self.reward = _chunks(reference), _chunks(reward)
         for name, chunks in (("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
                              ("reward", self.reward)):
-            if len(chunks) != 1:
-                raise ValueError(f"{name}: {len(chunks)} model chunks on this rank; PPOLoop takes one per rank "
-                                 "(pipeline.build_model_chunks at vpp = 1)")
+            if len(chunks) != layout.vpp_size:
+                raise ValueError(f"{name}: {len(chunks)} model chunks on this rank, the layout has vpp="
+                                 f"{layout.vpp_size} (pipeline.build_model_chunks builds one per virtual stage)")
         for frozen in (*self.reference, *self.reward):
             frozen.eval()
             for p in frozen.parameters():
