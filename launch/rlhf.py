@@ -116,6 +116,9 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     ck = run.checkpoint
     if not ck.actor_from or not ck.reward_from:
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and --reward-from (a reward-model checkpoint)")
+    if ck.critic_from and run.ppo.advantage_estimator != "gae":
+        raise ValueError(f"--critic-from {ck.critic_from}: advantage_estimator={run.ppo.advantage_estimator!r} "
+                         "trains no critic (drop --critic-from, or use gae)")
     for name in ("actor_optim", "critic_optim"):
         if getattr(run, name).mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"{name}.mixed_precision must be fp32 or bf16")
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
                         "model per rank")
+    p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"),
+                   help="gae: a critic (PPO); grpo / rloo: no critic, advantages relative to the prompt's responses")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the models and optimizer states a phase does not use in host memory")
     p.add_argument("--seed", type=int)
@@ -161,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp", "offload")
+              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp", "offload",
+              "advantage_estimator")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 
@@ -266,8 +272,10 @@ def train_ppo(run: RLHFRun) -> int:
             actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint)
-            critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device, fingerprint,
-                           allow_missing=("value_head.",))
+            critic = None
+            if c.advantage_estimator == "gae":
+                critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device, fingerprint,
+                               allow_missing=("value_head.",))
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx)
@@ -289,8 +297,8 @@ def train_ppo(run: RLHFRun) -> int:
             Path(run.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
-            print(f"{PROG}: PPO on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M params per model, "
-                  f"4 models), tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
+            print(f"{PROG}: PPO ({c.advantage_estimator}) on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M "
+                  f"params per model, {4 if loop.uses_critic else 3} models), tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
@@ -300,8 +308,9 @@ def train_ppo(run: RLHFRun) -> int:
                 writer.write_record(stats)
                 print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}  vs ref {stats['reward_vs_reference']:+.3f}"
                       f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
-                      + (f"  policy {stats['policy_loss']:+.4f}  value {stats['value_loss']:.4f}  clip "
-                         f"{stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
+                      + (f"  policy {stats['policy_loss']:+.4f}"
+                         + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
+                         + f"  clip {stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
                       + f"  [{stats['seconds']:.1f}s]", flush=True)
             if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
                 loop.save(ck.save, tokenizer_fingerprint=fingerprint)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rlhf.core import (RunningMoments, gae_advantages, kl_estimate, masked_mean, masked_sum, masked_var,
+from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, masked_mean, masked_sum, masked_var,
                               masked_whiten, ppo_policy_loss, reference_baseline, reward_spread_filter,
                               shape_rewards, value_loss)
 
@@ -376,6 +376,23 @@ def test_reference_baseline():
     _close(out, [0.5, 0.0, -2.0])
 
 
+def test_group_advantages_grpo_and_rloo_by_hand():
+    scores = torch.tensor([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0], [-1.0, 0.5, 0.0]])
+    grpo, rloo = [], []
+    for row in scores.double().tolist():
+        k, mean = len(row), sum(row) / len(row)
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / (k - 1))  # unbiased, as DeepSeekMath / verl
+        grpo.append([(x - mean) / (std + 1e-6) for x in row])
+        rloo.append([x - (sum(row) - x) / (k - 1) for x in row])  # the mean of the OTHER responses
+    _close(group_advantages(scores, "grpo"), grpo)
+    _close(group_advantages(scores, "rloo"), rloo)
+    assert torch.equal(group_advantages(scores)[1], torch.zeros(3))  # equal scores: no signal, no nan
+    # a per-prompt constant (e.g. the reference baseline) cancels; bf16 scores give fp32
+    shifted = scores + torch.tensor([[10.0], [-3.0], [0.5]])
+    _close(group_advantages(shifted, "rloo"), rloo)
+    assert group_advantages(scores.bfloat16()).dtype == torch.float32
+
+
 def test_reward_spread_filter_range_and_std():
     rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0],     # no spread
                             [0.0, 0.5, 0.2, 0.1],     # range 0.5, std ~0.19
@@ -473,6 +490,10 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: value_loss(_x23, _x23, torch.zeros(3, 2), _m23), r"returns has shape \(3, 2\)"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, clip_eps=-1), r"clip_eps must be > 0"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, reduction=None), r"reduction must be one of"),
+    (lambda: group_advantages(torch.zeros(3, 1)), r"scores \(3, 1\) must hold k >= 2 responses per prompt"),
+    (lambda: group_advantages(torch.zeros(6)), r"scores must be \[p, k\]"),
+    (lambda: group_advantages(_x23, "ppo"), r"kind must be one of \('grpo', 'rloo'\)"),
+    (lambda: group_advantages(_x23, "grpo", eps=0.0), r"eps must be > 0"),
     (lambda: reference_baseline(torch.zeros(2), torch.zeros(3)), r"ref_scores has shape \(3,\)"),
     (lambda: reference_baseline(_x23, _x23), r"scores must be \[b\]"),
     (lambda: reward_spread_filter(torch.zeros(4), 0.1), r"rewards must be \[p, k\]"),

@@ -102,6 +102,30 @@ def test_save_and_load_from_an_offloaded_state_continue_exactly(tmp_path):
         assert _untimed(got) == _untimed(want)
 
 
+def test_grpo_with_offloading_resumes_exactly(tmp_path):
+    """A critic-free run saves and resumes the actor alone (no critic checkpoint) from an offloaded state."""
+    from engine.parallel import ParallelLayout
+    from engine.rlhf.ppo import PPOLoop
+    from tests.test_rlhf_ppo import EOS, LR, OPTIM, PAD, _config, _prompts
+
+    def loop(seed):
+        actor, _, reference, reward = _models(seed=seed)
+        frozen = _models(seed=5)
+        return PPOLoop(_ppo(iterations=3, offload=True, advantage_estimator="grpo"), _config(),
+                       ParallelLayout.single(), actor, None, frozen[2], frozen[3], _prompts(), [EOS], PAD,
+                       OPTIM, OPTIM, LR, LR)
+    first = loop(5)
+    expected = [first.iteration() for _ in range(3)]
+    second = loop(5)
+    second.iteration()
+    second.save(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["actor"]
+    third = loop(6)
+    third.load(tmp_path / "ck")
+    for want in expected[1:]:
+        assert _untimed(third.iteration()) == _untimed(want)
+
+
 def _optimizer():
     model = torch.nn.Linear(4, 3)
     return model, DistributedOptimizer(list(model.named_parameters()), ParallelLayout.single(), lr=0.1)

@@ -166,6 +166,35 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
         torch.testing.assert_close(grads[0.5][name], grads[0.0][name] + 0.5 * p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_group_estimators_train_without_a_critic(kind):
+    """GRPO / RLOO: the advantage of every token of a response is its score minus kl_coef x its summed KL,
+    relative to the prompt's other responses (computed here by hand); no critic, no reference answers."""
+    actor, _, reference, reward = _models(seed=2)
+    loop = PPOLoop(_ppo(advantage_estimator=kind), _config(), ParallelLayout.single(), actor, None, reference,
+                   reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR)
+    assert loop.critic_trainer is None and sorted(loop.offloader.groups) == ["actor", "actor.optim", "reference",
+                                                                             "reward"]
+    rollout, _ = loop.rollout(0)
+    batch, stats = loop.advantages(rollout)
+    assert torch.equal(rollout.baselines, torch.zeros(8)) and loop._baseline_cache == {}
+    mask = rollout.response_mask.bool()
+    P, k = loop.config.max_prompt_length, loop.config.samples_per_prompt
+    sequence = (rollout.scores.double() - 0.1 * ((rollout.logprobs - rollout.ref_logprobs).double() * mask).sum(1))
+    expected = torch.zeros(8, dtype=torch.float64)
+    for p in range(0, 8, k):
+        group = sequence[p:p + k]
+        others = (group.sum() - group) / (k - 1)
+        expected[p:p + k] = (group - group.mean()) / (group.std() + 1e-6) if kind == "grpo" else group - others
+    adv = batch["advantages"][:, P - 1:-1]
+    # fp32 sums of <= 6 token KLs and a 2-element std vs fp64: 1e-5 is ~10x the rounding
+    torch.testing.assert_close(adv[mask].double(), expected[:, None].expand(8, adv.shape[1])[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(adv[~mask], torch.zeros_like(adv[~mask]))
+    record = loop.iteration()
+    assert record["ppo_steps"] == 2 and "value_loss" not in record and math.isfinite(record["policy_loss"])
+    assert record["reference_reward"] == 0.0
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(mini_batch_size=3), "mini_batch_size=3 must divide"),
     (dict(kl_kind="k9"), "kl_kind='k9'"),
@@ -177,6 +206,9 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
     (dict(kl_target=0.1, kl_coef=0.0), "kl_target=0.1 adapts kl_coef multiplicatively: it needs kl_coef > 0"),
     (dict(kl_horizon=0), "kl_horizon=0 must be a positive integer"),
     (dict(score_micro_batch_size=-1), "score_micro_batch_size=-1 must be a positive integer or 0"),
+    (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
+    (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
+     "advantage_estimator='grpo' compares a prompt's responses: it needs samples_per_prompt >= 2"),
 ])
 def test_config_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -201,6 +233,12 @@ def test_generation_layout_config_errors():
 
 
 def test_loop_errors():
+    actor, critic, reference, reward = _models()
+    with pytest.raises(ValueError, match="advantage_estimator='grpo' uses no critic: pass critic=None"):
+        PPOLoop(_ppo(advantage_estimator="grpo"), _config(), ParallelLayout.single(), actor, critic, reference,
+                reward, _prompts(), [EOS], PAD)
+    with pytest.raises(ValueError, match="advantage_estimator='gae' needs a critic"):
+        PPOLoop(_ppo(), _config(), ParallelLayout.single(), actor, None, reference, reward, _prompts(), [EOS], PAD)
     single = ParallelLayout.single()
     with pytest.raises(ValueError, match=r"actor: 1 model chunks on this rank, the layout has vpp=2 \(pipeline"):
         _loop(layout=dataclasses.replace(single, dims=dataclasses.replace(single.dims, vpp=2)))
@@ -513,6 +551,8 @@ def test_launcher_errors(tmp_path, capsys):
     assert "needs --actor-from" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--mini-batch-size", "5"]) == 2
     assert "mini_batch_size=5 must divide" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--critic-from", "c", "--advantage-estimator", "rloo"]) == 2
+    assert "--critic-from c: advantage_estimator='rloo' trains no critic" in capsys.readouterr().err
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt": "hi"}) + "\n" + "{oops\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
@@ -565,6 +605,15 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     assert "resumed from" in proc.stdout
     (line,) = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 2 and math.isfinite(line["reward"])
+    # a critic-free run (GRPO) from the same checkpoints: three models, no critic checkpoint written
+    grpo = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
+    grpo[grpo.index("--pp") + 1], grpo[grpo.index("--iterations") + 1] = "1", "1"
+    grpo[grpo.index("--log-dir") + 1], grpo[grpo.index("--save") + 1] = str(tmp_path / "grpo"), str(tmp_path / "g")
+    proc = subprocess.run(grpo + ["--advantage-estimator", "grpo"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PPO (grpo)" in proc.stdout and "3 models" in proc.stdout and "value" not in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["actor"]
 
 
 def test_save_and_resume_continue_exactly(tmp_path):

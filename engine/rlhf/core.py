@@ -26,6 +26,7 @@ k = sampled responses per prompt):
     ppo_policy_loss, value_loss clipped PPO surrogate and clipped value loss
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
     reward_spread_filter        drop prompts whose k rewards are alike (ChatGLM-RLHF)
+    group_advantages            critic-free advantages relative to the prompt's k responses (GRPO, RLOO)
     RunningMoments              running reward mean/std, mergeable across ranks
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 KL_KINDS = ("k1", "k2", "k3")
 REDUCTIONS = ("mean", "sum")
 SPREAD_STATISTICS = ("range", "std")
+GROUP_ESTIMATORS = ("grpo", "rloo")
 
 
 # ---- validation helpers ---------------------------------------------------------------------------
@@ -406,6 +408,32 @@ def reward_spread_filter(rewards: torch.Tensor, min_spread: float, statistic: st
     return spread >= min_spread
 
 
+def group_advantages(scores: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages: each response's score relative to the other responses to its prompt.
+
+    scores: ``[p, k]`` sequence scores, k >= 2 responses per prompt. kind:
+        "grpo"  (s_i - mean) / (std + eps), mean and unbiased std over the prompt's k scores (Shao et
+                al. 2024, DeepSeekMath); a group whose scores are all equal gets 0
+        "rloo"  s_i - mean_{j != i} s_j = k / (k - 1) (s_i - mean), the leave-one-out baseline
+                (Ahmadian et al. 2024): unbiased, no division by the spread
+    Returns ``[p, k]`` fp32, detached (constants of the policy update)."""
+    _check_dim("scores", scores, 2, "[p, k]")
+    k = scores.shape[1]
+    if k < 2:
+        raise ValueError(f"scores {_shape(scores)} must hold k >= 2 responses per prompt: a group baseline "
+                         "compares a response with the others")
+    if kind not in GROUP_ESTIMATORS:
+        raise ValueError(f"kind must be one of {GROUP_ESTIMATORS}, got {kind!r}")
+    eps = _finite_number("eps", eps)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    s = scores.detach().float()
+    centred = s - s.mean(dim=1, keepdim=True)
+    if kind == "rloo":
+        return centred * (k / (k - 1))
+    return centred / (s.std(dim=1, keepdim=True) + eps)
+
+
 # ---- running reward statistics ----------------------------------------------------------------------
 
 class RunningMoments:
@@ -486,6 +514,7 @@ class RunningMoments:
         self._count, self._mean, self._m2 = count, mean, m2
 
 
-__all__ = ["KL_KINDS", "REDUCTIONS", "SPREAD_STATISTICS", "RunningMoments", "gae_advantages", "kl_estimate",
+__all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "REDUCTIONS", "SPREAD_STATISTICS", "RunningMoments", "gae_advantages",
+           "group_advantages", "kl_estimate",
            "masked_mean", "masked_sum", "masked_var", "masked_whiten", "ppo_policy_loss", "reference_baseline",
            "reward_spread_filter", "shape_rewards", "value_loss"]

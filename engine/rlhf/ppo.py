@@ -21,6 +21,12 @@ One iteration (``PPOLoop.iteration``):
               surrogate (plus ``ptx_coef`` times the language-model loss on SFT data: PPO-ptx), the
               critic's Trainer the clipped value loss (``engine.rlhf.objectives``)
 
+``advantage_estimator="grpo"`` or ``"rloo"`` replaces the critic and GAE by a group baseline: each
+response's advantage is its score (minus ``kl_coef`` times its summed KL to the reference) relative to
+the other responses to its prompt (``core.group_advantages``), on every token of the response. No critic
+is built, scored, trained or saved, and the reference baseline is skipped (a per-prompt constant cancels
+in the group).
+
 ``save(DIR)`` / ``load(DIR)`` checkpoint the actor and critic (weights and optimizer state, any layout
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
 functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
@@ -59,8 +65,9 @@ from engine.model.glm import last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (RunningMoments, adaptive_kl_coef, gae_advantages, kl_estimate, masked_mean, masked_whiten,
-                              reference_baseline, reward_spread_filter, shape_rewards)
+from engine.rlhf.core import (GROUP_ESTIMATORS, RunningMoments, adaptive_kl_coef, gae_advantages, group_advantages,
+                              kl_estimate, masked_mean, masked_whiten, reference_baseline, reward_spread_filter,
+                              shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.lr import LRConfig, LRSchedule
@@ -69,6 +76,7 @@ from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
 KL_KINDS = ("k1", "k2", "k3")
+ESTIMATORS = ("gae", *GROUP_ESTIMATORS)
 PPO_LR = LRConfig(lr=1e-5, min_lr=1e-6)  # the default of actor and critic: a fine-tuning rate
 
 
@@ -125,11 +133,17 @@ class PPOConfig:
     """KL estimator of the penalty: k1, k2 or k3 (``core.kl_estimate``)."""
     gamma: float = 1.0
     lam: float = 0.95
+    advantage_estimator: str = "gae"
+    """"gae": a critic and generalized advantage estimation (PPO, ChatGLM-RLHF). "grpo" / "rloo": no
+    critic; each response's advantage relative to the other responses to its prompt
+    (``core.group_advantages``; needs samples_per_prompt >= 2)."""
     reference_baseline: bool = True
-    """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF)."""
+    """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF; gae
+    only: under a group estimator a per-prompt constant cancels, so the reference answers are skipped)."""
     min_reward_spread: float = 0.0
     """Drop prompts whose k responses' scores span less than this (0: keep all; needs k >= 2)."""
     whiten_advantages: bool = True
+    """Whiten the GAE advantages over the rollout (group advantages are already relative)."""
     normalize_scores: bool = False
     """Divide the (baseline-adjusted) scores by their running std over all rollouts so far
     (``core.RunningMoments``), so the KL coefficient keeps its meaning whatever the reward model's
@@ -186,6 +200,11 @@ class PPOConfig:
             if self.mini_batch_size % (self.micro_batch_size * dp):
                 problems.append(f"mini_batch_size={self.mini_batch_size} must be divisible by micro_batch_size="
                                 f"{self.micro_batch_size} x dp={dp}")
+        if self.advantage_estimator not in ESTIMATORS:
+            problems.append(f"advantage_estimator={self.advantage_estimator!r} must be one of {ESTIMATORS}")
+        elif self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
+            problems.append(f"advantage_estimator={self.advantage_estimator!r} compares a prompt's responses: it "
+                            f"needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.kl_kind not in KL_KINDS:
             problems.append(f"kl_kind={self.kl_kind!r} must be one of {KL_KINDS}")
         for name in ("kl_coef", "kl_target", "ptx_coef", "min_reward_spread", "score_clip"):
@@ -268,7 +287,7 @@ def _chunks(model) -> list[torch.nn.Module]:
 class PPOLoop:
     """PPO on one TP x PP x DP layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
     ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank;
-    at pp = 1 the one model may be passed as it is); ``reference`` and ``reward``: frozen chunks of the same
+    at pp = 1 the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and ``reward``: frozen chunks of the same
     classes. ``prompts``: token-id lists (chat prompts ending in the assistant tag).
     ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when
     ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
@@ -290,10 +309,14 @@ class PPOLoop:
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
         self.model_config, self.layout = model_config, layout
-        self.actor, self.critic = _chunks(actor), _chunks(critic)
+        self.uses_critic = config.advantage_estimator == "gae"
+        if self.uses_critic != (critic is not None):
+            raise ValueError(f"advantage_estimator={config.advantage_estimator!r} "
+                             + ("needs a critic" if self.uses_critic else "uses no critic: pass critic=None"))
+        self.actor, self.critic = _chunks(actor), _chunks(critic) if self.uses_critic else []
         self.reference, self.reward = _chunks(reference), _chunks(reward)
-        for name, chunks in (("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
-                             ("reward", self.reward)):
+        models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference), ("reward", self.reward)]
+        for name, chunks in models if self.uses_critic else models[:1] + models[2:]:
             if len(chunks) != layout.vpp_size:
                 raise ValueError(f"{name}: {len(chunks)} model chunks on this rank, the layout has vpp="
                                  f"{layout.vpp_size} (pipeline.build_model_chunks builds one per virtual stage)")
@@ -316,13 +339,16 @@ class PPOLoop:
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
                                      layout, model_config, train, LRSchedule(actor_lr, steps),
                                      PolicyObjective(config.clip_eps, config.temperature))
-        self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
-                                      layout, model_config, train, LRSchedule(critic_lr, steps),
-                                      ValueObjective(config.value_clip_eps))
+        self.critic_trainer = None
+        if self.uses_critic:
+            self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
+                                          layout, model_config, train, LRSchedule(critic_lr, steps),
+                                          ValueObjective(config.value_clip_eps))
         self.device = next(self.actor[0].parameters()).device
         self.offloader = Offloader(self.device, enabled=config.offload)
         self.offloader.add_model("actor", self.actor, self.actor_trainer.optimizer)
-        self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
+        if self.uses_critic:
+            self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
         self.offloader.add_model("reference", self.reference)
         self.offloader.add_model("reward", self.reward)
         self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
@@ -539,19 +565,25 @@ class PPOLoop:
         peaks = {"generate": peak_memory(self.device)}
         reset_peak_memory(self.device)
 
-        for model in (*self.actor, *self.critic):
+        for model in (*self.actor, *self.critic):  # no critic chunks under a group estimator
             model.eval()
         self._resident("score", "actor")
         logprobs = self._token_logprobs(self.actor, sequences, attention, responses)
         self._resident("score", "reference")
         ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses)
-        self._resident("score", "critic")
-        values = self._values(self.critic, sequences, attention)
+        if self.uses_critic:
+            self._resident("score", "critic")
+            values = self._values(self.critic, sequences, attention)
+        else:
+            values = torch.zeros(responses.shape, dtype=torch.float32, device=self.device)
         self._resident("score", "reward")
         scores = self._scores(self.reward, sequences, attention)
         for model in (*self.actor, *self.critic):
             model.train()
-        baselines = (self._baselines(mine) if c.reference_baseline else torch.zeros(len(mine))).to(self.device)
+        if c.reference_baseline and self.uses_critic:
+            baselines = self._baselines(mine).to(self.device)
+        else:
+            baselines = torch.zeros(len(mine), device=self.device)
         t2 = time.perf_counter()
         peaks["score"] = peak_memory(self.device)
 
@@ -567,8 +599,9 @@ class PPOLoop:
 
     # ---- advantages ---------------------------------------------------------------------------
     def advantages(self, r: Rollout) -> tuple[dict, dict]:
-        """Filter, shape rewards, GAE and whiten: the aligned ``[R, S]`` tensors of the PPO update, and
-        rollout statistics. The same on every rank (pure functions of the global rollout)."""
+        """Filter, shape rewards, GAE and whiten (or the group advantages): the aligned ``[R, S]`` tensors of
+        the PPO update, and rollout statistics. The same on every rank (pure functions of the global
+        rollout)."""
         c = self.config
         adjusted = reference_baseline(r.scores, r.baselines) if c.reference_baseline else r.scores
         keep = torch.ones(c.rollout_rows, dtype=torch.bool, device=r.scores.device)
@@ -583,9 +616,18 @@ class PPOLoop:
         if c.score_clip > 0:
             adjusted = adjusted.clamp(-c.score_clip, c.score_clip)
         rewards, kl = shape_rewards(adjusted, r.logprobs, r.ref_logprobs, mask, self.kl_coef, c.kl_kind)
-        adv, returns = gae_advantages(rewards, r.values, mask, c.gamma, c.lam)
-        if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
-            adv = masked_whiten(adv, mask)
+        if self.uses_critic:
+            adv, returns = gae_advantages(rewards, r.values, mask, c.gamma, c.lam)
+            if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
+                adv = masked_whiten(adv, mask)
+        else:
+            # each response's score minus its summed KL penalty, relative to its prompt's group; the
+            # response's every token gets it (an empty response still counts in its group's baseline)
+            sequence = adjusted - self.kl_coef * kl.sum(1)
+            relative = group_advantages(sequence.view(c.rollout_prompts, c.samples_per_prompt),
+                                        c.advantage_estimator).view(-1)
+            adv = torch.where(mask, relative[:, None], torch.zeros((), device=mask.device))
+            returns = torch.zeros_like(adv)
         P = c.max_prompt_length
         labels = align(torch.where(mask, r.responses, torch.full_like(r.responses, IGNORE_INDEX)), P, IGNORE_INDEX)
         batch = {"input_ids": r.sequences, "attention_mask": r.attention_mask, "labels": labels,
@@ -632,11 +674,12 @@ class PPOLoop:
             actor = self.actor_trainer.train_step({k: v[rows] for k, v in batch.items()}, extra=extra)
             add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, **actor.stats}, actor)
         self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
-        self._resident("update", "critic", "critic.optim")
-        for rows in minibatches:
-            critic = self.critic_trainer.train_step({k: v[rows] for k, v in batch.items()})
-            add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats}, critic)
-        self._resident("update", "critic", "critic.optim")
+        if self.uses_critic:
+            self._resident("update", "critic", "critic.optim")
+            for rows in minibatches:
+                critic = self.critic_trainer.train_step({k: v[rows] for k, v in batch.items()})
+                add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats}, critic)
+            self._resident("update", "critic", "critic.optim")
         steps = len(minibatches)
         out = {k: v / steps for k, v in sums.items()} if steps else {}
         out.update(ppo_steps=steps, skipped_minibatches=skipped, actor_lr=float(self.actor_trainer.lr(
@@ -648,9 +691,15 @@ class PPOLoop:
         return out
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def _trained(self) -> list[tuple[str, list, Trainer]]:
+        """(name, chunks, trainer) of the trained models: the actor, and the critic under gae."""
+        out = [("actor", self.actor, self.actor_trainer)]
+        return out + [("critic", self.critic, self.critic_trainer)] if self.uses_critic else out
+
     def save(self, directory, keep_last: Optional[int] = None, tokenizer_fingerprint: Optional[str] = None) -> None:
-        """``DIR/actor`` and ``DIR/critic`` checkpoints (``engine.train.checkpoint``, collective) at step =
-        iterations done; the baseline caches of all DP replicas are merged into the actor's extra state."""
+        """``DIR/actor`` and ``DIR/critic`` (gae only) checkpoints (``engine.train.checkpoint``, collective) at
+        step = iterations done; the baseline caches of all DP replicas are merged into the actor's extra
+        state."""
         from pathlib import Path
 
         from engine.train.checkpoint import save_checkpoint
@@ -660,8 +709,7 @@ class PPOLoop:
             torch.distributed.all_gather_object(caches, self._baseline_cache)
         merged = {str(k): v for cache in caches for k, v in sorted(cache.items())}
         merged = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))  # the same JSON on every rank
-        for name, model, trainer in (("actor", self.actor, self.actor_trainer),
-                                     ("critic", self.critic, self.critic_trainer)):
+        for name, model, trainer in self._trained():
             self.offloader.ensure(name, f"{name}.optim")  # collectives over device tensors
             extra = {"mode": f"ppo_{name}", "iteration": self.iterations_done, "trainer_steps": trainer.steps_done}
             if name == "actor":
@@ -679,8 +727,7 @@ class PPOLoop:
 
         from engine.train.checkpoint import CheckpointError, load_checkpoint
         states = {}
-        for name, model, trainer in (("actor", self.actor, self.actor_trainer),
-                                     ("critic", self.critic, self.critic_trainer)):
+        for name, model, trainer in self._trained():
             self.offloader.ensure(name, f"{name}.optim")
             extra = load_checkpoint(Path(directory) / name, model, trainer.optimizer, self.layout,
                                     self.model_config, tokenizer_fingerprint=tokenizer_fingerprint)
@@ -689,7 +736,7 @@ class PPOLoop:
                                       f"PPO {name}")
             trainer.steps_done = int(extra["trainer_steps"])
             states[name] = extra
-        if states["actor"]["iteration"] != states["critic"]["iteration"]:
+        if "critic" in states and states["actor"]["iteration"] != states["critic"]["iteration"]:
             raise CheckpointError(f"{directory}: actor at iteration {states['actor']['iteration']}, critic at "
                                   f"{states['critic']['iteration']}: not one save")
         self.iterations_done = int(states["actor"]["iteration"])
