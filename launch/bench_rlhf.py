@@ -8,16 +8,15 @@ Layouts are ``tp,dp[,generation_tp[,pp]]`` (generation_tp < tp: the actor is res
 degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
 scoring and training, the actor gathered to every layer per rank for sampling); each runs
 ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first is a warm-up and is not timed) in
-its own gloo process group, one thread per process. Actor, critic,
-reference and reward models are randomly initialised copies of ``--config`` (all four resident on
-every rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a
-random model rarely samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the
-measured lengths. Reported per
-phase (median over the timed iterations): generate (sampling with the KV cache), score (actor,
-reference, critic and reward forwards; the reference answers of prompts not seen before), update
-(the actor's and the critic's optimizer steps), and the whole iteration; generated tokens/s =
-rollout responses' tokens / generate time; trained tokens/s = rollout tokens (prompt + response)
-x PPO epochs / update time; resident MiB: the device bytes each phase held (weights, optimizer state,
+its own gloo process group, one thread per process. Actor, critic (with ``--advantage-estimator gae``,
+the default), reference and reward models are randomly initialised copies of ``--config`` (all on every
+rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a random
+model rarely samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the
+measured lengths. Reported per phase (median over the timed iterations): generate (sampling with the
+KV cache), score (actor, reference, critic and reward forwards; the reference answers of prompts not
+seen before, gae only), update (the actor's and the critic's optimizer steps), and the whole iteration;
+generated tokens/s = rollout responses' tokens / generate time; trained tokens/s = rollout tokens
+(prompt + response) x PPO epochs / update time; resident MiB: the device bytes each phase held (weights, optimizer state,
 gradient buffers, the generation copy: ``resident_bytes_<phase>``, measured from the tensors' storages;
 the KV cache and activations are not in it), with ``--offload`` holding only what the phase uses.
 """
@@ -45,13 +44,16 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
     layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp))
     models = [build_model_chunks(config, layout, model_cls=cls, seed=i)
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
+    if args.advantage_estimator != "gae":
+        models[1] = None  # critic-free: no critic
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
     prompts = torch.randint(3, config.vocab_size, (n_prompts, args.prompt_length), generator=g).tolist()
     ppo = PPOConfig(iterations=args.iterations, rollout_prompts=args.rollout_prompts,
                     samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.prompt_length,
                     max_new_tokens=args.max_new_tokens, mini_batch_size=args.mini_batch,
-                    micro_batch_size=args.micro_batch, generation_tp=gen_tp, offload=args.offload, seed=0)
+                    micro_batch_size=args.micro_batch, generation_tp=gen_tp, offload=args.offload,
+                    advantage_estimator=args.advantage_estimator, seed=0)
     optim = OptimizerConfig(clip_grad=1.0, mixed_precision=args.dtype)
     loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
@@ -80,13 +82,15 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="actor and critic parameters")
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
+    p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"), default="gae",
+                   help="gae: with a critic; grpo / rloo: critic-free")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.iterations < 2:
         p.error("--iterations must be >= 2 (the first is a warm-up)")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
-          f"{args.dtype}{', offload' if args.offload else ''}; median of {args.iterations - 1} iterations; "
+          f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; median of {args.iterations - 1} iterations; "
           "resident MiB on rank 0")
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
               f"{'gen tok/s':>9}  {'train tok/s':>11}  {'resident MiB gen/score/update':>29}")
