@@ -19,6 +19,8 @@ generated tokens/s = rollout responses' tokens / generate time; trained tokens/s
 (prompt + response) x PPO epochs / update time; resident MiB: the device bytes each phase held (weights, optimizer state,
 gradient buffers, the generation copy: ``resident_bytes_<phase>``, measured from the tensors' storages;
 the KV cache and activations are not in it), with ``--offload`` holding only what the phase uses.
+``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
+peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import statistics
 import torch
 
 from launch.bench_train import spawn_workers
+
+
+PHASES = ("generate", "score", "update")
 
 
 def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
@@ -42,10 +47,11 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
 
     config = load_config(args.config)
     layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp))
-    models = [build_model_chunks(config, layout, model_cls=cls, seed=i)
+    device = torch.device(args.device)
+    critic_free = args.advantage_estimator != "gae"
+    models = [None if (i == 1 and critic_free) else
+              [chunk.to(device) for chunk in build_model_chunks(config, layout, model_cls=cls, seed=i)]
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
-    if args.advantage_estimator != "gae":
-        models[1] = None  # critic-free: no critic
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
     prompts = torch.randint(3, config.vocab_size, (n_prompts, args.prompt_length), generator=g).tolist()
@@ -58,8 +64,9 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
     loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
     records = [loop.iteration() for _ in range(args.iterations)][1:]
-    keys = ("generate_s", "score_s", "gather_s", "train_s", "seconds", "response_length", "resident_bytes_generate",
-            "resident_bytes_score", "resident_bytes_update")
+    keys = ("generate_s", "score_s", "gather_s", "train_s", "seconds", "response_length",
+            *(f"resident_bytes_{phase}" for phase in PHASES))
+    keys += tuple(f"peak_memory_{phase}" for phase in PHASES if f"peak_memory_{phase}" in records[0])
     out = {k: statistics.median(r[k] for r in records) for k in keys}
     rows = ppo.rollout_rows
     out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--mini-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="actor and critic parameters")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one process on the GPU per layout (layouts must be 1,1)")
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
     p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"), default="gae",
                    help="gae: with a critic; grpo / rloo: critic-free")
@@ -88,6 +97,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.iterations < 2:
         p.error("--iterations must be >= 2 (the first is a warm-up)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
           f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; median of {args.iterations - 1} iterations; "
@@ -103,11 +114,15 @@ def main(argv=None) -> int:
         tp, dp = spec[0], spec[1]
         gen_tp = spec[2] if len(spec) > 2 else None
         pp = spec[3] if len(spec) > 3 else 1
+        if args.device == "cuda" and tp * dp * pp != 1:
+            p.error(f"--layouts item {item!r}: --device cuda runs one process (one GPU): use 1,1")
         r = spawn_workers(_run, tp * pp * dp, tp, dp, gen_tp, pp, args,
                           what=f"PPO layout tp={tp} pp={pp} dp={dp} gen_tp={gen_tp}")
-        print(f"{tp:>3}{pp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  {r['train_s']:>9.2f}  "
-              f"{r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  {r['trained_tokens_per_s']:>11.0f}  "
-              + f"{'/'.join(f'{r[k] / 2**20:.2f}' for k in ('resident_bytes_generate', 'resident_bytes_score', 'resident_bytes_update')):>29}",
+        resident = "/".join(f"{r[f'resident_bytes_{phase}'] / 2**20:.2f}" for phase in PHASES)
+        peaks = "/".join(f"{r[f'peak_memory_{phase}'] / 2**20:.0f}" for phase in PHASES if f"peak_memory_{phase}" in r)
+        print(f"{tp:>3}{pp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
+              f"{r['train_s']:>9.2f}  {r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  "
+              f"{r['trained_tokens_per_s']:>11.0f}  {resident:>29}" + (f"  peak MiB {peaks}" if peaks else ""),
               flush=True)
         out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "generation_tp": gen_tp or tp, **r})
     if args.json:

@@ -109,7 +109,7 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
     dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None).validate(world_size, run.model)
-    run.ppo.validate(dims.dp, run.tp, run.pp)
+    run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-coef", type=float)
     p.add_argument("--kl-target", type=float, help="> 0: adapt kl_coef toward this KL per response")
     p.add_argument("--kl-horizon", type=int, help="samples over which the adaptive KL controller closes the gap")
+    p.add_argument("--kl-loss-coef", type=float, help="> 0: a k3 KL(actor || reference) term in the actor's loss")
     p.add_argument("--ptx-coef", type=float)
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "ptx_coef", "seed", "generation_tp", "offload",
+              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed", "generation_tp", "offload",
               "advantage_estimator")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
@@ -306,7 +307,8 @@ def train_ppo(run: RLHFRun) -> int:
             stats = loop.iteration()
             if writer is not None:
                 writer.write_record(stats)
-                print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}  vs ref {stats['reward_vs_reference']:+.3f}"
+                vs_ref = f"  vs ref {stats['reward_vs_reference']:+.3f}" if "reward_vs_reference" in stats else ""
+                print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}{vs_ref}"
                       f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
                       + (f"  policy {stats['policy_loss']:+.4f}"
                          + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, masked_mean, masked_sum, masked_var,
+from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, kl_penalty, masked_mean, masked_sum, masked_var,
                               masked_whiten, ppo_policy_loss, reference_baseline, reward_spread_filter,
                               shape_rewards, value_loss)
 
@@ -105,6 +105,22 @@ def test_kl_estimators_by_hand():
     # close policies: expm1 keeps k3 ~ d^2/2 where exp(d) - 1 - d would cancel to 0 in fp32
     tiny = kl_estimate(torch.zeros(1, 1), torch.full((1, 1), 1e-4), "k3")
     assert tiny.item() == pytest.approx(0.5e-8, rel=1e-3)
+
+
+def test_kl_penalty_reduces_over_real_tokens_and_its_gradient_ignores_padding():
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -0.1], [-0.2, float("inf"), float("nan")]])  # garbage past the prefix
+    mask = _prefix_mask([3, 1], 3)
+    real = [(-1.0, -1.5), (-2.0, -2.0), (-0.5, -0.1), (-0.3, -0.2)]
+    k3 = [math.exp(r - x) - 1 - (r - x) for x, r in real]
+    loss = kl_penalty(lp, ref, mask, "k3", reduction="sum")
+    _close(loss, sum(k3))
+    _close(kl_penalty(lp, ref, mask, "k3"), sum(k3) / 4)  # mean over the 4 real tokens
+    loss.backward()
+    # d k3 / d logp = 1 - exp(ref - logp) on real tokens, exactly 0 (not nan) on padding
+    grad = [[1 - math.exp(r - x) for x, r in real[:3]], [1 - math.exp(real[3][1] - real[3][0]), 0.0, 0.0]]
+    torch.testing.assert_close(lp.grad, torch.tensor(grad, dtype=torch.float64), **FP32)
+    assert kl_penalty(lp, ref, torch.zeros(2, 3)).item() == 0.0
 
 
 def test_k3_is_non_negative():
@@ -490,6 +506,8 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: value_loss(_x23, _x23, torch.zeros(3, 2), _m23), r"returns has shape \(3, 2\)"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, clip_eps=-1), r"clip_eps must be > 0"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, reduction=None), r"reduction must be one of"),
+    (lambda: kl_penalty(_x23, torch.zeros(2, 2), _m23), r"ref_logprobs has shape \(2, 2\)"),
+    (lambda: kl_penalty(_x23, _x23, _m23, reduction="token"), r"reduction must be one of"),
     (lambda: group_advantages(torch.zeros(3, 1)), r"scores \(3, 1\) must hold k >= 2 responses per prompt"),
     (lambda: group_advantages(torch.zeros(6)), r"scores must be \[p, k\]"),
     (lambda: group_advantages(_x23, "ppo"), r"kind must be one of \('grpo', 'rloo'\)"),

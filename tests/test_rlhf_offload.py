@@ -124,6 +124,16 @@ def test_grpo_with_offloading_resumes_exactly(tmp_path):
     third.load(tmp_path / "ck")
     for want in expected[1:]:
         assert _untimed(third.iteration()) == _untimed(want)
+    # the estimator is part of the run: a gae run does not resume a critic-free one, nor the reverse
+    from engine.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"is a 'grpo' PPO run \(without a critic\); this run uses "
+                                              r"advantage_estimator='gae': .*--actor-from .*ck/actor"):
+        _loop(_ppo(iterations=3)).load(tmp_path / "ck")
+    gae = _loop(_ppo(iterations=3))
+    gae.save(tmp_path / "gae")
+    with pytest.raises(CheckpointError, match=r"is a 'gae' PPO run \(with a critic\); this run uses "
+                                              r"advantage_estimator='grpo'"):
+        loop(6).load(tmp_path / "gae")
 
 
 def _optimizer():

@@ -168,8 +168,9 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_group_estimators_train_without_a_critic(kind):
-    """GRPO / RLOO: the advantage of every token of a response is its score minus kl_coef x its summed KL,
-    relative to the prompt's other responses (computed here by hand); no critic, no reference answers."""
+    """GRPO / RLOO: the advantage of every token of a response is its score relative to the prompt's other
+    responses, less its KL penalty (kl_coef x its summed KL: folded into the RLOO score, centred over the
+    group after GRPO's normalisation), computed here by hand; no critic, no reference answers."""
     actor, _, reference, reward = _models(seed=2)
     loop = PPOLoop(_ppo(advantage_estimator=kind), _config(), ParallelLayout.single(), actor, None, reference,
                    reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR)
@@ -180,19 +181,47 @@ def test_group_estimators_train_without_a_critic(kind):
     assert torch.equal(rollout.baselines, torch.zeros(8)) and loop._baseline_cache == {}
     mask = rollout.response_mask.bool()
     P, k = loop.config.max_prompt_length, loop.config.samples_per_prompt
-    sequence = (rollout.scores.double() - 0.1 * ((rollout.logprobs - rollout.ref_logprobs).double() * mask).sum(1))
+    penalty = 0.1 * ((rollout.logprobs - rollout.ref_logprobs).double() * mask).sum(1)  # k1 KL, kl_coef 0.1
     expected = torch.zeros(8, dtype=torch.float64)
     for p in range(0, 8, k):
-        group = sequence[p:p + k]
-        others = (group.sum() - group) / (k - 1)
-        expected[p:p + k] = (group - group.mean()) / (group.std() + 1e-6) if kind == "grpo" else group - others
+        score, pen = rollout.scores[p:p + k].double(), penalty[p:p + k]
+        if kind == "grpo":
+            expected[p:p + k] = (score - score.mean()) / (score.std() + 1e-6) - (pen - pen.mean())
+        else:
+            folded = score - pen
+            expected[p:p + k] = folded - (folded.sum() - folded) / (k - 1)  # minus the mean of the others
     adv = batch["advantages"][:, P - 1:-1]
     # fp32 sums of <= 6 token KLs and a 2-element std vs fp64: 1e-5 is ~10x the rounding
     torch.testing.assert_close(adv[mask].double(), expected[:, None].expand(8, adv.shape[1])[mask], rtol=1e-5, atol=1e-5)
     assert torch.equal(adv[~mask], torch.zeros_like(adv[~mask]))
     record = loop.iteration()
     assert record["ppo_steps"] == 2 and "value_loss" not in record and math.isfinite(record["policy_loss"])
-    assert record["reference_reward"] == 0.0
+    assert not {"reference_reward", "reward_vs_reference", "value_mean"} & set(record)  # nothing to report
+
+
+def test_kl_loss_term_in_the_policy_objective():
+    """kl_loss_coef: the objective adds coef x the summed k3 KL to the reference (by the core functions on
+    the same log-probs) and reports it; the loop puts the rollout's reference log-probs in the batch."""
+    from engine.rlhf.core import kl_penalty
+    from engine.rlhf.objectives import PolicyObjective
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, VOCAB, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, 4, 7, 9, -100], [-100, -100, 3, -100, -100]])
+    mb = {"labels": labels, "old_logprobs": -torch.rand(2, 5, generator=g, dtype=torch.float64),
+          "advantages": torch.randn(2, 5, generator=g, dtype=torch.float64),
+          "ref_logprobs": -torch.rand(2, 5, generator=g, dtype=torch.float64)}
+    plain, stats = PolicyObjective().loss_and_stats(logits, mb, ParallelLayout.single(), "torch")
+    with_kl, kl_stats = PolicyObjective(kl_coef=0.5).loss_and_stats(logits, mb, ParallelLayout.single(), "torch")
+    logprobs = kernels.token_logprobs(logits, labels.clamp(min=0), backend="torch")
+    expected = kl_penalty(logprobs, mb["ref_logprobs"], labels != -100, "k3", reduction="sum")
+    torch.testing.assert_close(with_kl, plain + 0.5 * expected)  # the same fp32 ops on the same inputs
+    assert kl_stats[3] == expected and len(stats) == 3
+    assert PolicyObjective(kl_coef=0.5).batch_keys[-1] == "ref_logprobs"
+    assert PolicyObjective(kl_coef=0.5).stat_names[-1] == "ref_kl"
+    loop = _loop(_ppo(kl_coef=0.0, kl_loss_coef=0.1))
+    record = loop.iteration()
+    # the first step sees actor == reference (k3 = 0); after it the actor moved: k3 >= 0, finite
+    assert math.isfinite(record["ref_kl"]) and record["ref_kl"] >= 0 and record["ppo_steps"] == 2
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -206,6 +235,8 @@ def test_group_estimators_train_without_a_critic(kind):
     (dict(kl_target=0.1, kl_coef=0.0), "kl_target=0.1 adapts kl_coef multiplicatively: it needs kl_coef > 0"),
     (dict(kl_horizon=0), "kl_horizon=0 must be a positive integer"),
     (dict(score_micro_batch_size=-1), "score_micro_batch_size=-1 must be a positive integer or 0"),
+    (dict(kl_loss_coef=-0.1), "kl_loss_coef=-0.1 must be >= 0"),
+    (dict(kl_loss_kind="k5"), r"kl_loss_kind='k5' must be one of \('k1', 'k2', 'k3'\)"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
     (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
      "advantage_estimator='grpo' compares a prompt's responses: it needs samples_per_prompt >= 2"),
@@ -230,6 +261,11 @@ def test_generation_layout_config_errors():
     # pp > 1 always samples on the generation layout: world / tp_g replicas (dp 1 x tp 1 x pp 4 -> 4)
     with pytest.raises(ValueError, match="divisible by the 4 sampling replicas of generation_tp=1 at pp=4"):
         _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(1, 1, 4)
+    # the interleaved schedule needs the micro-batches per DP rank in multiples of pp
+    _ppo(mini_batch_size=4).validate(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"mini_batch_size=2 gives 1 micro-batches per DP rank; the interleaved "
+                                         r"schedule \(vpp=2\) needs a multiple of pp=2"):
+        _ppo(mini_batch_size=2).validate(1, 1, 2, 2)
 
 
 def test_loop_errors():
@@ -512,15 +548,17 @@ def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
 def _world2_interleaved(rank, world_size, states, scored, batch):
     """pp=2 x vpp=2 (two chunks per rank, offloading on): scoring, baselines and one update."""
     layout = ParallelLayout.build(ParallelDims(pp=2, vpp=2), name="pp2vpp2")
-    loop = _loop(_ppo(offload=True), layout=layout, models=_sharded(states, layout))
+    # scoring micro-batches of 3 rows: 8 rows -> 3 micro-batches (the last one padded, not a multiple of pp)
+    loop = _loop(_ppo(offload=True, score_micro_batch_size=3), layout=layout, models=_sharded(states, layout))
     sequences, attention, responses, prompt_index = scored
     scores = (loop._token_logprobs(loop.actor, sequences, attention, responses),
               loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
               loop._baselines(prompt_index))
+    five = loop._values(loop.critic, sequences[:5], attention[:5])  # an odd row count (before any update)
     update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
     record = loop.iteration()
     return dict(chunks=[len(loop.actor), len(loop.reference)], scores=[t.numpy() for t in scores], update=update,
-                steps=record["ppo_steps"])
+                steps=record["ppo_steps"], five=five.numpy())
 
 
 def test_interleaved_pipeline_ppo_matches_one_process():
@@ -535,6 +573,7 @@ def test_interleaved_pipeline_ppo_matches_one_process():
         assert r["chunks"] == [2, 2] and r["steps"] == 2
         for got, want in zip(r["scores"], (rollout.logprobs, rollout.values, rollout.scores, rollout.baselines)):
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=2e-5)  # fp32, as above
+        torch.testing.assert_close(torch.from_numpy(r["five"]), rollout.values[:5], rtol=0, atol=2e-5)
         for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "actor_grad_norm", "critic_grad_norm"):
             assert r["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
 

@@ -20,6 +20,7 @@ k = sampled responses per prompt):
 
     masked_sum / masked_mean / masked_var / masked_whiten   reductions over real tokens
     kl_estimate                 k1 / k2 / k3 per-token estimators of KL(pi || pi_ref)
+    kl_penalty                  their masked reduction, differentiable: a KL term in the policy loss
     shape_rewards               -kl_coef * KL per token + the sequence score at the last token
     adaptive_kl_coef            the KL coefficient's proportional controller toward a target KL
     gae_advantages              generalized advantage estimation and returns
@@ -202,6 +203,22 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
         return 0.5 * d.pow(2)
     # expm1 keeps exp(d) - 1 accurate for the small d of close policies (plain exp cancels)
     return torch.expm1(d) - d
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kind: str = "k3",
+               reduction: str = "mean") -> torch.Tensor:
+    """``kl_estimate`` reduced over the real tokens, as a loss term: the gradient flows into ``logprobs``
+    (the current policy; ``ref_logprobs`` are constants). GRPO puts this in the policy loss (k3) instead
+    of a per-token penalty in the reward.
+
+    logprobs, ref_logprobs, mask: ``[b, t]``; reduction "mean" (over masked tokens, 0 if none) or "sum".
+    Returns a 0-dim fp32 tensor."""
+    _check_dim("logprobs", logprobs, 2, "[b, t]")
+    _check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
+    m = _bool_mask(mask, logprobs, "logprobs")
+    _check_reduction(reduction)
+    kl = kl_estimate(_masked_fp32(logprobs, m), _masked_fp32(ref_logprobs.detach(), m), kind)
+    return _reduce(kl, m, reduction)
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -515,6 +532,6 @@ class RunningMoments:
 
 
 __all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "REDUCTIONS", "SPREAD_STATISTICS", "RunningMoments", "gae_advantages",
-           "group_advantages", "kl_estimate",
+           "group_advantages", "kl_estimate", "kl_penalty",
            "masked_mean", "masked_sum", "masked_var", "masked_whiten", "ppo_policy_loss", "reference_baseline",
            "reward_spread_filter", "shape_rewards", "value_loss"]

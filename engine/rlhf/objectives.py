@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kernels
-from engine.rlhf.core import ppo_policy_loss, value_loss
+from engine.rlhf.core import kl_penalty, ppo_policy_loss, value_loss
 from engine.train.objectives import IGNORE_INDEX, record_vocab_parallel_loss
 
 
@@ -32,17 +32,29 @@ def _tokens(batch: dict) -> int:
 
 @dataclass(frozen=True)
 class PolicyObjective:
-    """Clipped PPO surrogate of the actor, summed over response tokens (``core.ppo_policy_loss``).
-    Output: logits ``[b, S, v(/tp)]``; log-probs of the sampled tokens under ``logits / temperature``
-    (the distribution the rollout sampled from), vocab-parallel under TP."""
+    """Clipped PPO surrogate of the actor, summed over response tokens (``core.ppo_policy_loss``), plus
+    ``kl_coef`` times the summed ``kl_kind`` estimate of KL(actor || reference) when ``kl_coef > 0``
+    (``core.kl_penalty``; the batch then carries the rollout's ``ref_logprobs``, and the stats its value
+    as ``ref_kl``). Output: logits ``[b, S, v(/tp)]``; log-probs of the sampled tokens under
+    ``logits / temperature`` (the distribution the rollout sampled from), vocab-parallel under TP."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
     name = "policy"
-    batch_keys = ("input_ids", "attention_mask", "labels", "old_logprobs", "advantages")
     optional_keys = ()
     rows_per_sample = 1
-    stat_names = ("clipfrac", "approx_kl", "entropy")
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        keys = ("input_ids", "attention_mask", "labels", "old_logprobs", "advantages")
+        return keys + ("ref_logprobs",) if self.kl_coef > 0 else keys
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        names = ("clipfrac", "approx_kl", "entropy")
+        return names + ("ref_kl",) if self.kl_coef > 0 else names
 
     def normalizer(self, batch: dict) -> int:
         return _tokens(batch)
@@ -62,7 +74,12 @@ class PolicyObjective:
                                                    return_entropy=True, backend=backend)
         loss, stats = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, self.clip_eps,
                                       reduction="sum")
-        return loss, [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
+        out = [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
+        if self.kl_coef > 0:
+            ref_kl = kl_penalty(logprobs, mb["ref_logprobs"], mask, self.kl_kind, reduction="sum")
+            loss = loss + self.kl_coef * ref_kl
+            out.append(ref_kl.detach())
+        return loss, out
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ One iteration (``PPOLoop.iteration``):
               critic's Trainer the clipped value loss (``engine.rlhf.objectives``)
 
 ``advantage_estimator="grpo"`` or ``"rloo"`` replaces the critic and GAE by a group baseline: each
-response's advantage is its score (minus ``kl_coef`` times its summed KL to the reference) relative to
-the other responses to its prompt (``core.group_advantages``), on every token of the response. No critic
-is built, scored, trained or saved, and the reference baseline is skipped (a per-prompt constant cancels
-in the group).
+response's advantage is its score relative to the other responses to its prompt
+(``core.group_advantages``), on every token of the response, less its KL penalty (``kl_coef`` times its
+summed KL to the reference: folded into the score for RLOO, centred over the group after GRPO's
+normalisation). No critic is built, scored, trained or saved, and the reference baseline is skipped (a
+per-prompt constant cancels in the group). ``kl_loss_coef`` adds GRPO's KL term to the actor's loss
+instead (any estimator).
 
 ``save(DIR)`` / ``load(DIR)`` checkpoint the actor and critic (weights and optimizer state, any layout
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
@@ -131,6 +133,11 @@ class PPOConfig:
     used 10000 with large rollouts; a small demo rollout needs a smaller horizon to adapt visibly)."""
     kl_kind: str = "k1"
     """KL estimator of the penalty: k1, k2 or k3 (``core.kl_estimate``)."""
+    kl_loss_coef: float = 0.0
+    """> 0: a KL(actor || reference) term in the actor's loss, this weight times the ``kl_loss_kind``
+    estimate summed over response tokens like the policy loss (``core.kl_penalty``; GRPO's form, usually
+    with ``kl_coef = 0``); logged as ``ref_kl`` per token."""
+    kl_loss_kind: str = "k3"
     gamma: float = 1.0
     lam: float = 0.95
     advantage_estimator: str = "gae"
@@ -139,7 +146,8 @@ class PPOConfig:
     (``core.group_advantages``; needs samples_per_prompt >= 2)."""
     reference_baseline: bool = True
     """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF; gae
-    only: under a group estimator a per-prompt constant cancels, so the reference answers are skipped)."""
+    only: under a group estimator a per-prompt constant cancels, so the reference answers are skipped and
+    ``normalize_scores`` / ``score_clip`` act on the raw scores)."""
     min_reward_spread: float = 0.0
     """Drop prompts whose k responses' scores span less than this (0: keep all; needs k >= 2)."""
     whiten_advantages: bool = True
@@ -168,8 +176,9 @@ class PPOConfig:
         tp_g = self.generation_tp or tp
         return dp if (tp_g == tp and pp == 1) else dp * tp * pp // tp_g
 
-    def validate(self, dp: int, tp: int = 1, pp: int = 1) -> "PPOConfig":
-        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` ranks."""
+    def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1) -> "PPOConfig":
+        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` ranks with
+        ``vpp`` virtual stages each."""
         problems = []
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                 "ppo_epochs", "mini_batch_size", "micro_batch_size")
@@ -200,14 +209,20 @@ class PPOConfig:
             if self.mini_batch_size % (self.micro_batch_size * dp):
                 problems.append(f"mini_batch_size={self.mini_batch_size} must be divisible by micro_batch_size="
                                 f"{self.micro_batch_size} x dp={dp}")
+            elif vpp > 1 and (self.mini_batch_size // (self.micro_batch_size * dp)) % pp:
+                m = self.mini_batch_size // (self.micro_batch_size * dp)
+                problems.append(f"mini_batch_size={self.mini_batch_size} gives {m} micro-batches per DP rank; the "
+                                f"interleaved schedule (vpp={vpp}) needs a multiple of pp={pp}: mini_batch_size = "
+                                "k x pp x micro_batch_size x dp")
         if self.advantage_estimator not in ESTIMATORS:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} must be one of {ESTIMATORS}")
         elif self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} compares a prompt's responses: it "
                             f"needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
-        if self.kl_kind not in KL_KINDS:
-            problems.append(f"kl_kind={self.kl_kind!r} must be one of {KL_KINDS}")
-        for name in ("kl_coef", "kl_target", "ptx_coef", "min_reward_spread", "score_clip"):
+        for name in ("kl_kind", "kl_loss_kind"):
+            if getattr(self, name) not in KL_KINDS:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {KL_KINDS}")
+        for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
@@ -297,7 +312,7 @@ class PPOLoop:
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None):
-        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size)
+        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only)
         self.reshard = tp_g < layout.tp_size or layout.pp_size > 1
@@ -338,7 +353,8 @@ class PPOLoop:
                             seq_length=self.seq_length, train_steps=steps, seed=config.seed)
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
                                      layout, model_config, train, LRSchedule(actor_lr, steps),
-                                     PolicyObjective(config.clip_eps, config.temperature))
+                                     PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
+                                                     config.kl_loss_kind))
         self.critic_trainer = None
         if self.uses_critic:
             self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
@@ -571,28 +587,27 @@ class PPOLoop:
         logprobs = self._token_logprobs(self.actor, sequences, attention, responses)
         self._resident("score", "reference")
         ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses)
+        values = None  # no critic: zeros of the global shape after the gather (no traffic for them)
         if self.uses_critic:
             self._resident("score", "critic")
             values = self._values(self.critic, sequences, attention)
-        else:
-            values = torch.zeros(responses.shape, dtype=torch.float32, device=self.device)
         self._resident("score", "reward")
         scores = self._scores(self.reward, sequences, attention)
         for model in (*self.actor, *self.critic):
             model.train()
-        if c.reference_baseline and self.uses_critic:
-            baselines = self._baselines(mine).to(self.device)
-        else:
-            baselines = torch.zeros(len(mine), device=self.device)
+        baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None
         t2 = time.perf_counter()
         peaks["score"] = peak_memory(self.device)
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             return comm.all_gather(t.contiguous(), 0, layout.dp_group, layout.ledger, "rollout")
 
+        logprobs = gather(logprobs)
+        values = gather(values) if values is not None else torch.zeros_like(logprobs)
+        scores = gather(scores)
+        baselines = gather(baselines) if baselines is not None else torch.zeros_like(scores)
         rollout = Rollout(gather(sequences), gather(attention), gather(responses), gather(response_mask),
-                          gather(logprobs), gather(ref_logprobs), gather(values), gather(scores),
-                          gather(baselines), rows)
+                          logprobs, gather(ref_logprobs), values, scores, baselines, rows)
         times = {"generate_s": t1 - t0, "score_s": t2 - t1, "gather_s": time.perf_counter() - t2}
         times.update({f"peak_memory_{k}": v for k, v in peaks.items() if v is not None})
         return rollout, times
@@ -621,25 +636,36 @@ class PPOLoop:
             if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
                 adv = masked_whiten(adv, mask)
         else:
-            # each response's score minus its summed KL penalty, relative to its prompt's group; the
-            # response's every token gets it (an empty response still counts in its group's baseline)
-            sequence = adjusted - self.kl_coef * kl.sum(1)
-            relative = group_advantages(sequence.view(c.rollout_prompts, c.samples_per_prompt),
-                                        c.advantage_estimator).view(-1)
-            adv = torch.where(mask, relative[:, None], torch.zeros((), device=mask.device))
+            # each response's score relative to its prompt's group, on every token of the response (an
+            # empty response still counts in its group's baseline); the KL penalty, summed per response:
+            # RLOO folds it into the score (Ahmadian et al.); GRPO normalises the score alone and
+            # subtracts the group-centred penalty, so KL noise never becomes a unit-size advantage when
+            # a group's scores tie
+            groups = (c.rollout_prompts, c.samples_per_prompt)
+            penalty = (self.kl_coef * kl.sum(1)).view(groups)
+            if c.advantage_estimator == "rloo":
+                relative = group_advantages(adjusted.view(groups) - penalty, "rloo")
+            else:
+                relative = group_advantages(adjusted.view(groups), "grpo") - (penalty - penalty.mean(1, keepdim=True))
+            adv = torch.where(mask, relative.view(-1)[:, None], torch.zeros((), device=mask.device))
             returns = torch.zeros_like(adv)
         P = c.max_prompt_length
         labels = align(torch.where(mask, r.responses, torch.full_like(r.responses, IGNORE_INDEX)), P, IGNORE_INDEX)
         batch = {"input_ids": r.sequences, "attention_mask": r.attention_mask, "labels": labels,
-                 "old_logprobs": align(r.logprobs * mask, P, 0.0), "advantages": align(adv, P, 0.0),
-                 "old_values": align(r.values * mask, P, 0.0), "returns": align(returns, P, 0.0)}
+                 "old_logprobs": align(r.logprobs * mask, P, 0.0), "advantages": align(adv, P, 0.0)}
+        if self.uses_critic:
+            batch.update(old_values=align(r.values * mask, P, 0.0), returns=align(returns, P, 0.0))
+        if c.kl_loss_coef > 0:
+            batch["ref_logprobs"] = align(r.ref_logprobs * mask, P, 0.0)
         all_tokens = r.response_mask.bool()
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
-        stats = {"reward": r.scores.mean().item(), "reward_vs_reference": (r.scores - r.baselines).mean().item(),
-                 "reference_reward": r.baselines.mean().item(), "kl": seq_kl.mean().item(),
+        stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
-                 "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
-                 "value_mean": masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0}
+                 "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef}
+        if self.uses_critic:  # (a group estimator has no reference answers and no values)
+            stats.update(reward_vs_reference=(r.scores - r.baselines).mean().item(),
+                         reference_reward=r.baselines.mean().item(),
+                         value_mean=masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0)
         return batch, stats
 
     # ---- update -------------------------------------------------------------------------------
@@ -713,6 +739,7 @@ class PPOLoop:
             self.offloader.ensure(name, f"{name}.optim")  # collectives over device tensors
             extra = {"mode": f"ppo_{name}", "iteration": self.iterations_done, "trainer_steps": trainer.steps_done}
             if name == "actor":
+                extra["advantage_estimator"] = self.config.advantage_estimator
                 extra["reference_baselines"] = merged
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
@@ -734,6 +761,13 @@ class PPOLoop:
             if extra.get("mode") != f"ppo_{name}":
                 raise CheckpointError(f"{Path(directory) / name} holds a {extra.get('mode')!r} checkpoint, not a "
                                       f"PPO {name}")
+            if name == "actor":
+                saved = extra.get("advantage_estimator", "gae")  # written before the option existed: gae
+                if saved != self.config.advantage_estimator:
+                    raise CheckpointError(
+                        f"{directory} is a {saved!r} PPO run ({'with' if saved == 'gae' else 'without'} a critic); "
+                        f"this run uses advantage_estimator={self.config.advantage_estimator!r}: resume with the "
+                        f"same estimator, or start a new run from its actor (--actor-from {Path(directory) / 'actor'})")
             trainer.steps_done = int(extra["trainer_steps"])
             states[name] = extra
         if "critic" in states and states["actor"]["iteration"] != states["critic"]["iteration"]:
