@@ -8,17 +8,17 @@ Layouts are ``tp,dp[,generation_tp[,pp]]`` (generation_tp < tp: the actor is res
 degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
 scoring and training, the actor gathered to every layer per rank for sampling); each runs
 ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first is a warm-up and is not timed) in
-its own gloo process group, one thread per process. Actor, critic (with ``--advantage-estimator gae``,
-the default), reference and reward models are randomly initialised copies of ``--config`` (all on every
-rank); prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a random
-model rarely samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the
-measured lengths. Reported per phase (median over the timed iterations): generate (sampling with the
-KV cache), score (actor, reference, critic and reward forwards; the reference answers of prompts not
-seen before, gae only), update (the actor's and the critic's optimizer steps), and the whole iteration;
-generated tokens/s = rollout responses' tokens / generate time; trained tokens/s = rollout tokens
-(prompt + response) x PPO epochs / update time; resident MiB: the device bytes each phase held (weights, optimizer state,
-gradient buffers, the generation copy: ``resident_bytes_<phase>``, measured from the tensors' storages;
-the KV cache and activations are not in it), with ``--offload`` holding only what the phase uses.
+its own gloo process group, one thread per process. Actor, critic (with ``--advantage-estimator gae``, the
+default), reference and reward models are randomly initialised copies of ``--config`` (all on every rank);
+prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a random model rarely
+samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the measured lengths. Reported
+per phase (median over the timed iterations): generate (sampling with the KV cache), score (actor, reference,
+critic and reward forwards; the reference answers of prompts not seen before, gae only), update (the actor's
+and the critic's optimizer steps), and the whole iteration; generated tokens/s = rollout responses' tokens /
+generate time; trained tokens/s = rollout tokens (prompt + response) x PPO epochs / update time; resident MiB:
+the device bytes each phase held (weights, optimizer state, gradient buffers, the generation copy:
+``resident_bytes_<phase>``, measured from the tensors' storages; the KV cache and activations are not in it),
+with ``--offload`` holding only what the phase uses.
 ``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
 peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
@@ -101,9 +101,11 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device here")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
-          f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; median of {args.iterations - 1} iterations; "
+          f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; "
+          f"median of {args.iterations - 1} iterations; "
           "resident MiB on rank 0")
-    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  {'iter s':>7}  "
+    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
+              f"{'iter s':>7}  "
               f"{'gen tok/s':>9}  {'train tok/s':>11}  {'resident MiB gen/score/update':>29}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}

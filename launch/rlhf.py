@@ -85,7 +85,8 @@ class RLHFRun:
         return run_dict(self)
 
 
-SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data", "checkpoint",
+SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
+            "checkpoint",
             "log_dir"}
 
 
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-coef", type=float)
     p.add_argument("--kl-target", type=float, help="> 0: adapt kl_coef toward this KL per response")
     p.add_argument("--kl-horizon", type=int, help="samples over which the adaptive KL controller closes the gap")
-    p.add_argument("--kl-loss-coef", type=float, help="> 0: a k3 KL(actor || reference) term in the actor's loss")
+    p.add_argument("--kl-loss-coef", type=float,
+                   help="> 0: a KL(actor || reference) term (ppo.kl_loss_kind, default k3) in the actor's loss")
     p.add_argument("--ptx-coef", type=float)
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
@@ -167,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
-              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed", "generation_tp", "offload",
-              "advantage_estimator")
+              "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
+              "generation_tp", "offload", "advantage_estimator")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 
@@ -299,7 +301,8 @@ def train_ppo(run: RLHFRun) -> int:
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: PPO ({c.advantage_estimator}) on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M "
-                  f"params per model, {4 if loop.uses_critic else 3} models), tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
+                  f"params per model, {4 if loop.uses_critic else 3} models), tp={layout.tp_size} "
+                  f"pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)

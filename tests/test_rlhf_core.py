@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, kl_penalty, masked_mean, masked_sum, masked_var,
-                              masked_whiten, ppo_policy_loss, reference_baseline, reward_spread_filter,
-                              shape_rewards, value_loss)
+from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, kl_penalty, masked_mean,
+                              masked_sum, masked_var, masked_whiten, ppo_policy_loss, reference_baseline,
+                              reward_spread_filter, shape_rewards, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -121,6 +121,12 @@ def test_kl_penalty_reduces_over_real_tokens_and_its_gradient_ignores_padding():
     grad = [[1 - math.exp(r - x) for x, r in real[:3]], [1 - math.exp(real[3][1] - real[3][0]), 0.0, 0.0]]
     torch.testing.assert_close(lp.grad, torch.tensor(grad, dtype=torch.float64), **FP32)
     assert kl_penalty(lp, ref, torch.zeros(2, 3)).item() == 0.0
+    # d = ref - logp clamped to [-20, 20]: a token the reference finds e^50 times likelier stays finite
+    far = torch.tensor([[-60.0]], requires_grad=True)
+    big = kl_penalty(far, torch.tensor([[-10.0]]), torch.ones(1, 1), "k3", reduction="sum")
+    _close(big, math.expm1(20.0) - 20.0, rtol=1e-6, atol=0)
+    big.backward()
+    assert far.grad.item() == 0.0
 
 
 def test_k3_is_non_negative():

@@ -48,8 +48,9 @@ def test_offloading_changes_no_number_and_each_phase_holds_only_what_it_uses():
     assert b["resident_bytes_generate"] == weights["actor"]  # pp = 1, no resharding: sampling on the actor
     assert b["resident_bytes_score"] == max(weights.values())  # one model at a time
     assert b["resident_bytes_update"] == max(training.values())  # one model and its optimizer at a time
-    everything = sum(weights.values()) + _bytes(t for o in (plain.actor_trainer.optimizer, plain.critic_trainer.optimizer)
-                                               for d in (o.state_buffers(), o.grad_buffers()) for t in d.values())
+    optimizers = (plain.actor_trainer.optimizer, plain.critic_trainer.optimizer)
+    everything = sum(weights.values()) + _bytes(t for o in optimizers for d in (o.state_buffers(), o.grad_buffers())
+                                               for t in d.values())
     assert a["resident_bytes_generate"] == a["resident_bytes_score"] == a["resident_bytes_update"] == everything
     assert b["resident_bytes_update"] < everything / 2
     # after the iteration the critic (its update ran last) is resident, everything else in host memory
@@ -129,6 +130,19 @@ def test_grpo_with_offloading_resumes_exactly(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a 'grpo' PPO run \(without a critic\); this run uses "
                                               r"advantage_estimator='gae': .*--actor-from .*ck/actor"):
         _loop(_ppo(iterations=3)).load(tmp_path / "ck")
+    # refused before anything is loaded: the gae loop's weights are untouched
+    fresh = _loop(_ppo(iterations=3))
+    before = {k: v.clone() for k, v in fresh.actor[0].state_dict().items()}
+    with pytest.raises(CheckpointError, match="is a 'grpo' PPO run"):
+        fresh.load(tmp_path / "ck")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.actor[0].state_dict().items())
+    # a checkpoint from before the estimator was recorded: without a critic it was critic-free, so it resumes
+    import json
+    manifest = next((tmp_path / "ck" / "actor").glob("step_*/manifest.json"))
+    data = json.loads(manifest.read_text())
+    del data["extra_state"]["advantage_estimator"]
+    manifest.write_text(json.dumps(data))
+    loop(6).load(tmp_path / "ck")
     gae = _loop(_ppo(iterations=3))
     gae.save(tmp_path / "gae")
     with pytest.raises(CheckpointError, match=r"is a 'gae' PPO run \(with a critic\); this run uses "

@@ -192,7 +192,8 @@ def test_group_estimators_train_without_a_critic(kind):
             expected[p:p + k] = folded - (folded.sum() - folded) / (k - 1)  # minus the mean of the others
     adv = batch["advantages"][:, P - 1:-1]
     # fp32 sums of <= 6 token KLs and a 2-element std vs fp64: 1e-5 is ~10x the rounding
-    torch.testing.assert_close(adv[mask].double(), expected[:, None].expand(8, adv.shape[1])[mask], rtol=1e-5, atol=1e-5)
+    want = expected[:, None].expand(8, adv.shape[1])[mask]
+    torch.testing.assert_close(adv[mask].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(adv[~mask], torch.zeros_like(adv[~mask]))
     record = loop.iteration()
     assert record["ppo_steps"] == 2 and "value_loss" not in record and math.isfinite(record["policy_loss"])
@@ -218,10 +219,24 @@ def test_kl_loss_term_in_the_policy_objective():
     assert kl_stats[3] == expected and len(stats) == 3
     assert PolicyObjective(kl_coef=0.5).batch_keys[-1] == "ref_logprobs"
     assert PolicyObjective(kl_coef=0.5).stat_names[-1] == "ref_kl"
-    loop = _loop(_ppo(kl_coef=0.0, kl_loss_coef=0.1))
-    record = loop.iteration()
-    # the first step sees actor == reference (k3 = 0); after it the actor moved: k3 >= 0, finite
-    assert math.isfinite(record["ref_kl"]) and record["ref_kl"] >= 0 and record["ppo_steps"] == 2
+    # the loop: the batch carries the rollout's reference log-probs at the old log-probs' positions, and with
+    # one mini-batch holding the whole rollout, the step's ref_kl is the rollout's own k3 (the actor is
+    # still the behaviour policy); the reference differs from the actor here
+    actor, critic, reference, reward = _models(seed=4)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loop = _loop(_ppo(kl_coef=0.0, kl_loss_coef=0.1, mini_batch_size=8, micro_batch_size=4),
+                 models=(actor, critic, reference, reward))
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    P, mask = loop.config.max_prompt_length, rollout.response_mask.bool()
+    assert torch.equal(batch["ref_logprobs"][:, P - 1:-1], rollout.ref_logprobs * mask)
+    update = loop.update(batch, 0)
+    expected = kl_penalty(rollout.logprobs, rollout.ref_logprobs, mask, "k3")
+    assert expected.item() > 1e-3  # a real KL, so a misaligned or missing term shows
+    # fp32: the training forward re-computes the behaviour log-probs (~1e-6 apart)
+    assert update["ref_kl"] == pytest.approx(expected.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -236,7 +251,7 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(kl_horizon=0), "kl_horizon=0 must be a positive integer"),
     (dict(score_micro_batch_size=-1), "score_micro_batch_size=-1 must be a positive integer or 0"),
     (dict(kl_loss_coef=-0.1), "kl_loss_coef=-0.1 must be >= 0"),
-    (dict(kl_loss_kind="k5"), r"kl_loss_kind='k5' must be one of \('k1', 'k2', 'k3'\)"),
+    (dict(kl_loss_kind="k1"), r"kl_loss_kind='k1' must be k2 or k3 \(k1's gradient averages to zero"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
     (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
      "advantage_estimator='grpo' compares a prompt's responses: it needs samples_per_prompt >= 2"),
@@ -287,6 +302,16 @@ def test_loop_errors():
 
 
 # ---- layouts -----------------------------------------------------------------------------------
+def _one_process(seed: int):
+    """The four models' full state dicts, and one process's loop, rollout 0 and PPO batch from them."""
+    models = _models(seed=seed)
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    loop = _loop(models=models)
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    return states, loop, rollout, batch
+
+
 def _sharded(states, layout) -> list:
     """Actor, critic, reference and reward built for ``layout`` from full state dicts (a model, or the
     rank's chunks when vpp > 1)."""
@@ -320,7 +345,8 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
             gen = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
             out["greedy"] = (gen.response_ids.numpy(), gen.logprobs.numpy())
         update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
-        full = gather_full_state_dict(loop.actor[0], _config(), dataclasses.replace(layout, ledger=type(layout.ledger)()))
+        fresh = dataclasses.replace(layout, ledger=type(layout.ledger)())  # the update's ledger stays as it was
+        full = gather_full_state_dict(loop.actor[0], _config(), fresh)
         out[name] = (update, {k: v.clone().numpy() for k, v in full.items()})  # tp=1: views of live params
         if name == "dp2":
             record = loop.iteration()
@@ -342,11 +368,7 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
 
 def test_tp2_and_dp2_match_one_process():
     from engine.model.generation import SamplingParams, generate
-    actor, critic, reference, reward = _models(seed=5)
-    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
-    loop = _loop(models=(actor, critic, reference, reward))
-    rollout, _ = loop.rollout(0)
-    batch, _ = loop.advantages(rollout)
+    states, loop, rollout, batch = _one_process(seed=5)
     prompts = _prompts(3, seed=9)
     ids, mask = left_pad_prompts(prompts, 8, PAD)
     ref_gen = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
@@ -494,14 +516,11 @@ def _world4_pipeline(rank, world_size, states, prompts_greedy, scored, batch, ck
 
 def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
     from engine.model.generation import SamplingParams, generate
-    actor, critic, reference, reward = _models(seed=8)
-    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
-    loop = _loop(models=(actor, critic, reference, reward))
-    rollout, _ = loop.rollout(0)
-    batch, _ = loop.advantages(rollout)
+    states, loop, rollout, batch = _one_process(seed=8)
     prompts = _prompts(3, seed=11)
     ids, mask = left_pad_prompts(prompts, 8, PAD)
-    ref_tokens = generate(actor, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
+    greedy = SamplingParams(max_new_tokens=6, eos_token_id=[EOS])
+    ref_tokens = generate(loop.actor[0], ids, mask, greedy).response_ids
     scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
     ref_scores = (rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.baselines)
     ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
@@ -562,11 +581,7 @@ def _world2_interleaved(rank, world_size, states, scored, batch):
 
 
 def test_interleaved_pipeline_ppo_matches_one_process():
-    actor, critic, reference, reward = _models(seed=9)
-    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (actor, critic, reference, reward)]
-    loop = _loop(models=(actor, critic, reference, reward))
-    rollout, _ = loop.rollout(0)
-    batch, _ = loop.advantages(rollout)
+    states, loop, rollout, batch = _one_process(seed=9)
     ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
     scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
     for r in run_distributed(_world2_interleaved, 2, states, scored, batch, timeout=300):

@@ -379,6 +379,7 @@ class ParallelLayout:
             if train.rank in ranks:
                 dp_group = group
         return cls(dims=dims, rank=train.rank, world_size=world, tp_rank=my_j,
-                   dp_rank=replicas.index((my_d, my_offset, my_p)), pp_rank=0, tp_group=tp_group, dp_group=dp_group, pp_group=None, mp_group=tp_group,
-                   tp_ranks=tp_ranks, dp_ranks=dp_ranks, pp_ranks=(train.rank,), mp_ranks=tp_ranks,
-                   name=f"{train.name}-generation", ledger=train.ledger, tp_subgroups=subgroups)
+                   dp_rank=replicas.index((my_d, my_offset, my_p)), pp_rank=0, tp_group=tp_group,
+                   dp_group=dp_group, pp_group=None, mp_group=tp_group, tp_ranks=tp_ranks, dp_ranks=dp_ranks,
+                   pp_ranks=(train.rank,), mp_ranks=tp_ranks, name=f"{train.name}-generation",
+                   ledger=train.ledger, tp_subgroups=subgroups)

@@ -207,13 +207,13 @@ def _gather_stages(local: dict[str, torch.Tensor], layout, category: str) -> dic
 
 @torch.no_grad()
 def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConfig, src, dst) -> dict[str, torch.Tensor]:
-    """This rank's tensors on layout ``dst`` (tensor parallel degree tp_dst) from its tensors on
-    ``src`` (tp_src, a multiple of tp_dst; this stage's tensors when pp > 1): ``dst`` is ``ParallelLayout.for_generation(src,
-    tp_dst)``, whose TP rank j needs only the shards of src TP ranks [f j, f j + f), f = tp_src / tp_dst,
-    i.e. its src TP subgroup of size f. Each tensor is all-gathered over that subgroup ((f - 1) x the
-    local bytes received, ledger category "reshard") and the rows/columns of dst's shard are picked
-    from the gathered ones. Which full index each shard holds comes from ``tp_slice`` itself (applied
-    to an index probe), so every sharding rule (vocab rows, [gate | up], QKV per KV group with
+    """This rank's tensors on layout ``dst`` (tensor parallel degree tp_dst) from its tensors on ``src``
+    (tp_src, a multiple of tp_dst; this stage's tensors when pp > 1): ``dst`` is
+    ``ParallelLayout.for_generation(src, tp_dst)``, whose TP rank j needs only the shards of src TP ranks [f
+    j, f j + f), f = tp_src / tp_dst, i.e. its src TP subgroup of size f. Each tensor is all-gathered over
+    that subgroup ((f - 1) x the local bytes received, ledger category "reshard") and the rows/columns of
+    dst's shard are picked from the gathered ones. Which full index each shard holds comes from ``tp_slice``
+    itself (applied to an index probe), so every sharding rule (vocab rows, [gate | up], QKV per KV group with
     replicated KV heads, columns) is handled by the code that defines it. Collective over the subgroup."""
     tp_src, tp_dst = src.tp_size, dst.tp_size
     if tp_src % tp_dst != 0:

@@ -209,7 +209,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
                reduction: str = "mean") -> torch.Tensor:
     """``kl_estimate`` reduced over the real tokens, as a loss term: the gradient flows into ``logprobs``
     (the current policy; ``ref_logprobs`` are constants). GRPO puts this in the policy loss (k3) instead
-    of a per-token penalty in the reward.
+    of a per-token penalty in the reward. ``d = ref_logprobs - logprobs`` is clamped to [-20, 20] first
+    (as verl does): one token the reference finds e^20 times likelier cannot overflow k3 or its gradient
+    (there the gradient is 0).
 
     logprobs, ref_logprobs, mask: ``[b, t]``; reduction "mean" (over masked tokens, 0 if none) or "sum".
     Returns a 0-dim fp32 tensor."""
@@ -217,8 +219,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
     _check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
     m = _bool_mask(mask, logprobs, "logprobs")
     _check_reduction(reduction)
-    kl = kl_estimate(_masked_fp32(logprobs, m), _masked_fp32(ref_logprobs.detach(), m), kind)
-    return _reduce(kl, m, reduction)
+    logp = _masked_fp32(logprobs, m)
+    ref = logp + (_masked_fp32(ref_logprobs.detach(), m) - logp).clamp(-20.0, 20.0)
+    return _reduce(kl_estimate(logp, ref, kind), m, reduction)
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,

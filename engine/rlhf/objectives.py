@@ -33,7 +33,8 @@ def _tokens(batch: dict) -> int:
 @dataclass(frozen=True)
 class PolicyObjective:
     """Clipped PPO surrogate of the actor, summed over response tokens (``core.ppo_policy_loss``), plus
-    ``kl_coef`` times the summed ``kl_kind`` estimate of KL(actor || reference) when ``kl_coef > 0``
+    ``kl_coef`` times the summed ``kl_kind`` estimate of KL(actor || reference) when ``kl_coef > 0`` (a
+    loss on the rollout's samples, as GRPO: ``PPOConfig.kl_loss_coef``)
     (``core.kl_penalty``; the batch then carries the rollout's ``ref_logprobs``, and the stats its value
     as ``ref_kl``). Output: logits ``[b, S, v(/tp)]``; log-probs of the sampled tokens under
     ``logits / temperature`` (the distribution the rollout sampled from), vocab-parallel under TP."""

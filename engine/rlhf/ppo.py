@@ -7,9 +7,9 @@ One iteration (``PPOLoop.iteration``):
               ``rollout_prompts`` prompts with the actor's KV cache (TP ranks gather the vocab-sharded
               logits and draw the same token)
     score     on the same slice, no grad, in micro-batches of ``score_micro_batch_size`` rows (under
-              pp > 1 with the forward-only pipeline schedule, results broadcast from the last stage): actor log-probs (the
-              behaviour policy, recomputed by a full forward so they match the training forward's
-              numerics), reference log-probs, critic values, reward-model scores; the reference
+              pp > 1 with the forward-only pipeline schedule, results broadcast from the last stage):
+              actor log-probs (the behaviour policy, recomputed by a full forward so they match the
+              training forward's numerics), reference log-probs, critic values, reward-model scores; the reference
               baseline r(x, y_ref) of each prompt (y_ref: the reference model's greedy response),
               computed once per prompt and cached
     gather    the scored slices are all-gathered over DP ("rollout" traffic): every rank holds the
@@ -46,8 +46,9 @@ memory (``engine.rlhf.offload``): sampling holds only the actor's generation cop
 leaves once resharded, before the KV cache is allocated; without resharding, the actor's weights);
 scoring one model at a time; each update one model with its optimizer state (the actor's steps run
 before the critic's). At tp_g = tp under pp > 1 this stage's part of the generation copy is the
-training copy itself (shared, not duplicated), so it stays while sampling. Every phase records the device bytes of what it holds (``resident_bytes_<phase>``,
-measured from the tensors' storages) and, on CUDA, the allocator's peak (``peak_memory_<phase>``).
+training copy itself (shared, not duplicated), so it stays while sampling. Every phase records the
+device bytes of what it holds (``resident_bytes_<phase>``, measured from the tensors' storages) and,
+on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
 The pure math lives in ``engine.rlhf.core``.
 """
@@ -134,10 +135,13 @@ class PPOConfig:
     kl_kind: str = "k1"
     """KL estimator of the penalty: k1, k2 or k3 (``core.kl_estimate``)."""
     kl_loss_coef: float = 0.0
-    """> 0: a KL(actor || reference) term in the actor's loss, this weight times the ``kl_loss_kind``
-    estimate summed over response tokens like the policy loss (``core.kl_penalty``; GRPO's form, usually
-    with ``kl_coef = 0``); logged as ``ref_kl`` per token."""
+    """> 0: a KL term in the actor's loss, this weight times the ``kl_loss_kind`` estimate of
+    KL(actor || reference) summed over response tokens like the policy loss (``core.kl_penalty``; GRPO's
+    form, usually with ``kl_coef = 0``); logged as ``ref_kl`` per token. As a loss on the rollout's own
+    samples (no importance weight) its gradient is not exactly that of KL(actor || reference): GRPO's
+    published choice."""
     kl_loss_kind: str = "k3"
+    """k3 (GRPO) or k2; not k1, whose gradient averages to zero over on-policy samples."""
     gamma: float = 1.0
     lam: float = 0.95
     advantage_estimator: str = "gae"
@@ -219,9 +223,11 @@ class PPOConfig:
         elif self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} compares a prompt's responses: it "
                             f"needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
-        for name in ("kl_kind", "kl_loss_kind"):
-            if getattr(self, name) not in KL_KINDS:
-                problems.append(f"{name}={getattr(self, name)!r} must be one of {KL_KINDS}")
+        if self.kl_kind not in KL_KINDS:
+            problems.append(f"kl_kind={self.kl_kind!r} must be one of {KL_KINDS}")
+        if self.kl_loss_kind not in ("k2", "k3"):
+            problems.append(f"kl_loss_kind={self.kl_loss_kind!r} must be k2 or k3 (k1's gradient averages to zero "
+                            "over on-policy samples: as a loss it does nothing in expectation)")
         for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
@@ -301,11 +307,11 @@ def _chunks(model) -> list[torch.nn.Module]:
 
 class PPOLoop:
     """PPO on one TP x PP x DP layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
-    ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank;
-    at pp = 1 the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and ``reward``: frozen chunks of the same
-    classes. ``prompts``: token-id lists (chat prompts ending in the assistant tag).
-    ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when
-    ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
+    ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank; at pp = 1
+    the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and
+    ``reward``: frozen chunks of the same classes. ``prompts``: token-id lists (chat prompts ending in the
+    assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data;
+    needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
 
     def __init__(self, config: PPOConfig, model_config: GLMConfig, layout, actor, critic, reference, reward,
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
@@ -330,7 +336,8 @@ class PPOLoop:
                              + ("needs a critic" if self.uses_critic else "uses no critic: pass critic=None"))
         self.actor, self.critic = _chunks(actor), _chunks(critic) if self.uses_critic else []
         self.reference, self.reward = _chunks(reference), _chunks(reward)
-        models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference), ("reward", self.reward)]
+        models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
+                  ("reward", self.reward)]
         for name, chunks in models if self.uses_critic else models[:1] + models[2:]:
             if len(chunks) != layout.vpp_size:
                 raise ValueError(f"{name}: {len(chunks)} model chunks on this rank, the layout has vpp="
@@ -752,7 +759,17 @@ class PPOLoop:
         reference-baseline cache (the layout may differ from the saving run's)."""
         from pathlib import Path
 
-        from engine.train.checkpoint import CheckpointError, load_checkpoint
+        from engine.train.checkpoint import CheckpointError, load_checkpoint, read_extra_state
+        # The estimator is part of the run: checked before anything is loaded. Checkpoints written before
+        # it was recorded hold a critic exactly when they were gae runs.
+        saved = read_extra_state(Path(directory) / "actor").get("advantage_estimator")
+        if saved is None and (Path(directory) / "critic").is_dir():
+            saved = "gae"
+        if saved is not None and saved != self.config.advantage_estimator:
+            raise CheckpointError(
+                f"{directory} is a {saved!r} PPO run ({'with' if saved == 'gae' else 'without'} a critic); this "
+                f"run uses advantage_estimator={self.config.advantage_estimator!r}: resume with the same estimator, "
+                f"or start a new run from its actor (--actor-from {Path(directory) / 'actor'})")
         states = {}
         for name, model, trainer in self._trained():
             self.offloader.ensure(name, f"{name}.optim")
@@ -761,13 +778,6 @@ class PPOLoop:
             if extra.get("mode") != f"ppo_{name}":
                 raise CheckpointError(f"{Path(directory) / name} holds a {extra.get('mode')!r} checkpoint, not a "
                                       f"PPO {name}")
-            if name == "actor":
-                saved = extra.get("advantage_estimator", "gae")  # written before the option existed: gae
-                if saved != self.config.advantage_estimator:
-                    raise CheckpointError(
-                        f"{directory} is a {saved!r} PPO run ({'with' if saved == 'gae' else 'without'} a critic); "
-                        f"this run uses advantage_estimator={self.config.advantage_estimator!r}: resume with the "
-                        f"same estimator, or start a new run from its actor (--actor-from {Path(directory) / 'actor'})")
             trainer.steps_done = int(extra["trainer_steps"])
             states[name] = extra
         if "critic" in states and states["actor"]["iteration"] != states["critic"]["iteration"]:

@@ -481,6 +481,12 @@ def _layout_dict(layout) -> dict:
 
 
 # ---- public API -------------------------------------------------------------------------------
+def read_extra_state(directory: Union[str, Path], step: Optional[int] = None) -> dict:
+    """The ``extra_state`` a checkpoint was saved with (the latest committed step by default), read from
+    its manifest alone: a caller can check it before loading anything."""
+    return dict(_read_manifest(_resolve_step_dir(Path(directory), step)).get("extra_state") or {})
+
+
 def latest_step(directory: Union[str, Path]) -> Optional[int]:
     """Step named by ``DIR/latest``; None when ``DIR`` holds no checkpoint at all. Raises
     CheckpointError when ``latest`` is unreadable or points nowhere, or is missing while committed
