@@ -276,6 +276,11 @@ def test_generation_layout_config_errors():
     # pp > 1 always samples on the generation layout: world / tp_g replicas (dp 1 x tp 1 x pp 4 -> 4)
     with pytest.raises(ValueError, match="divisible by the 4 sampling replicas of generation_tp=1 at pp=4"):
         _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(1, 1, 4)
+    # the generation layout's row order relies on PP ranks in ascending global-rank order (checked first)
+    single = ParallelLayout.single()
+    odd = dataclasses.replace(single, dims=dataclasses.replace(single.dims, pp=2), pp_ranks=(1, 0))
+    with pytest.raises(RuntimeError, match=r"PP ranks \(1, 0\) or TP subgroup \(0,\) are not in ascending"):
+        ParallelLayout.for_generation(odd, 1)
     # the interleaved schedule needs the micro-batches per DP rank in multiples of pp
     _ppo(mini_batch_size=4).validate(1, 1, 2, 2)
     with pytest.raises(ValueError, match=r"mini_batch_size=2 gives 1 micro-batches per DP rank; the interleaved "

@@ -345,6 +345,12 @@ class ParallelLayout:
         if tp == train.tp_size and train.pp_size == 1:
             return train
         f, pp, world = train.tp_size // tp, train.pp_size, train.world_size
+        # PPOLoop puts sampled rows back in order with all-gathers over the PP group, then the TP subgroup:
+        # group-rank order (sorted global ranks) must be stage order and TP order, as Megatron's rank_of gives
+        subgroup = train.tp_subgroup(f)[1]
+        if list(train.pp_ranks) != sorted(train.pp_ranks) or list(subgroup) != sorted(subgroup):
+            raise RuntimeError(f"for_generation: PP ranks {train.pp_ranks} or TP subgroup {subgroup} are not in "
+                               "ascending global-rank order; the generation layout's row order assumes they are")
         dims = ParallelDims(tp=tp, dp=world // tp, pp=1)
 
         def member(d: int, offset: int, p: int, j: int) -> int:  # training replica d, offset t % f, stage p
