@@ -72,6 +72,7 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
     out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
     out["trained_tokens_per_s"] = rows * (args.prompt_length + args.max_new_tokens) / out["train_s"]
     out["reshard_bytes_per_iteration"] = layout.ledger.received("reshard") / args.iterations
+    out["host_bytes"] = loop.offloader.host_bytes()  # the offloaded copies' arenas (page-locked on CUDA)
     return out
 
 

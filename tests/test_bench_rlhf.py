@@ -4,12 +4,24 @@ import json
 from launch.bench import main
 
 
-def test_rlhf_benchmark_reports_every_phase(tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_rlhf_benchmark_reports_every_phase(tmp_path, offload):
     out = tmp_path / "rlhf.json"
     assert main(["rlhf", "--layouts", "1,1", "--iterations", "2", "--rollout-prompts", "2", "--mini-batch", "4",
-                 "--max-new-tokens", "4", "--prompt-length", "8", "--json", str(out)]) == 0
+                 "--max-new-tokens", "4", "--prompt-length", "8", "--json", str(out)]
+                + (["--offload"] if offload else [])) == 0
     (layout,) = json.loads(out.read_text())["layouts"]
     assert (layout["tp"], layout["dp"]) == (1, 1)
     for key in ("generate_s", "score_s", "train_s", "seconds", "generated_tokens_per_s", "trained_tokens_per_s"):
         assert layout[key] > 0, key
     assert 1 <= layout["response_length"] <= 4
+    # offloading: host arenas exist, and sampling holds less than the update (the actor alone vs the actor
+    # with its optimizer); without it every phase holds everything and nothing is in host memory
+    if offload:
+        assert layout["host_bytes"] > 0 and layout["resident_bytes_generate"] < layout["resident_bytes_update"]
+    else:
+        assert layout["host_bytes"] == 0
+        assert layout["resident_bytes_generate"] == layout["resident_bytes_update"]
