@@ -1,10 +1,9 @@
 """`python -m launch.bench rlhf` runs (a smoke test of the benchmark's plumbing, not a timing test)."""
 import json
 
-from launch.bench import main
-
-
 import pytest
+
+from launch.bench import main
 
 
 @pytest.mark.parametrize("offload", [False, True])
