@@ -194,6 +194,18 @@ def test_offloader_errors():
     assert disabled.where() == {"m": "device", "m.optim": "device"}
 
 
+def test_host_arenas_start_on_a_page_and_own_their_last_page():
+    """What CUDA page-locks (cudaHostRegister needs ranges that do not overlap another arena's pages)."""
+    import mmap
+
+    from engine.rlhf.offload import _page_aligned
+    arenas = [_page_aligned(n) for n in (1, 100, mmap.PAGESIZE, mmap.PAGESIZE + 1, 3 * 2**20)]
+    for a, n in zip(arenas, (1, 100, mmap.PAGESIZE, mmap.PAGESIZE + 1, 3 * 2**20)):
+        assert a.numel() == n and a.data_ptr() % mmap.PAGESIZE == 0
+        pages = -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
+        assert a.untyped_storage().nbytes() >= (a.data_ptr() - a.untyped_storage().data_ptr()) + pages
+
+
 def test_device_bytes_counts_each_storage_once():
     flat = torch.zeros(100)
     views = [flat[:10], flat[10:50], flat[50:]]

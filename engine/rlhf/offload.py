@@ -31,6 +31,7 @@ tests), nothing more.
 """
 from __future__ import annotations
 
+import mmap
 import weakref
 from typing import Iterable, Optional, Sequence
 
@@ -67,11 +68,22 @@ class _Group:
 _ALIGN = 256  # bytes: every tensor in a host arena starts at a multiple (vectorised copies, any dtype)
 
 
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory starting on a page boundary, with the rest of its last page its own:
+    two arenas never share a page, so registering one never overlaps another (which CUDA refuses)."""
+    page = mmap.PAGESIZE
+    size = -(-nbytes // page) * page
+    raw = torch.empty(size + page, dtype=torch.uint8, device="cpu")
+    start = -raw.data_ptr() % page
+    return raw[start:start + nbytes]
+
+
 def _page_locked(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of host memory, page-locked in place on CUDA (exactly that size)."""
-    arena = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+    """``nbytes`` of host memory, page-locked in place on CUDA (its pages, not a power-of-two block)."""
+    arena = _page_aligned(nbytes)
     cudart = torch.cuda.cudart()
-    torch.cuda.check_error(cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0))
+    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    torch.cuda.check_error(cudart.cudaHostRegister(arena.data_ptr(), size, 0))
     weakref.finalize(arena, cudart.cudaHostUnregister, arena.data_ptr())
     return arena
 
