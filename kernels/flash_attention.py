@@ -43,7 +43,7 @@ accumulation; softmax statistics, scaling and masking are fp32.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -653,11 +653,11 @@ _FWD_BLOCKS = {  # BLOCK_D -> blocks for the forward kernel (BLOCK_M query rows 
     128: _Blocks(128, 64, 8, 3), 256: _Blocks(64, 32, 8, 2),
 }
 _BWD_DKDV_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per step, BLOCK_N = keys per program)
-    16: _Blocks(32, 64, 4, 2), 32: _Blocks(32, 64, 4, 2), 64: _Blocks(32, 64, 4, 2),
+    16: _Blocks(32, 64, 4, 2), 32: _Blocks(32, 64, 4, 2), 64: _Blocks(32, 32, 8, 2),
     128: _Blocks(32, 64, 8, 2), 256: _Blocks(32, 32, 8, 1),
 }
 _BWD_DQ_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per program, BLOCK_N = keys per step)
-    16: _Blocks(64, 64, 8, 2), 32: _Blocks(64, 64, 8, 2), 64: _Blocks(64, 64, 8, 2),
+    16: _Blocks(64, 64, 8, 2), 32: _Blocks(64, 64, 8, 2), 64: _Blocks(64, 32, 8, 2),
     128: _Blocks(64, 64, 8, 2), 256: _Blocks(64, 32, 8, 2),
 }
 # Packed sequences (HAS_SEGMENTS): the segment ids of the rows and the span bounds stay live across the
@@ -670,9 +670,18 @@ _BWD_DQ_BLOCKS = {  # BLOCK_D -> (BLOCK_M = query rows per program, BLOCK_N = ke
 # program and pipelining) fit every variant: forward 0 B except 12 B (3.9, key mask, sm_80), dK/dV 0 B,
 # on both versions and both archs. Rejected: forward with 2 stages spills 52-84 B on sm_80 (both
 # versions); (64, 64, 4, 3) up to 36 B on 3.6; dK/dV with 1 stage keeps the 32 x 64 tile (0-4 B) but
-# loses the prefetch of the next Q/dO block. dQ with segments fits as is (0 B). Other head_dims use the
-# tables above (only head_dim 128 is in compile_specs; 256 fits with segments, 64 spills on sm_80 in
-# the backward with and without segments: dK/dV 44-192 B, dQ with segments 36-84 B).
+# loses the prefetch of the next Q/dO block. dQ with segments fits as is (0 B).
+# head_dim 64 (in compile_specs too): dK/dV at (32, 64, 4, 2) and dQ at (64, 64, 8, 2) spilled on sm_80
+# (triton 3.9: dK/dV 44 B, 192 B with segments; dQ with segments 36 B). Swept, sm_80 spill B (sm_90: 0
+# for all), plain / segments, triton 3.9 | 3.6: dK/dV (32, 64, 8, 2) 48 / 176 | -; (32, 64, 8, 1) 0 / 16
+# | 24 / 0; (16, 64, 8, 2) 0 / 0 at 252-255 registers | 20 / 32; (16, 64, 4, 2) 0 / 0 | 40 / 44;
+# (32, 32, 4, 2) 0 / 0 | 0 / 0 at 212-228 registers; (32, 32, 8, 2) 0 / 0 | 0 / 0 at 170-184. dQ
+# (64, 64, 8, 1) 0 / 0 at 255 registers; (64, 32, 8, 2) 0 / 0 at 172-196 on both versions;
+# (64, 64, 4, 2) 48 / 52. Chosen for both variants: dK/dV (32, 32, 8, 2), the only candidate with
+# register headroom on both versions (keys per program halved: twice the programs), and dQ
+# (64, 32, 8, 2) (query rows per program and pipelining kept); untimed, like the rest. The d64 forward
+# with segments and key mask spills 4 B on sm_80 under triton 3.6 (0 under 3.9): left. 256 fits with
+# segments.
 _FWD_SEG_BLOCKS = {**_FWD_BLOCKS, 128: _Blocks(128, 32, 8, 3)}
 _BWD_DKDV_SEG_BLOCKS = {**_BWD_DKDV_BLOCKS, 128: _Blocks(16, 64, 8, 2)}
 
@@ -934,9 +943,13 @@ def _attention(op: str, q, k, v, causal, softmax_scale, attention_mask, backend:
 # Ahead-of-time compile specs (a shared test compiles them for sm_80/sm_90 without a GPU)
 # ------------------------------------------------------------------------------------------------
 
-def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, causal: bool = True):
+COMPILE_HEAD_DIMS = (128, 64)  # ChatGLM3 / GLM-4's head_dim, and the common smaller one
+
+
+def compile_specs(head_dim: Optional[int] = None, dtype: torch.dtype = torch.bfloat16, causal: bool = True):
     """``[(jit_function, signature, constexprs, name, options)]`` for every kernel in this file, at the
-    block sizes, warps and stages the launchers pick on GPU for ``head_dim``/``dtype``, for
+    block sizes, warps and stages the launchers pick on GPU for ``head_dim`` (None: each of
+    ``COMPILE_HEAD_DIMS``) and ``dtype``, for
     ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``.
 
     Signature format (triton 3.x): every parameter name -> ``"*bf16"``/``"*fp32"``/``"*i8"``/``"*i32"``
@@ -947,6 +960,8 @@ def compile_specs(head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, caus
     ``_fwd_inner`` and the other helpers are device functions inlined into these kernels."""
     if triton is None:
         raise RuntimeError("flash_attention.compile_specs: triton is not installed")
+    if head_dim is None:
+        return [s for d in COMPILE_HEAD_DIMS for s in compile_specs(d, dtype, causal)]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16) or not 0 < head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"flash_attention.compile_specs: need fp32/fp16/bf16 and 0 < head_dim <= {_MAX_HEAD_DIM}, "
                          f"got {dtype}, head_dim={head_dim}")

@@ -268,10 +268,12 @@ def test_compile_specs_cover_every_kernel():
         assert list(signature) == list(fn.arg_names), name
         assert set(options) <= {"num_warps", "num_stages"}, name
         assert {k for k, t in signature.items() if t == "constexpr"} == set(constexprs), name
-        if "BLOCK_D" in constexprs:
-            assert constexprs["BLOCK_D"] == 128 and constexprs["HEAD_DIM"] == 128, name
+        if "BLOCK_D" in constexprs:  # ChatGLM's head_dim 128 and 64 (fa.COMPILE_HEAD_DIMS), named so
+            assert constexprs["BLOCK_D"] == constexprs["HEAD_DIM"] in (128, 64), name
+            assert f"_d{constexprs['HEAD_DIM']}" in name, name
         if "EMULATE" in constexprs:
             assert constexprs["EMULATE"] is False and constexprs["CAUSAL"] is True, name
+    assert {c["HEAD_DIM"] for _, _, c, _, _ in specs} == {128, 64}
     # packed sequences: every kernel that masks is compiled with and without segments
     for kernel in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"):
         variants = {c["HAS_SEGMENTS"] for fn, _, c, _, _ in specs if fn.__name__ == kernel}
