@@ -49,7 +49,7 @@ class _Bucket:
     params: list                      # nn.Parameters, in buffer order
     offsets: list                     # start of each param in the bucket
     numel: int                        # padded size (divisible by dp)
-    grad: torch.Tensor                # fp32 [numel] main grads
+    grad: Optional[torch.Tensor]      # fp32 [numel] main grads (empty after release_grads)
     param: torch.Tensor               # param dtype [numel]; params are views of it
     shard_lo: int = 0                 # this rank's optimizer range [shard_lo, shard_hi)
     shard_hi: int = 0
@@ -131,19 +131,16 @@ class DistributedOptimizer:
                 n += p.numel()
             numel = -(-n // dp) * dp  # pad so every DP rank owns the same shard size
             device = ps[0].device
-            b = _Bucket(ps, offsets, numel, grad=torch.zeros(numel, dtype=torch.float32, device=device),
-                        param=torch.zeros(numel, dtype=self.param_dtype, device=device))
+            b = _Bucket(ps, offsets, numel, grad=None, param=torch.zeros(numel, dtype=self.param_dtype, device=device))
             master_full = torch.zeros(numel, dtype=torch.float32, device=device)
             for p, off in zip(ps, offsets):
                 master_full[off:off + p.numel()] = p.detach().reshape(-1).float()
                 b.param[off:off + p.numel()] = p.detach().reshape(-1).to(self.param_dtype)
-                p.data = b.param[off:off + p.numel()].view_as(p)  # params live in the flat buffer
-                p.main_grad = b.grad[off:off + p.numel()].view_as(p)
-                p.grad = None
+            self._view_params(b)
+            self._allocate_grads(b)
             if self.distributed:
                 shard = numel // dp
                 b.shard_lo, b.shard_hi = self.layout.dp_rank * shard, (self.layout.dp_rank + 1) * shard
-                b.grad_shard = torch.zeros(shard, dtype=torch.float32, device=device)
             else:
                 b.shard_lo, b.shard_hi = 0, numel
             if not self.distributed and self.param_dtype == torch.float32:
@@ -158,6 +155,23 @@ class DistributedOptimizer:
                     b.segments.append((i, lo, hi))
             buckets.append(b)
         return buckets
+
+    @staticmethod
+    def _view_params(b: _Bucket) -> None:
+        """The params live in the flat buffer: each becomes a view of its range of ``b.param``."""
+        for p, off in zip(b.params, b.offsets):
+            p.data = b.param[off:off + p.numel()].view_as(p)
+
+    def _allocate_grads(self, b: _Bucket) -> None:
+        """Zeroed fp32 gradient buffers next to the params (and the ZeRO-1 shard's), and the params'
+        ``main_grad`` views of them."""
+        device = b.param.device
+        b.grad = torch.zeros(b.numel, dtype=torch.float32, device=device)
+        if self.distributed:
+            b.grad_shard = torch.zeros(b.numel // self.layout.dp_size, dtype=torch.float32, device=device)
+        for p, off in zip(b.params, b.offsets):
+            p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+            p.grad = None
 
     def _accumulate(self, p: torch.Tensor) -> None:
         if self._synced:
@@ -228,12 +242,7 @@ class DistributedOptimizer:
         self._wait_all()  # never zero a buffer a collective is still reading
         if self.grads_released:
             for b in self.buckets:
-                b.grad = torch.zeros(b.numel, dtype=torch.float32, device=b.param.device)
-                if self.distributed:
-                    b.grad_shard = torch.zeros(b.numel // self.layout.dp_size, dtype=torch.float32,
-                                               device=b.param.device)
-                for p, off in zip(b.params, b.offsets):
-                    p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+                self._allocate_grads(b)
             self.grads_released = False
         for b in self.buckets:
             b.grad.zero_()
@@ -489,8 +498,7 @@ class DistributedOptimizer:
                 if b.master is b.param:
                     b.master = t
                 b.param = t
-                for p, off in zip(b.params, b.offsets):
-                    p.data = t[off:off + p.numel()].view_as(p)
+                self._view_params(b)
             else:
                 setattr(b, key, t)
 
