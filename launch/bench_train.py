@@ -1,10 +1,10 @@
 """Training throughput: tokens/s and MFU per parallel layout, and the engine's step vs transformers'.
 
     python -m launch.bench train [--config tiny] [--seq 128] [--global-batch 8] [--micro-batch 1]
-                                 [--steps 4] [--layouts "1,1,1 2,1,1 1,2,1 1,1,2 1,2,1,2"]
+                                 [--steps 4] [--layouts "1,1,1 2,1,1 1,2,1 1,1,2 1,2,1,2 1,1,1,1,2"]
                                  [--hf-batch 4] [--dtypes fp32,bf16] [--json FILE]
 
-Layouts are ``tp,pp,dp[,vpp]``; each runs ``--steps`` training steps (the first is a warm-up and is not
+Layouts are ``tp,pp,dp[,vpp[,cp]]`` (cp: context parallel, each sequence split over cp ranks); each runs ``--steps`` training steps (the first is a warm-up and is not
 timed) in its own gloo process group, one thread per process, on synthetic tokens. tokens/s is the
 global batch's tokens over the median step time.
 
@@ -116,9 +116,9 @@ def _batch(config, global_batch, seq, seed=0):
 
 def _run_layout(spec, args) -> dict:
     from engine.parallel import ParallelDims, ParallelLayout
-    tp, pp, dp, vpp = spec
+    tp, pp, dp, vpp, cp = spec
     config = _config(args.config)
-    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, vpp=vpp))
+    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, vpp=vpp, cp=cp))
     trainer = _trainer(config, layout, args)
     batch = _batch(config, args.global_batch, args.seq)
     metrics = [trainer.train_step(batch) for _ in range(args.steps)][1:]
@@ -126,12 +126,14 @@ def _run_layout(spec, args) -> dict:
     last = metrics[-1]
     return {"seconds": seconds, "tokens": last.tokens, "comm_bytes": last.comm_bytes,
             "bubble": last.bubble_fraction, "bubble_cpu": last.bubble_fraction_cpu,
-            "bubble_analytic": last.bubble_fraction_analytic, "loss": last.loss}
+            "bubble_analytic": last.bubble_fraction_analytic, "loss": last.loss,
+            "peak_memory_bytes": last.peak_memory_bytes}
 
 
 def run_layout(spec, args) -> dict:
-    tp, pp, dp, vpp = spec
-    return spawn_workers(_run_layout, tp * pp * dp, spec, args, what=f"layout tp={tp} pp={pp} dp={dp} vpp={vpp}")
+    tp, pp, dp, vpp, cp = spec
+    return spawn_workers(_run_layout, tp * pp * dp * cp, spec, args,
+                         what=f"layout tp={tp} pp={pp} dp={dp} vpp={vpp} cp={cp}")
 
 
 # ---- engine vs transformers ----------------------------------------------------------------------
@@ -188,8 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="steps per layout (the first is not timed)")
-    p.add_argument("--layouts", default="1,1,1 2,1,1 1,2,1 1,1,2 1,2,1,2",
-                   help="space-separated tp,pp,dp[,vpp]")
+    p.add_argument("--layouts", default="1,1,1 2,1,1 1,2,1 1,1,2 1,2,1,2 1,1,1,1,2",
+                   help="space-separated tp,pp,dp[,vpp[,cp]]")
     p.add_argument("--hf-batch", type=int, default=4, help="batch of the engine vs transformers step")
     p.add_argument("--dtypes", default="fp32,bf16", help="engine vs transformers precisions ('' to skip)")
     p.add_argument("--repeats", type=int, default=5)
@@ -211,21 +213,22 @@ def main(argv=None) -> int:
           f"{cores} CPU cores")
     out = {"config": config.name, "seq": args.seq, "matmul_flops_per_s": rate, "flops_per_token": flops_token,
            "cpu_cores": cores, "layouts": [], "engine_vs_transformers": []}
-    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'vpp':>4}  {'tokens/s':>9}  {'MFU':>6}  {'bubble':>6}  {'cpu-bub':>7}"
+    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'vpp':>4}{'cp':>3}  {'tokens/s':>9}  {'MFU':>6}  {'bubble':>6}  {'cpu-bub':>7}"
               f"  {'analytic':>8}  comm MiB/step (rank 0)")
     print(f"\nglobal batch {args.global_batch} x {args.seq} tokens, micro-batch {args.micro_batch}, median of "
           f"{args.steps - 1} steps\n{header}\n{'-' * len(header)}")
     for item in args.layouts.split():
         spec = tuple(int(x) for x in item.split(","))
-        spec = spec + (1,) * (4 - len(spec))
+        spec = spec + (1,) * (5 - len(spec))
         r = run_layout(spec, args)
-        world = spec[0] * spec[1] * spec[2]
+        world = spec[0] * spec[1] * spec[2] * spec[4]
         tps = r["tokens"] / r["seconds"]
         mfu = flops_token * tps / (rate * min(world, cores))
         comm = ", ".join(f"{g} {b / 2**20:.2f}" for g, b in sorted(r["comm_bytes"].items()) if g != "mp") or "-"
-        print(f"{spec[0]:>3}{spec[1]:>3}{spec[2]:>3}{spec[3]:>4}  {tps:>9.0f}  {mfu:>6.1%}  {r['bubble']:>6.2f}  "
+        print(f"{spec[0]:>3}{spec[1]:>3}{spec[2]:>3}{spec[3]:>4}{spec[4]:>3}  {tps:>9.0f}  {mfu:>6.1%}  {r['bubble']:>6.2f}  "
               f"{r['bubble_cpu']:>7.2f}  {r['bubble_analytic']:>8.2f}  {comm}", flush=True)
-        out["layouts"].append({"tp": spec[0], "pp": spec[1], "dp": spec[2], "vpp": spec[3], "tokens_per_s": tps,
+        out["layouts"].append({"tp": spec[0], "pp": spec[1], "dp": spec[2], "vpp": spec[3], "cp": spec[4],
+                               "tokens_per_s": tps,
                                "mfu": mfu, **r})
     dtypes = [d for d in args.dtypes.split(",") if d]
     if dtypes:

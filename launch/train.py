@@ -1,7 +1,7 @@
 """Train a GLM model on any TP x PP x DP layout: pretraining, SFT or a reward model.
 
     torchrun --nproc-per-node N -m launch.train --config configs/runs/{pretrain,sft,rm}.yaml \\
-        [--mode pretrain|sft|rm] [--tp T] [--pp P] [--vpp V] [--sequence-parallel] [--micro-batch-size M] \\
+        [--mode pretrain|sft|rm] [--tp T] [--pp P] [--vpp V] [--cp C] [--sequence-parallel] [--micro-batch-size M] \\
         [--global-batch-size G] [--train-steps K] [--seed S] [--log-dir DIR] [--recompute none|full|selective] \\
         [--lr LR] [--save DIR --save-interval N] [--load DIR] [--init-from DIR] [--eval-interval N] ...
     python -m launch.train --config ...          # one process, no torch.distributed
@@ -102,9 +102,11 @@ class ParallelConfig:
     """Pipeline stages."""
     vpp: int = 1
     """Model chunks per pipeline stage (interleaved schedule)."""
+    cp: int = 1
+    """Context-parallel degree: each sequence split over cp ranks (pretrain and sft)."""
 
     def dims(self) -> ParallelDims:
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=None, vpp=self.vpp)
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=None, vpp=self.vpp, cp=self.cp)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
 def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     """Every check that needs no process group; ValueError naming each problem. Returns the dims."""
     dims = run.train.validate(run.parallel.dims(), run.model, world_size)
+    if dims.cp > 1 and run.mode == "rm":
+        raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; the reward model reads "
+                         "each sequence's last token (use cp=1)")
     run.lr.validate(run.train.train_steps)
     if run.optim.mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"optim.mixed_precision={run.optim.mixed_precision!r} must be fp32 or bf16")
@@ -192,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
+    p.add_argument("--cp", type=int, help="context parallel: split each sequence over C ranks (seq length divisible "
+                                          "by 2 C)")
     p.add_argument("--sequence-parallel", action="store_true", default=None)
     p.add_argument("--layers-per-stage", type=lambda s: tuple(int(x) for x in s.split(",")),
                    help="comma-separated layers per virtual stage, e.g. 3,5")
@@ -227,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FLAG_TARGETS = {
-    "tp": ("parallel", "tp"), "pp": ("parallel", "pp"), "vpp": ("parallel", "vpp"),
+    "tp": ("parallel", "tp"), "pp": ("parallel", "pp"), "vpp": ("parallel", "vpp"), "cp": ("parallel", "cp"),
     "sequence_parallel": ("train", "sequence_parallel"), "layers_per_stage": ("train", "layers_per_stage"),
     "micro_batch_size": ("train", "micro_batch_size"), "global_batch_size": ("train", "global_batch_size"),
     "seq_length": ("train", "seq_length"), "train_steps": ("train", "train_steps"), "seed": ("train", "seed"),
@@ -447,8 +454,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: {run.mode} {model_cls.__name__} {run.model.name} "
                   f"({run.model.num_parameters() / 1e6:.1f}M params), "
-                  f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
-                  f"{procs.backend}, device {device}", flush=True)
+                  f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} cp={layout.cp_size} "
+                  f"dp={layout.dp_size}, {procs.backend}, device {device}", flush=True)
             if resume:
                 print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
             elif ck.init_from:

@@ -46,7 +46,7 @@ def test_torchrun_tp2_pp2_trains_and_writes_metrics(tmp_path):
     assert [d["lr"] for d in lines] == pytest.approx([1.5e-3, 3e-3, 3e-3])
     assert abs(lines[0]["loss"] - math.log(4096)) < 0.5  # random init over a 4096-token vocabulary
     assert lines[-1]["loss"] < lines[0]["loss"]
-    assert json.loads((tmp_path / "config.json").read_text())["parallel"] == {"tp": 2, "pp": 2, "vpp": 1}
+    assert json.loads((tmp_path / "config.json").read_text())["parallel"] == {"tp": 2, "pp": 2, "vpp": 1, "cp": 1}
 
 
 def test_single_process_without_torchrun(tmp_path):
@@ -74,6 +74,8 @@ def test_single_process_without_torchrun(tmp_path):
     (["--tp", "2"], "world_size=1 is not divisible by tp=2"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "global_batch_size=6 is not divisible"),
     (["--recompute", "none", "--lr", "-1"], "lr=-1.0"),
+    (["--cp", "2"], "world_size=1 is not divisible by tp=1 x pp=1 x cp=2"),
+    (["--cp", "2", "--seq-length", "30"], "seq_length=30 divisible by 2 x cp = 4"),
 ])
 def test_bad_configuration_exits_2_with_clear_message(args, needle, capsys):
     assert main(["--config", str(CONFIG), *args]) == 2
@@ -100,6 +102,9 @@ def test_config_composition_and_overrides(tmp_path):
     assert dims.dp == 2
     with pytest.raises(ValueError, match=r"multiple of pp=2"):  # dp = 8: one micro-batch per DP rank
         validate_run(run, world_size=32)
+    rm_cp = load_run_config(None, {"mode": "rm", "parallel": {"cp": 2}})
+    with pytest.raises(ValueError, match="context parallelism is for pretrain and sft"):
+        validate_run(rm_cp, world_size=2)
     run_yaml.write_text("train: {global_batch_size: 8, bogus: 1}\n")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['bogus'\]"):
         load_run_config(run_yaml)
@@ -162,6 +167,32 @@ def test_save_and_resume_continue_the_same_run(tmp_path):
     assert tp2.returncode == 0, tp2.stdout + tp2.stderr
     (line,) = _lines(tmp_path / "tp2")
     assert line["step"] == 4 and math.isfinite(line["loss"])
+
+
+def test_context_parallel_run_resumes_and_matches_one_process(tmp_path):
+    """Two steps on cp=2 from a one-process checkpoint (optimizer state loaded into the dp x cp shards of
+    the distributed optimizer) equal the same two steps on one process (fp32: summation order only, rel
+    1e-5); the cp=2 checkpoint records cp and one process resumes from it."""
+    ck, ck_cp = str(tmp_path / "ck"), str(tmp_path / "ck_cp")
+    first = _train(tmp_path, "first", "--train-steps", "1", "--save", ck, "--distributed-optimizer")
+    assert first.returncode == 0, first.stdout + first.stderr
+    one = _train(tmp_path, "one", "--train-steps", "3", "--load", ck, "--distributed-optimizer")
+    cp2 = _train(tmp_path, "cp2", "--train-steps", "3", "--load", ck, "--save", ck_cp, "--cp", "2",
+                 "--distributed-optimizer", nproc=2)
+    for proc in (one, cp2):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cp=2" in cp2.stdout
+    got, want = _lines(tmp_path / "cp2"), _lines(tmp_path / "one")
+    assert [d["step"] for d in got] == [d["step"] for d in want] == [1, 2]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["comm_bytes"]["cp"] > 0 and a["comm_bytes"]["dp"] > 0  # K/V gathers; grads over the dp x cp ranks
+    from engine.train.checkpoint import read_manifest
+    assert read_manifest(ck_cp)["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "world_size": 2, "cp": 2}
+    resumed = _train(tmp_path, "resumed", "--train-steps", "4", "--load", ck_cp)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (line,) = _lines(tmp_path / "resumed")
+    assert line["step"] == 3 and math.isfinite(line["loss"])
 
 
 def test_load_from_a_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

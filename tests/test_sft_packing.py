@@ -139,9 +139,9 @@ def _trainer_loss(rank, world_size, dims, state, batch):
     return trainer.train_step(batch).loss
 
 
-def test_packed_batches_train_alike_on_tp2_and_pp2(tmp_path):
-    """The segment ids reach every pipeline stage and TP rank: one packed step's loss on TP=2 and on PP=2
-    equals one process."""
+def test_packed_batches_train_alike_on_tp2_pp2_and_cp2(tmp_path):
+    """The segment ids reach every pipeline stage, TP rank and context-parallel rank: one packed step's loss
+    on TP=2, PP=2 and CP=2 equals one process."""
     from engine.train.batches import DatasetBatches
     from launch.train import PACKED_SFT_KEYS
     indexed = _indexed(tmp_path)
@@ -155,7 +155,7 @@ def test_packed_batches_train_alike_on_tp2_and_pp2(tmp_path):
                        segment_ids=batch["segment_ids"])
         ref = kernels.cross_entropy(logits, batch["labels"]).item()
     assert _trainer_loss(0, 1, {}, state, batch) == pytest.approx(ref, rel=1e-5)
-    for dims in ({"tp": 2}, {"pp": 2}):
+    for dims in ({"tp": 2}, {"pp": 2}, {"cp": 2}):
         for loss in run_distributed(_trainer_loss, 2, dims, state, batch, timeout=240):
             assert loss == pytest.approx(ref, rel=1e-5), dims  # fp32, another reduction order
 

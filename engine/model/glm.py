@@ -69,10 +69,18 @@ class GLMAttention(nn.Module):
         self.rotary_dim = config.rotary_dim
         self.rope_base = config.rope_base
         self.kernels = spec.kernels
+        self.context_parallel = spec.context_parallel
         self.qkv = spec.column_linear(config.hidden_size, config.qkv_size, config.qkv_bias, "qkv")
         self.dense = spec.row_linear(config.num_attention_heads * self.head_dim, config.hidden_size, False, "dense")
 
     def core_attention(self, q, k, v, attention_mask, segment_ids=None):
+        """Causal attention of q over k, v; under context parallelism q holds this rank's two sequence
+        chunks and k, v (and the mask and segment ids) the whole sequence."""
+        if self.context_parallel is not None:
+            return self.context_parallel.attention(q, k, v, attention_mask, segment_ids, self._attend)
+        return self._attend(q, k, v, attention_mask, segment_ids)
+
+    def _attend(self, q, k, v, attention_mask, segment_ids):
         return kernels.flash_attention(q, k, v, causal=True, attention_mask=attention_mask, segment_ids=segment_ids,
                                        backend=self.kernels.attention)
 
@@ -91,6 +99,9 @@ class GLMAttention(nn.Module):
         v = v.view(b, s, hkv, d)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+        if self.context_parallel is not None:
+            # outside the selective-recompute region: the gather is not repeated in backward
+            k, v = self.context_parallel.gather_kv(k, v)
         if recompute_core and torch.is_grad_enabled():
             # Selective recompute: keep only q, k, v; the attention core is recomputed in backward.
             o = torch.utils.checkpoint.checkpoint(self.core_attention, q, k, v, attention_mask, segment_ids,
@@ -170,6 +181,14 @@ class GLMTransformer(nn.Module):
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, attention_mask=None,
                    cache: Optional[KVCache] = None, segment_ids=None) -> torch.Tensor:
+        """The blocks on ``hidden``. Under context parallelism every input holds this rank's tokens
+        (``ContextParallel.split``); the key mask and segment ids are gathered here, once for all layers."""
+        cp = self.spec.context_parallel
+        if cp is not None:
+            if cache is not None:
+                raise ValueError("context parallelism splits whole sequences for training and scoring; KV-cache "
+                                 "decoding needs a layout with cp=1")
+            attention_mask, segment_ids = cp.gather_keys(attention_mask), cp.gather_keys(segment_ids)
         for block in self.layers.values():
             if self.recompute == "full" and torch.is_grad_enabled() and cache is None:
                 hidden = torch.utils.checkpoint.checkpoint(block, hidden, positions, attention_mask, None, False,
@@ -184,6 +203,7 @@ class GLMTransformer(nn.Module):
         (packed sequences): tokens attend only within their own segment (document); pass the
         per-document ``position_ids`` with them."""
         _check_inputs(input_ids, attention_mask, position_ids, self.config, cache, segment_ids)
+        check_context_parallel_positions(self.spec, position_ids)
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, cache.length if cache is not None else 0)
         hidden = self.embedding(input_ids)
@@ -197,6 +217,14 @@ class GLMTransformer(nn.Module):
         p = next(self.parameters())
         return KVCache(self.config.num_layers, batch, max_len, any_block.attention.num_kv_heads,
                        self.config.kv_channels, dtype or p.dtype, device or p.device)
+
+
+def check_context_parallel_positions(spec: ModelSpec, position_ids: Optional[torch.Tensor]) -> None:
+    """Under context parallelism a rank sees two chunks of each sequence, so it cannot count positions
+    itself: the caller computes them over whole sequences and splits them like the tokens."""
+    if spec.context_parallel is not None and position_ids is None:
+        raise ValueError("context parallelism needs position_ids: compute them over the whole sequences and split "
+                         "them like input_ids (ContextParallel.split), as Trainer.microbatches does")
 
 
 def _check_inputs(input_ids, attention_mask, position_ids, config: GLMConfig, cache, segment_ids=None) -> None:

@@ -64,3 +64,7 @@ class ModelSpec:
     gather_vocab: Optional[Callable] = None
     """Under tensor parallel: vocab-sharded logits ``[..., v/tp] -> [..., v]`` (what sampling needs: every
     TP rank then draws the same token); None when the output layer holds the full vocabulary."""
+    context_parallel: Optional[object] = None
+    """``engine.parallel.context_parallel.ContextParallel`` when each sequence is split over cp ranks:
+    the model's inputs are this rank's 2 chunks of every sequence (``ContextParallel.split``) and
+    attention gathers the keys and values; None: the model sees whole sequences."""

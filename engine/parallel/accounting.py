@@ -4,7 +4,8 @@ Bytes THIS rank sends per step, per group, with ``engine.parallel.comm``'s ring 
 (all-reduce 2(n-1)/n B, all-gather / reduce-scatter (n-1)/n B_full, send B). Notation: t = tp,
 f = (t-1)/t, a = bytes per activation/param element (4 fp32, 2 bf16), mb micro-batch size, s
 sequence, h hidden, V vocab, m micro-batches per DP rank, L = layers on this rank (all its chunks),
-B = mb s h a (one micro-batch's residual stream, full sequence).
+c = cp (context parallel), B = mb (s/c) h a (one micro-batch's residual stream on this rank: the
+whole sequence, or its 1/c under context parallelism).
 
 tp   per layer and micro-batch, Megatron (Korthikanti et al. 2022, sec. 4.2.2): 2 all-reduces of B
      forward (after attention and MLP) + 2 backward (column-parallel inputs) = 8 f B; with sequence
@@ -27,7 +28,14 @@ pp   per micro-batch, every virtual stage that is not the last sends its output 
 dp   per gradient bucket of P elements (padded to a multiple of dp; fp32 grads): all-reduce
      2 (d-1)/d 4 P, or with the distributed optimizer reduce-scatter (d-1)/d 4 P + all-gather of the
      updated params (d-1)/d a P, + the fp64 grad-norm all-reduce 2 (d-1)/d 8.
+     Under context parallelism d is dp x cp: the cp ranks hold the same weights and average grads too.
 mp   the fp64 grad-norm all-reduce over the t x pp model-parallel ranks: 2 (n-1)/n 8.
+cp   per layer and micro-batch, the all-gather of K and V forward and the reduce-scatter of their
+     gradients backward, each (c-1)/c of the gathered [mb, s, 2 hkv, d] (hkv = KV heads on this TP
+     rank); full recompute repeats the all-gather (the gather sits before the attention core, so
+     selective recompute does not). Batches with a key padding mask or packed-sequence segment ids
+     add their all-gathers once per chunk and micro-batch (not modelled: the formulas cover
+     mask-free batches).
 
 Bubble: (p-1)/(m+p-1) for 1F1B, (p-1)/(v m+p-1) interleaved (Narayanan et al. 2021, sec. 2.2).
 """
@@ -119,12 +127,12 @@ def analytic_step_traffic(config: GLMConfig, dims, pp_rank: int, tp_rank: int = 
     sends per group in one training step (see the module docstring for every term)."""
     if recompute not in ("none", "full", "selective"):
         raise ValueError(f"recompute must be 'none', 'full' or 'selective', got {recompute!r}")
-    tp, pp, dp, vpp = dims.tp, dims.pp, dims.dp_size, dims.vpp
+    tp, pp, dp, vpp, cp = dims.tp, dims.pp, dims.dp_size, dims.vpp, dims.cp
     if global_batch_size % (micro_batch_size * dp) != 0:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by micro_batch_size="
                          f"{micro_batch_size} x dp={dp}")
     m = global_batch_size // (micro_batch_size * dp)
-    h, a, s, mb = config.hidden_size, param_bytes, seq_length, micro_batch_size
+    h, a, s, mb = config.hidden_size, param_bytes, seq_length // cp, micro_batch_size
     sp = sequence_parallel and tp > 1
     chunk_layers = stage_layer_indices(config.num_layers, pp, vpp, layers_per_stage)[pp_rank]
     num_virtual = pp * vpp
@@ -159,6 +167,13 @@ def analytic_step_traffic(config: GLMConfig, dims, pp_rank: int, tp_rank: int = 
         traffic.add("pp", "activations", boundary * sum(k < num_virtual - 1 for k in virtuals))
         traffic.add("pp", "activation_grads", boundary * sum(k > 0 for k in virtuals))
 
+    if cp > 1:
+        kv_bytes = mb * seq_length * 2 * max(1, config.num_kv_groups // tp) * config.kv_channels * a
+        gathers = 2 if recompute == "full" else 1
+        traffic.add("cp", "kv_all_gather", m * n_layers * gathers * (cp - 1) / cp * kv_bytes)
+        traffic.add("cp", "kv_grad_reduce_scatter", m * n_layers * (cp - 1) / cp * kv_bytes)
+
+    dp = dp * cp  # gradients are averaged over the dp x cp ranks
     if dp > 1:
         numels = []
         for c in range(vpp):

@@ -1,15 +1,18 @@
 """Parallel degrees and process groups, as explicit objects (no module-level parallel state).
 
-``ParallelDims`` is pure arithmetic: degrees, validation and the rank <-> (tp, dp, pp) map.
+``ParallelDims`` is pure arithmetic: degrees, validation and the rank <-> (tp, cp, dp, pp) map.
 ``ParallelLayout`` adds this rank's process groups; several layouts can coexist (the training and
 the generation layout of the RLHF actor), each with its own groups and byte ledger.
 
-Rank order is Megatron's: tp fastest, then dp, then pp::
+Rank order is Megatron's: tp fastest, then cp (context parallel), then dp, then pp::
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
 
-so a tensor-parallel group is tp consecutive ranks (one node, fast links) and a pipeline stage is a
-contiguous block of dp * tp ranks.
+so a tensor-parallel group is tp consecutive ranks (one node, fast links), the cp ranks that split
+one sequence come next, and a pipeline stage is a contiguous block of dp * cp * tp ranks. Context
+parallel ranks hold the same weights and see the same samples (different parts of each sequence):
+for the gradients and the distributed optimizer they are data-parallel replicas, so
+``ParallelLayout.gradient_layout`` folds them into one data-parallel group of dp * cp ranks.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def _positive_int(v) -> bool:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Tensor, pipeline, data and virtual-pipeline degrees of one layout."""
+    """Tensor, pipeline, data, virtual-pipeline and context-parallel degrees of one layout."""
 
     tp: int = 1
     """Tensor-parallel degree (heads, FFN columns and vocabulary split over tp ranks)."""
@@ -39,7 +42,9 @@ class ParallelDims:
     vpp: int = 1
     """Virtual pipeline chunks per stage (interleaved schedule); needs pp > 1."""
     world_size: Optional[int] = None
-    """Total ranks; None means tp * pp * dp."""
+    """Total ranks; None means tp * pp * dp * cp."""
+    cp: int = 1
+    """Context-parallel degree: each sequence split over cp ranks (2 cp load-balanced chunks)."""
 
     # ---- validation --------------------------------------------------------------------------
     def validate(self, world_size: Optional[int] = None, config: Optional[GLMConfig] = None,
@@ -48,14 +53,14 @@ class ParallelDims:
         """Raise ValueError listing every inconsistency (naming each factor and its value);
         return the dims with ``dp`` and ``world_size`` filled in. Touches no process group."""
         problems: list[str] = []
-        for f in ("tp", "pp", "vpp"):
+        for f in ("tp", "pp", "vpp", "cp"):
             if not _positive_int(getattr(self, f)):
                 problems.append(f"{f}={getattr(self, f)!r} must be a positive integer")
         if self.dp is not None and not _positive_int(self.dp):
             problems.append(f"dp={self.dp!r} must be a positive integer or None (derived)")
         if problems:
             raise ValueError("invalid parallel layout: " + "; ".join(problems))
-        tp, pp, vpp = self.tp, self.pp, self.vpp
+        tp, pp, vpp, cp = self.tp, self.pp, self.vpp, self.cp
 
         if world_size is None:
             world_size = self.world_size
@@ -64,19 +69,19 @@ class ParallelDims:
         if world_size is None:
             if self.dp is None:
                 raise ValueError(f"invalid parallel layout: dp=None needs a world size to derive it from "
-                                 f"(tp={tp}, pp={pp})")
-            world_size = tp * pp * self.dp
+                                 f"(tp={tp}, pp={pp}, cp={cp})")
+            world_size = tp * pp * cp * self.dp
         if not _positive_int(world_size):
             raise ValueError(f"invalid parallel layout: world_size={world_size!r} must be a positive integer")
 
-        dp = self.dp
-        if world_size % (tp * pp) != 0:
-            problems.append(f"world_size={world_size} is not divisible by tp={tp} x pp={pp} = {tp * pp}")
+        dp, model = self.dp, tp * pp * cp
+        if world_size % model != 0:
+            problems.append(f"world_size={world_size} is not divisible by tp={tp} x pp={pp} x cp={cp} = {model}")
             dp = dp or 1
         elif dp is None:
-            dp = world_size // (tp * pp)
-        elif tp * pp * dp != world_size:
-            problems.append(f"tp={tp} x pp={pp} x dp={dp} = {tp * pp * dp} != world_size={world_size}")
+            dp = world_size // model
+        elif model * dp != world_size:
+            problems.append(f"tp={tp} x pp={pp} x cp={cp} x dp={dp} = {model * dp} != world_size={world_size}")
 
         if vpp > 1 and pp == 1:
             problems.append(f"vpp={vpp} (virtual pipeline) needs pp > 1, got pp={pp}")
@@ -127,44 +132,64 @@ class ParallelDims:
             return self.dp
         if self.world_size is None:
             raise ValueError("dp is None and world_size is unknown: call validate(world_size) first")
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.cp)
 
     @property
     def size(self) -> int:
-        return self.tp * self.pp * self.dp_size
+        return self.tp * self.pp * self.cp * self.dp_size
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.size:
-            raise ValueError(f"rank {rank} is outside [0, tp={self.tp} x pp={self.pp} x dp={self.dp_size})")
+            raise ValueError(f"rank {rank} is outside [0, tp={self.tp} x pp={self.pp} x cp={self.cp} "
+                             f"x dp={self.dp_size})")
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """(tp_rank, dp_rank, pp_rank) of a global rank."""
+        """(tp_rank, dp_rank, pp_rank) of a global rank (``cp_coord`` gives its context-parallel rank)."""
         self._check_rank(rank)
-        tp, dp = self.tp, self.dp_size
-        return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+        tp, cp, dp = self.tp, self.cp, self.dp_size
+        return rank % tp, (rank // (tp * cp)) % dp, rank // (tp * cp * dp)
 
-    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        if not (0 <= tp_rank < self.tp and 0 <= dp_rank < self.dp_size and 0 <= pp_rank < self.pp):
-            raise ValueError(f"coords (tp={tp_rank}, dp={dp_rank}, pp={pp_rank}) outside "
-                             f"tp={self.tp} x dp={self.dp_size} x pp={self.pp}")
-        return pp_rank * (self.dp_size * self.tp) + dp_rank * self.tp + tp_rank
+    def cp_coord(self, rank: int) -> int:
+        """Context-parallel rank of a global rank."""
+        self._check_rank(rank)
+        return (rank // self.tp) % self.cp
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
+        if not (0 <= tp_rank < self.tp and 0 <= dp_rank < self.dp_size and 0 <= pp_rank < self.pp
+                and 0 <= cp_rank < self.cp):
+            raise ValueError(f"coords (tp={tp_rank}, dp={dp_rank}, pp={pp_rank}, cp={cp_rank}) outside "
+                             f"tp={self.tp} x dp={self.dp_size} x pp={self.pp} x cp={self.cp}")
+        return ((pp_rank * self.dp_size + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
+
+    def _all_coords(self, rank: int) -> tuple[int, int, int, int]:
+        return self.coords(rank) + (self.cp_coord(rank),)
 
     def tp_group_ranks(self, rank: int) -> list[int]:
-        _, d, p = self.coords(rank)
-        return [self.rank_of(t, d, p) for t in range(self.tp)]
+        _, d, p, c = self._all_coords(rank)
+        return [self.rank_of(t, d, p, c) for t in range(self.tp)]
 
     def dp_group_ranks(self, rank: int) -> list[int]:
-        t, _, p = self.coords(rank)
-        return [self.rank_of(t, d, p) for d in range(self.dp_size)]
+        t, _, p, c = self._all_coords(rank)
+        return [self.rank_of(t, d, p, c) for d in range(self.dp_size)]
 
     def pp_group_ranks(self, rank: int) -> list[int]:
-        t, d, _ = self.coords(rank)
-        return [self.rank_of(t, d, p) for p in range(self.pp)]
+        t, d, _, c = self._all_coords(rank)
+        return [self.rank_of(t, d, p, c) for p in range(self.pp)]
+
+    def cp_group_ranks(self, rank: int) -> list[int]:
+        """The cp ranks splitting the same sequences (same tp, dp and pp rank), in rank order."""
+        t, d, p, _ = self._all_coords(rank)
+        return [self.rank_of(t, d, p, c) for c in range(self.cp)]
 
     def mp_group_ranks(self, rank: int) -> list[int]:
-        """The tp x pp ranks holding one model replica (same dp rank), in rank order."""
-        _, d, _ = self.coords(rank)
-        return [self.rank_of(t, d, p) for p in range(self.pp) for t in range(self.tp)]
+        """The tp x pp ranks holding one model replica (same dp and cp rank), in rank order."""
+        _, d, _, c = self._all_coords(rank)
+        return [self.rank_of(t, d, p, c) for p in range(self.pp) for t in range(self.tp)]
+
+    def gradient_dims(self) -> "ParallelDims":
+        """These dims with the cp ranks folded into data parallelism (dp * cp replicas, cp = 1): the same
+        rank order, so its dp groups are the dp x cp groups gradients are averaged over."""
+        return replace(self, dp=self.dp_size * self.cp, cp=1, world_size=self.size)
 
     def tp_subgroup_ranks(self, rank: int, size: int) -> list[int]:
         """The ``size`` consecutive TP ranks containing ``rank`` (``size`` divides tp): e.g. the ranks
@@ -208,6 +233,14 @@ class ParallelLayout:
     tp_subgroups: dict = field(default_factory=dict, compare=False)
     """size -> (group, ranks) of the ``size`` consecutive TP ranks around this rank, for every proper
     divisor of tp (replicated KV heads use size tp / num_kv_groups)."""
+    cp_rank: int = 0
+    cp_group: object = None
+    """The cp ranks splitting this rank's sequences (None when cp = 1)."""
+    cp_ranks: tuple[int, ...] = ()
+    """Global ranks of the cp group, in rank order (empty when cp = 1)."""
+    gradients: Optional["ParallelLayout"] = field(default=None, compare=False)
+    """The layout gradients are averaged and optimizer state is sharded over (``gradient_layout``);
+    None when cp = 1 (this layout itself)."""
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -221,7 +254,7 @@ class ParallelLayout:
             elif dist.is_initialized():
                 world_size = dist.get_world_size()
             else:
-                world_size = dims.tp * dims.pp * (dims.dp or 1)
+                world_size = dims.tp * dims.pp * dims.cp * (dims.dp or 1)
         dims = dims.validate(world_size)
         if not dist.is_initialized():
             if world_size != 1:
@@ -232,8 +265,17 @@ class ParallelLayout:
             raise ValueError(f"ParallelLayout.build: world_size={world_size} but torch.distributed has "
                              f"{dist.get_world_size()} ranks")
         rank = dist.get_rank() if rank is None else rank
-        tp, dp, pp = dims.tp, dims.dp_size, dims.pp
+        layout = cls._build_groups(dims, rank, world_size, name, CommLedger())
+        if dims.cp == 1:
+            return layout
+        # Gradients and ZeRO shards span the dp x cp ranks: one more layout, same rank order, own groups.
+        gradients = cls._build_groups(dims.gradient_dims(), rank, world_size, f"{name}-gradients", layout.ledger)
+        return replace(layout, gradients=gradients)
 
+    @classmethod
+    def _build_groups(cls, dims: ParallelDims, rank: int, world_size: int, name: str,
+                      ledger: CommLedger) -> "ParallelLayout":
+        tp, dp, pp, cp = dims.tp, dims.dp_size, dims.pp, dims.cp
         # Every rank creates every group, in one fixed order (torch.distributed requires it).
         mine: dict = {}
 
@@ -244,31 +286,42 @@ class ParallelLayout:
 
         for p in range(pp):
             for d in range(dp):
-                make("tp", [dims.rank_of(t, d, p) for t in range(tp)])
+                for c in range(cp):
+                    make("tp", [dims.rank_of(t, d, p, c) for t in range(tp)])
         for p in range(pp):
-            for t in range(tp):
-                make("dp", [dims.rank_of(t, d, p) for d in range(dp)])
+            for c in range(cp):
+                for t in range(tp):
+                    make("dp", [dims.rank_of(t, d, p, c) for d in range(dp)])
         for d in range(dp):
-            for t in range(tp):
-                make("pp", [dims.rank_of(t, d, p) for p in range(pp)])
+            for c in range(cp):
+                for t in range(tp):
+                    make("pp", [dims.rank_of(t, d, p, c) for p in range(pp)])
         for d in range(dp):
-            make("mp", [dims.rank_of(t, d, p) for p in range(pp) for t in range(tp)])
+            for c in range(cp):
+                make("mp", [dims.rank_of(t, d, p, c) for p in range(pp) for t in range(tp)])
+        if cp > 1:
+            for p in range(pp):
+                for d in range(dp):
+                    for t in range(tp):
+                        make("cp", [dims.rank_of(t, d, p, c) for c in range(cp)])
         subgroups = {}
         for size in _proper_divisors(tp):
             for p in range(pp):
                 for d in range(dp):
-                    for start in range(0, tp, size):
-                        ranks = [dims.rank_of(t, d, p) for t in range(start, start + size)]
-                        group = dist.new_group(ranks)
-                        if rank in ranks:
-                            subgroups[size] = (group, tuple(ranks))
+                    for c in range(cp):
+                        for start in range(0, tp, size):
+                            ranks = [dims.rank_of(t, d, p, c) for t in range(start, start + size)]
+                            group = dist.new_group(ranks)
+                            if rank in ranks:
+                                subgroups[size] = (group, tuple(ranks))
 
         t, d, p = dims.coords(rank)
         return cls(dims=dims, rank=rank, world_size=world_size, tp_rank=t, dp_rank=d, pp_rank=p,
                    tp_group=mine["tp"], dp_group=mine["dp"], pp_group=mine["pp"], mp_group=mine["mp"],
                    tp_ranks=tuple(dims.tp_group_ranks(rank)), dp_ranks=tuple(dims.dp_group_ranks(rank)),
                    pp_ranks=tuple(dims.pp_group_ranks(rank)), mp_ranks=tuple(dims.mp_group_ranks(rank)),
-                   name=name, tp_subgroups=subgroups)
+                   name=name, ledger=ledger, tp_subgroups=subgroups, cp_rank=dims.cp_coord(rank),
+                   cp_group=mine.get("cp"), cp_ranks=tuple(dims.cp_group_ranks(rank)) if cp > 1 else ())
 
     @classmethod
     def single(cls, name: str = "single") -> "ParallelLayout":
@@ -293,6 +346,17 @@ class ParallelLayout:
     @property
     def vpp_size(self) -> int:
         return self.dims.vpp
+
+    @property
+    def cp_size(self) -> int:
+        return self.dims.cp
+
+    @property
+    def gradient_layout(self) -> "ParallelLayout":
+        """The layout whose dp group is every replica of this rank's parameters: the dp x cp ranks under
+        context parallelism (Megatron's dp_cp group), else this layout. The optimizer averages gradients
+        and shards its state over it; checkpoints split their writes over it."""
+        return self.gradients if self.gradients is not None else self
 
     @property
     def is_first_stage(self) -> bool:
@@ -342,6 +406,9 @@ class ParallelLayout:
         """
         if not _positive_int(tp) or train.tp_size % tp != 0:
             raise ValueError(f"generation tp={tp} must be a positive divisor of the training tp={train.tp_size}")
+        if train.cp_size > 1:
+            raise ValueError(f"the RLHF generation layout does not support context parallelism (training cp="
+                             f"{train.cp_size}); train the actor with cp=1 (PPO sequences are prompt + response)")
         if tp == train.tp_size and train.pp_size == 1:
             return train
         f, pp, world = train.tp_size // tp, train.pp_size, train.world_size

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from engine.config import GLMConfig
-from engine.model.glm import GLMForCausalLM, default_positions
+from engine.model.glm import GLMForCausalLM, check_context_parallel_positions, default_positions
 from engine.model.spec import KernelPlan
 from engine.parallel import comm
 
@@ -116,6 +116,7 @@ def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[to
     model's head output on the last chunk (``chunk.head``: logits ``[b, s, v(/tp)]`` of a causal LM,
     values ``[b, s]`` of a scalar-head model). Every chunk sees the ids to derive rotary positions, and
     the packed-sequence ``segment_ids`` its attention needs."""
+    check_context_parallel_positions(chunk.spec, position_ids)
     if position_ids is None:
         position_ids = default_positions(input_ids, attention_mask)
     if chunk.pre_process:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from engine.config import GLMConfig
 from engine.model.spec import KernelPlan, ModelSpec
 from engine.parallel import comm
+from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, gather_sequence_replicated,
                                       reduce_from_tp,
                                       reduce_scatter_to_sequence)
@@ -196,7 +197,8 @@ def tensor_parallel_spec(config: GLMConfig, layout, sequence_parallel: bool = Fa
     return ModelSpec(column_linear=column_linear, row_linear=row_linear, embedding=embedding,
                      tp_size=layout.tp_size, kernels=kernels,
                      vocab_group=layout.tp_group if layout.tp_size > 1 else None, gather_sequence=gather,
-                     gather_vocab=gather_vocab if layout.tp_size > 1 else None)
+                     gather_vocab=gather_vocab if layout.tp_size > 1 else None,
+                     context_parallel=ContextParallel.of(layout))
 
 
 class GateUpParallelLinear(ColumnParallelLinear):

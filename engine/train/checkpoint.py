@@ -476,8 +476,11 @@ def _config_diff(saved: dict, config: GLMConfig) -> list[str]:
 
 
 def _layout_dict(layout) -> dict:
-    return {"tp": layout.tp_size, "pp": layout.pp_size, "dp": layout.dp_size, "vpp": layout.vpp_size,
-            "world_size": layout.world_size}
+    out = {"tp": layout.tp_size, "pp": layout.pp_size, "dp": layout.dp_size, "vpp": layout.vpp_size,
+           "world_size": layout.world_size}
+    if layout.cp_size > 1:  # absent at cp = 1, so manifests written before context parallelism still match
+        out["cp"] = layout.cp_size
+    return out
 
 
 # ---- public API -------------------------------------------------------------------------------
@@ -547,8 +550,10 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
 
     # 2. this rank's DCP state dict: its chunks of the params it writes (optimizer state is gathered
     #    over DP first under ZeRO-1, a collective every DP rank joins)
-    writers = _writers(params, layout.dp_size)
-    mine = [n for n in params if writers[n] == layout.dp_rank]
+    # every dp x cp rank holds the same parameters (and joins the optimizer's gather): split the writes over them
+    replicas = layout.gradient_layout
+    writers = _writers(params, replicas.dp_size)
+    mine = [n for n in params if writers[n] == replicas.dp_rank]
     sd: dict[str, torch.Tensor] = {}
     table: list = []  # (space, name, dim, full_shape, dtype, lo, hi)
 
@@ -565,7 +570,7 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
     optim_meta = None
     if optimizer is not None:
         by_id = {id(p): n for n, p in params.items()}
-        indices = [i for i, p in enumerate(optimizer.params) if writers[by_id[id(p)]] == layout.dp_rank]
+        indices = [i for i, p in enumerate(optimizer.params) if writers[by_id[id(p)]] == replicas.dp_rank]
         for i, states in optimizer.param_states(indices).items():
             for key, space in zip(OPTIM_KEYS, OPTIM_SPACES):
                 add(space, by_id[id(optimizer.params[i])], states[key])

@@ -32,6 +32,8 @@ class Objective(Protocol):
     """Tensors passed through when present (same shape)."""
     rows_per_sample: int
     """Model rows per batch row (2 for a reward model: chosen and rejected in one forward)."""
+    context_parallel: bool
+    """Whether the loss is a sum over tokens each cp rank can take on its own chunks."""
     stat_names: tuple[str, ...]
     """Statistics reported besides the loss, each a sum over units divided by N."""
 
@@ -65,6 +67,7 @@ class LanguageModelObjective:
     optional_keys = ("attention_mask", "position_ids", "segment_ids")  # the last two: packed sequences
     rows_per_sample = 1
     stat_names = ()
+    context_parallel = True  # per-token loss: each cp rank sums its own tokens
 
     def normalizer(self, batch: dict) -> int:
         n = int((batch["labels"] != self.ignore_index).sum())
@@ -148,6 +151,7 @@ class RewardObjective:
     batch_keys = PAIR_KEYS
     optional_keys = ()
     rows_per_sample = 2
+    context_parallel = False  # reads each row's last token, wherever it falls
     stat_names = ("ranking_loss", "l2_penalty", "accuracy", "margin", "chosen_reward", "rejected_reward")
 
     def __post_init__(self):

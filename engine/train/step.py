@@ -5,7 +5,9 @@ entropy with N = non-ignored tokens, or the reward model's pair loss with N = pa
 holds the global batch, so N needs no communication. Each micro-batch backpropagates
 ``loss_sum(mb) * dp / N``: the DistributedOptimizer averages gradients over DP (divides by dp, then
 sums), so the synced gradient is exactly dL/dw of the single-process full-batch loss, whatever the
-split into micro-batches and DP ranks (and however unevenly the ignored tokens fall).
+split into micro-batches and DP ranks (and however unevenly the ignored tokens fall). Under context
+parallelism each cp rank sums the loss of its chunks of the rows, and "DP" is the dp x cp gradient
+group (``ParallelLayout.gradient_layout``): the same argument with dp x cp partial sums.
 
     split the dp rank's rows into m micro-batches -> pipeline schedule (``schedules.run_schedule``;
     pp = 1 is the plain gradient-accumulation loop; the last stage runs the objective on the model
@@ -22,7 +24,9 @@ import torch
 
 from engine.config import GLMConfig
 from engine.parallel import comm
+from engine.model.glm import default_positions
 from engine.parallel.accounting import analytic_bubble
+from engine.parallel.context_parallel import split_sequence
 from engine.parallel.pipeline import activation_shape, chunk_named_parameters
 from engine.parallel.schedules import check_interleaved, measure_bubble, run_schedule
 from engine.train.metrics import (StepMetrics, ledger_delta, ledger_totals, peak_memory, reset_peak_memory)
@@ -73,8 +77,12 @@ class TrainConfig:
             problems.append(f"recompute={self.recompute!r} must be one of {RECOMPUTE}")
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             problems.append(f"seq_length={self.seq_length!r} must be a positive integer")
-        elif self.sequence_parallel and dims.tp > 1 and self.seq_length % dims.tp != 0:
-            problems.append(f"sequence_parallel needs seq_length={self.seq_length} divisible by tp={dims.tp}")
+        elif dims.cp > 1 and self.seq_length % (2 * dims.cp) != 0:
+            problems.append(f"context parallelism needs seq_length={self.seq_length} divisible by 2 x cp = "
+                            f"{2 * dims.cp} (each rank holds 2 of 2 cp equal chunks)")
+        elif self.sequence_parallel and dims.tp > 1 and (self.seq_length // dims.cp) % dims.tp != 0:
+            problems.append(f"sequence_parallel needs seq_length={self.seq_length}"
+                            f"{f' / cp={dims.cp}' if dims.cp > 1 else ''} divisible by tp={dims.tp}")
         if not isinstance(self.train_steps, int) or self.train_steps < 0:
             problems.append(f"train_steps={self.train_steps!r} must be a non-negative integer")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
@@ -115,9 +123,10 @@ class OptimizerConfig:
 
 
 def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerConfig, lr: float):
-    """A ``DistributedOptimizer`` over every chunk's parameters (clipping done in its ``step``)."""
+    """A ``DistributedOptimizer`` over every chunk's parameters (clipping done in its ``step``), averaging
+    gradients and sharding state over ``layout.gradient_layout`` (dp x cp ranks)."""
     from engine.optim import DistributedOptimizer
-    return DistributedOptimizer(chunk_named_parameters(chunks), layout, lr=lr, betas=tuple(optim.betas),
+    return DistributedOptimizer(chunk_named_parameters(chunks), layout.gradient_layout, lr=lr, betas=tuple(optim.betas),
                                 eps=optim.eps, weight_decay=optim.weight_decay,
                                 use_distributed_optimizer=optim.use_distributed_optimizer,
                                 bucket_size_bytes=optim.bucket_size_bytes, mixed_precision=optim.mixed_precision,
@@ -153,8 +162,8 @@ class Trainer:
 
     def _shape(self, objective) -> tuple[int, int, int]:
         t = self.train
-        return activation_shape(t.micro_batch_size * objective.rows_per_sample, t.seq_length, self.config.hidden_size,
-                                self.layout.tp_size, t.sequence_parallel)
+        return activation_shape(t.micro_batch_size * objective.rows_per_sample, t.seq_length // self.layout.cp_size,
+                                self.config.hidden_size, self.layout.tp_size, t.sequence_parallel)
 
     # ---- batches -------------------------------------------------------------------------------
     def microbatches(self, batch: dict, objective=None) -> tuple[list[dict], int]:
@@ -175,8 +184,22 @@ class Trainer:
         dp, rank = self.layout.dp_size, self.layout.dp_rank
         rows = t.global_batch_size // dp
         mine = {k: torch.as_tensor(batch[k])[rank * rows:(rank + 1) * rows].to(self.device) for k in keys}
+        if self.layout.cp_size > 1:
+            mine = self._split_for_context_parallel(mine, obj)
         mbs = t.micro_batch_size
         return [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)], n
+
+    def _split_for_context_parallel(self, rows: dict, objective) -> dict:
+        """This cp rank's 2 chunks of every row (``context_parallel.split_sequence``); the positions are
+        counted over whole rows first, since a rank cannot count them from its chunks."""
+        if not getattr(objective, "context_parallel", False):
+            raise ValueError(f"the {objective.name} objective does not support context parallelism (cp="
+                             f"{self.layout.cp_size}); it reads whole rows (e.g. the reward model's last token): "
+                             "use cp=1")
+        if "position_ids" not in rows:
+            rows["position_ids"] = default_positions(rows["input_ids"], rows.get("attention_mask"))
+        cp, r = self.layout.cp_size, self.layout.cp_rank
+        return {k: split_sequence(v, cp, r) for k, v in rows.items()}
 
     def _loss_and_stats(self, objective):
         def fn(output: torch.Tensor, mb: dict):
@@ -193,9 +216,10 @@ class Trainer:
         return fn
 
     def _reduce(self, local: list[float], width: int) -> list[float]:
-        """Sum last-stage quantities over DP and PP (other stages contribute 0); "metrics" traffic."""
+        """Sum last-stage quantities over DP, CP and PP (other stages contribute 0); "metrics" traffic."""
         t = torch.tensor(local or [0.0] * width, dtype=torch.float64, device=self.device)
         comm.all_reduce(t, self.layout.dp_group, self.layout.ledger, "metrics")
+        comm.all_reduce(t, self.layout.cp_group, self.layout.ledger, "metrics")
         comm.all_reduce(t, self.layout.pp_group, self.layout.ledger, "metrics")
         return t.tolist()
 
@@ -216,7 +240,7 @@ class Trainer:
         t0 = time.perf_counter()
         reset_peak_memory(self.device)
         before = ledger_totals(self.layout.ledger)
-        dp = self.layout.dp_size
+        dp = self.layout.gradient_layout.dp_size  # gradients are averaged over dp x cp ranks
         mbs, n = self.microbatches(batch)
         terms = [(self.objective, mbs, n, 1.0, [])]
         for objective, extra_batch, coef in extra:

@@ -6,6 +6,8 @@ Three gloo launches (world size 2, 4 and 8), each running all its layouts in one
     ws 4: (4,1,1) (2 KV groups -> replicated KV heads) +-SP, (1,4,1) vpp=2, (2,2,1) +-SP and bf16,
           (2,1,2) distributed optimizer +-SP
     ws 8: (2,2,2) +-SP
+    context parallel (cp in the options): ws 2 cp2; ws 4 tp2 x cp2 +SP full recompute, cp2 x dp2 with
+    the distributed optimizer; ws 8 tp2 x cp2 x pp2 selective recompute
 
 Each case runs ``Trainer.train_step`` on 4 global batches. After the first backward (gradients
 synced over TP/DP, before clipping) every parameter's gradient, gathered to the full model, must
@@ -55,6 +57,7 @@ CASES = {
         "tp2_sp": (2, 1, 1, 1, True, {"recompute": "selective"}),
         "pp2": (1, 2, 1, 1, False, {"recompute": "full"}),
         "dp2": (1, 1, 2, 1, False, {"bucket_size_bytes": 2**20, "micro_batch_size": 2}),
+        "cp2": (1, 1, 1, 1, False, {"cp": 2, "micro_batch_size": 2}),
     },
     4: {
         "tp4_kv": (4, 1, 1, 1, False, {}),
@@ -65,13 +68,16 @@ CASES = {
         "tp2_pp2_bf16": (2, 2, 1, 1, False, {"mixed_precision": "bf16"}),
         "tp2_dp2_zero": (2, 1, 2, 1, False, {"use_distributed_optimizer": True, "bucket_size_bytes": 2**20}),
         "tp2_dp2_zero_sp": (2, 1, 2, 1, True, {"use_distributed_optimizer": True}),
+        "tp2_cp2_sp": (2, 1, 1, 1, True, {"cp": 2, "recompute": "full"}),
+        "cp2_dp2_zero": (1, 1, 2, 1, False, {"cp": 2, "use_distributed_optimizer": True, "bucket_size_bytes": 2**20}),
     },
     8: {
         "tp2_pp2_dp2": (2, 2, 2, 1, False, {}),
         "tp2_pp2_dp2_sp": (2, 2, 2, 1, True, {"use_distributed_optimizer": True}),
+        "tp2_cp2_pp2": (2, 2, 1, 1, False, {"cp": 2, "recompute": "selective"}),
     },
 }
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} | {"cp"}
 
 
 def _config(pp: int, vpp: int) -> GLMConfig:
@@ -133,7 +139,7 @@ def _full_grads(trainer, config, layout, distributed: bool) -> dict:
         for name, p in chunk.named_parameters():
             g = p.main_grad.clone()
             if distributed:  # ZeRO keeps only its reduced shard: sum the (already 1/dp scaled) local grads
-                comm.all_reduce(g, layout.dp_group, None, "dp")
+                comm.all_reduce(g, layout.gradient_layout.dp_group, None, "dp")
             local[name] = g
     return gather_full_state_dict(local, config, side)
 
@@ -178,7 +184,7 @@ def _run_case(layout, tp, pp, dp, vpp, sp, extra, reference):
 def _world(rank, world_size, cases, references):
     out = {}
     for name, (tp, pp, dp, vpp, sp, extra) in cases.items():
-        layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, vpp=vpp), name=name)
+        layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, vpp=vpp, cp=extra.get("cp", 1)), name=name)
         out[name] = _run_case(layout, tp, pp, dp, vpp, sp, extra, references[(pp, vpp)])
     return out
 
