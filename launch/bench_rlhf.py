@@ -3,6 +3,7 @@
     python -m launch.bench rlhf [--config tiny] [--layouts "1,1 2,1 2,1,1 1,2"] [--iterations 3]
                                 [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
+                                [--min-prompt-length N] [--stop-tokens K] [--pack]
 
 Layouts are ``tp,dp[,generation_tp[,pp]]`` (generation_tp < tp: the actor is resharded to that TP
 degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
@@ -10,12 +11,15 @@ scoring and training, the actor gathered to every layer per rank for sampling); 
 ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first is a warm-up and is not timed) in
 its own gloo process group, one thread per process. Actor, critic (with ``--advantage-estimator gae``, the
 default), reference and reward models are randomly initialised copies of ``--config`` (all on every rank);
-prompts are random token ids of ``--prompt-length``; the only stop token is id 1, which a random model rarely
-samples, so responses run (almost always) to ``--max-new-tokens``; tokens/s use the measured lengths. Reported
+prompts are random token ids of ``--prompt-length`` (or uniformly ``--min-prompt-length`` to it); the stop
+tokens are ids 1..K (``--stop-tokens K``, default 1, which a random model rarely samples, so responses run
+almost always to ``--max-new-tokens``; K / vocab is each step's stop probability, which spreads response
+lengths like real ones); tokens/s use the measured lengths. ``--pack``: ``PPOConfig.pack_sequences``. Reported
 per phase (median over the timed iterations): generate (sampling with the KV cache), score (actor, reference,
 critic and reward forwards; the reference answers of prompts not seen before, gae only), update (the actor's
 and the critic's optimizer steps), and the whole iteration; generated tokens/s = rollout responses' tokens /
-generate time; trained tokens/s = rollout tokens (prompt + response) x PPO epochs / update time; resident MiB:
+generate time; trained tokens/s = the rollout's real tokens (prompt + response, padding not counted) x
+PPO epochs / update time; update rows: rows per optimizer step (fewer with ``--pack``); resident MiB:
 the device bytes each phase held (weights, optimizer state, gradient buffers, the generation copy:
 ``resident_bytes_<phase>``, measured from the tensors' storages; the KV cache and activations are not in it),
 with ``--offload`` holding only what the phase uses.
@@ -54,23 +58,30 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
-    prompts = torch.randint(3, config.vocab_size, (n_prompts, args.prompt_length), generator=g).tolist()
+    lengths = torch.randint(args.min_prompt_length or args.prompt_length, args.prompt_length + 1, (n_prompts,),
+                            generator=g)
+    prompts = [torch.randint(args.stop_tokens + 2, config.vocab_size, (int(n),), generator=g).tolist()
+               for n in lengths]
     ppo = PPOConfig(iterations=args.iterations, rollout_prompts=args.rollout_prompts,
                     samples_per_prompt=args.samples_per_prompt, max_prompt_length=args.prompt_length,
                     max_new_tokens=args.max_new_tokens, mini_batch_size=args.mini_batch,
                     micro_batch_size=args.micro_batch, generation_tp=gen_tp, offload=args.offload,
-                    advantage_estimator=args.advantage_estimator, seed=0)
+                    advantage_estimator=args.advantage_estimator, pack_sequences=args.pack, seed=0)
     optim = OptimizerConfig(clip_grad=1.0, mixed_precision=args.dtype)
-    loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=[1], pad_id=0, actor_optim=optim,
+    loop = PPOLoop(ppo, config, layout, *models, prompts=prompts, eos_ids=list(range(1, args.stop_tokens + 1)),
+                   pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
     records = [loop.iteration() for _ in range(args.iterations)][1:]
     keys = ("generate_s", "score_s", "gather_s", "train_s", "seconds", "response_length",
             *(f"resident_bytes_{phase}" for phase in PHASES))
     keys += tuple(f"peak_memory_{phase}" for phase in PHASES if f"peak_memory_{phase}" in records[0])
+    keys += ("update_rows",) if all("update_rows" in r for r in records) else ()  # rows per optimizer step
     out = {k: statistics.median(r[k] for r in records) for k in keys}
     rows = ppo.rollout_rows
     out["generated_tokens_per_s"] = rows * out["response_length"] / out["generate_s"]
-    out["trained_tokens_per_s"] = rows * (args.prompt_length + args.max_new_tokens) / out["train_s"]
+    # real tokens (prompt + response) trained per second, padding not counted: what packing changes
+    out["trained_tokens_per_s"] = (sum(map(len, prompts)) / n_prompts + out["response_length"]) * rows \
+        * ppo.ppo_epochs / out["train_s"]
     out["reshard_bytes_per_iteration"] = layout.ledger.received("reshard") / args.iterations
     out["host_bytes"] = loop.offloader.host_bytes()  # the offloaded copies' arenas (page-locked on CUDA)
     return out
@@ -85,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--rollout-prompts", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--min-prompt-length", type=int, default=0,
+                   help="prompt lengths uniform in [this, --prompt-length] (0: all --prompt-length)")
+    p.add_argument("--stop-tokens", type=int, default=1, help="ids 1..K stop a response")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--mini-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
@@ -92,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: one process on the GPU per layout (layouts must be 1,1)")
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
+    p.add_argument("--pack", action="store_true", help="PPOConfig.pack_sequences: packed update rows")
     p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"), default="gae",
                    help="gae: with a critic; grpo / rloo: critic-free")
     p.add_argument("--json", help="also write the results here")
@@ -107,7 +122,7 @@ def main(argv=None) -> int:
           "resident MiB on rank 0")
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
               f"{'iter s':>7}  "
-              f"{'gen tok/s':>9}  {'train tok/s':>11}  {'resident MiB gen/score/update':>29}")
+              f"{'gen tok/s':>9}  {'train tok/s':>11}  {'rows':>5}  {'resident MiB gen/score/update':>29}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
@@ -125,7 +140,8 @@ def main(argv=None) -> int:
         peaks = "/".join(f"{r[f'peak_memory_{phase}'] / 2**20:.0f}" for phase in PHASES if f"peak_memory_{phase}" in r)
         print(f"{tp:>3}{pp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
               f"{r['train_s']:>9.2f}  {r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  "
-              f"{r['trained_tokens_per_s']:>11.0f}  {resident:>29}" + (f"  peak MiB {peaks}" if peaks else ""),
+              f"{r['trained_tokens_per_s']:>11.0f}  {r.get('update_rows', 0):>5.1f}  {resident:>29}"
+              + (f"  peak MiB {peaks}" if peaks else ""),
               flush=True)
         out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "generation_tp": gen_tp or tp, **r})
     if args.json:

@@ -4,9 +4,12 @@
                                  [--steps 4] [--layouts "1,1,1 2,1,1 1,2,1 1,1,2 1,2,1,2 1,1,1,1,2"]
                                  [--hf-batch 4] [--dtypes fp32,bf16] [--json FILE]
 
-Layouts are ``tp,pp,dp[,vpp[,cp]]`` (cp: context parallel, each sequence split over cp ranks); each runs ``--steps`` training steps (the first is a warm-up and is not
-timed) in its own gloo process group, one thread per process, on synthetic tokens. tokens/s is the
-global batch's tokens over the median step time.
+Layouts are ``tp,pp,dp[,vpp[,cp]]`` (cp: context parallel, each sequence split over cp ranks); each
+runs ``--steps`` training steps (the first is a warm-up and is not timed) in its own gloo process
+group, one thread per process, on synthetic tokens. tokens/s is the global batch's tokens over the
+median step time. "act MiB" is rank 0's peak of what autograd held for backward during one more
+(untimed) step (``engine.train.metrics.SavedActivationMeter``: activations, parameters excluded), a
+device-independent measure of activation memory.
 
 MFU = model FLOPs per second / peak, where the peak is the fp32 matmul rate measured here
 (``--mm-size`` square matmuls, one thread) times the number of processes that can run at once
@@ -124,7 +127,12 @@ def _run_layout(spec, args) -> dict:
     metrics = [trainer.train_step(batch) for _ in range(args.steps)][1:]
     seconds = statistics.median(m.seconds for m in metrics)
     last = metrics[-1]
+    # one more step, untimed, for the activation memory: what autograd held for backward at its peak
+    from engine.train.metrics import SavedActivationMeter
+    with SavedActivationMeter(exclude=[p for chunk in trainer.chunks for p in chunk.parameters()]) as meter:
+        trainer.train_step(batch)
     return {"seconds": seconds, "tokens": last.tokens, "comm_bytes": last.comm_bytes,
+            "peak_saved_activation_bytes": meter.peak,
             "bubble": last.bubble_fraction, "bubble_cpu": last.bubble_fraction_cpu,
             "bubble_analytic": last.bubble_fraction_analytic, "loss": last.loss,
             "peak_memory_bytes": last.peak_memory_bytes}
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
     out = {"config": config.name, "seq": args.seq, "matmul_flops_per_s": rate, "flops_per_token": flops_token,
            "cpu_cores": cores, "layouts": [], "engine_vs_transformers": []}
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'vpp':>4}{'cp':>3}  {'tokens/s':>9}  {'MFU':>6}  {'bubble':>6}  {'cpu-bub':>7}"
-              f"  {'analytic':>8}  comm MiB/step (rank 0)")
+              f"  {'analytic':>8}  {'act MiB':>7}  comm MiB/step (rank 0)")
     print(f"\nglobal batch {args.global_batch} x {args.seq} tokens, micro-batch {args.micro_batch}, median of "
           f"{args.steps - 1} steps\n{header}\n{'-' * len(header)}")
     for item in args.layouts.split():
@@ -226,7 +234,8 @@ def main(argv=None) -> int:
         mfu = flops_token * tps / (rate * min(world, cores))
         comm = ", ".join(f"{g} {b / 2**20:.2f}" for g, b in sorted(r["comm_bytes"].items()) if g != "mp") or "-"
         print(f"{spec[0]:>3}{spec[1]:>3}{spec[2]:>3}{spec[3]:>4}{spec[4]:>3}  {tps:>9.0f}  {mfu:>6.1%}  {r['bubble']:>6.2f}  "
-              f"{r['bubble_cpu']:>7.2f}  {r['bubble_analytic']:>8.2f}  {comm}", flush=True)
+              f"{r['bubble_cpu']:>7.2f}  {r['bubble_analytic']:>8.2f}  "
+              f"{r['peak_saved_activation_bytes'] / 2**20:>7.1f}  {comm}", flush=True)
         out["layouts"].append({"tp": spec[0], "pp": spec[1], "dp": spec[2], "vpp": spec[3], "cp": spec[4],
                                "tokens_per_s": tps,
                                "mfu": mfu, **r})

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gae: a critic (PPO); grpo / rloo: no critic, advantages relative to the prompt's responses")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the models and optimizer states a phase does not use in host memory")
+    p.add_argument("--pack-sequences", action="store_true", default=None,
+                   help="pack the update's prompt + response sequences into rows (no padding compute)")
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
-              "generation_tp", "offload", "advantage_estimator")
+              "generation_tp", "offload", "advantage_estimator", "pack_sequences")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
 
 

@@ -172,11 +172,13 @@ def test_save_and_resume_continue_the_same_run(tmp_path):
 def test_context_parallel_run_resumes_and_matches_one_process(tmp_path):
     """Two steps on cp=2 from a one-process checkpoint (optimizer state loaded into the dp x cp shards of
     the distributed optimizer) equal the same two steps on one process (fp32: summation order only, rel
-    1e-5); the cp=2 checkpoint records cp and one process resumes from it."""
+    1e-5); the cp=2 checkpoint records cp, and one process resumed from it takes the same next step as
+    from the one-process run's checkpoint."""
     ck, ck_cp = str(tmp_path / "ck"), str(tmp_path / "ck_cp")
     first = _train(tmp_path, "first", "--train-steps", "1", "--save", ck, "--distributed-optimizer")
     assert first.returncode == 0, first.stdout + first.stderr
-    one = _train(tmp_path, "one", "--train-steps", "3", "--load", ck, "--distributed-optimizer")
+    one = _train(tmp_path, "one", "--train-steps", "3", "--load", ck, "--save", str(tmp_path / "ck_one"),
+                 "--distributed-optimizer")
     cp2 = _train(tmp_path, "cp2", "--train-steps", "3", "--load", ck, "--save", ck_cp, "--cp", "2",
                  "--distributed-optimizer", nproc=2)
     for proc in (one, cp2):
@@ -190,9 +192,12 @@ def test_context_parallel_run_resumes_and_matches_one_process(tmp_path):
     from engine.train.checkpoint import read_manifest
     assert read_manifest(ck_cp)["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "world_size": 2, "cp": 2}
     resumed = _train(tmp_path, "resumed", "--train-steps", "4", "--load", ck_cp)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    straight = _train(tmp_path, "straight", "--train-steps", "4", "--load", str(tmp_path / "ck_one"))
+    for proc in (resumed, straight):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     (line,) = _lines(tmp_path / "resumed")
-    assert line["step"] == 3 and math.isfinite(line["loss"])
+    (want,) = _lines(tmp_path / "straight")
+    assert line["step"] == want["step"] == 3 and line["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def test_load_from_a_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):

@@ -102,3 +102,22 @@ def test_plot_cli(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "plots" / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_saved_activation_meter_counts_each_saved_storage_once_until_backward_frees_it():
+    import torch
+    from engine.train.metrics import SavedActivationMeter
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(8, 64, requires_grad=True)
+    with SavedActivationMeter(exclude=[w]) as meter:
+        y = (x @ w).relu()   # matmul saves x and w (a parameter: excluded); relu saves its output
+        z = (y * y[:, :16].repeat(1, 2)).sum()  # saves y and a new tensor; y's storage is counted once
+        held = meter.current
+        z.backward()
+    assert held == (8 * 64 + 8 * 32 + 8 * 32) * 4
+    assert meter.peak == held and meter.current == 0  # backward released everything
+    with SavedActivationMeter() as meter:  # a graph dropped without backward frees its tensors too
+        loss = (x.exp() * 2).sum()
+        assert meter.current == 8 * 64 * 4
+        del loss
+    assert meter.current == 0 and meter.peak == 8 * 64 * 4

@@ -87,7 +87,9 @@ class GLMAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, recompute_core: bool = False,
                 segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        qkv = self.qkv(x)  # [b, s, (hq + 2 hkv) d]; s is the full sequence even under sequence parallel
+        # [b, s, (hq + 2 hkv) d]; s is this rank's whole sequence even under sequence parallel (under context
+        # parallelism: its 2 chunks, S / cp tokens)
+        qkv = self.qkv(x)
         b, s, _ = qkv.shape
         d = self.head_dim
         hq, hkv = self.num_heads, self.num_kv_heads

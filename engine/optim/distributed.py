@@ -66,7 +66,8 @@ class _Bucket:
 class DistributedOptimizer:
     """AdamW with DP gradient reduction and optional ZeRO-1 (see module docstring).
 
-    ``params``: the local (TP/PP-sharded) parameters, or ``(name, param)`` pairs. With
+    ``params``: the local (TP/PP-sharded) parameters, or ``(name, param)`` pairs. ``layout``: the model's
+    layout; "DP" below is its ``gradient_layout`` (dp x cp ranks under context parallelism). With
     ``mixed_precision="bf16"`` the parameters are moved to bf16 storage here (their fp32 values seed
     the master weights). ``max_grad_norm`` (optional) makes ``step`` clip. ``overlap_grad_reduce``:
     reduce each bucket during the backward of the step's last micro-batch (see ``prepare_backward``).
@@ -90,6 +91,9 @@ class DistributedOptimizer:
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         _check_marks([p for _, p in named], layout)
+        # Every replica of these parameters averages gradients and shares the ZeRO shards: under context
+        # parallelism that is the dp x cp ranks (the gradient layout; the layout itself otherwise).
+        layout = layout.gradient_layout
         self.layout, self.lr, self.betas, self.eps, self.weight_decay = layout, lr, tuple(betas), eps, weight_decay
         self.distributed = use_distributed_optimizer
         self.mixed_precision, self.backend, self.max_grad_norm = mixed_precision, backend, max_grad_norm

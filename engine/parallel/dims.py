@@ -268,8 +268,19 @@ class ParallelLayout:
         layout = cls._build_groups(dims, rank, world_size, name, CommLedger())
         if dims.cp == 1:
             return layout
-        # Gradients and ZeRO shards span the dp x cp ranks: one more layout, same rank order, own groups.
-        gradients = cls._build_groups(dims.gradient_dims(), rank, world_size, f"{name}-gradients", layout.ledger)
+        # Gradients and ZeRO shards span the dp x cp ranks: the same layout with cp folded into dp. Only its
+        # dp groups are new; tp, pp, mp and the TP subgroups are the same rank sets, so they are shared.
+        grad_dims = dims.gradient_dims()
+        dp_group = None
+        for p in range(dims.pp):
+            for t in range(dims.tp):
+                ranks = [grad_dims.rank_of(t, d, p) for d in range(grad_dims.dp_size)]
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    dp_group = group
+        gradients = replace(layout, dims=grad_dims, dp_rank=grad_dims.coords(rank)[1], dp_group=dp_group,
+                            dp_ranks=tuple(grad_dims.dp_group_ranks(rank)), cp_rank=0, cp_group=None, cp_ranks=(),
+                            name=f"{name}-gradients")
         return replace(layout, gradients=gradients)
 
     @classmethod

@@ -211,8 +211,9 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
     (tp_src, a multiple of tp_dst; this stage's tensors when pp > 1): ``dst`` is
     ``ParallelLayout.for_generation(src, tp_dst)``, whose TP rank j needs only the shards of src TP ranks [f
     j, f j + f), f = tp_src / tp_dst, i.e. its src TP subgroup of size f. Each tensor is all-gathered over
-    that subgroup ((f - 1) x the local bytes received, ledger category "reshard") and the rows/columns of
-    dst's shard are picked from the gathered ones. Which full index each shard holds comes from ``tp_slice``
+    that subgroup ((f - 1) x the local bytes received, ledger category "reshard"; a QKV tensor whose KV head
+    is replicated over source ranks moves each head it lacks once, ``_gather_replicated_qkv``) and the
+    rows/columns of dst's shard are picked from the gathered ones. Which full index each shard holds comes from ``tp_slice``
     itself (applied to an index probe), so every sharding rule (vocab rows, [gate | up], QKV per KV group with
     replicated KV heads, columns) is handled by the code that defines it. Collective over the subgroup."""
     tp_src, tp_dst = src.tp_size, dst.tp_size
@@ -233,11 +234,14 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
         if f == 1 or role == "replicated":
             out[name] = t
             continue
-        gathered = comm.all_gather(t.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0)
         dim = 1 if role == "columns" else 0
         full_size = config.qkv_size if role == "qkv" else t.shape[dim] * tp_src
         probe = torch.arange(full_size).unsqueeze(1 - dim)  # [n, 1] or [1, n]: the full index along dim
-        held = torch.cat([tp_slice(name, probe, config, tp_src, r).flatten() for r in members])
+        if role == "qkv" and kv_replication(config, tp_src) > 1:
+            gathered, held = _gather_replicated_qkv(t, name, probe, config, src, group, members)
+        else:
+            gathered = comm.all_gather(t.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0)
+            held = torch.cat([tp_slice(name, probe, config, tp_src, r).flatten() for r in members])
         wanted = tp_slice(name, probe, config, tp_dst, j).flatten()
         position = torch.full((full_size,), -1, dtype=torch.long)
         position[held] = torch.arange(held.numel())
@@ -249,6 +253,37 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
     return out
 
 
+def _gather_replicated_qkv(t: torch.Tensor, name: str, probe: torch.Tensor, config: GLMConfig, src, group,
+                           members: range) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``reshard_tp``'s gather for a QKV tensor whose KV head is replicated over r = tp_src / groups
+    consecutive source ranks: only what the target shard lacks moves. The query rows are all-gathered
+    over the subgroup; the subgroup's f ranks hold f / r distinct KV heads (one when f <= r), and each rank
+    receives each other head once, from the rank holding it at its own offset in that head's block of r
+    (pairwise exchange). Returns (pieces, the full row index of their concatenation)."""
+    tp_src = src.tp_size
+    r = kv_replication(config, tp_src)
+    q_rows = config.num_attention_heads // tp_src * config.kv_channels
+    q, kv = t[:q_rows], t[q_rows:]  # this rank's query heads; its one KV head's [k | v] rows
+    pieces = list(comm.all_gather(q.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0))
+    rows = {m: tp_slice(name, probe, config, tp_src, m).flatten() for m in members}
+    held = [rows[m][:q_rows] for m in members]
+    mine = kv_heads_of_rank(config, tp_src, src.tp_rank).start
+    heads = sorted({kv_heads_of_rank(config, tp_src, m).start for m in members})
+    received, sends, recvs = {mine: kv}, [], []
+    for h in heads:  # head h is held by source TP ranks [h r, (h + 1) r)
+        if h != mine:
+            peer = src.tp_ranks[h * r + src.tp_rank % r]
+            received[h] = torch.empty_like(kv)
+            sends.append((kv, peer))
+            recvs.append((received[h], peer))
+    for work in comm.batch_send_recv(sends, recvs, group, src.ledger, "reshard"):
+        work.wait()
+    for h in heads:
+        pieces.append(received[h])
+        held.append(rows[h * r][q_rows:])
+    return pieces, torch.cat(held)
+
+
 @torch.no_grad()
 def reshard_for_generation(local: Union[nn.Module, Sequence[nn.Module], dict[str, torch.Tensor]], config: GLMConfig,
                            src, dst) -> dict[str, torch.Tensor]:
@@ -257,8 +292,9 @@ def reshard_for_generation(local: Union[nn.Module, Sequence[nn.Module], dict[str
     ParallelLayout.for_generation(src, tp_dst)``: ``reshard_tp`` over the TP subgroup of f = tp_src /
     tp_dst ranks (this stage's layers), then the stages' results exchanged over the PP group. Bytes
     received ("reshard"): |generation shard| - |this rank's part of it|, the analytic minimum
-    M (1/tp_dst - 1/(tp_src pp)) when every tensor is sharded (replicated norms are not TP-gathered;
-    KV heads replicated over TP ranks are gathered from every sibling). Collective over both groups."""
+    M (1/tp_dst - 1/(tp_src pp)) when every tensor is sharded (replicated norms are not TP-gathered; a KV
+    head replicated over TP ranks is received once, or not at all when the rank holds it). Collective over
+    both groups."""
     if isinstance(local, nn.Module):
         sd = local.state_dict()
     elif isinstance(local, dict):

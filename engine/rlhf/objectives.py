@@ -44,7 +44,7 @@ class PolicyObjective:
     kl_coef: float = 0.0
     kl_kind: str = "k3"
     name = "policy"
-    optional_keys = ()
+    optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
 
     @property
@@ -91,7 +91,7 @@ class ValueObjective:
     clip_eps: float = 0.2
     name = "value"
     batch_keys = ("input_ids", "attention_mask", "labels", "old_values", "returns")
-    optional_keys = ()
+    optional_keys = ("position_ids", "segment_ids")
     rows_per_sample = 1
     stat_names = ("vf_clipfrac",)
 

@@ -73,6 +73,7 @@ from engine.rlhf.core import (GROUP_ESTIMATORS, RunningMoments, adaptive_kl_coef
                               shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
+from engine.train.batches import pack_padded_rows
 from engine.train.lr import LRConfig, LRSchedule
 from engine.train.metrics import peak_memory, reset_peak_memory
 from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record_vocab_parallel_loss
@@ -120,6 +121,11 @@ class PPOConfig:
     """Sequences per forward/backward on one rank."""
     score_micro_batch_size: int = 0
     """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
+    pack_sequences: bool = False
+    """Pack each update mini-batch's prompt + response sequences into as few rows as hold them
+    (``batches.pack_padded_rows``: first-fit, no attention across sequences, positions per sequence)
+    instead of one left/right-padded row each: the same losses and gradients for less padding compute.
+    micro_batch_size then counts packed rows; a step takes as many as the mini-batch needs."""
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
@@ -190,6 +196,8 @@ class PPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.pack_sequences, bool):
+            problems.append(f"pack_sequences={self.pack_sequences!r} must be true or false")
         if not (isinstance(self.score_micro_batch_size, int) and self.score_micro_batch_size >= 0):
             problems.append(f"score_micro_batch_size={self.score_micro_batch_size!r} must be a positive integer or 0 "
                             "(micro_batch_size)")
@@ -318,6 +326,9 @@ class PPOLoop:
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None):
+        if layout.cp_size > 1:  # sampling decodes with a KV cache, which needs whole sequences on a rank
+            raise ValueError(f"PPO does not support context parallelism (layout cp={layout.cp_size}): build the "
+                             "RLHF layout with cp=1")
         self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only)
@@ -357,7 +368,8 @@ class PPOLoop:
         self.seq_length = config.max_prompt_length + config.max_new_tokens
         steps = config.iterations * config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
         train = TrainConfig(global_batch_size=config.mini_batch_size, micro_batch_size=config.micro_batch_size,
-                            seq_length=self.seq_length, train_steps=steps, seed=config.seed)
+                            seq_length=self.seq_length, train_steps=steps, seed=config.seed,
+                            variable_rows=config.pack_sequences)
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
                                      layout, model_config, train, LRSchedule(actor_lr, steps),
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
@@ -699,18 +711,29 @@ class PPOLoop:
             if step.peak_memory_bytes is not None:
                 peaks.append(step.peak_memory_bytes)
 
+        def rows_of(rows: torch.Tensor) -> dict:
+            mb = {k: v[rows] for k, v in batch.items()}
+            if not c.pack_sequences:
+                return mb
+            # sequences without a trained token (filtered prompts, empty responses) add nothing to the loss:
+            # unpadded they would only cost compute, so they are left out
+            return pack_padded_rows(mb, self.actor_trainer.train.row_multiple(self.layout.dims),
+                                    fill={"labels": IGNORE_INDEX}, keep=(mb["labels"] != IGNORE_INDEX).any(1))
+
         self._resident("update", "actor", "actor.optim")
         for rows in minibatches:
             extra = ()
             if c.ptx_coef > 0:
                 extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
-            actor = self.actor_trainer.train_step({k: v[rows] for k, v in batch.items()}, extra=extra)
-            add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, **actor.stats}, actor)
+            mb = rows_of(rows)
+            actor = self.actor_trainer.train_step(mb, extra=extra)
+            add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, "update_rows": len(mb["labels"]),
+                 **actor.stats}, actor)
         self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
         if self.uses_critic:
             self._resident("update", "critic", "critic.optim")
             for rows in minibatches:
-                critic = self.critic_trainer.train_step({k: v[rows] for k, v in batch.items()})
+                critic = self.critic_trainer.train_step(rows_of(rows))
                 add({"value_loss": critic.loss, "critic_grad_norm": critic.grad_norm, **critic.stats}, critic)
             self._resident("update", "critic", "critic.optim")
         steps = len(minibatches)

@@ -8,6 +8,7 @@ continues the exact data order with no iterator state to save.
     DatasetBatches   any map-style dataset of equal-shape numpy items (PretrainDataset, SFTDataset,
                      PreferenceDataset): seeded shuffle per epoch, the incomplete last batch dropped
     eval_batches     the first k full global batches of a held-out dataset, in order
+    pack_padded_rows a padded batch's sequences packed into fewer rows (segments, positions)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.data.builtin import split_indices
+from engine.data.datasets import first_fit_bins
 
 
 class CorpusBatches:
@@ -108,3 +110,62 @@ class Subset:
 
 
 __all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_batches"]
+
+
+def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = None,
+                     keep: Optional[torch.Tensor] = None) -> dict:
+    """A padded batch's sequences packed first-fit (in row order) into as few rows as hold them.
+
+    ``batch``: tensors ``[G, S]`` whose ``attention_mask`` marks each row's real tokens, one contiguous
+    span per row (left or right padding, or both, as a PPO rollout has). Every tensor moves with its
+    tokens: span i lands in a packed row at some offset, shape ``[G', S]`` with G' the rows first-fit
+    needs, rounded up to a multiple of ``row_multiple`` (the Trainer's micro-batch x DP granularity).
+    Added: ``segment_ids`` (the sequence's index within its packed row, -1 on padding: no attention
+    across sequences) and ``position_ids`` (moved when given, else each sequence's 0, 1, ... as
+    ``default_positions`` gives the padded row). Padding positions take ``fill[key]`` (default 0;
+    ``attention_mask`` 0): e.g. ``{"labels": IGNORE_INDEX}`` so they take no loss. Per-token results
+    are unchanged: each sequence sees exactly its own tokens at its own positions, so only padding
+    compute is saved. ``keep`` (bool ``[G]``): the rows to pack (default all; rows without a real token
+    are always left out). Pure; the same output on every rank for the same input."""
+    if "attention_mask" not in batch:
+        raise ValueError(f"pack_padded_rows needs the batch's attention_mask (has {sorted(batch)})")
+    mask = batch["attention_mask"].ne(0)
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [rows, seq], got {tuple(mask.shape)}")
+    G, S = mask.shape
+    for k, v in batch.items():
+        if tuple(v.shape) != (G, S):
+            raise ValueError(f"pack_padded_rows: {k} {tuple(v.shape)} must be [rows, seq] = {[G, S]} like attention_mask")
+    if not isinstance(row_multiple, int) or row_multiple < 1:
+        raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer")
+    lengths = mask.sum(1)
+    starts = torch.where(lengths > 0, mask.int().argmax(1), 0)
+    contiguous = mask.int().cumsum(1).gather(1, (starts + lengths - 1).clamp(min=0)[:, None]).squeeze(1) == lengths
+    if not bool(contiguous.all()):
+        bad = int((~contiguous).nonzero()[0])
+        raise ValueError(f"pack_padded_rows: row {bad}'s attention_mask has holes; each row must hold one contiguous "
+                         "span of real tokens")
+    source = dict(batch)
+    if "position_ids" not in source:
+        source["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+    wanted = lengths > 0  # empty rows carry nothing
+    if keep is not None:
+        if tuple(keep.shape) != (G,) or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor [rows] = [{G}], got {keep.dtype} {tuple(keep.shape)}")
+        wanted &= keep.to(wanted.device)
+    keep = wanted.nonzero().flatten().tolist()
+    bins = first_fit_bins(lengths[keep].numpy(), S) if keep else np.zeros(0, dtype=np.int64)
+    rows = int(bins.max()) + 1 if keep else 0
+    rows = max(row_multiple, -(-rows // row_multiple) * row_multiple)
+    fill = {"attention_mask": 0, **(fill or {})}
+    out = {k: torch.full((rows, S), fill.get(k, 0), dtype=v.dtype, device=v.device) for k, v in source.items()}
+    out["segment_ids"] = torch.full((rows, S), -1, dtype=torch.long, device=mask.device)
+    used, count = [0] * rows, [0] * rows  # per packed row: tokens placed, sequences placed
+    for i, row in zip(keep, bins.tolist()):
+        start, n, at = int(starts[i]), int(lengths[i]), used[row]
+        for k, v in source.items():
+            out[k][row, at:at + n] = v[i, start:start + n]
+        out["segment_ids"][row, at:at + n] = count[row]
+        used[row], count[row] = at + n, count[row] + 1
+    return out
+

@@ -17,9 +17,10 @@ one DCP key per range: ``<space>/<name>@<lo>:<hi>``, space in ``model``, ``optim
 replicated norm), 2 (gate | up) or 3 (q | k | v, see ``engine.parallel.sharding``). Each element is
 written exactly once: replicated tensors by tp rank 0, a replicated KV head by the first rank of its
 replica group, and each parameter by one DP rank (parameters are spread over the DP ranks by size,
-so they share the writing). To load, a rank works out which full rows each of its local tensors
-needs under ITS layout, reads the chunks that intersect them and assembles them; so any tp / pp /
-dp / vpp, with or without ZeRO-1, loads any checkpoint. Optimizer state is per parameter (fp32
+so they share the writing; under context parallelism over the dp x cp ranks, which all hold the same
+parameters). To load, a rank works out which full rows each of its local tensors needs under ITS
+layout, reads the chunks that intersect them and assembles them; so any tp / pp / dp / vpp / cp, with
+or without ZeRO-1, loads any checkpoint. Optimizer state is per parameter (fp32
 master and both moments; ``DistributedOptimizer.param_states`` all-gathers ZeRO-1 shards over DP,
 ``load_param_states`` keeps this rank's shard), chunked like the parameters.
 
@@ -35,7 +36,7 @@ checked against the manifest's sha256 and unpickled with an allow-list of DCP me
 tensors are read by DCP with ``torch.load(weights_only=True)``; DCP byte items (which it would
 ``torch.load(weights_only=False)``) are refused. Manifest and RNG files are JSON.
 
-RNG: restored per rank when the layout (tp, pp, dp, vpp, world size) equals the checkpoint's.
+RNG: restored per rank when the layout (tp, pp, dp, vpp, cp, world size) equals the checkpoint's.
 After a layout change the per-rank streams have no counterpart, so they are left as the caller
 seeded them (a warning names both layouts); training is then reproducible but not bitwise equal to
 an uninterrupted run. Resharded weights and optimizer states are bitwise equal (pure data movement).

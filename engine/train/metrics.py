@@ -25,7 +25,7 @@ class StepMetrics:
     """Global L2 norm of the gradient before clipping."""
     lr: float
     tokens: int
-    """Input tokens in the global batch (global_batch_size * seq_length)."""
+    """Input tokens in the global batch (rows * seq_length; padding included)."""
     loss_tokens: int
     """Units the loss averages over in the global batch: tokens that took loss (labels != ignore
     index) for a language model, preference pairs for a reward model."""
@@ -89,6 +89,67 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+class SavedActivationMeter:
+    """Peak bytes autograd holds for backward (activations) while the context is open, on any device.
+
+    Counts every tensor packed through autograd's saved-tensor hooks (``torch.autograd.graph.
+    saved_tensors_hooks``; custom Functions' ``ctx.save_for_backward`` included) by its storage, once per
+    storage however many views of it are saved, from when it is saved until autograd drops it (after its
+    backward, or with its graph). ``exclude``: tensors whose storages are not activations (the parameters,
+    which matmuls save too). Under activation recompute the checkpointed regions' inputs are kept by
+    ``torch.utils.checkpoint`` itself and are not counted. ``peak`` / ``current``: bytes."""
+
+    def __init__(self, exclude=()):
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._live: dict[int, list] = {}  # storage address -> [saved references, bytes]
+        self.current = self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self) -> "SavedActivationMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        if address in self._exclude or storage.nbytes() == 0:
+            return t
+        entry = self._live.setdefault(address, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        # detached: a saved output holds its grad_fn, which holds this record: a cycle that only the garbage
+        # collector would free if the graph is dropped without a backward
+        return _Saved(t.detach(), self, address)
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, address: int) -> None:
+        entry = self._live[address]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._live[address]
+
+
+class _Saved:
+    """A saved tensor as autograd stores it while metered: dropping it releases its bytes."""
+
+    __slots__ = ("tensor", "meter", "address")
+
+    def __init__(self, tensor: torch.Tensor, meter: SavedActivationMeter, address: int):
+        self.tensor, self.meter, self.address = tensor, meter, address
+
+    def __del__(self):
+        self.meter._release(self.address)
 
 
 class MetricsWriter:

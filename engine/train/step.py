@@ -61,9 +61,22 @@ class TrainConfig:
     """Evaluate on the held-out split every N steps (0: only after the last step, when there is one)."""
     eval_batches: int = 1
     """Global batches of the held-out split per evaluation."""
+    variable_rows: bool = False
+    """Accept global batches of any row count that splits evenly into micro-batches over the DP ranks
+    (``row_multiple``), not only ``global_batch_size`` rows: batches of packed sequences
+    (``batches.pack_padded_rows``), whose row count depends on their lengths."""
 
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
+
+    def row_multiple(self, dims) -> int:
+        """With ``variable_rows`` the row count of a global batch is a multiple of this. Without a pipeline,
+        dp: each DP rank takes an equal share, and its last micro-batch may hold fewer than micro_batch_size
+        rows. With one, micro-batch x dp, times pp under the interleaved schedule: stages exchange
+        activations of one fixed shape, and the interleaved order needs a multiple of pp micro-batches."""
+        if dims.pp == 1:
+            return dims.dp_size
+        return self.micro_batch_size * dims.dp_size * (dims.pp if dims.vpp > 1 else 1)
 
     def validate(self, dims, config: GLMConfig, world_size: Optional[int] = None):
         """Validate this run against a layout (and fill in dp): ValueError naming every problem."""
@@ -77,12 +90,13 @@ class TrainConfig:
             problems.append(f"recompute={self.recompute!r} must be one of {RECOMPUTE}")
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             problems.append(f"seq_length={self.seq_length!r} must be a positive integer")
-        elif dims.cp > 1 and self.seq_length % (2 * dims.cp) != 0:
-            problems.append(f"context parallelism needs seq_length={self.seq_length} divisible by 2 x cp = "
-                            f"{2 * dims.cp} (each rank holds 2 of 2 cp equal chunks)")
-        elif self.sequence_parallel and dims.tp > 1 and (self.seq_length // dims.cp) % dims.tp != 0:
-            problems.append(f"sequence_parallel needs seq_length={self.seq_length}"
-                            f"{f' / cp={dims.cp}' if dims.cp > 1 else ''} divisible by tp={dims.tp}")
+        else:
+            if dims.cp > 1 and self.seq_length % (2 * dims.cp) != 0:
+                problems.append(f"context parallelism needs seq_length={self.seq_length} divisible by 2 x cp = "
+                                f"{2 * dims.cp} (each rank holds 2 of 2 cp equal chunks)")
+            if self.sequence_parallel and dims.tp > 1 and (self.seq_length // dims.cp) % dims.tp != 0:
+                problems.append(f"sequence_parallel needs seq_length={self.seq_length}"
+                                f"{f' / cp={dims.cp}' if dims.cp > 1 else ''} divisible by tp={dims.tp}")
         if not isinstance(self.train_steps, int) or self.train_steps < 0:
             problems.append(f"train_steps={self.train_steps!r} must be a non-negative integer")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
@@ -126,7 +140,7 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerC
     """A ``DistributedOptimizer`` over every chunk's parameters (clipping done in its ``step``), averaging
     gradients and sharding state over ``layout.gradient_layout`` (dp x cp ranks)."""
     from engine.optim import DistributedOptimizer
-    return DistributedOptimizer(chunk_named_parameters(chunks), layout.gradient_layout, lr=lr, betas=tuple(optim.betas),
+    return DistributedOptimizer(chunk_named_parameters(chunks), layout, lr=lr, betas=tuple(optim.betas),
                                 eps=optim.eps, weight_decay=optim.weight_decay,
                                 use_distributed_optimizer=optim.use_distributed_optimizer,
                                 bucket_size_bytes=optim.bucket_size_bytes, mixed_precision=optim.mixed_precision,
@@ -170,24 +184,44 @@ class Trainer:
         """This DP rank's micro-batches of a global batch (as model inputs), and the objective's N
         (``objective``: default the trainer's)."""
         t, obj = self.train, objective or self.objective
-        expected = (t.global_batch_size, t.seq_length)
         for k in obj.batch_keys:
             if k not in batch or batch[k] is None:
                 raise ValueError(f"the global batch lacks {k!r} (has {sorted(batch)}); the {obj.name} objective "
                                  f"needs {list(obj.batch_keys)}")
         keys = list(obj.batch_keys) + [k for k in obj.optional_keys if batch.get(k) is not None]
+        if batch.get("segment_ids") is not None and "segment_ids" not in keys:
+            # dropping them would let packed sequences attend to each other: a silently different model
+            raise ValueError(f"the global batch holds packed sequences (segment_ids), which the {obj.name} objective "
+                             f"does not take (its optional keys: {list(obj.optional_keys)})")
+        rows_total = self._global_rows(batch[obj.batch_keys[0]])
+        expected = (rows_total, t.seq_length)
         for k in keys:
             if tuple(batch[k].shape) != expected:
                 raise ValueError(f"global batch {k} {tuple(batch[k].shape)} must be [global_batch_size, seq_length] "
                                  f"= {list(expected)}")
         n = obj.normalizer(batch)
         dp, rank = self.layout.dp_size, self.layout.dp_rank
-        rows = t.global_batch_size // dp
+        rows = rows_total // dp
         mine = {k: torch.as_tensor(batch[k])[rank * rows:(rank + 1) * rows].to(self.device) for k in keys}
         if self.layout.cp_size > 1:
             mine = self._split_for_context_parallel(mine, obj)
         mbs = t.micro_batch_size
         return [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)], n
+
+    def _global_rows(self, first: torch.Tensor) -> int:
+        """Rows of a global batch: ``global_batch_size``, or with ``variable_rows`` any positive multiple of
+        ``row_multiple`` (checked here, naming the numbers)."""
+        t = self.train
+        if not t.variable_rows:
+            return t.global_batch_size
+        rows, multiple = int(first.shape[0]), t.row_multiple(self.layout.dims)
+        if rows < 1 or rows % multiple != 0:
+            how = (f"evenly over dp={self.layout.dp_size}" if self.layout.pp_size == 1 else
+                   f"into micro-batches of {t.micro_batch_size} over dp={self.layout.dp_size}"
+                   f"{f' x pp={self.layout.pp_size} (interleaved)' if self.layout.vpp_size > 1 else ''}")
+            raise ValueError(f"a global batch of {rows} rows does not split {how}: variable_rows needs a positive "
+                             f"multiple of {multiple} rows")
+        return rows
 
     def _split_for_context_parallel(self, rows: dict, objective) -> dict:
         """This cp rank's 2 chunks of every row (``context_parallel.split_sequence``); the positions are
@@ -265,7 +299,8 @@ class Trainer:
             stats[f"{objective.name}_loss"] = self._means(sums, t_n, objective)[0]
         result = results[0]
         bubble = measure_bubble(result, self.layout, len(mbs), self.device)
-        tokens = self.train.global_batch_size * self.train.seq_length * self.objective.rows_per_sample
+        tokens = len(mbs) * self.layout.dp_size * self.train.micro_batch_size * self.train.seq_length \
+            * self.objective.rows_per_sample
         metrics = StepMetrics(
             step=self.steps_done, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
             loss_tokens=n, seconds=seconds, tokens_per_s=tokens / seconds, skipped=bool(skipped),

@@ -143,6 +143,12 @@ def _cp_world(rank, world_size, state, reference):
                                       "rejected_input_ids": pair, "rejected_attention_mask": pair + 1})
             with pytest.raises(ValueError, match="generation layout does not support context parallelism"):
                 ParallelLayout.for_generation(layout, 1)
+            from engine.rlhf.ppo import PPOConfig, PPOLoop
+            with pytest.raises(ValueError, match="PPO does not support context parallelism"):
+                PPOLoop(PPOConfig(), CONFIG, layout, [model], None, None, None, [[1]], [2], 0)
+            # an optimizer built on the model's layout still averages over every replica: the dp x cp ranks
+            from engine.optim import DistributedOptimizer
+            assert DistributedOptimizer(model.parameters(), layout).layout.dp_size == cp
     return results
 
 

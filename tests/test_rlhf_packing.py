@@ -1,0 +1,145 @@
+"""Packed PPO updates: ``pack_padded_rows`` moves every sequence intact, and a packed update equals the
+padded one (an iteration on one process; the same batch packed on two DP ranks) while computing fewer
+rows.
+
+Tolerances (fp32): packing changes which other tokens share a row, and attention masks them out exactly
+(masked keys add exact zeros), so losses and gradients differ only in summation order and blocking:
+1e-5 relative on losses and grad norms (observed ~1e-7). Weights after one Adam step of lr 1e-3: 1e-5
+absolute, 1% of a step (Adam's first step is lr g / (|g| + eps), so an element whose gradient is tiny moves
+by up to lr x its gradient's relative rounding error: observed 1.5e-6 on one of 4096 elements), except
+the key bias, whose gradient is pure rounding noise (see ``_compare``). A sequence attending across a boundary, a
+shifted position or a lost label changes the loss at O(1e-2) or more.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from engine.parallel import ParallelDims, ParallelLayout
+from engine.train.batches import pack_padded_rows
+from engine.train.objectives import IGNORE_INDEX
+from engine.train.step import TrainConfig
+from tests._dist import run_distributed
+from tests.test_rlhf_ppo import _config, _loop, _models, _one_process, _ppo
+
+
+def test_pack_padded_rows_moves_each_sequence_intact():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0],
+                         [0, 0, 0, 1, 1, 0]])
+    ids = torch.arange(30).view(5, 6)
+    out = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "labels": ids + 100}, row_multiple=2,
+                           fill={"labels": IGNORE_INDEX})
+    # first fit in row order: rows 0 (3 tokens) and 1 (2) share a row, row 2 (5) needs its own, row 3 is empty
+    # and left out, row 4 (2) fits in packed row 2; then padded to a multiple of 2 rows
+    assert out["input_ids"].tolist() == [[2, 3, 4, 6, 7, 0], [13, 14, 15, 16, 17, 0], [27, 28, 0, 0, 0, 0],
+                                         [0] * 6]
+    assert out["segment_ids"].tolist() == [[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, -1], [0, 0, -1, -1, -1, -1],
+                                           [-1] * 6]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0], [0, 1, 0, 0, 0, 0], [0] * 6]
+    assert torch.equal(out["attention_mask"], (out["segment_ids"] >= 0).long())
+    assert torch.equal(out["labels"], torch.where(out["segment_ids"] >= 0, out["input_ids"] + 100, IGNORE_INDEX))
+    # keep leaves rows out; given positions move with their tokens
+    kept = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "position_ids": ids}, keep=torch.tensor(
+        [False, True, True, True, False]))
+    assert kept["input_ids"].tolist() == [[6, 7, 0, 0, 0, 0], [13, 14, 15, 16, 17, 0]]
+    assert torch.equal(kept["position_ids"], kept["input_ids"])
+
+
+def test_pack_padded_rows_refuses_bad_input():
+    mask = torch.tensor([[1, 0, 1, 0]])
+    with pytest.raises(ValueError, match="row 0's attention_mask has holes"):
+        pack_padded_rows({"input_ids": torch.zeros(1, 4), "attention_mask": mask})
+    with pytest.raises(ValueError, match="needs the batch's attention_mask"):
+        pack_padded_rows({"input_ids": torch.zeros(1, 4)})
+    with pytest.raises(ValueError, match=r"labels \(1, 3\) must be \[rows, seq\] = \[1, 4\]"):
+        pack_padded_rows({"attention_mask": torch.ones(1, 4), "labels": torch.zeros(1, 3)})
+    with pytest.raises(ValueError, match="row_multiple=0"):
+        pack_padded_rows({"attention_mask": torch.ones(1, 4)}, row_multiple=0)
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        pack_padded_rows({"attention_mask": torch.ones(2, 4)}, keep=torch.ones(2))
+
+
+def test_variable_rows_granularity():
+    train = TrainConfig(global_batch_size=8, micro_batch_size=2, variable_rows=True)
+    assert train.row_multiple(ParallelDims(dp=2)) == 2  # no pipeline: equal shares, a short last micro-batch
+    assert train.row_multiple(ParallelDims(pp=2, dp=2)) == 4  # stages exchange one activation shape
+    assert train.row_multiple(ParallelDims(pp=2, vpp=2, dp=2)) == 8  # interleaved: a multiple of pp micro-batches
+    loop = _loop(_ppo(pack_sequences=True))
+    trainer = loop.actor_trainer
+    rows = {k: torch.zeros(3, loop.seq_length, dtype=torch.long) for k in trainer.objective.batch_keys}
+    rows["labels"].fill_(IGNORE_INDEX)
+    rows["labels"][:, 3] = 1
+    mbs, n = trainer.microbatches(rows)
+    assert [len(mb["labels"]) for mb in mbs] == [2, 1] and n == 3
+    dp2 = TrainConfig(global_batch_size=4, micro_batch_size=2, seq_length=loop.seq_length, variable_rows=True)
+    trainer.train = dp2  # as a dp = 2 rank would check it
+    trainer.layout = dataclasses.replace(trainer.layout, dims=ParallelDims(dp=2, world_size=2))
+    with pytest.raises(ValueError, match="a global batch of 3 rows does not split evenly over dp=2"):
+        trainer.microbatches(rows)
+    # packed rows reaching an objective that would drop their segment ids are refused, not silently unpacked
+    from engine.rlhf.objectives import PolicyObjective
+
+    class Unpacked(PolicyObjective):
+        optional_keys = ()
+    packed = {k: torch.zeros(2, loop.seq_length, dtype=torch.long) for k in (*trainer.objective.batch_keys,
+                                                                             "segment_ids")}
+    with pytest.raises(ValueError, match="holds packed sequences \\(segment_ids\\), which the policy objective"):
+        trainer.microbatches(packed, Unpacked())
+
+
+def _updated(loop) -> tuple[dict, dict]:
+    record = loop.iteration()
+    weights = {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
+               for name in ("actor", "critic") if getattr(loop, name)}
+    return record, weights
+
+
+def _compare(packed, padded):
+    (rec_a, w_a), (rec_b, w_b) = packed, padded
+    for key in ("policy_loss", "actor_grad_norm", "approx_kl", "entropy", "value_loss", "critic_grad_norm"):
+        if key in rec_b:
+            assert rec_a[key] == pytest.approx(rec_b[key], rel=1e-5, abs=1e-9), key
+    c = _config()
+    keys = slice(c.num_attention_heads * c.kv_channels, (c.num_attention_heads + c.num_kv_groups) * c.kv_channels)
+    for name in w_b:
+        for k in w_b[name]:
+            a, b = w_a[name][k].clone(), w_b[name][k].clone()
+            if k.endswith("attention.qkv.bias"):
+                # the key bias's gradient is zero in exact arithmetic (softmax ignores a per-query constant),
+                # so it is rounding noise that Adam's normalised step turns into moves of up to lr: bounded by
+                # one step, 1e-3 (the other rows are checked tightly)
+                torch.testing.assert_close(a[keys], b[keys], rtol=0, atol=1e-3)
+                a[keys], b[keys] = 0, 0
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m: f"{name}.{k}: {m}")
+    assert rec_a["update_rows"] < rec_b["update_rows"] == 4  # fewer rows computed per step
+
+
+def test_packed_update_equals_the_padded_update():
+    """One iteration (rollout identical: packing only touches the update), actor and critic."""
+    # rows of 16 + 6 tokens hold prompts of 3-7 and responses of up to 6 tokens: two sequences fit a row
+    padded = _updated(_loop(_ppo(iterations=1, max_prompt_length=16), models=_models(seed=2)))
+    packed = _updated(_loop(_ppo(iterations=1, max_prompt_length=16, pack_sequences=True), models=_models(seed=2)))
+    assert packed[0]["reward"] == padded[0]["reward"]  # the same rollout
+    _compare(packed, padded)
+
+
+def _dp2_packed_update(rank, world_size, states, batch):
+    from engine.model.glm import GLMForCausalLM, GLMForScalarHead
+    layout = ParallelLayout.build(ParallelDims(dp=2))
+    models = [cls(_config()) for cls in (GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead)]
+    for model, state in zip(models, states):
+        model.load_state_dict(state)
+    loop = _loop(_ppo(pack_sequences=True, micro_batch_size=1, max_prompt_length=16), layout=layout, models=models)
+    update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    return update, {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
+                    for name in ("actor", "critic")}
+
+
+def test_packed_update_on_two_dp_ranks_equals_one_padded_process():
+    """The same PPO batch: padded on one process vs packed on dp = 2 (each DP rank takes its packed rows)."""
+    states, loop, _, batch = _one_process(seed=4, config=_ppo(max_prompt_length=16))
+    padded = (loop.update({k: v.clone() for k, v in batch.items()}, 0),
+              {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
+               for name in ("actor", "critic")})
+    for packed in run_distributed(_dp2_packed_update, 2, states, batch, timeout=300):
+        _compare(packed, padded)
