@@ -47,6 +47,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right  # torch >= 2.3
 
 from ._backend import TORCH, check_floating, resolve_backend
 
@@ -101,16 +102,19 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     # share a KV head are stacked along the query axis, [b, hkv, rep * s_q, d].
     qt = q.transpose(1, 2).reshape(b, hkv, rep * s_q, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    if attention_mask is None and segment_ids is None and causal and s_q == s_kv:
-        # plain causal self-attention: SDPA's is_causal path (no mask tensor, fused kernels)
+    if attention_mask is None and segment_ids is None and causal and s_q > 1 and s_q <= s_kv:
+        # plain causal attention: SDPA's fused kernels, no [s_q, s_kv] mask tensor (nor the probabilities
+        # its math path saves for backward); a query chunk at the end of the keys (context-parallel chunks,
+        # prefill after a cache) takes the bottom-right-aligned causal bias
         qh = q.transpose(1, 2)
+        causal_kw = {"is_causal": True} if s_q == s_kv else {"attn_mask": causal_lower_right(s_q, s_kv)}
         if rep == 1:
-            out = F.scaled_dot_product_attention(qh, kt, vt, is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(qh, kt, vt, scale=scale, **causal_kw)
         elif _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(qh, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qh, kt, vt, scale=scale, enable_gqa=True, **causal_kw)
         else:
             out = F.scaled_dot_product_attention(qh, kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1),
-                                                 is_causal=True, scale=scale)
+                                                 scale=scale, **causal_kw)
         return out.transpose(1, 2)
     # one query row per step (decoding): the bottom-right causal mask hides nothing
     mask = attention_mask_matrix(b, s_q, s_kv, causal and s_q > 1, attention_mask, q.device, segment_ids)

@@ -27,7 +27,8 @@ def test_pack_padded_rows_moves_each_sequence_intact():
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0],
                          [0, 0, 0, 1, 1, 0]])
     ids = torch.arange(30).view(5, 6)
-    out = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "labels": ids + 100}, row_multiple=2,
+    labels = torch.where(mask.bool(), ids + 100, IGNORE_INDEX)
+    out = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "labels": labels}, row_multiple=2,
                            fill={"labels": IGNORE_INDEX})
     # first fit in row order: rows 0 (3 tokens) and 1 (2) share a row, row 2 (5) needs its own, row 3 is empty
     # and left out, row 4 (2) fits in packed row 2; then padded to a multiple of 2 rows
@@ -57,6 +58,14 @@ def test_pack_padded_rows_refuses_bad_input():
         pack_padded_rows({"attention_mask": torch.ones(1, 4)}, row_multiple=0)
     with pytest.raises(ValueError, match="keep must be a bool tensor"):
         pack_padded_rows({"attention_mask": torch.ones(2, 4)}, keep=torch.ones(2))
+    labels = torch.tensor([[5, -100, -100, -100], [7, 1, 2, -100]])  # row 1 has a label on padding
+    with pytest.raises(ValueError, match="row 1 holds labels values other than the fill -100 on padding"):
+        pack_padded_rows({"attention_mask": torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]]), "labels": labels},
+                         fill={"labels": -100})
+    from engine.rlhf.ppo import PPOLoop
+    from tests.test_rlhf_ppo import EOS, PAD
+    with pytest.raises(ValueError, match=r"prompts \[1, 3, 5, 7\] are empty; every prompt needs at least one token"):
+        PPOLoop(_ppo(), _config(), ParallelLayout.single(), *_models(), [[3, 4], []] * 4, [EOS], PAD)
 
 
 def test_variable_rows_granularity():
@@ -114,12 +123,30 @@ def _compare(packed, padded):
     assert rec_a["update_rows"] < rec_b["update_rows"] == 4  # fewer rows computed per step
 
 
+def test_packed_scoring_equals_the_padded_scoring():
+    """The rollout's log-probs (actor and reference), values and scores, and the reference baselines, from
+    packed rows: those of the padded rows at every real position (fp32, summation order only)."""
+    config = _ppo(iterations=1, max_prompt_length=16)
+    padded = _loop(config, models=_models(seed=2))
+    packed = _loop(dataclasses.replace(config, pack_sequences=True), models=_models(seed=2))
+    a, _ = padded.rollout(0)
+    b, _ = packed.rollout(0)
+    assert torch.equal(a.sequences, b.sequences)  # sampling is not packed: the same tokens
+    mask = a.response_mask.bool()
+    for name in ("logprobs", "ref_logprobs", "values"):
+        torch.testing.assert_close(getattr(b, name)[mask], getattr(a, name)[mask], rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    for name in ("scores", "baselines"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert (a.scores - a.baselines).abs().max() > 1e-3  # real, distinct numbers (a wrong row would show)
+
+
 def test_packed_update_equals_the_padded_update():
-    """One iteration (rollout identical: packing only touches the update), actor and critic."""
+    """One iteration, actor and critic: packed scoring and packed update steps vs padded ones."""
     # rows of 16 + 6 tokens hold prompts of 3-7 and responses of up to 6 tokens: two sequences fit a row
     padded = _updated(_loop(_ppo(iterations=1, max_prompt_length=16), models=_models(seed=2)))
     packed = _updated(_loop(_ppo(iterations=1, max_prompt_length=16, pack_sequences=True), models=_models(seed=2)))
-    assert packed[0]["reward"] == padded[0]["reward"]  # the same rollout
+    assert packed[0]["reward"] == pytest.approx(padded[0]["reward"], rel=1e-5)  # the same rollout, scored packed
     _compare(packed, padded)
 
 
@@ -143,3 +170,36 @@ def test_packed_update_on_two_dp_ranks_equals_one_padded_process():
                for name in ("actor", "critic")})
     for packed in run_distributed(_dp2_packed_update, 2, states, batch, timeout=300):
         _compare(packed, padded)
+
+
+def _scored(loop, rollout) -> dict:
+    r = rollout
+    return {"logprobs": loop._token_logprobs(loop.actor, r.sequences, r.attention_mask, r.responses),
+            "values": loop._values(loop.critic, r.sequences, r.attention_mask),
+            "scores": loop._scores(loop.reward, r.sequences, r.attention_mask)}
+
+
+def _packed_scoring_world(rank, world_size, states, rollout):
+    from tests.test_rlhf_ppo import _sharded
+    out = {}
+    for name, dims in (("tp2", ParallelDims(tp=2)), ("pp2", ParallelDims(pp=2))):
+        layout = ParallelLayout.build(dims, name=name)
+        loop = _loop(_ppo(pack_sequences=True, max_prompt_length=16, score_micro_batch_size=3), layout=layout,
+                     models=_sharded(states, layout))
+        out[name] = _scored(loop, rollout)
+    return out
+
+
+def test_packed_scoring_on_tp2_and_pp2_equals_one_padded_process():
+    """Packed scoring forwards on TP = 2 (vocab-parallel log-probs) and PP = 2 (forward-only schedule, the
+    last micro-batch of 3 packed rows padded, results broadcast from the last stage) against one process
+    scoring the padded rows."""
+    states, loop, rollout, _ = _one_process(seed=6, config=_ppo(max_prompt_length=16))
+    want = _scored(loop, rollout)
+    mask = rollout.response_mask.bool()
+    for result in run_distributed(_packed_scoring_world, 2, states, rollout, timeout=300):
+        for case, got in result.items():
+            for name in ("logprobs", "values"):
+                torch.testing.assert_close(got[name][mask], want[name][mask], rtol=0, atol=1e-5,
+                                           msg=lambda m: f"{case} {name}: {m}")
+            torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-5)

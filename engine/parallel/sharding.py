@@ -237,7 +237,8 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
         dim = 1 if role == "columns" else 0
         full_size = config.qkv_size if role == "qkv" else t.shape[dim] * tp_src
         probe = torch.arange(full_size).unsqueeze(1 - dim)  # [n, 1] or [1, n]: the full index along dim
-        if role == "qkv" and kv_replication(config, tp_src) > 1:
+        r = kv_replication(config, tp_src)
+        if role == "qkv" and r > 1 and (f % r == 0 or r % f == 0):
             gathered, held = _gather_replicated_qkv(t, name, probe, config, src, group, members)
         else:
             gathered = comm.all_gather(t.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0)
@@ -256,10 +257,12 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
 def _gather_replicated_qkv(t: torch.Tensor, name: str, probe: torch.Tensor, config: GLMConfig, src, group,
                            members: range) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``reshard_tp``'s gather for a QKV tensor whose KV head is replicated over r = tp_src / groups
-    consecutive source ranks: only what the target shard lacks moves. The query rows are all-gathered
-    over the subgroup; the subgroup's f ranks hold f / r distinct KV heads (one when f <= r), and each rank
-    receives each other head once, from the rank holding it at its own offset in that head's block of r
-    (pairwise exchange). Returns (pieces, the full row index of their concatenation)."""
+    consecutive source ranks, when the subgroup's f ranks and the heads' blocks of r ranks align (r a
+    multiple of f, or f of r; other cases all-gather, duplicates included): only what the target shard
+    lacks moves. The query rows are all-gathered over the subgroup. When r is a multiple of f the whole
+    subgroup holds one head, the rank's own; when f is a multiple of r it holds f / r whole blocks, and
+    each rank receives each other head once, from the rank holding it at its own offset in that head's
+    block (pairwise exchange). Returns (pieces, the full row index of their concatenation)."""
     tp_src = src.tp_size
     r = kv_replication(config, tp_src)
     q_rows = config.num_attention_heads // tp_src * config.kv_channels
@@ -278,9 +281,10 @@ def _gather_replicated_qkv(t: torch.Tensor, name: str, probe: torch.Tensor, conf
             recvs.append((received[h], peer))
     for work in comm.batch_send_recv(sends, recvs, group, src.ledger, "reshard"):
         work.wait()
+    holder = {kv_heads_of_rank(config, tp_src, m).start: m for m in members}  # a subgroup rank holding each head
     for h in heads:
         pieces.append(received[h])
-        held.append(rows[h * r][q_rows:])
+        held.append(rows[holder[h]][q_rows:])
     return pieces, torch.cat(held)
 
 

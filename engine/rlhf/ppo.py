@@ -50,6 +50,11 @@ training copy itself (shared, not duplicated), so it stays while sampling. Every
 device bytes of what it holds (``resident_bytes_<phase>``, measured from the tensors' storages) and,
 on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
+``pack_sequences=True`` scores and trains on packed rows (``batches.pack_padded_rows``): the sequences,
+each its prompt and response without padding, first-fit into rows of P + T tokens with segment ids (no
+attention across sequences) and per-sequence positions; scoring reads each value back at its token's
+place, and the update's Trainer takes the packed mini-batch's row count (``TrainConfig.variable_rows``).
+
 The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
@@ -122,10 +127,11 @@ class PPOConfig:
     score_micro_batch_size: int = 0
     """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
     pack_sequences: bool = False
-    """Pack each update mini-batch's prompt + response sequences into as few rows as hold them
-    (``batches.pack_padded_rows``: first-fit, no attention across sequences, positions per sequence)
-    instead of one left/right-padded row each: the same losses and gradients for less padding compute.
-    micro_batch_size then counts packed rows; a step takes as many as the mini-batch needs."""
+    """Pack the prompt + response sequences into as few rows as hold them (``batches.pack_padded_rows``:
+    first-fit, no attention across sequences, positions per sequence) instead of one left/right-padded
+    row each, for the scoring forwards (the whole rollout) and each update mini-batch: the same
+    log-probs, values, scores, losses and gradients for less padding compute. micro_batch_size and
+    score_micro_batch_size then count packed rows; a step takes as many as its mini-batch needs."""
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
@@ -357,6 +363,9 @@ class PPOLoop:
             frozen.eval()
             for p in frozen.parameters():
                 p.requires_grad_(False)
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:  # the first response token would be predicted from a padding position
+            raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token (e.g. BOS)")
         self.prompts = [list(p) for p in prompts if len(p) <= config.max_prompt_length]
         self.dropped_prompts = len(prompts) - len(self.prompts)
         if len(self.prompts) < config.rollout_prompts:
@@ -432,7 +441,9 @@ class PPOLoop:
             outputs = []
             for i in range(0, n, mbs):
                 mb = {k: v[i:i + mbs] for k, v in tensors.items()}
-                outputs.append(output_fn(chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"]), mb))
+                head = chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"], mb.get("position_ids"),
+                                     mb.get("segment_ids"))
+                outputs.append(output_fn(head, mb))
             return torch.cat(outputs)
         pad = -n % mbs
         if pad:
@@ -446,31 +457,66 @@ class PPOLoop:
             out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
         return comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")[:n]
 
+    def forward_tokens(self, chunks, sequences: torch.Tensor, attention: torch.Tensor, token_fn: Callable) -> torch.Tensor:
+        """``token_fn(head output, micro-batch) -> fp32 [rows, S]`` (one value per position) over ``sequences``
+        / ``attention`` ``[n, S]``, returned ``[n, S]`` in the rows' own layout. With ``pack_sequences`` the
+        rows are packed first (``batches.pack_padded_rows``: fewer rows, no attention across sequences) and
+        the values moved back to where their tokens came from; padding positions then hold 0 (callers
+        read real positions only). ``token_fn`` must not look across positions of a row beyond the
+        next one (whose token, at a sequence's last position, belongs to the next packed sequence)."""
+        n, S = sequences.shape
+        if not self.config.pack_sequences:
+            return self.forward_rows(chunks, sequences, attention, token_fn, (S,))
+        flat = torch.arange(n * S, device=sequences.device).view(n, S)
+        origin = torch.where(attention.bool(), flat, -1)  # each real token's flat index
+        packed = pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
+                                  fill={"origin": -1})
+        out = self.forward_rows(chunks, packed["input_ids"], packed["attention_mask"], token_fn, (S,),
+                                {"position_ids": packed["position_ids"], "segment_ids": packed["segment_ids"]})
+        real = packed["origin"] >= 0
+        result = torch.zeros(n * S, dtype=out.dtype, device=out.device)
+        result[packed["origin"][real].to(out.device)] = out[real.to(out.device)]
+        return result.view(n, S)
+
     def _token_logprobs(self, chunks, sequences, mask, responses) -> torch.Tensor:
         """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel)."""
         P, temperature = self.config.max_prompt_length, self.config.temperature
         backend = chunks[-1].spec.kernels.cross_entropy
 
-        def output_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:
-            logits = logits[:, P - 1:-1]
+        def logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             if temperature != 1.0:
                 logits = logits / temperature
             group = None
             if self.layout.tp_size > 1:
                 group = self.layout.tp_group
-                record_vocab_parallel_loss(self.layout, mb["responses"].numel())
-            return kernels.token_logprobs(logits, mb["responses"], group=group, backend=backend).float()
+                record_vocab_parallel_loss(self.layout, targets.numel())
+            return kernels.token_logprobs(logits, targets, group=group, backend=backend).float()
 
-        return self.forward_rows(chunks, sequences, mask, output_fn, (responses.shape[1],), {"responses": responses})
+        if self.config.pack_sequences:
+            # every position scores the token after it; the response's are read back at [P - 1, S - 1)
+            def next_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+                ids = mb["input_ids"]
+                return logprobs(logits, torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1))
+            return self.forward_tokens(chunks, sequences, mask, next_token)[:, P - 1:-1]
+        return self.forward_rows(chunks, sequences, mask, lambda logits, mb: logprobs(logits[:, P - 1:-1],
+                                                                                      mb["responses"]),
+                                 (responses.shape[1],), {"responses": responses})
 
     def _values(self, chunks, sequences, mask) -> torch.Tensor:
         """Critic values ``[r, T]`` of the states before each response token."""
         P = self.config.max_prompt_length
+        if self.config.pack_sequences:
+            return self.forward_tokens(chunks, sequences, mask, lambda values, mb: values.float())[:, P - 1:-1]
         return self.forward_rows(chunks, sequences, mask, lambda values, mb: values[:, P - 1:-1].float(),
                                  (sequences.shape[1] - P,))
 
     def _scores(self, chunks, sequences, mask) -> torch.Tensor:
         """Reward-model scores ``[r]``: the value at each row's last real token."""
+        if self.config.pack_sequences:  # the values of every position, read at each sequence's last token
+            values = self.forward_tokens(chunks, sequences, mask, lambda values, mb: values.float())
+            last = last_token_index(sequences, mask).to(values.device)
+            return values.gather(1, last[:, None]).squeeze(1)
+
         def output_fn(values: torch.Tensor, mb: dict) -> torch.Tensor:
             last = last_token_index(mb["input_ids"], mb["attention_mask"])
             return values.gather(1, last[:, None]).squeeze(1).float()

@@ -109,7 +109,7 @@ class Subset:
         return self.dataset[int(self.indices[i])]
 
 
-__all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_batches"]
+__all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_batches", "pack_padded_rows"]
 
 
 def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = None,
@@ -126,7 +126,9 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
     ``attention_mask`` 0): e.g. ``{"labels": IGNORE_INDEX}`` so they take no loss. Per-token results
     are unchanged: each sequence sees exactly its own tokens at its own positions, so only padding
     compute is saved. ``keep`` (bool ``[G]``): the rows to pack (default all; rows without a real token
-    are always left out). Pure; the same output on every rank for the same input."""
+    are always left out). A ``fill`` key holding anything but its fill value outside the real tokens
+    (e.g. a label on padding) would be lost: refused. Pure; the same output on every rank for the same
+    input."""
     if "attention_mask" not in batch:
         raise ValueError(f"pack_padded_rows needs the batch's attention_mask (has {sorted(batch)})")
     mask = batch["attention_mask"].ne(0)
@@ -138,6 +140,12 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
             raise ValueError(f"pack_padded_rows: {k} {tuple(v.shape)} must be [rows, seq] = {[G, S]} like attention_mask")
     if not isinstance(row_multiple, int) or row_multiple < 1:
         raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer")
+    fill = {"attention_mask": 0, **(fill or {})}
+    for k, value in fill.items():
+        if k in batch and k != "attention_mask" and bool((batch[k][~mask] != value).any()):
+            bad = int((batch[k] != value).logical_and(~mask).nonzero()[0, 0])
+            raise ValueError(f"pack_padded_rows: row {bad} holds {k} values other than the fill {value} on padding "
+                             "(attention_mask 0); packing keeps real tokens only, so they would be lost")
     lengths = mask.sum(1)
     starts = torch.where(lengths > 0, mask.int().argmax(1), 0)
     contiguous = mask.int().cumsum(1).gather(1, (starts + lengths - 1).clamp(min=0)[:, None]).squeeze(1) == lengths
@@ -154,15 +162,15 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
             raise ValueError(f"keep must be a bool tensor [rows] = [{G}], got {keep.dtype} {tuple(keep.shape)}")
         wanted &= keep.to(wanted.device)
     keep = wanted.nonzero().flatten().tolist()
-    bins = first_fit_bins(lengths[keep].numpy(), S) if keep else np.zeros(0, dtype=np.int64)
+    lengths, starts = lengths.tolist(), starts.tolist()  # host lists: one device sync, not two per sequence
+    bins = first_fit_bins(np.array([lengths[i] for i in keep]), S) if keep else np.zeros(0, dtype=np.int64)
     rows = int(bins.max()) + 1 if keep else 0
     rows = max(row_multiple, -(-rows // row_multiple) * row_multiple)
-    fill = {"attention_mask": 0, **(fill or {})}
     out = {k: torch.full((rows, S), fill.get(k, 0), dtype=v.dtype, device=v.device) for k, v in source.items()}
     out["segment_ids"] = torch.full((rows, S), -1, dtype=torch.long, device=mask.device)
     used, count = [0] * rows, [0] * rows  # per packed row: tokens placed, sequences placed
     for i, row in zip(keep, bins.tolist()):
-        start, n, at = int(starts[i]), int(lengths[i]), used[row]
+        start, n, at = starts[i], lengths[i], used[row]
         for k, v in source.items():
             out[k][row, at:at + n] = v[i, start:start + n]
         out["segment_ids"][row, at:at + n] = count[row]

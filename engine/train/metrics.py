@@ -98,8 +98,9 @@ class SavedActivationMeter:
     saved_tensors_hooks``; custom Functions' ``ctx.save_for_backward`` included) by its storage, once per
     storage however many views of it are saved, from when it is saved until autograd drops it (after its
     backward, or with its graph). ``exclude``: tensors whose storages are not activations (the parameters,
-    which matmuls save too). Under activation recompute the checkpointed regions' inputs are kept by
-    ``torch.utils.checkpoint`` itself and are not counted. ``peak`` / ``current``: bytes."""
+    which matmuls save too). Under activation recompute the tensors recomputed in backward are not
+    counted (a lower bound then). For measurement only: while any saved-tensor hook is active autograd
+    does not check saved tensors for in-place modification. ``peak`` / ``current``: bytes."""
 
     def __init__(self, exclude=()):
         self._exclude = {t.untyped_storage().data_ptr() for t in exclude}

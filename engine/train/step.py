@@ -299,8 +299,8 @@ class Trainer:
             stats[f"{objective.name}_loss"] = self._means(sums, t_n, objective)[0]
         result = results[0]
         bubble = measure_bubble(result, self.layout, len(mbs), self.device)
-        tokens = len(mbs) * self.layout.dp_size * self.train.micro_batch_size * self.train.seq_length \
-            * self.objective.rows_per_sample
+        # every DP rank takes an equal share of rows (a short last micro-batch under variable_rows)
+        tokens = self.layout.dp_size * sum(mb["input_ids"].shape[0] for mb in mbs) * self.train.seq_length
         metrics = StepMetrics(
             step=self.steps_done, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
             loss_tokens=n, seconds=seconds, tokens_per_s=tokens / seconds, skipped=bool(skipped),
