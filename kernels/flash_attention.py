@@ -103,9 +103,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     qt = q.transpose(1, 2).reshape(b, hkv, rep * s_q, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     if attention_mask is None and segment_ids is None and causal and s_q > 1 and s_q <= s_kv:
-        # plain causal attention: SDPA's fused kernels, no [s_q, s_kv] mask tensor (nor the probabilities
-        # its math path saves for backward); a query chunk at the end of the keys (context-parallel chunks,
-        # prefill after a cache) takes the bottom-right-aligned causal bias
+        # plain causal attention as SDPA's causal forms, which its fused kernels take where the backend has
+        # them (then no [s_q, s_kv] mask nor the probabilities the math path saves for backward); a query
+        # chunk at the end of the keys (context-parallel chunks, prefill after a cache) takes the
+        # bottom-right-aligned causal bias
         qh = q.transpose(1, 2)
         causal_kw = {"is_causal": True} if s_q == s_kv else {"attn_mask": causal_lower_right(s_q, s_kv)}
         if rep == 1:

@@ -373,6 +373,7 @@ class PPOLoop:
                              f"({self.dropped_prompts} longer ones left out), fewer than rollout_prompts="
                              f"{config.rollout_prompts}")
         self.eos_ids, self.pad_id = list(eos_ids), int(pad_id)
+        self._packed_rows = None  # (sequences, attention_mask, their packing): forward_tokens' last packing
         self.ptx_batches = ptx_batches
         self.seq_length = config.max_prompt_length + config.max_new_tokens
         steps = config.iterations * config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
@@ -467,10 +468,15 @@ class PPOLoop:
         n, S = sequences.shape
         if not self.config.pack_sequences:
             return self.forward_rows(chunks, sequences, attention, token_fn, (S,))
-        flat = torch.arange(n * S, device=sequences.device).view(n, S)
-        origin = torch.where(attention.bool(), flat, -1)  # each real token's flat index
-        packed = pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
-                                  fill={"origin": -1})
+        cached = self._packed_rows
+        if cached is not None and cached[0] is sequences and cached[1] is attention:
+            packed = cached[2]  # the rollout scores the same rows with up to four models: pack them once
+        else:
+            flat = torch.arange(n * S, device=sequences.device).view(n, S)
+            origin = torch.where(attention.bool(), flat, -1)  # each real token's flat index
+            packed = pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
+                                      fill={"origin": -1})
+            self._packed_rows = (sequences, attention, packed)
         out = self.forward_rows(chunks, packed["input_ids"], packed["attention_mask"], token_fn, (S,),
                                 {"position_ids": packed["position_ids"], "segment_ids": packed["segment_ids"]})
         real = packed["origin"] >= 0
@@ -658,6 +664,7 @@ class PPOLoop:
             values = self._values(self.critic, sequences, attention)
         self._resident("score", "reward")
         scores = self._scores(self.reward, sequences, attention)
+        self._packed_rows = None  # this slice is scored: drop its packing
         for model in (*self.actor, *self.critic):
             model.train()
         baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None

@@ -6,8 +6,9 @@ Three gloo launches (world size 2, 4 and 8), each running all its layouts in one
     ws 4: (4,1,1) (2 KV groups -> replicated KV heads) +-SP, (1,4,1) vpp=2, (2,2,1) +-SP and bf16,
           (2,1,2) distributed optimizer +-SP
     ws 8: (2,2,2) +-SP
-    context parallel (cp in the options): ws 2 cp2; ws 4 tp2 x cp2 +SP full recompute, cp2 x dp2 with
-    the distributed optimizer; ws 8 tp2 x cp2 x pp2 selective recompute
+    context parallel (cp in the options): ws 2 cp2 (fp32 and bf16); ws 4 tp2 x cp2 +SP full recompute,
+    cp2 x dp2 with the distributed optimizer, pp2 x vpp2 x cp2 full recompute; ws 8 tp2 x cp2 x pp2
+    selective recompute
 
 Each case runs ``Trainer.train_step`` on 4 global batches. After the first backward (gradients
 synced over TP/DP, before clipping) every parameter's gradient, gathered to the full model, must
@@ -58,6 +59,7 @@ CASES = {
         "pp2": (1, 2, 1, 1, False, {"recompute": "full"}),
         "dp2": (1, 1, 2, 1, False, {"bucket_size_bytes": 2**20, "micro_batch_size": 2}),
         "cp2": (1, 1, 1, 1, False, {"cp": 2, "micro_batch_size": 2}),
+        "cp2_bf16": (1, 1, 1, 1, False, {"cp": 2, "mixed_precision": "bf16"}),
     },
     4: {
         "tp4_kv": (4, 1, 1, 1, False, {}),
@@ -70,6 +72,7 @@ CASES = {
         "tp2_dp2_zero_sp": (2, 1, 2, 1, True, {"use_distributed_optimizer": True}),
         "tp2_cp2_sp": (2, 1, 1, 1, True, {"cp": 2, "recompute": "full"}),
         "cp2_dp2_zero": (1, 1, 2, 1, False, {"cp": 2, "use_distributed_optimizer": True, "bucket_size_bytes": 2**20}),
+        "pp2_vpp2_cp2": (1, 2, 1, 2, False, {"cp": 2, "recompute": "full"}),
     },
     8: {
         "tp2_pp2_dp2": (2, 2, 2, 1, False, {}),
