@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gae: a critic (PPO); grpo / rloo: no critic, advantages relative to the prompt's responses")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the models and optimizer states a phase does not use in host memory")
-    p.add_argument("--pack-sequences", action="store_true", default=None,
-                   help="pack the update's prompt + response sequences into rows (no padding compute)")
+    p.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack prompt + response sequences into rows for scoring and updates (no padding compute; "
+                        "on in configs/runs/ppo.yaml)")
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")

@@ -203,3 +203,14 @@ def test_packed_scoring_on_tp2_and_pp2_equals_one_padded_process():
                 torch.testing.assert_close(got[name][mask], want[name][mask], rtol=0, atol=1e-5,
                                            msg=lambda m: f"{case} {name}: {m}")
             torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-5)
+
+
+def test_packing_is_on_in_the_run_config_and_the_command_line_turns_it_off():
+    from pathlib import Path
+
+    from launch.rlhf import build_parser, cli_overrides, load_rlhf_run
+    config = Path(__file__).resolve().parents[1] / "configs" / "runs" / "ppo.yaml"
+    assert load_rlhf_run(config).ppo.pack_sequences is True
+    off = cli_overrides(build_parser().parse_args(["--no-pack-sequences"]))
+    assert off["ppo"] == {"pack_sequences": False} and load_rlhf_run(config, off).ppo.pack_sequences is False
+    assert "pack_sequences" not in cli_overrides(build_parser().parse_args([])).get("ppo", {})
