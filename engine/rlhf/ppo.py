@@ -51,9 +51,10 @@ device bytes of what it holds (``resident_bytes_<phase>``, measured from the ten
 on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
 ``pack_sequences=True`` scores and trains on packed rows (``batches.pack_padded_rows``): the sequences,
-each its prompt and response without padding, first-fit decreasing into rows of P + T tokens with segment ids (no
-attention across sequences) and per-sequence positions; scoring reads each value back at its token's
-place, and the update's Trainer takes the packed mini-batch's row count (``TrainConfig.variable_rows``).
+each its prompt and response without padding, go first-fit decreasing into rows of P + T tokens with
+segment ids (no attention across sequences) and per-sequence positions; scoring reads each value back
+at its token's place, and the update's Trainer takes the packed mini-batch's row count
+(``TrainConfig.variable_rows``).
 
 The pure math lives in ``engine.rlhf.core``.
 """
@@ -128,8 +129,8 @@ class PPOConfig:
     """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
     pack_sequences: bool = False
     """Pack the prompt + response sequences into as few rows as hold them (``batches.pack_padded_rows``:
-    first-fit decreasing, no attention across sequences, positions per sequence) instead of one left/right-padded
-    row each, for the scoring forwards (the whole rollout) and each update mini-batch: the same
+    first-fit decreasing, no attention across sequences, positions per sequence) instead of one
+    left/right-padded row each, for the scoring forwards (the whole rollout) and each update mini-batch: the same
     log-probs, values, scores, losses and gradients for less padding compute. micro_batch_size and
     score_micro_batch_size then count packed rows; a step takes as many as its mini-batch needs."""
     clip_eps: float = 0.2
@@ -458,7 +459,8 @@ class PPOLoop:
             out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
         return comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")[:n]
 
-    def forward_tokens(self, chunks, sequences: torch.Tensor, attention: torch.Tensor, token_fn: Callable) -> torch.Tensor:
+    def forward_tokens(self, chunks, sequences: torch.Tensor, attention: torch.Tensor,
+                       token_fn: Callable) -> torch.Tensor:
         """``token_fn(head output, micro-batch) -> fp32 [rows, S]`` (one value per position) over ``sequences``
         / ``attention`` ``[n, S]``, returned ``[n, S]`` in the rows' own layout. With ``pack_sequences`` the
         rows are packed first (``batches.pack_padded_rows``: fewer rows, no attention across sequences) and
@@ -769,7 +771,7 @@ class PPOLoop:
             if not c.pack_sequences:
                 return mb
             # sequences without a trained token (filtered prompts, empty responses) add nothing to the loss:
-            # unpadded they would only cost compute, so they are left out
+            # in a packed row they would only cost compute, so they are left out
             return pack_padded_rows(mb, self.actor_trainer.train.row_multiple(self.layout.dims),
                                     fill={"labels": IGNORE_INDEX}, keep=(mb["labels"] != IGNORE_INDEX).any(1))
 

@@ -109,9 +109,6 @@ class Subset:
         return self.dataset[int(self.indices[i])]
 
 
-__all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_batches", "pack_padded_rows"]
-
-
 def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = None,
                      keep: Optional[torch.Tensor] = None) -> dict:
     """A padded batch's sequences packed first-fit decreasing into as few rows as hold them.
@@ -137,7 +134,8 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
     G, S = mask.shape
     for k, v in batch.items():
         if tuple(v.shape) != (G, S):
-            raise ValueError(f"pack_padded_rows: {k} {tuple(v.shape)} must be [rows, seq] = {[G, S]} like attention_mask")
+            raise ValueError(f"pack_padded_rows: {k} {tuple(v.shape)} must be [rows, seq] = {[G, S]} like "
+                             "attention_mask")
     if not isinstance(row_multiple, int) or row_multiple < 1:
         raise ValueError(f"row_multiple={row_multiple!r} must be a positive integer")
     fill = {"attention_mask": 0, **(fill or {})}
@@ -179,3 +177,5 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
         used[row], count[row] = at + n, count[row] + 1
     return out
 
+
+__all__ = ["CorpusBatches", "DatasetBatches", "Subset", "collate_items", "eval_batches", "pack_padded_rows"]

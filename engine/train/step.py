@@ -23,8 +23,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from engine.config import GLMConfig
-from engine.parallel import comm
 from engine.model.glm import default_positions
+from engine.parallel import comm
 from engine.parallel.accounting import analytic_bubble
 from engine.parallel.context_parallel import split_sequence
 from engine.parallel.pipeline import activation_shape, chunk_named_parameters
@@ -62,9 +62,9 @@ class TrainConfig:
     eval_batches: int = 1
     """Global batches of the held-out split per evaluation."""
     variable_rows: bool = False
-    """Accept global batches of any row count that splits evenly into micro-batches over the DP ranks
-    (``row_multiple``), not only ``global_batch_size`` rows: batches of packed sequences
-    (``batches.pack_padded_rows``), whose row count depends on their lengths."""
+    """Accept global batches of any multiple of ``row_multiple`` rows, not only ``global_batch_size``:
+    batches of packed sequences (``batches.pack_padded_rows``), whose row count depends on their
+    lengths."""
 
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
