@@ -163,18 +163,30 @@ def pack_padded_rows(batch: dict, row_multiple: int = 1, fill: Optional[dict] = 
     # first-fit decreasing: long sequences first, short ones fill the gaps (~5% fewer rows than row order
     # for PPO-like length mixes); ties keep row order
     keep = sorted(wanted.nonzero().flatten().tolist(), key=lambda i: -lengths[i])
-    bins = first_fit_bins(np.array([lengths[i] for i in keep]), S) if keep else np.zeros(0, dtype=np.int64)
+    n = np.array([lengths[i] for i in keep], dtype=np.int64)
+    bins = first_fit_bins(n, S) if keep else np.zeros(0, dtype=np.int64)
     rows = int(bins.max()) + 1 if keep else 0
     rows = max(row_multiple, -(-rows // row_multiple) * row_multiple)
-    out = {k: torch.full((rows, S), fill.get(k, 0), dtype=v.dtype, device=v.device) for k, v in source.items()}
-    out["segment_ids"] = torch.full((rows, S), -1, dtype=torch.long, device=mask.device)
-    used, count = [0] * rows, [0] * rows  # per packed row: tokens placed, sequences placed
-    for i, row in zip(keep, bins.tolist()):
-        start, n, at = starts[i], lengths[i], used[row]
-        for k, v in source.items():
-            out[k][row, at:at + n] = v[i, start:start + n]
-        out["segment_ids"][row, at:at + n] = count[row]
-        used[row], count[row] = at + n, count[row] + 1
+    # each sequence's offset and index within its packed row (placement order), then one flat
+    # destination -> source index for all tokens: a single scatter per tensor, not one copy per sequence
+    at, segment = np.zeros(len(keep), dtype=np.int64), np.zeros(len(keep), dtype=np.int64)
+    used, count = [0] * rows, [0] * rows
+    for k, row in enumerate(bins.tolist()):
+        at[k], segment[k] = used[row], count[row]
+        used[row], count[row] = used[row] + int(n[k]), count[row] + 1
+    token_seq = np.repeat(np.arange(len(keep)), n)  # the sequence of each packed token
+    within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    src = (np.array(keep, dtype=np.int64) * S + np.array([starts[i] for i in keep], dtype=np.int64))[token_seq] + within
+    dst = (bins * S + at)[token_seq] + within
+    dst_t, src_t = torch.from_numpy(dst).to(mask.device), torch.from_numpy(src).to(mask.device)
+    out = {}
+    for k, v in source.items():
+        flat = torch.full((rows * S,), fill.get(k, 0), dtype=v.dtype, device=v.device)
+        flat[dst_t.to(v.device)] = v.reshape(-1)[src_t.to(v.device)]
+        out[k] = flat.view(rows, S)
+    seg = torch.full((rows * S,), -1, dtype=torch.long, device=mask.device)
+    seg[dst_t] = torch.from_numpy(segment[token_seq]).to(mask.device)
+    out["segment_ids"] = seg.view(rows, S)
     return out
 
 
