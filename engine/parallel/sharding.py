@@ -213,9 +213,10 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
     j, f j + f), f = tp_src / tp_dst, i.e. its src TP subgroup of size f. Each tensor is all-gathered over
     that subgroup ((f - 1) x the local bytes received, ledger category "reshard"; a QKV tensor whose KV head
     is replicated over source ranks moves each head it lacks once, ``_gather_replicated_qkv``) and the
-    rows/columns of dst's shard are picked from the gathered ones. Which full index each shard holds comes from ``tp_slice``
-    itself (applied to an index probe), so every sharding rule (vocab rows, [gate | up], QKV per KV group with
-    replicated KV heads, columns) is handled by the code that defines it. Collective over the subgroup."""
+    rows/columns of dst's shard are picked from the gathered ones. Which full index each shard holds comes
+    from ``tp_slice`` itself (applied to an index probe), so every sharding rule (vocab rows, [gate | up],
+    QKV per KV group with replicated KV heads, columns) is handled by the code that defines it. Collective
+    over the subgroup."""
     tp_src, tp_dst = src.tp_size, dst.tp_size
     if tp_src % tp_dst != 0:
         raise ValueError(f"reshard_tp: tp {tp_src} -> {tp_dst}: the target degree must divide the source one")
@@ -237,8 +238,8 @@ def reshard_tp(local: Union[nn.Module, dict[str, torch.Tensor]], config: GLMConf
         dim = 1 if role == "columns" else 0
         full_size = config.qkv_size if role == "qkv" else t.shape[dim] * tp_src
         probe = torch.arange(full_size).unsqueeze(1 - dim)  # [n, 1] or [1, n]: the full index along dim
-        r = kv_replication(config, tp_src)
-        if role == "qkv" and r > 1 and (f % r == 0 or r % f == 0):
+        rep = kv_replication(config, tp_src)
+        if role == "qkv" and rep > 1 and (f % rep == 0 or rep % f == 0):
             gathered, held = _gather_replicated_qkv(t, name, probe, config, src, group, members)
         else:
             gathered = comm.all_gather(t.contiguous().unsqueeze(0), 0, group, src.ledger, "reshard").unbind(0)
@@ -271,7 +272,8 @@ def _gather_replicated_qkv(t: torch.Tensor, name: str, probe: torch.Tensor, conf
     rows = {m: tp_slice(name, probe, config, tp_src, m).flatten() for m in members}
     held = [rows[m][:q_rows] for m in members]
     mine = kv_heads_of_rank(config, tp_src, src.tp_rank).start
-    heads = sorted({kv_heads_of_rank(config, tp_src, m).start for m in members})
+    holder = {kv_heads_of_rank(config, tp_src, m).start: m for m in members}  # a subgroup rank holding each head
+    heads = sorted(holder)
     received, sends, recvs = {mine: kv}, [], []
     for h in heads:  # head h is held by source TP ranks [h r, (h + 1) r)
         if h != mine:
@@ -281,7 +283,6 @@ def _gather_replicated_qkv(t: torch.Tensor, name: str, probe: torch.Tensor, conf
             recvs.append((received[h], peer))
     for work in comm.batch_send_recv(sends, recvs, group, src.ledger, "reshard"):
         work.wait()
-    holder = {kv_heads_of_rank(config, tp_src, m).start: m for m in members}  # a subgroup rank holding each head
     for h in heads:
         pieces.append(received[h])
         held.append(rows[holder[h]][q_rows:])

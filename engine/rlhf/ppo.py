@@ -374,7 +374,6 @@ class PPOLoop:
                              f"({self.dropped_prompts} longer ones left out), fewer than rollout_prompts="
                              f"{config.rollout_prompts}")
         self.eos_ids, self.pad_id = list(eos_ids), int(pad_id)
-        self._packed_rows = None  # (sequences, attention_mask, their packing): forward_tokens' last packing
         self.ptx_batches = ptx_batches
         self.seq_length = config.max_prompt_length + config.max_new_tokens
         steps = config.iterations * config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
@@ -459,35 +458,33 @@ class PPOLoop:
             out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
         return comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")[:n]
 
-    def forward_tokens(self, chunks, sequences: torch.Tensor, attention: torch.Tensor,
-                       token_fn: Callable) -> torch.Tensor:
-        """``token_fn(head output, micro-batch) -> fp32 [rows, S]`` (one value per position) over ``sequences``
-        / ``attention`` ``[n, S]``, returned ``[n, S]`` in the rows' own layout. With ``pack_sequences`` the
-        rows are packed first (``batches.pack_padded_rows``: fewer rows, no attention across sequences) and
-        the values moved back to where their tokens came from; padding positions then hold 0 (callers
-        read real positions only). ``token_fn`` must not look across positions of a row beyond the
-        next one (whose token, at a sequence's last position, belongs to the next packed sequence)."""
+    @staticmethod
+    def pack_rows(sequences: torch.Tensor, attention: torch.Tensor) -> dict:
+        """Scoring rows ``[n, S]`` packed (``batches.pack_padded_rows``), with ``origin``: each packed real
+        token's flat index in ``[n, S]`` (-1 on padding), where ``forward_packed`` puts its value back."""
         n, S = sequences.shape
-        if not self.config.pack_sequences:
-            return self.forward_rows(chunks, sequences, attention, token_fn, (S,))
-        cached = self._packed_rows
-        if cached is not None and cached[0] is sequences and cached[1] is attention:
-            packed = cached[2]  # the rollout scores the same rows with up to four models: pack them once
-        else:
-            flat = torch.arange(n * S, device=sequences.device).view(n, S)
-            origin = torch.where(attention.bool(), flat, -1)  # each real token's flat index
-            packed = pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
-                                      fill={"origin": -1})
-            self._packed_rows = (sequences, attention, packed)
+        flat = torch.arange(n * S, device=sequences.device).view(n, S)
+        origin = torch.where(attention.bool(), flat, -1)
+        return pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
+                                fill={"origin": -1})
+
+    def forward_packed(self, chunks, packed: dict, shape: tuple[int, int], token_fn: Callable) -> torch.Tensor:
+        """``token_fn(head output, micro-batch) -> fp32 [rows, S]`` (one value per position) over the packed
+        rows of ``pack_rows``, returned in the unpacked rows' layout ``shape`` = ``[n, S]``; padding positions
+        hold 0 (callers read real positions only). ``token_fn`` must not look across positions of a row
+        beyond the next one (whose token, at a sequence's last position, belongs to the next sequence)."""
+        S = shape[1]
         out = self.forward_rows(chunks, packed["input_ids"], packed["attention_mask"], token_fn, (S,),
                                 {"position_ids": packed["position_ids"], "segment_ids": packed["segment_ids"]})
         real = packed["origin"] >= 0
-        result = torch.zeros(n * S, dtype=out.dtype, device=out.device)
+        result = torch.zeros(shape[0] * S, dtype=out.dtype, device=out.device)
         result[packed["origin"][real].to(out.device)] = out[real.to(out.device)]
-        return result.view(n, S)
+        return result.view(shape)
 
-    def _token_logprobs(self, chunks, sequences, mask, responses) -> torch.Tensor:
-        """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel)."""
+    def _token_logprobs(self, chunks, sequences, mask, responses, packed: Optional[dict] = None) -> torch.Tensor:
+        """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel).
+        ``packed``: ``pack_rows(sequences, mask)`` when ``pack_sequences`` (packed here when None), so a
+        rollout scored by several models packs its rows once; likewise for ``_values`` and ``_scores``."""
         P, temperature = self.config.max_prompt_length, self.config.temperature
         backend = chunks[-1].spec.kernels.cross_entropy
 
@@ -505,23 +502,26 @@ class PPOLoop:
             def next_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
                 ids = mb["input_ids"]
                 return logprobs(logits, torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1))
-            return self.forward_tokens(chunks, sequences, mask, next_token)[:, P - 1:-1]
+            packed = packed or self.pack_rows(sequences, mask)
+            return self.forward_packed(chunks, packed, sequences.shape, next_token)[:, P - 1:-1]
         return self.forward_rows(chunks, sequences, mask, lambda logits, mb: logprobs(logits[:, P - 1:-1],
                                                                                       mb["responses"]),
                                  (responses.shape[1],), {"responses": responses})
 
-    def _values(self, chunks, sequences, mask) -> torch.Tensor:
+    def _values(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Critic values ``[r, T]`` of the states before each response token."""
         P = self.config.max_prompt_length
         if self.config.pack_sequences:
-            return self.forward_tokens(chunks, sequences, mask, lambda values, mb: values.float())[:, P - 1:-1]
+            packed = packed or self.pack_rows(sequences, mask)
+            return self.forward_packed(chunks, packed, sequences.shape, lambda values, mb: values.float())[:, P - 1:-1]
         return self.forward_rows(chunks, sequences, mask, lambda values, mb: values[:, P - 1:-1].float(),
                                  (sequences.shape[1] - P,))
 
-    def _scores(self, chunks, sequences, mask) -> torch.Tensor:
+    def _scores(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Reward-model scores ``[r]``: the value at each row's last real token."""
         if self.config.pack_sequences:  # the values of every position, read at each sequence's last token
-            values = self.forward_tokens(chunks, sequences, mask, lambda values, mb: values.float())
+            packed = packed or self.pack_rows(sequences, mask)
+            values = self.forward_packed(chunks, packed, sequences.shape, lambda values, mb: values.float())
             last = last_token_index(sequences, mask).to(values.device)
             return values.gather(1, last[:, None]).squeeze(1)
 
@@ -656,17 +656,17 @@ class PPOLoop:
 
         for model in (*self.actor, *self.critic):  # no critic chunks under a group estimator
             model.eval()
+        packed = self.pack_rows(sequences, attention) if c.pack_sequences else None  # once for all four models
         self._resident("score", "actor")
-        logprobs = self._token_logprobs(self.actor, sequences, attention, responses)
+        logprobs = self._token_logprobs(self.actor, sequences, attention, responses, packed)
         self._resident("score", "reference")
-        ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses)
+        ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses, packed)
         values = None  # no critic: zeros of the global shape after the gather (no traffic for them)
         if self.uses_critic:
             self._resident("score", "critic")
-            values = self._values(self.critic, sequences, attention)
+            values = self._values(self.critic, sequences, attention, packed)
         self._resident("score", "reward")
-        scores = self._scores(self.reward, sequences, attention)
-        self._packed_rows = None  # this slice is scored: drop its packing
+        scores = self._scores(self.reward, sequences, attention, packed)
         for model in (*self.actor, *self.critic):
             model.train()
         baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None
