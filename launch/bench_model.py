@@ -2,6 +2,7 @@
 
     python -m launch.bench model [--configs tiny,mid] [--batch 4] [--seq 256] [--new-tokens 64]
                                  [--repeats 5] [--dtype fp32] [--device cpu] [--json FILE]
+                                 [--stop-tokens K]
 
 Both models hold the same weights (the engine loads the HF model). Forward: logits for a
 [batch, seq] batch under inference mode. Generation: greedy, fixed number of new tokens (no EOS),
@@ -45,7 +46,21 @@ def _median_time(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_one(name: str, batch: int, seq: int, new_tokens: int, repeats: int, dtype, device) -> dict:
+def bench_rollout(ours, prompt, mask, new_tokens: int, stop_tokens: int, repeats: int, device) -> dict:
+    """Sampled rollout with stop tokens 1..stop_tokens, compaction of finished rows on vs off."""
+    def run(compact: bool):
+        return ours.generate(prompt, mask, max_new_tokens=new_tokens, do_sample=True, seed=0,
+                             eos_token_id=list(range(1, stop_tokens + 1)), compact=compact)
+    lengths = run(True).response_mask.sum(1).float()
+    on = _median_time(lambda: run(True), repeats, device)
+    off = _median_time(lambda: run(False), repeats, device)
+    tokens = float(lengths.sum())
+    return {"stop_tokens": stop_tokens, "mean_length": float(lengths.mean()), "max_length": float(lengths.max()),
+            "tokens_per_s": {"compact": tokens / on, "no_compact": tokens / off, "speedup": off / on}}
+
+
+def bench_one(name: str, batch: int, seq: int, new_tokens: int, repeats: int, dtype, device,
+              stop_tokens: int = 0) -> dict:
     import transformers
     from engine.model.glm import GLMForCausalLM
     cfg = _config(name)
@@ -65,8 +80,9 @@ def bench_one(name: str, batch: int, seq: int, new_tokens: int, repeats: int, dt
                                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                   pad_token_id=cfg.pad_token_id, eos_token_id=None),
                               repeats, device)
+        rollout = bench_rollout(ours, prompt, mask, new_tokens, stop_tokens, repeats, device) if stop_tokens else None
     fwd_tokens, gen_tokens = batch * seq, batch * new_tokens
-    return {
+    return {"rollout": rollout, 
         "config": name, "params_M": round(cfg.num_parameters() / 1e6, 1), "batch": batch, "seq": seq,
         "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "forward_tokens_per_s": {"engine": fwd_tokens / fwd_ours, "transformers": fwd_tokens / fwd_hf,
@@ -87,19 +103,29 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--stop-tokens", type=int, default=0,
+                   help="also time a sampled rollout with ids 1..K as EOS, compaction of finished rows on/off")
     args = p.parse_args(argv)
+    if args.stop_tokens < 0:
+        p.error(f"--stop-tokens must be >= 0, got {args.stop_tokens}")
     import transformers
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}, dtype {args.dtype}")
     results = []
     for name in args.configs.split(","):
-        r = bench_one(name, args.batch, args.seq, args.new_tokens, args.repeats, DTYPES[args.dtype], device)
+        r = bench_one(name, args.batch, args.seq, args.new_tokens, args.repeats, DTYPES[args.dtype], device,
+                      args.stop_tokens)
         results.append(r)
         f, g = r["forward_tokens_per_s"], r["generate_tokens_per_s"]
         print(f"{name:>6} ({r['params_M']}M params)  forward tok/s: engine {f['engine']:.0f}  transformers "
               f"{f['transformers']:.0f}  ({f['speedup']:.2f}x)   generate tok/s: engine {g['engine']:.1f}  "
               f"transformers {g['transformers']:.1f}  ({g['speedup']:.2f}x)")
+        if r["rollout"]:
+            o, t = r["rollout"], r["rollout"]["tokens_per_s"]
+            print(f"{'':>6} rollout ({args.stop_tokens} stop ids; length mean {o['mean_length']:.1f}, max "
+                  f"{o['max_length']:.0f} of {args.new_tokens}) tok/s: compact {t['compact']:.1f}  no-compact "
+                  f"{t['no_compact']:.1f}  ({t['speedup']:.2f}x)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -11,6 +11,7 @@ import transformers
 
 from engine import GLMConfig, GLMForCausalLM, GLMForScalarHead
 from engine.model.generation import left_pad
+from engine.model.glm import KVCache
 from engine.model.hf_adapter import CheckpointMismatchError, engine_to_thudm
 
 REL_TOL = 1e-5
@@ -222,6 +223,31 @@ def test_sampling_is_seeded_and_filters():
     greedy = ours.generate(PROMPTS, max_new_tokens=6, eos_token_id=[])
     k1 = ours.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=1, seed=3)
     assert torch.equal(greedy.response_ids, k1.response_ids)
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(do_sample=True, temperature=0.8, top_p=0.95, seed=2)])
+def test_compacting_finished_rows_changes_no_output(sampling, monkeypatch):
+    """Rows that stop early leave the decoding batch (KVCache.select_rows); every row's tokens, mask and
+    log-probs equal those of a run that decodes all rows to the end. Log-probs to 1e-5: the decoded
+    batch is smaller, so the matmuls may block differently (fp32 rounding only)."""
+    cfg = tiny()
+    torch.manual_seed(8)
+    ours = GLMForCausalLM(cfg).eval()
+    prompts = [[5 + i, 6 + 2 * i, 7] for i in range(8)] + PROMPTS
+    free = ours.generate(prompts, max_new_tokens=10, eos_token_id=[], compact=False, **sampling)
+    # stop tokens that end most rows at different early steps, leaving a long tail
+    stops = sorted({int(free.response_ids[r, r % 4]) for r in range(len(prompts) - 2)})
+    calls = []
+    original = KVCache.select_rows
+    monkeypatch.setattr(KVCache, "select_rows", lambda self, idx: (calls.append(idx.numel()), original(self, idx)))
+    full = ours.generate(prompts, max_new_tokens=10, eos_token_id=stops, compact=False, **sampling)
+    assert calls == []
+    compacted = ours.generate(prompts, max_new_tokens=10, eos_token_id=stops, **sampling)
+    assert calls and calls == sorted(calls, reverse=True)  # the batch shrank, at least once
+    assert full.response_mask.sum(1).min() < full.response_mask.shape[1]  # some rows stopped early
+    assert torch.equal(compacted.response_ids, full.response_ids)
+    assert torch.equal(compacted.response_mask, full.response_mask)
+    assert (compacted.logprobs - full.logprobs).abs().max() <= 1e-5
 
 
 def test_filter_logits_top_p():

@@ -174,7 +174,7 @@ def test_packed_update_on_two_dp_ranks_equals_one_padded_process():
 
 def _scored(loop, rollout) -> dict:
     r = rollout
-    return {"logprobs": loop._token_logprobs(loop.actor, r.sequences, r.attention_mask, r.responses),
+    return {"logprobs": loop._token_logprobs(loop.actor, r.sequences, r.attention_mask),
             "values": loop._values(loop.critic, r.sequences, r.attention_mask),
             "scores": loop._scores(loop.reward, r.sequences, r.attention_mask)}
 

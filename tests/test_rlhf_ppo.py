@@ -211,8 +211,11 @@ def test_kl_loss_term_in_the_policy_objective():
     mb = {"labels": labels, "old_logprobs": -torch.rand(2, 5, generator=g, dtype=torch.float64),
           "advantages": torch.randn(2, 5, generator=g, dtype=torch.float64),
           "ref_logprobs": -torch.rand(2, 5, generator=g, dtype=torch.float64)}
-    plain, stats = PolicyObjective().loss_and_stats(logits, mb, ParallelLayout.single(), "torch")
-    with_kl, kl_stats = PolicyObjective(kl_coef=0.5).loss_and_stats(logits, mb, ParallelLayout.single(), "torch")
+    mb = PolicyObjective().model_inputs(mb)  # the head computes logits at the 4 trained tokens only
+    assert mb["output_index"].tolist() == [1, 2, 3, 7]
+    at_outputs = logits.reshape(-1, VOCAB)[mb["output_index"]]
+    plain, stats = PolicyObjective().loss_and_stats(at_outputs, mb, ParallelLayout.single(), "torch")
+    with_kl, kl_stats = PolicyObjective(kl_coef=0.5).loss_and_stats(at_outputs, mb, ParallelLayout.single(), "torch")
     logprobs = kernels.token_logprobs(logits, labels.clamp(min=0), backend="torch")
     expected = kl_penalty(logprobs, mb["ref_logprobs"], labels != -100, "k3", reduction="sum")
     torch.testing.assert_close(with_kl, plain + 0.5 * expected)  # the same fp32 ops on the same inputs
@@ -512,8 +515,8 @@ def _world4_pipeline(rank, world_size, states, prompts_greedy, scored, batch, ck
             torch.equal(t, tp_slice(k, states[0][k], _config(), gen.tp_size, gen.tp_rank)) for k, t in shards.items())
         ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
         greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
-        scores = (loop._token_logprobs(loop.actor, sequences, attention, responses),
-                  loop._token_logprobs(loop.reference, sequences, attention, responses),
+        scores = (loop._token_logprobs(loop.actor, sequences, attention),
+                  loop._token_logprobs(loop.reference, sequences, attention),
                   loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
                   loop._baselines(prompt_index))
         update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
@@ -592,7 +595,7 @@ def _world2_interleaved(rank, world_size, states, scored, batch):
     # scoring micro-batches of 3 rows: 8 rows -> 3 micro-batches (the last one padded, not a multiple of pp)
     loop = _loop(_ppo(offload=True, score_micro_batch_size=3), layout=layout, models=_sharded(states, layout))
     sequences, attention, responses, prompt_index = scored
-    scores = (loop._token_logprobs(loop.actor, sequences, attention, responses),
+    scores = (loop._token_logprobs(loop.actor, sequences, attention),
               loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
               loop._baselines(prompt_index))
     five = loop._values(loop.critic, sequences[:5], attention[:5])  # an odd row count (before any update)

@@ -148,3 +148,41 @@ def test_run_yaml_errors(tmp_path, text, needle):
 def test_run_validation_errors(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         validate_run(load_run_config(None, overrides), 1)
+
+
+def test_logits_only_where_labels_take_loss():
+    """The language-model objective has the head compute logits only at positions whose label takes loss
+    (SFT: assistant tokens; ``output_index``): the same loss and gradients as the full logits with a masked
+    loss (fp32, the same per-row ops: 1e-6), and the activations held for backward shrink by at least the
+    skipped positions' fp32 log-softmax, [positions, vocab]."""
+    from engine.model.glm import GLMForCausalLM
+    from engine.parallel.pipeline import chunk_forward
+    from engine.train.metrics import SavedActivationMeter
+    from engine.train.objectives import LanguageModelObjective
+    config = _config()
+    torch.manual_seed(0)
+    model = GLMForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    labels = torch.randint(0, config.vocab_size, (2, 16))
+    labels[0, :10] = labels[1, :6] = -100  # prompt tokens: 16 of 32 take no loss
+    objective = LanguageModelObjective()
+    mb = objective.model_inputs({"input_ids": ids, "labels": labels})
+    assert mb["output_index"].numel() == 16
+
+    def run(index):
+        model.zero_grad()
+        with SavedActivationMeter(exclude=list(model.parameters())) as meter:
+            out = chunk_forward(model, ids, None, output_index=index)
+            if index is None:
+                loss = F.cross_entropy(out.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            else:
+                loss, _ = objective.loss_and_stats(out, mb, ParallelLayout.single(), "torch")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, meter.peak
+
+    full_loss, full_grads, full_bytes = run(None)
+    loss, grads, selected_bytes = run(mb["output_index"])
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, full_grads[n], rtol=1e-6, atol=1e-7)
+    assert full_bytes - selected_bytes >= 16 * config.vocab_size * 4, (full_bytes, selected_bytes)

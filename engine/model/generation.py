@@ -33,6 +33,10 @@ class SamplingParams:
     """Written after a sequence has ended; None uses the model config's pad id."""
     seed: Optional[int] = None
     """Seed of a private generator for sampling (None: torch's global RNG)."""
+    compact: bool = True
+    """Drop finished rows (and their KV cache) from the decoding batch once they are half of it, so a
+    long-tailed batch decodes only the rows still running. Outputs do not depend on it: each step
+    draws the sampling noise for every prompt row (``sample_tokens``)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -104,6 +108,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def sample_tokens(scaled: torch.Tensor, params: SamplingParams, rows: torch.Tensor, batch: int,
+                  gen: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token ``[n]`` of the decoded rows from their temperature-scaled logits ``[n, v]`` fp32.
+
+    Sampling is Gumbel-max: ``argmax(filtered logits + Gumbel noise)`` picks token i with its
+    filtered softmax probability. The noise is drawn for all ``batch`` prompt rows and indexed by
+    ``rows`` (each decoded row's prompt row), so a row's sample does not depend on which other rows
+    are still being decoded. ``u`` in [0, 1) keeps the noise finite or -inf: never NaN."""
+    if not params.do_sample:
+        return scaled.argmax(-1)
+    u = torch.rand((batch, scaled.shape[-1]), generator=gen, device=scaled.device)[rows]
+    return (filter_logits(scaled, params.top_k, params.top_p) - torch.log(-torch.log(u))).argmax(-1)
+
+
 @torch.no_grad()
 def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], attention_mask: Optional[torch.Tensor] = None,
              params: SamplingParams = SamplingParams()) -> GenerationOutput:
@@ -147,6 +165,7 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
     out_ids = torch.full((b, n_max), pad, dtype=torch.long, device=device)
     out_logp = torch.zeros((b, n_max), dtype=torch.float32, device=device)
     out_mask = torch.zeros((b, n_max), dtype=torch.long, device=device)
+    rows = torch.arange(b, device=device)  # the prompt row of each row being decoded (compaction drops rows)
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     gather_vocab = model.spec.gather_vocab or (lambda x: x)  # tensor parallel: full-vocabulary logits
@@ -155,20 +174,24 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
     for t in range(n_max):
         scaled = logits / params.temperature if params.temperature != 1.0 else logits
         logp = torch.log_softmax(scaled, dim=-1)
-        if params.do_sample:
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        else:
-            token = scaled.argmax(-1)
+        token = sample_tokens(scaled, params, rows, b, gen)
         live = ~done
         token = torch.where(live, token, torch.full_like(token, pad))
-        out_ids[:, t] = token
-        out_logp[:, t] = torch.where(live, logp.gather(1, token[:, None]).squeeze(1), torch.zeros_like(out_logp[:, t]))
-        out_mask[:, t] = live.long()
+        out_ids[rows, t] = token
+        out_logp[rows, t] = torch.where(live, logp.gather(1, token[:, None]).squeeze(1), torch.zeros_like(logp[:, 0]))
+        out_mask[rows, t] = live.long()
         done = done | torch.isin(token, eos)
         steps = t + 1
         if bool(done.all()) or t == n_max - 1:
             break
+        if params.compact and 2 * int(done.sum()) >= done.numel():
+            # Finished rows would go on costing attention over their cache and a share of every matmul.
+            # Copying the live rows' cache when half the batch has finished costs at most one cache copy
+            # in all (the batch at least halves each time).
+            keep = (~done).nonzero().squeeze(1)
+            cache.select_rows(keep)
+            rows, token, done = rows[keep], token[keep], done[keep]
+            full_mask, next_pos = full_mask[keep], next_pos[keep]
         logits = gather_vocab(model(token[:, None], full_mask[:, :p_len + t + 1], next_pos + t, cache,
                                     last_only=True)[:, -1]).float()
     model.train(was_training)

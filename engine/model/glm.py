@@ -51,6 +51,13 @@ class KVCache:
         self.v[layer][:, self.length:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` ``[n]`` (decoding drops finished sequences). One layer at a
+        time, so the copy needs one layer's worth of extra memory."""
+        for layer in range(len(self.k)):
+            self.k[layer] = self.k[layer].index_select(0, index)
+            self.v[layer] = self.v[layer].index_select(0, index)
+
     def advance(self, s: int) -> None:
         self.length += s
 
@@ -270,9 +277,10 @@ class GLMForCausalLM(GLMTransformer):
         logits = self.head(hidden)
         return logits[:, -1:] if last_only else logits
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states -> logits ``[b, s, v(/tp)]`` (the last pipeline chunk's output)."""
-        return self.output_layer(hidden)
+    def head(self, hidden: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states -> logits ``[b, s, v(/tp)]`` (the last pipeline chunk's output), or
+        ``[n, v(/tp)]`` at the flat positions ``index`` only (``head_positions``)."""
+        return self.output_layer(hidden) if index is None else self.output_layer(hidden, index=index)
 
     # Hugging Face interchange lives in engine.model.hf_adapter; these are thin entry points.
     @classmethod
@@ -312,11 +320,14 @@ class GLMForScalarHead(GLMTransformer):
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> torch.Tensor:
         return self.head(self.trunk(input_ids, attention_mask, position_ids, segment_ids=segment_ids))
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states -> fp32 values ``[b, s]`` (the last pipeline chunk's output); under
-        sequence parallel the sequence is gathered first, so every TP rank holds all values."""
+    def head(self, hidden: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states -> fp32 values ``[b, s]`` (the last pipeline chunk's output), or ``[n]`` at
+        the flat positions ``index`` (``head_positions``); under sequence parallel the sequence is gathered
+        first, so every TP rank holds all values."""
         if self.spec.gather_sequence is not None:
             hidden = self.spec.gather_sequence(hidden)
+        if index is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         return self.value_head(hidden).squeeze(-1).float()
 
     def reward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -344,6 +355,16 @@ class GLMForScalarHead(GLMTransformer):
         if (unexpected, missing) != heads:
             raise RuntimeError(f"trunk copy mismatch: missing {missing}, unexpected {unexpected}")
         return model.to(next(lm.parameters()).dtype)
+
+
+def head_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``[n]`` of the True positions of ``mask [b, s]``: where a model's head computes its
+    outputs (``head(hidden, index)``, ``pipeline.chunk_forward``), so the output layer skips positions no
+    loss or score reads; its logits are most of a step's activation memory at a 65k vocabulary. Built
+    with the micro-batch, so the forward has no host sync. An empty selection keeps position 0
+    (kernels need a row): callers give it no weight."""
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    return index if index.numel() else index.new_zeros(1)
 
 
 def last_token_index(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

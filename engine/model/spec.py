@@ -34,8 +34,19 @@ class KernelPlan:
         return cls(backend, backend, backend, backend, backend)
 
 
+class OutputLinear(nn.Linear):
+    """The single-process output layer: ``forward(x [..., in], index=None)``; with ``index`` (flat
+    positions of ``x``'s leading dims, ``glm.head_positions``) only those rows: ``[n, out]``, as
+    ``ColumnParallelLinear`` does under tensor parallelism."""
+
+    def forward(self, x, index=None):
+        if index is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, index)
+        return super().forward(x)
+
+
 def plain_linear(in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
+    return (OutputLinear if role == "output" else nn.Linear)(in_features, out_features, bias=bias)
 
 
 def plain_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:

@@ -18,8 +18,10 @@ tp   per layer and micro-batch, Megatron (Korthikanti et al. 2022, sec. 4.2.2): 
      Vocab-parallel embedding (first stage): 2 f B (all-reduce forward; or reduce-scatter forward +
      all-gather backward under SP). Output layer input (last stage): 2 f B (all-reduce backward; or
      all-gather + reduce-scatter under SP). Loss (vocab-parallel cross entropy, logits never
-     gathered): all-reduces of the [mb s] fp32 row maxima and of the packed [2, mb s] (sum of
-     exponentials, label logit): 2 f 12 mb s. KV heads replicated over r = t / g ranks: their
+     gathered): all-reduces of the [n] fp32 row maxima and of the packed [2, n] (sum of
+     exponentials, label logit): 2 f 12 n, n the rows the head computes logits for: the positions
+     whose label takes loss (``loss_rows``, at least 1 per micro-batch), m mb s when every one does.
+     KV heads replicated over r = t / g ranks: their
      weight and bias grads are all-reduced over the r ranks per backward, 2 (r-1)/r (2 d h + 2 d) a
      per layer. Under SP the norm weights' grads (2 h per layer, + h final norm) are all-reduced
      once per step in fp32.
@@ -122,9 +124,12 @@ def analytic_step_traffic(config: GLMConfig, dims, pp_rank: int, tp_rank: int = 
                           micro_batch_size: int, seq_length: int, sequence_parallel: bool = False,
                           recompute: str = "none", use_distributed_optimizer: bool = False,
                           param_bytes: int = 4, bucket_size_bytes: int = 40 * 2**20,
-                          layers_per_stage: Optional[Sequence[int]] = None) -> StepTraffic:
+                          layers_per_stage: Optional[Sequence[int]] = None,
+                          loss_rows: Optional[int] = None) -> StepTraffic:
     """Bytes the rank at (``tp_rank``, ``pp_rank``) of layout ``dims`` (a validated ``ParallelDims``)
-    sends per group in one training step (see the module docstring for every term)."""
+    sends per group in one training step (see the module docstring for every term). ``loss_rows``: the
+    label positions that take loss in this rank's micro-batches (the sequence chunks it holds under
+    context parallelism), at least 1 per micro-batch; None: every position."""
     if recompute not in ("none", "full", "selective"):
         raise ValueError(f"recompute must be 'none', 'full' or 'selective', got {recompute!r}")
     tp, pp, dp, vpp, cp = dims.tp, dims.pp, dims.dp_size, dims.vpp, dims.cp
@@ -150,7 +155,8 @@ def analytic_step_traffic(config: GLMConfig, dims, pp_rank: int, tp_rank: int = 
         traffic.add("tp", "layers", m * n_layers * per_layer)
         traffic.add("tp", "embedding", m * 2 * f * full_b * sum(pre))
         traffic.add("tp", "output_layer", m * 2 * f * full_b * sum(post))
-        traffic.add("tp", "vocab_parallel_loss", m * 2 * f * 3 * mb * s * STAT_BYTES * sum(post))
+        rows = m * mb * s if loss_rows is None else loss_rows
+        traffic.add("tp", "vocab_parallel_loss", 2 * f * 3 * rows * STAT_BYTES * sum(post))
         r = kv_replication(config, tp)
         if r > 1:
             d = config.kv_channels

@@ -111,11 +111,13 @@ def chunk_named_parameters(chunks: Sequence[nn.Module]) -> list[tuple[str, nn.Pa
 def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[torch.Tensor],
                   attention_mask: Optional[torch.Tensor] = None,
                   position_ids: Optional[torch.Tensor] = None,
-                  segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  segment_ids: Optional[torch.Tensor] = None,
+                  output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One pipeline chunk: ``[b, s] ids`` (first chunk) or ``hidden [b, s(/tp), h]`` -> hidden, or the
     model's head output on the last chunk (``chunk.head``: logits ``[b, s, v(/tp)]`` of a causal LM,
-    values ``[b, s]`` of a scalar-head model). Every chunk sees the ids to derive rotary positions, and
-    the packed-sequence ``segment_ids`` its attention needs."""
+    values ``[b, s]`` of a scalar-head model; with ``output_index``, flat positions of ``[b, s]`` from
+    ``glm.head_positions``, only there: ``[n, v(/tp)]`` / ``[n]``). Every chunk sees the ids to derive
+    rotary positions, and the packed-sequence ``segment_ids`` its attention needs."""
     check_context_parallel_positions(chunk.spec, position_ids)
     if position_ids is None:
         position_ids = default_positions(input_ids, attention_mask)
@@ -126,7 +128,7 @@ def chunk_forward(chunk: nn.Module, input_ids: torch.Tensor, hidden: Optional[to
     hidden = chunk.run_layers(hidden, position_ids, attention_mask, segment_ids=segment_ids)
     if not chunk.post_process:
         return hidden
-    return chunk.head(chunk.final_norm(hidden))
+    return chunk.head(chunk.final_norm(hidden), index=output_index)
 
 
 def activation_shape(micro_batch_size: int, seq_length: int, hidden_size: int, tp: int,

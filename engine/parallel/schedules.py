@@ -169,7 +169,7 @@ def run_schedule(chunks: Sequence[torch.nn.Module], layout, microbatches: Sequen
                  timed: bool = True) -> ScheduleResult:
     """Run this rank's part of the pipeline schedule over ``microbatches`` (dicts with ``input_ids``
     ``[b, s]`` and whatever ``loss_fn`` reads, e.g. ``labels``; optional ``attention_mask`` /
-    ``position_ids`` / ``segment_ids``). Every pipeline rank passes the same micro-batch list.
+    ``position_ids`` / ``segment_ids``, and ``output_index``: the head's positions, ``chunk_forward``). Every pipeline rank passes the same micro-batch list.
 
     Training (``forward_only=False``): ``loss_fn(output, mb) -> scalar`` on the last virtual stage; its
     gradients accumulate into the parameters (call once per global batch, then sync and step).
@@ -209,7 +209,7 @@ def run_schedule(chunks: Sequence[torch.nn.Module], layout, microbatches: Sequen
                 t0, cpu0 = timer.now()
                 batch = microbatches[mb]
                 y = chunk_forward(chunks[c], batch["input_ids"], x, batch.get("attention_mask"),
-                                  batch.get("position_ids"), batch.get("segment_ids"))
+                                  batch.get("position_ids"), batch.get("segment_ids"), batch.get("output_index"))
                 if k == last:
                     if forward_only:
                         result.outputs.append(output_fn(y, batch))

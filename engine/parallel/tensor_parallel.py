@@ -50,7 +50,8 @@ def _mark(p: nn.Parameter, tensor_parallel: bool, sequence_parallel: bool = Fals
 
 
 class ColumnParallelLinear(nn.Module):
-    """``[b, s(/tp), in] -> [b, s, out/tp]`` (or ``[b, s, out]`` with ``gather_output``)."""
+    """``[b, s(/tp), in] -> [b, s, out/tp]`` (or ``[b, s, out]`` with ``gather_output``); with ``index``
+    (flat positions of ``[b, s]``, ``glm.head_positions``) only those rows: ``[n, out/tp]``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, layout, sequence_parallel: bool = False,
                  gather_output: bool = False, local_out_features: int | None = None):
@@ -63,8 +64,10 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _mark(nn.Parameter(torch.zeros(self.local_out_features)), True) if bias else None
         nn.init.normal_(self.weight, 0.0, 0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_from_sequence(x, self.layout) if self.sequence_parallel else copy_to_tp(x, self.layout)
+        if index is not None:  # after the sequence gather: index counts positions of the whole sequence
+            x = x.reshape(-1, x.shape[-1]).index_select(0, index)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.layout) if self.gather_output else y
 

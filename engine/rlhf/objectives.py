@@ -14,12 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kernels
+from engine.model.glm import head_positions
 from engine.rlhf.core import kl_penalty, ppo_policy_loss, value_loss
 from engine.train.objectives import IGNORE_INDEX, record_vocab_parallel_loss
 
 
 def _mask(mb: dict):
     return mb["labels"] != IGNORE_INDEX
+
+
+def _at_outputs(mb: dict, key: str):
+    """``mb[key] [b, S]`` at the head's n positions (``output_index``), as one row ``[1, n]`` (the PPO math
+    in ``core`` takes ``[b, t]``)."""
+    return mb[key].reshape(-1)[mb["output_index"]][None]
 
 
 def _tokens(batch: dict) -> int:
@@ -36,8 +43,9 @@ class PolicyObjective:
     ``kl_coef`` times the summed ``kl_kind`` estimate of KL(actor || reference) when ``kl_coef > 0`` (a
     loss on the rollout's samples, as GRPO: ``PPOConfig.kl_loss_coef``)
     (``core.kl_penalty``; the batch then carries the rollout's ``ref_logprobs``, and the stats its value
-    as ``ref_kl``). Output: logits ``[b, S, v(/tp)]``; log-probs of the sampled tokens under
-    ``logits / temperature`` (the distribution the rollout sampled from), vocab-parallel under TP."""
+    as ``ref_kl``). Output: logits ``[n, v(/tp)]`` at the n response tokens that train only
+    (``output_index``); log-probs of the sampled tokens under ``logits / temperature`` (the
+    distribution the rollout sampled from), vocab-parallel under TP."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
@@ -61,23 +69,24 @@ class PolicyObjective:
         return _tokens(batch)
 
     def model_inputs(self, mb: dict) -> dict:
-        return mb
+        return {**mb, "output_index": head_positions(_mask(mb))}
 
     def loss_and_stats(self, logits, mb, layout, backend):
-        mask = _mask(mb)
+        labels = _at_outputs(mb, "labels")
+        mask = labels != IGNORE_INDEX  # all True but for the stand-in row of an empty selection
         if self.temperature != 1.0:
             logits = logits / self.temperature
         group = None
         if layout.tp_size > 1:
             group = layout.tp_group
-            record_vocab_parallel_loss(layout, mb["labels"].numel(), with_entropy=True)
-        logprobs, entropy = kernels.token_logprobs(logits, mb["labels"].clamp(min=0), group=group,
+            record_vocab_parallel_loss(layout, labels.numel(), with_entropy=True)
+        logprobs, entropy = kernels.token_logprobs(logits[None], labels.clamp(min=0), group=group,
                                                    return_entropy=True, backend=backend)
-        loss, stats = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask, self.clip_eps,
-                                      reduction="sum")
+        loss, stats = ppo_policy_loss(logprobs, _at_outputs(mb, "old_logprobs"), _at_outputs(mb, "advantages"), mask,
+                                      self.clip_eps, reduction="sum")
         out = [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
         if self.kl_coef > 0:
-            ref_kl = kl_penalty(logprobs, mb["ref_logprobs"], mask, self.kl_kind, reduction="sum")
+            ref_kl = kl_penalty(logprobs, _at_outputs(mb, "ref_logprobs"), mask, self.kl_kind, reduction="sum")
             loss = loss + self.kl_coef * ref_kl
             out.append(ref_kl.detach())
         return loss, out

@@ -70,7 +70,7 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
-from engine.model.glm import last_token_index
+from engine.model.glm import head_positions, last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
@@ -426,30 +426,34 @@ class PPOLoop:
 
     @torch.no_grad()
     def forward_rows(self, chunks, sequences: torch.Tensor, attention: torch.Tensor, output_fn: Callable,
-                     row_shape: tuple[int, ...], extra: Optional[dict] = None) -> torch.Tensor:
+                     row_shape: tuple[int, ...], extra: Optional[dict] = None,
+                     outputs_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``output_fn(head output, micro-batch) -> fp32 [rows, *row_shape]`` over ``sequences`` /
         ``attention`` ``[n, S]`` in micro-batches of ``score_micro_batch_size`` rows, concatenated
         ``[n, *row_shape]``. Under pp > 1: the forward-only pipeline schedule (the last micro-batch
         padded by repeating a row: stages exchange fixed shapes), the result broadcast from the last
         stage to every rank of the PP group ("pp" traffic). ``extra``: more ``[n, ...]`` tensors split
-        with the rows (the micro-batch dict carries them to ``output_fn``). Collective over the
+        with the rows (the micro-batch dict carries them to ``output_fn``). ``outputs_at``: bool
+        ``[n, S]``, the positions whose head output ``output_fn`` reads; the head then computes only
+        those (``[k, ...]``, flat positions in ``mb["output_index"]``). Collective over the
         model-parallel group."""
         layout = self.layout
         mbs = self.config.score_micro_batch_size or self.config.micro_batch_size
         n = sequences.shape[0]
         tensors = {"input_ids": sequences, "attention_mask": attention, **(extra or {})}
-        if layout.pp_size == 1:
-            outputs = []
-            for i in range(0, n, mbs):
-                mb = {k: v[i:i + mbs] for k, v in tensors.items()}
-                head = chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"], mb.get("position_ids"),
-                                     mb.get("segment_ids"))
-                outputs.append(output_fn(head, mb))
-            return torch.cat(outputs)
-        pad = -n % mbs
+        if outputs_at is not None:
+            tensors["outputs_at"] = outputs_at
+        pad = -n % mbs if layout.pp_size > 1 else 0
         if pad:
             tensors = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in tensors.items()}
         micro = [{k: v[i:i + mbs] for k, v in tensors.items()} for i in range(0, n + pad, mbs)]
+        for mb in micro:
+            if outputs_at is not None:
+                mb["output_index"] = head_positions(mb.pop("outputs_at"))
+        if layout.pp_size == 1:
+            return torch.cat([output_fn(chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"],
+                                                      mb.get("position_ids"), mb.get("segment_ids"),
+                                                      mb.get("output_index")), mb) for mb in micro])
         shape = activation_shape(mbs, sequences.shape[1], self.model_config.hidden_size, layout.tp_size, False)
         result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn, timed=False)
         if layout.is_last_stage:
@@ -468,20 +472,26 @@ class PPOLoop:
         return pack_padded_rows({"input_ids": sequences, "attention_mask": attention, "origin": origin},
                                 fill={"origin": -1})
 
-    def forward_packed(self, chunks, packed: dict, shape: tuple[int, int], token_fn: Callable) -> torch.Tensor:
+    def forward_packed(self, chunks, packed: dict, shape: tuple[int, int], token_fn: Callable,
+                       outputs_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``token_fn(head output, micro-batch) -> fp32 [rows, S]`` (one value per position) over the packed
         rows of ``pack_rows``, returned in the unpacked rows' layout ``shape`` = ``[n, S]``; padding positions
         hold 0 (callers read real positions only). ``token_fn`` must not look across positions of a row
-        beyond the next one (whose token, at a sequence's last position, belongs to the next sequence)."""
+        beyond the next one (whose token, at a sequence's last position, belongs to the next sequence).
+        ``outputs_at``: bool ``shape``, the unpacked positions whose values are read (``forward_rows``)."""
         S = shape[1]
+        if outputs_at is not None:  # to the packed layout: each packed token keeps its origin's flag
+            origin = packed["origin"].to(outputs_at.device)
+            outputs_at = (origin >= 0) & outputs_at.reshape(-1)[origin.clamp(min=0)]
         out = self.forward_rows(chunks, packed["input_ids"], packed["attention_mask"], token_fn, (S,),
-                                {"position_ids": packed["position_ids"], "segment_ids": packed["segment_ids"]})
+                                {"position_ids": packed["position_ids"], "segment_ids": packed["segment_ids"]},
+                                outputs_at)
         real = packed["origin"] >= 0
         result = torch.zeros(shape[0] * S, dtype=out.dtype, device=out.device)
         result[packed["origin"][real].to(out.device)] = out[real.to(out.device)]
         return result.view(shape)
 
-    def _token_logprobs(self, chunks, sequences, mask, responses, packed: Optional[dict] = None) -> torch.Tensor:
+    def _token_logprobs(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Log-probs ``[r, T]`` of the response tokens under ``logits / temperature`` (vocab-parallel).
         ``packed``: ``pack_rows(sequences, mask)`` when ``pack_sequences`` (packed here when None), so a
         rollout scored by several models packs its rows once; likewise for ``_values`` and ``_scores``."""
@@ -497,16 +507,22 @@ class PPOLoop:
                 record_vocab_parallel_loss(self.layout, targets.numel())
             return kernels.token_logprobs(logits, targets, group=group, backend=backend).float()
 
+        def next_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+            """Log-prob ``[rows, S]`` of the token after each position the head computed (0 elsewhere)."""
+            ids, index = mb["input_ids"], mb["output_index"]
+            targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1).reshape(-1)[index]
+            out = torch.zeros(ids.numel(), dtype=torch.float32, device=logits.device)
+            out[index] = logprobs(logits, targets)
+            return out.view(ids.shape)
+
+        # logits only where a real response token is predicted: positions [P - 1, S - 1), read back there
+        outputs_at = torch.zeros_like(mask, dtype=torch.bool)
+        outputs_at[:, P - 1:-1] = mask[:, P:].bool()
         if self.config.pack_sequences:
-            # every position scores the token after it; the response's are read back at [P - 1, S - 1)
-            def next_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
-                ids = mb["input_ids"]
-                return logprobs(logits, torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1))
             packed = packed or self.pack_rows(sequences, mask)
-            return self.forward_packed(chunks, packed, sequences.shape, next_token)[:, P - 1:-1]
-        return self.forward_rows(chunks, sequences, mask, lambda logits, mb: logprobs(logits[:, P - 1:-1],
-                                                                                      mb["responses"]),
-                                 (responses.shape[1],), {"responses": responses})
+            return self.forward_packed(chunks, packed, sequences.shape, next_token, outputs_at)[:, P - 1:-1]
+        return self.forward_rows(chunks, sequences, mask, next_token, (sequences.shape[1],),
+                                 outputs_at=outputs_at)[:, P - 1:-1]
 
     def _values(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Critic values ``[r, T]`` of the states before each response token."""
@@ -658,9 +674,9 @@ class PPOLoop:
             model.eval()
         packed = self.pack_rows(sequences, attention) if c.pack_sequences else None  # once for all four models
         self._resident("score", "actor")
-        logprobs = self._token_logprobs(self.actor, sequences, attention, responses, packed)
+        logprobs = self._token_logprobs(self.actor, sequences, attention, packed)
         self._resident("score", "reference")
-        ref_logprobs = self._token_logprobs(self.reference, sequences, attention, responses, packed)
+        ref_logprobs = self._token_logprobs(self.reference, sequences, attention, packed)
         values = None  # no critic: zeros of the global shape after the gather (no traffic for them)
         if self.uses_critic:
             self._resident("score", "critic")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine.model.glm import head_positions
 
 IGNORE_INDEX = -100
 STAT_BYTES = 4  # the vocab-parallel loss reduces fp32 per-row statistics
@@ -58,8 +59,9 @@ def record_vocab_parallel_loss(layout, rows: int, with_entropy: bool = False) ->
 @dataclass(frozen=True)
 class LanguageModelObjective:
     """Mean next-token cross entropy over the labels that are not ``ignore_index`` (pretraining: every
-    token; SFT: assistant turns only). Output: logits ``[b, s, v(/tp)]``; under TP they stay
-    vocab-sharded and the kernel exchanges per-row statistics, never the logits."""
+    token; SFT: assistant turns only). Output: logits ``[n, v(/tp)]`` at those positions only
+    (``output_index``: the output layer skips the rest); under TP they stay vocab-sharded and the
+    kernel exchanges per-row statistics, never the logits."""
 
     ignore_index: int = IGNORE_INDEX
     name = "lm"
@@ -76,10 +78,10 @@ class LanguageModelObjective:
         return n
 
     def model_inputs(self, mb: dict) -> dict:
-        return mb
+        return {**mb, "output_index": head_positions(mb["labels"] != self.ignore_index)}
 
     def loss_and_stats(self, logits, mb, layout, backend):
-        labels = mb["labels"]
+        labels = mb["labels"].reshape(-1)[mb["output_index"]]
         if layout.tp_size == 1:
             return kernels.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum",
                                          backend=backend), []

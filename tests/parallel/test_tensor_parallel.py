@@ -16,7 +16,7 @@ import torch
 
 import kernels
 from engine.config import GLMConfig
-from engine.model.glm import GLMBlock, GLMForCausalLM, GLMForScalarHead
+from engine.model.glm import GLMBlock, GLMForCausalLM, GLMForScalarHead, head_positions
 from engine.parallel import ParallelDims, ParallelLayout
 from engine.parallel.mappings import gather_from_tp
 from engine.parallel.sharding import (gather_full_state_dict, init_parallel_weights_, load_full_into,
@@ -218,6 +218,26 @@ def _scalar_head_case(config, layout, sp, ids):
             "last_logits": _rel_err(last, ref_last)}
 
 
+def _selected_head_case(config, layout, sp, ref, ids, labels):
+    """The output layer at selected positions only (``glm.head_positions``) under TP/SP: its logits and the
+    gradients of a loss over them equal the full logits' at those positions and a masked loss's gradients
+    (the same ops on the same rows; the gathers' backward differs only in what it adds zeros to)."""
+    model = GLMForCausalLM(config, tensor_parallel_spec(config, layout, sp), init=False)
+    mark_parameters(model, layout, sp)
+    load_full_into(model, ref.state_dict(), layout)
+    keep = torch.arange(B * S).view(B, S) % 3 != 1
+    index = head_positions(keep)
+    full = model(ids)
+    kernels.cross_entropy(full, labels.masked_fill(~keep, -100), group=layout.tp_group, reduction="sum").backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    selected = model.head(model.trunk(ids), index=index)  # [n, v/tp]
+    kernels.cross_entropy(selected, labels.reshape(-1)[index], group=layout.tp_group, reduction="sum").backward()
+    return {"shape": tuple(selected.shape) == (int(keep.sum()), config.vocab_size // layout.tp_size),
+            "logits": _rel_err(selected.detach(), full.detach().reshape(-1, full.shape[-1])[index]),
+            "grads": max(_rel_err(p.grad, full_grads[n]) for n, p in model.named_parameters())}
+
+
 def _world4(rank, world_size):
     config = _config()
     ids, labels = _data(config)
@@ -232,6 +252,7 @@ def _world4(rank, world_size):
                                                                ref_grads, ids, labels)
             out[("ledger", layout.tp_size, sp)] = _ledger_case(config, layout, sp)
             out[("scalar", layout.tp_size, sp)] = _scalar_head_case(config, layout, sp, ids)
+            out[("selected", layout.tp_size, sp)] = _selected_head_case(config, layout, sp, ref, ids, labels)
     out[("sharding", "tp2pp2")] = _sharding_case(config, tp2pp2)
     out[("sharding", "tp4")] = _sharding_case(config, tp4)
     out["comm"] = _comm_case(tp2pp2)
@@ -264,6 +285,14 @@ def test_scalar_head_and_last_token_logits_match_single_process(world4, tp, sp):
     for rank, res in enumerate(world4):
         r = res[("scalar", tp, sp)]
         assert max(r.values()) <= REL_TOL, (rank, r)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("sp", [False, True])
+def test_output_layer_at_selected_positions(world4, tp, sp):
+    for rank, res in enumerate(world4):
+        r = res[("selected", tp, sp)]
+        assert r["shape"] and r["logits"] <= REL_TOL and r["grads"] <= REL_TOL, (rank, r)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

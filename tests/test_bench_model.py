@@ -1,0 +1,25 @@
+"""`python -m launch.bench model` runs (a smoke test of the benchmark's plumbing, not a timing test)."""
+import json
+
+import pytest
+
+from launch.bench import main
+
+
+def test_model_benchmark_reports_forward_generation_and_rollout(tmp_path):
+    out = tmp_path / "model.json"
+    assert main(["model", "--configs", "tiny", "--batch", "4", "--seq", "8", "--new-tokens", "6", "--repeats", "1",
+                 "--stop-tokens", "1500", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["config"] == "tiny" and r["new_tokens"] == 6
+    for key in ("forward_tokens_per_s", "generate_tokens_per_s"):
+        assert r[key]["engine"] > 0 and r[key]["transformers"] > 0, key
+    rollout = r["rollout"]
+    assert 1 <= rollout["mean_length"] <= rollout["max_length"] <= 6
+    assert rollout["tokens_per_s"]["compact"] > 0 and rollout["tokens_per_s"]["no_compact"] > 0
+
+
+def test_model_benchmark_refuses_negative_stop_tokens(capsys):
+    with pytest.raises(SystemExit):
+        main(["model", "--stop-tokens", "-1"])
+    assert "--stop-tokens must be >= 0" in capsys.readouterr().err
