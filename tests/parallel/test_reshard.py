@@ -7,6 +7,9 @@ all-gather, duplicates included.
     4 ranks: 1 KV group (multi-query: one head on all 4 ranks), tp 4 -> 2 and 4 -> 1; 2 KV groups, 4 -> 2, 4 -> 1
     6 ranks: 3 KV groups (pairs share a head), tp 6 -> 3 (one head per subgroup), 6 -> 1 (3 heads exchanged),
              6 -> 2 (subgroups of 3 straddle the pairs: all-gather)
+    8 ranks: the whole generation shard (``reshard_for_generation``) from tp 2 x pp 2 x dp 2 training shards,
+             to tp 1 and 2, with 2 KV groups and with 1 (replicated): TP subgroups, pipeline stages and
+             data-parallel replicas at once
 """
 import pytest
 import torch
@@ -14,7 +17,8 @@ import torch
 from engine.config import GLMConfig
 from engine.model.glm import GLMForCausalLM
 from engine.parallel import ParallelDims, ParallelLayout
-from engine.parallel.sharding import kv_replication, reshard_tp, tp_slice
+from engine.parallel.pipeline import stage_layer_indices
+from engine.parallel.sharding import kv_replication, reshard_for_generation, reshard_tp, shard_state_dict, tp_slice
 from tests._dist import run_distributed
 
 
@@ -28,12 +32,13 @@ def _state(config: GLMConfig) -> dict:
     return {k: v.clone() for k, v in GLMForCausalLM(config).state_dict().items()}
 
 
-def _minimum(state, config, tp, rank, tp_g, j) -> int:
-    """Bytes of target shard j (of tp_g) that source shard ``rank`` (of tp) lacks: elements numbered."""
+def _minimum(state, config, tp, rank, tp_g, j, held=None) -> int:
+    """Bytes of target shard j (of tp_g) that source shard ``rank`` (of tp) lacks: elements numbered.
+    ``held``: the tensor names the source holds (its pipeline stage's), default all."""
     total = 0
     for name, t in state.items():
         ids = torch.arange(t.numel()).view(t.shape)
-        have = set(tp_slice(name, ids, config, tp, rank).flatten().tolist())
+        have = set(tp_slice(name, ids, config, tp, rank).flatten().tolist()) if held is None or name in held else set()
         need = set(tp_slice(name, ids, config, tp_g, j).flatten().tolist())
         total += len(need - have) * t.element_size()
     return total
@@ -72,3 +77,40 @@ def test_reshard_with_replicated_kv_heads_moves_the_minimum(world_size):
                 assert r["received"] == want, (rank, groups, tp_g, r["received"], want)
             else:  # straddling subgroups: everything gathered, replicated heads more than once
                 assert r["received"] == (f - 1) * r["local"] > want, (rank, groups, tp_g)
+
+
+def _world_3d(rank, world_size, cases):
+    out = []
+    for groups, tp_g in cases:
+        config = _config(groups, 4).replace(num_layers=2)
+        state = _state(config)
+        layout = ParallelLayout.build(ParallelDims(tp=2, pp=2, dp=2), name=f"3d-g{groups}-{tp_g}")
+        gen = ParallelLayout.for_generation(layout, tp_g)
+        (layers,) = stage_layer_indices(config.num_layers, 2, 1)[layout.pp_rank]
+        local = shard_state_dict(state, config, layout, layer_indices=layers)
+        before = layout.ledger.received("reshard")
+        shards = reshard_for_generation(local, config, layout, gen)
+        received = layout.ledger.received("reshard") - before
+        exact = (set(shards) == set(state) and
+                 all(torch.equal(t, tp_slice(k, state[k], config, tp_g, gen.tp_rank)) for k, t in shards.items()))
+        out.append(dict(exact=exact, received=received, gen_rank=gen.tp_rank, tp_rank=layout.tp_rank,
+                        held=sorted(local), replica=gen.dp_rank))
+    return out
+
+
+CASES_3D = [(2, 1), (2, 2), (1, 1)]
+
+
+def test_generation_shard_from_tp_pp_dp_training_shards_moves_the_minimum():
+    """Every rank of tp 2 x pp 2 x dp 2 ends with its generation slice of every layer, bitwise, having
+    received exactly the slice minus what it held; the 8 ranks form 8 / tp_g generation replicas."""
+    results = run_distributed(_world_3d, 8, CASES_3D, timeout=300)
+    for i, (groups, tp_g) in enumerate(CASES_3D):
+        config = _config(groups, 4).replace(num_layers=2)
+        state = _state(config)
+        assert sorted({r[i]["replica"] for r in results}) == list(range(8 // tp_g)), (groups, tp_g)
+        for rank, per_case in enumerate(results):
+            r = per_case[i]
+            assert r["exact"], (rank, groups, tp_g)
+            want = _minimum(state, config, 2, r["tp_rank"], tp_g, r["gen_rank"], held=set(r["held"]))
+            assert r["received"] == want > 0, (rank, groups, tp_g, r["received"], want)
