@@ -26,6 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "configs" / "runs"
 
 
+def _metrics(path: Path, skip: int = 0) -> list[dict]:
+    """The JSON lines of a metrics.jsonl after its first ``skip`` (a rerun into the same --out appends to
+    the earlier runs' lines: a stage reads only its own)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(x) for x in lines[skip:]]
+
+
 def _stage(mode: str, out: Path, steps: int, seq_length: int, init_from: Path | None, **train) -> Path:
     """Run one ``launch.train`` mode in this process; returns its checkpoint directory."""
     from launch.train import load_run_config, train as run_training, validate_run
@@ -36,9 +43,10 @@ def _stage(mode: str, out: Path, steps: int, seq_length: int, init_from: Path | 
     run = load_run_config(RUNS / f"{mode}.yaml", overrides)
     validate_run(run, 1)
     print(f"\n== {mode}: {steps} steps ({RUNS / f'{mode}.yaml'})", flush=True)
+    earlier = len(_metrics(out / mode / "metrics.jsonl"))
     if run_training(run) != 0:
         raise SystemExit(f"the {mode} stage failed")
-    lines = [json.loads(x) for x in (out / mode / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(out / mode / "metrics.jsonl", earlier)
     summary = f"{mode}: loss {lines[0]['loss']:.3f} -> {lines[-1]['loss']:.3f}"
     for key in ("eval_loss", "eval_accuracy"):
         if key in lines[-1]:
@@ -56,9 +64,10 @@ def _ppo_stage(out: Path, sft: Path, rm: Path, iterations: int) -> Path:
                                                            "save": str(save)}})
     validate_rlhf_run(run, 1)
     print(f"\n== ppo: {iterations} iterations ({RUNS / 'ppo.yaml'})", flush=True)
+    earlier = len(_metrics(out / "ppo" / "metrics.jsonl"))
     if train_ppo(run) != 0:
         raise SystemExit("the ppo stage failed")
-    lines = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(out / "ppo" / "metrics.jsonl", earlier)
     k = max(1, len(lines) // 4)  # mean of the first and last quarter: single rollouts are noisy
     first, last = (sum(r["reward"] for r in rs) / len(rs) for rs in (lines[:k], lines[-k:]))
     print(f"ppo: reward {first:+.3f} -> {last:+.3f} (mean of the first / last {k} iterations), KL to the "

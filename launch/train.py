@@ -87,6 +87,9 @@ class CheckpointConfig:
     """Checkpoint directory to resume from (its ``latest`` step); may equal ``save``."""
     keep_last: Optional[int] = None
     """Keep only the newest K checkpoints (None: keep all)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (``checkpoint.AsyncCheckpointer``):
+    a save blocks only while it copies this rank's state to host memory."""
     init_from: Optional[str] = None
     """Start from the model weights of this checkpoint directory when there is nothing to resume
     (no optimizer state; a reward model takes an LM checkpoint's trunk and keeps a fresh value head)."""
@@ -169,6 +172,8 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
                          f"{ck.keep_last} must be >= 1")
     if ck.save_interval and not ck.save:
         raise ValueError("--save-interval needs --save DIR")
+    if ck.async_save and not ck.save:
+        raise ValueError("--async-save needs --save DIR")
     d = run.data
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
@@ -226,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-interval", type=int, help="save every N steps (0: only at the end)")
     p.add_argument("--load", help="checkpoint directory to resume from (its latest step; layouts may differ)")
     p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    p.add_argument("--async-save", action="store_true", default=None,
+                   help="write checkpoints in the background while training goes on (checkpoint.async_save)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s; when given, metrics include MFU (model FLOPs, Megatron's count) "
                         "and HFU (plus activation recompute)")
@@ -246,6 +253,7 @@ _FLAG_TARGETS = {
     "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
+    "async_save": ("checkpoint", "async_save"),
 }
 
 
@@ -404,7 +412,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
     from engine.parallel import ParallelLayout
     from engine.parallel.pipeline import build_model_chunks
     from engine.train import LRSchedule, MetricsWriter, Trainer, build_optimizer
-    from engine.train.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+    from engine.train.checkpoint import (AsyncCheckpointer, CheckpointError, latest_step, load_checkpoint,
+                                         save_checkpoint)
     from engine.train.objectives import LanguageModelObjective
 
     with Processes() as procs:
@@ -461,10 +470,12 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             elif ck.init_from:
                 print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
 
+        saver = AsyncCheckpointer(layout) if ck.async_save else None
+
         def save() -> None:
-            save_checkpoint(ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
-                            extra_state={"mode": run.mode}, keep_last=ck.keep_last,
-                            tokenizer_fingerprint=data.tokenizer_fingerprint)
+            (saver.save if saver is not None else save_checkpoint)(
+                ck.save, trainer.steps_done, chunks, optimizer, layout, run.model, extra_state={"mode": run.mode},
+                keep_last=ck.keep_last, tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
         # model FLOPs (what MFU counts) leave out activation recompute; hardware FLOPs (HFU) include it
@@ -473,30 +484,34 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
         board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
         t = run.train
-        while trainer.steps_done < t.train_steps:
-            metrics = trainer.train_step(data.train(trainer.steps_done))
-            extra = {}
-            done = trainer.steps_done
-            if data.held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
-                extra.update({f"eval_{k}": v for k, v in trainer.evaluate(data.held_out).items()})
-            if writer is not None:
-                # achieved TFLOP/s per device (Megatron's count): model (recompute excluded) -> MFU,
-                # hardware (recompute included) -> HFU; equal without recompute
-                tflops = metrics.tokens_per_s * flops / layout.world_size / 1e12
-                hw_tflops = metrics.tokens_per_s * hw_flops / layout.world_size / 1e12
-                extra.update(model_tflops_per_device=tflops, hardware_tflops_per_device=hw_tflops)
-                if peak_tflops:
-                    extra.update(mfu=tflops / peak_tflops, hfu=hw_tflops / peak_tflops)
-                writer.write(metrics, **extra)
-                record = {**metrics.record(), **extra}
-                board.log(record, metrics.step)
-                progress.update(record)
-                if not progress.enabled:  # the bar replaces the per-step line on a terminal
-                    print(_summary(metrics, record), flush=True)
-            if ck.save and ck.save_interval and trainer.steps_done % ck.save_interval == 0:
+        try:
+            while trainer.steps_done < t.train_steps:
+                metrics = trainer.train_step(data.train(trainer.steps_done))
+                extra = {}
+                done = trainer.steps_done
+                if data.held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
+                    extra.update({f"eval_{k}": v for k, v in trainer.evaluate(data.held_out).items()})
+                if writer is not None:
+                    # achieved TFLOP/s per device (Megatron's count): model (recompute excluded) -> MFU,
+                    # hardware (recompute included) -> HFU; equal without recompute
+                    tflops = metrics.tokens_per_s * flops / layout.world_size / 1e12
+                    hw_tflops = metrics.tokens_per_s * hw_flops / layout.world_size / 1e12
+                    extra.update(model_tflops_per_device=tflops, hardware_tflops_per_device=hw_tflops)
+                    if peak_tflops:
+                        extra.update(mfu=tflops / peak_tflops, hfu=hw_tflops / peak_tflops)
+                    writer.write(metrics, **extra)
+                    record = {**metrics.record(), **extra}
+                    board.log(record, metrics.step)
+                    progress.update(record)
+                    if not progress.enabled:  # the bar replaces the per-step line on a terminal
+                        print(_summary(metrics, record), flush=True)
+                if ck.save and ck.save_interval and trainer.steps_done % ck.save_interval == 0:
+                    save()
+            if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):
                 save()
-        if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):
-            save()
+        finally:
+            if saver is not None:  # the save in flight completes (or raises) before the process group goes
+                saver.close()
         progress.close()
         board.close()
         if writer is not None:

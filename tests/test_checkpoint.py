@@ -36,8 +36,8 @@ from engine.parallel.mappings import gather_from_tp
 from engine.parallel.sharding import gather_full_state_dict
 from engine.parallel.tensor_parallel import build_parallel_model
 from engine.train import checkpoint as ckpt
-from engine.train.checkpoint import (CheckpointError, latest_step, load_checkpoint, read_full_model_state,
-                                     save_checkpoint)
+from engine.train.checkpoint import (AsyncCheckpointer, CheckpointError, latest_step, load_checkpoint,
+                                     read_full_model_state, save_checkpoint)
 from engine.train.lr import LRConfig, LRSchedule
 from tests._dist import run_distributed
 
@@ -282,6 +282,53 @@ def test_resume_bitwise_and_reshard(tmp_path):
     want = [(b[0]["probe"][i] + b[2]["probe"][i]) / 2 for i in range(2)]  # two equal DP halves
     for g, w in zip(got, want):
         assert abs(g - w) <= REL_TOL * abs(w), (got, want)
+
+
+# ---- launch 3: async saves overlapping training ---------------------------------------------------
+def _launch_async(rank, world_size, ckdir):
+    """dp=2 with ZeRO-1 (the snapshot joins the optimizer's gather): a save started at step 2 is written
+    while two more steps run (their collectives on the default group, the saver's on its own), and holds
+    the step-2 state and RNG; a write failure on one rank reaches every rank at the next wait."""
+    layout = ParallelLayout.build(ParallelDims(tp=1, pp=1, dp=2))
+    model, opt = _build(layout, seed=0)
+    it = _iterator(layout)
+    _seed(layout, 10)
+    _train(model, opt, layout, it, 0, 2)
+    at_save, rng = _snapshot(model, opt, layout), _rng_digest()
+    saver = AsyncCheckpointer(layout)
+    saver.save(ckdir, 2, model, opt, layout, CFG, extra_state={"data": it.state_dict()})
+    _train(model, opt, layout, it, 2, 2)
+    after = _snapshot(model, opt, layout)
+    path = saver.wait()
+
+    original = FileSystemWriter.write_data
+    if rank == 1:
+        def failing_write(self, plan, planner):
+            raise OSError("simulated disk failure on rank 1")
+        FileSystemWriter.write_data = failing_write
+    try:
+        saver.save(ckdir, 4, model, opt, layout, CFG)
+        with pytest.raises(CheckpointError, match="DCP write failed.*simulated disk failure"):
+            saver.wait()
+    finally:
+        FileSystemWriter.write_data = original
+    saver.close()
+
+    fresh, fresh_opt = _build(layout, seed=1)
+    _seed(layout, 99)
+    extra = load_checkpoint(ckdir, fresh, fresh_opt, layout, CFG)
+    return {"path": str(path), "at_save": at_save, "after": after, "loaded": _snapshot(fresh, fresh_opt, layout),
+            "rng": rng, "loaded_rng": _rng_digest(), "step": extra["step"], "latest": latest_step(ckdir)}
+
+
+def test_async_save_overlaps_training_and_holds_the_state_at_save_time(tmp_path):
+    ckdir = str(tmp_path / "ck")
+    out = run_distributed(_launch_async, 2, ckdir)
+    for r, res in enumerate(out):
+        assert res["path"] == str(Path(ckdir) / "step_000002") and res["latest"] == res["step"] == 2, r
+        assert res["loaded_rng"] == res["rng"], f"rank {r}: RNG state is not the one at the save"
+    assert out[0]["loaded"] == out[0]["at_save"] != out[0]["after"]
+    assert sorted(p.name for p in Path(ckdir).iterdir()) == ["latest", "step_000002"]  # the failed save left nothing
 
 
 # ---- single process ---------------------------------------------------------------------------
@@ -543,3 +590,30 @@ def test_convert_checkpoint_to_hf(saved, tmp_path, capsys):
 
     assert main(["--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_async_save_commits_only_when_complete(tmp_path, monkeypatch):
+    """While the background write is held back, nothing is committed and training changes the weights;
+    the committed step then holds the weights at the save. Errors surface at wait()."""
+    import threading
+    layout, model, opt = _tiny_run()
+    at_save = {n: p.detach().clone() for n, p in model.named_parameters()}
+    release, persist = threading.Event(), ckpt._persist
+    monkeypatch.setattr(ckpt, "_persist", lambda *a, **k: (release.wait(30), persist(*a, **k))[1])
+    saver = AsyncCheckpointer(layout)
+    saver.save(tmp_path / "ck", 3, model, opt, layout, CFG)
+    assert saver.in_flight and latest_step(tmp_path / "ck") is None
+    opt.step(lr=1e-2)  # training goes on: the snapshot must not see this
+    assert not all(torch.equal(p, at_save[n]) for n, p in model.named_parameters())
+    release.set()
+    assert saver.wait() == tmp_path / "ck" / "step_000003" and not saver.in_flight
+    extra, loaded = _load(tmp_path / "ck")
+    assert extra["step"] == 3 and all(torch.equal(p, at_save[n]) for n, p in loaded.named_parameters())
+
+    (tmp_path / "file").write_text("not a directory")
+    saver.save(tmp_path / "file", 4, model, opt, layout, CFG)
+    with pytest.raises(CheckpointError, match="cannot create a temp dir"):
+        saver.close()
+    assert saver.wait() is None  # the error is reported once
+    with pytest.raises(CheckpointError, match="after close"):
+        saver.save(tmp_path / "ck", 5, model, opt, layout, CFG)

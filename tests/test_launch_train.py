@@ -76,6 +76,7 @@ def test_single_process_without_torchrun(tmp_path):
     (["--recompute", "none", "--lr", "-1"], "lr=-1.0"),
     (["--cp", "2"], "world_size=1 is not divisible by tp=1 x pp=1 x cp=2"),
     (["--cp", "2", "--seq-length", "30"], "seq_length=30 divisible by 2 x cp = 4"),
+    (["--async-save"], "--async-save needs --save DIR"),
 ])
 def test_bad_configuration_exits_2_with_clear_message(args, needle, capsys):
     assert main(["--config", str(CONFIG), *args]) == 2
@@ -149,13 +150,13 @@ def _train(tmp_path, name, *extra, nproc=1):
 
 
 def test_save_and_resume_continue_the_same_run(tmp_path):
-    """4 steps straight == 2 steps, save, a new process loads and runs 2 more (bitwise on CPU); a
-    resume at tp=2 continues from the same weights (fp32 rounding of the TP split only)."""
+    """4 steps straight == 2 steps, save, a new process loads and runs 2 more (bitwise on CPU) saving
+    asynchronously; a resume at tp=2 continues from the same weights (fp32 rounding of the TP split only)."""
     ck = str(tmp_path / "ck")
     straight = _train(tmp_path, "straight", "--train-steps", "4")
     first = _train(tmp_path, "first", "--train-steps", "2", "--save", ck)
     second = _train(tmp_path, "second", "--train-steps", "4", "--load", ck, "--save", ck, "--save-interval", "1",
-                    "--keep-last", "1")
+                    "--keep-last", "1", "--async-save")  # written in the background, the last one waited for
     for proc in (straight, first, second):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from" in second.stdout
@@ -180,7 +181,7 @@ def test_context_parallel_run_resumes_and_matches_one_process(tmp_path):
     one = _train(tmp_path, "one", "--train-steps", "3", "--load", ck, "--save", str(tmp_path / "ck_one"),
                  "--distributed-optimizer")
     cp2 = _train(tmp_path, "cp2", "--train-steps", "3", "--load", ck, "--save", ck_cp, "--cp", "2",
-                 "--distributed-optimizer", nproc=2)
+                 "--distributed-optimizer", "--async-save", nproc=2)
     for proc in (one, cp2):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cp=2" in cp2.stdout

@@ -54,6 +54,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -179,18 +180,20 @@ def _distributed(layout) -> bool:
     return True
 
 
-def _all_gather(obj, layout) -> list:
+def _all_gather(obj, layout, group=None) -> list:
+    """Every rank's ``obj``, over the default group or ``group`` (one spanning every rank: the async
+    saver's own)."""
     if not _distributed(layout):
         return [obj]
     out: list = [None] * layout.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def _agree(error: Optional[str], layout, what: str) -> None:
+def _agree(error: Optional[str], layout, what: str, group=None) -> None:
     """Raise the same CheckpointError on every rank if any rank failed (so no rank hangs in a later
     collective waiting for one that gave up)."""
-    errors = [(r, e) for r, e in enumerate(_all_gather(error, layout)) if e]
+    errors = [(r, e) for r, e in enumerate(_all_gather(error, layout, group)) if e]
     if errors:
         detail = "; ".join(f"rank {r}: {e}" for r, e in errors[:4])
         raise CheckpointError(f"{what} failed: {detail}")
@@ -520,10 +523,32 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
     ``model``: the model or this rank's list of model chunks; ``optimizer``: a DistributedOptimizer
     or None; ``extra_state``: JSON-serialisable, the same on every rank (LR-scheduler state, data
     position, ...), returned by ``load_checkpoint``; ``keep_last``: after the commit, delete all but
-    the newest ``keep_last`` steps. Returns the step directory.
+    the newest ``keep_last`` steps. Returns the step directory. ``AsyncCheckpointer`` writes the same
+    checkpoint while training goes on.
     """
-    directory = Path(directory)
-    rank = layout.rank
+    snapshot = _snapshot(Path(directory), step, model, optimizer, layout, config, extra_state, keep_last,
+                         tokenizer_fingerprint, to_host=False)
+    return _persist(snapshot, layout)
+
+
+@dataclass
+class _Snapshot:
+    """What a save writes, taken at the moment of the save: this rank's tensor chunks (``sd``, keys
+    ``<space>/<name>@<lo>:<hi>``) and their table, its RNG state, and the manifest fields."""
+    directory: Path
+    name: str
+    sd: dict
+    table: list  # (space, name, dim, full_shape, dtype, lo, hi)
+    rng: bytes
+    manifest: dict
+    keep_last: Optional[int]
+
+
+def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig, extra_state, keep_last,
+              tokenizer_fingerprint, to_host: bool) -> _Snapshot:
+    """Plan a save and copy what it writes (collective: the planning agreement, and under ZeRO-1 the
+    optimizer's gather over DP). ``to_host``: the copies go to host memory (page-locked on CUDA), so
+    the device memory is free again when this returns."""
     # 1. plan (local, no collectives), then agree: a bad argument on one rank fails every rank
     error, params, maps, extra_json = None, {}, {}, "{}"
     try:
@@ -556,14 +581,20 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
     writers = _writers(params, replicas.dp_size)
     mine = [n for n in params if writers[n] == replicas.dp_rank]
     sd: dict[str, torch.Tensor] = {}
-    table: list = []  # (space, name, dim, full_shape, dtype, lo, hi)
+    table: list = []
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if not to_host:
+            return t.clone()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return host.copy_(t, non_blocking=t.is_cuda)
 
     def add(space: str, name: str, t: torch.Tensor) -> None:
         m = maps[name]
         for piece in m.pieces:
             if piece.owner:
                 lo, hi = piece.full_lo, piece.full_lo + piece.length
-                sd[_key(space, name, lo, hi)] = t.detach().narrow(m.dim, piece.local_lo, piece.length).clone()
+                sd[_key(space, name, lo, hi)] = copy(t.detach().narrow(m.dim, piece.local_lo, piece.length))
                 table.append((space, name, m.dim, list(m.full_shape), str(t.dtype).removeprefix("torch."), lo, hi))
 
     for name in mine:
@@ -579,9 +610,21 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
                       "eps": optimizer.eps, "weight_decay": optimizer.weight_decay,
                       "use_distributed_optimizer": optimizer.distributed,
                       "mixed_precision": optimizer.mixed_precision}
+    if to_host and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "config": config.to_dict(),
+                "layout": _layout_dict(layout), "model_class": _model_class(model),
+                "tokenizer_fingerprint": tokenizer_fingerprint, "optimizer": optim_meta,
+                "extra_state": json.loads(extra_json), "torch_version": torch.__version__,
+                "rng_files": [_rng_file(r) for r in range(layout.world_size)]}
+    return _Snapshot(directory, step_dir_name(step), sd, table, json.dumps(_rng_state()).encode(), manifest,
+                     keep_last)
 
+
+def _persist(snap: _Snapshot, layout, group=None) -> Path:
+    """Write, hash and commit a snapshot (collective over every rank, on the default group or ``group``)."""
+    directory, name, rank = snap.directory, snap.name, layout.rank
     # 3. temp dir (rank 0 names it for everyone)
-    name = step_dir_name(step)
     tmp_name, error = None, None
     if rank == 0:
         try:
@@ -592,26 +635,21 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
             (directory / tmp_name / "rng").mkdir(parents=True)
         except Exception as e:
             error = _describe(e)
-    tmp_name, error = _all_gather((tmp_name, error), layout)[0]
+    tmp_name, error = _all_gather((tmp_name, error), layout, group)[0]
     if error:
         raise CheckpointError(f"checkpoint save: cannot create a temp dir in {directory}: {error}")
     tmp = directory / tmp_name
     try:
-        gathered = _write_files(tmp, sd, table, layout)
+        gathered = _write_files(tmp, snap, layout, group)
         # 4. rank 0: manifest, rename, latest, keep-last-k; every rank learns the outcome
         error = None
         if rank == 0:
             try:
-                manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "config": config.to_dict(),
-                            "layout": _layout_dict(layout), "model_class": _model_class(model),
-                            "tokenizer_fingerprint": tokenizer_fingerprint, "optimizer": optim_meta,
-                            "extra_state": json.loads(extra_json), "torch_version": torch.__version__,
-                            "rng_files": [_rng_file(r) for r in range(layout.world_size)]}
-                _write_manifest(tmp, manifest, gathered)
-                _commit(directory, tmp, name, keep_last)
+                _write_manifest(tmp, dict(snap.manifest), gathered)
+                _commit(directory, tmp, name, snap.keep_last)
             except Exception as e:
                 error = _describe(e)
-        _agree(error, layout, f"checkpoint commit of {directory / name}")
+        _agree(error, layout, f"checkpoint commit of {directory / name}", group)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -619,12 +657,83 @@ def save_checkpoint(directory: Union[str, Path], step: int, model, optimizer, la
     return directory / name
 
 
+class AsyncCheckpointer:
+    """Checkpoint saves that overlap training (Megatron's ``--async-save``). ``save`` takes the snapshot,
+    the collective part (planning, the ZeRO-1 gather, a copy of this rank's chunks to host memory),
+    and returns; a background thread then writes, hashes and commits it, with the same files and the
+    same atomic protocol as ``save_checkpoint``: ``latest`` moves only once the step is complete, so
+    a job killed mid-write resumes from the previous step. The thread coordinates the ranks over a
+    gloo group of its own, so its collectives never interleave with training's. One save is in
+    flight at a time: ``save``, ``wait`` and ``close`` first wait for the previous one and raise its
+    error (the same ``CheckpointError`` on every rank). Build it on every rank (``new_group`` is
+    collective) and call ``close`` before the process group goes away. Costs host memory for one
+    rank's share of the checkpoint."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.group = dist.new_group(backend="gloo") if _distributed(layout) else None
+        if self.group is None:  # the thread cannot scope a filter (catch_warnings is not thread-safe)
+            warnings.filterwarnings("ignore", message=_QUIET_DCP)
+        self._thread: Optional[threading.Thread] = None
+        self._outcome: Optional[tuple] = None  # (step dir, None) or (None, exception)
+        self._closed = False
+
+    def save(self, directory: Union[str, Path], step: int, model, optimizer, layout, config: GLMConfig,
+             extra_state: Optional[dict] = None, keep_last: Optional[int] = None,
+             tokenizer_fingerprint: Optional[str] = None) -> None:
+        """Start saving ``DIR/step_<step>`` (arguments as ``save_checkpoint``); returns once the state is
+        copied."""
+        if self._closed:
+            raise CheckpointError("AsyncCheckpointer.save after close(): build a new one")
+        if layout.world_size != self.layout.world_size:
+            raise CheckpointError(f"AsyncCheckpointer was built for {self.layout.world_size} ranks, save got a "
+                                  f"layout of {layout.world_size}")
+        self.wait()
+        snapshot = _snapshot(Path(directory), step, model, optimizer, layout, config, extra_state, keep_last,
+                             tokenizer_fingerprint, to_host=True)
+        self._thread = threading.Thread(target=self._run, args=(snapshot, layout), name=f"checkpoint-{step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, snapshot: _Snapshot, layout) -> None:
+        try:
+            self._outcome = (_persist(snapshot, layout, self.group), None)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._outcome = (None, e)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> Optional[Path]:
+        """Block until the save in flight (if any) is committed; return its step dir, or raise its error."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        (path, error), self._outcome = self._outcome, None
+        if error is not None:
+            raise error if isinstance(error, CheckpointError) else CheckpointError(
+                f"async checkpoint save failed: {_describe(error)}") from error
+        return path
+
+    def close(self) -> Optional[Path]:
+        """``wait``, then release the gloo group."""
+        self._closed = True
+        try:
+            return self.wait()
+        finally:
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+                self.group = None
+
+
 def _model_class(model) -> str:
     chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
     return type(chunks[0]).__name__
 
 
-def _write_files(tmp: Path, sd: dict, table: list, layout) -> list:
+def _write_files(tmp: Path, snap: _Snapshot, layout, group=None) -> list:
     """DCP data + metadata, then each rank's RNG file; returns every rank's (file hashes, chunk table)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
@@ -634,19 +743,24 @@ def _write_files(tmp: Path, sd: dict, table: list, layout) -> list:
         kwargs = {}
         if not _distributed(layout) and "no_dist" in inspect.signature(dcp.save).parameters:
             kwargs["no_dist"] = True
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_QUIET_DCP)
-            dcp.save(sd, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True,
-                                                         thread_count=1), **kwargs)
+        elif group is not None:
+            kwargs["process_group"] = group
+        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1)
+        if threading.current_thread() is threading.main_thread():
+            with warnings.catch_warnings():  # not thread-safe: the async saver's thread leaves the filters alone
+                warnings.filterwarnings("ignore", message=_QUIET_DCP)
+                dcp.save(snap.sd, storage_writer=writer, **kwargs)
+        else:
+            dcp.save(snap.sd, storage_writer=writer, **kwargs)
     except _dcp_errors() as e:  # DCP raises on every rank when one rank's write fails
         error = f"DCP write failed ({_describe(e)[:2000]})"
-    _agree(error, layout, f"checkpoint save to {tmp}")
+    _agree(error, layout, f"checkpoint save to {tmp}", group)
 
-    # each rank: its RNG file, and the size + sha256 of the files it wrote
+    # each rank: its RNG file (the state at the snapshot), and the size + sha256 of the files it wrote
     files, error = {}, None
     try:
         rng_path = tmp / _rng_file(rank)
-        _write_durable(rng_path, json.dumps(_rng_state()).encode())
+        _write_durable(rng_path, snap.rng)
         written = [p for p in tmp.iterdir() if p.is_file() and p.name.startswith(f"__{rank}_")]
         if rank == 0:
             written.append(tmp / DCP_METADATA)
@@ -655,8 +769,8 @@ def _write_files(tmp: Path, sd: dict, table: list, layout) -> list:
             files[p.relative_to(tmp).as_posix()] = {"size": size, "sha256": sha}
     except Exception as e:
         error = _describe(e)
-    gathered = _all_gather((files, table, error), layout)
-    _agree(error, layout, f"checkpoint save to {tmp} (hashing)")
+    gathered = _all_gather((files, snap.table, error), layout, group)
+    _agree(error, layout, f"checkpoint save to {tmp} (hashing)", group)
     return [(f, t) for f, t, _ in gathered]
 
 
