@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m launch.bench {model,kernels,static,gpu,train,data,rlhf} [options]``.
+"""Benchmarks: ``python -m launch.bench {model,kernels,static,gpu,train,data,rlhf,checkpoint} [options]``.
 
 Each suite lives in its own module (``launch/bench_<suite>.py``) with a ``main(argv)``; this file only
 dispatches, so suites can be read and run on their own.
@@ -16,6 +16,7 @@ SUITES = {
     "train": "launch.bench_train",      # tokens/s and MFU per parallel layout, vs transformers step
     "data": "launch.bench_data",        # preprocessing throughput, sample-index build C++ vs Python
     "rlhf": "launch.bench_rlhf",        # PPO iteration phases (generate, score, update) per TP x DP layout
+    "checkpoint": "launch.bench_checkpoint",  # training blocked by a synchronous vs an asynchronous save
 }
 
 
