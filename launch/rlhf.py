@@ -61,6 +61,10 @@ class RLHFCheckpoints:
     """Also save every N iterations (0: only at the end)."""
     load: Optional[str] = None
     """Resume from the PPO checkpoints in this directory (may equal ``save``)."""
+    keep_last: Optional[int] = None
+    """Keep only the newest K checkpoints of each model (None: keep all)."""
+    async_save: bool = False
+    """Write the checkpoints in the background while PPO goes on (``checkpoint.AsyncCheckpointer``)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         lr.validate()
     if ck.save_interval < 0 or (ck.save_interval and not ck.save):
         raise ValueError(f"checkpoint.save_interval={ck.save_interval} must be >= 0 and needs --save DIR")
+    if ck.keep_last is not None and ck.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={ck.keep_last} must be >= 1 (or unset: keep every checkpoint)")
+    if ck.async_save and not ck.save:
+        raise ValueError("--async-save needs --save DIR")
     return dims
 
 
@@ -167,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save")
     p.add_argument("--save-interval", type=int)
     p.add_argument("--load")
+    p.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints of each model")
+    p.add_argument("--async-save", action="store_true", default=None,
+                   help="write checkpoints in the background while PPO goes on")
     p.add_argument("--log-dir")
     return p
 
@@ -174,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences")
-_CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load")
+_CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 
 def cli_overrides(args) -> dict:
@@ -309,21 +320,24 @@ def train_ppo(run: RLHFRun) -> int:
                   f"{len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
-        while loop.iterations_done < c.iterations:
-            stats = loop.iteration()
-            if writer is not None:
-                writer.write_record(stats)
-                vs_ref = f"  vs ref {stats['reward_vs_reference']:+.3f}" if "reward_vs_reference" in stats else ""
-                print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}{vs_ref}"
-                      f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
-                      + (f"  policy {stats['policy_loss']:+.4f}"
-                         + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
-                         + f"  clip {stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
-                      + f"  [{stats['seconds']:.1f}s]", flush=True)
-            if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
-                loop.save(ck.save, tokenizer_fingerprint=fingerprint)
-        if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
-            loop.save(ck.save, tokenizer_fingerprint=fingerprint)
+        try:
+            while loop.iterations_done < c.iterations:
+                stats = loop.iteration()
+                if writer is not None:
+                    writer.write_record(stats)
+                    vs_ref = f"  vs ref {stats['reward_vs_reference']:+.3f}" if "reward_vs_reference" in stats else ""
+                    print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}{vs_ref}"
+                          f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
+                          + (f"  policy {stats['policy_loss']:+.4f}"
+                             + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
+                             + f"  clip {stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
+                          + f"  [{stats['seconds']:.1f}s]", flush=True)
+                if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
+                    loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
+            if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
+                loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
+        finally:
+            loop.close_savers()  # the saves in flight complete (or raise) before the process group goes
         if writer is not None:
             writer.close()
         procs.done()

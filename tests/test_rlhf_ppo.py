@@ -632,6 +632,10 @@ def test_launcher_errors(tmp_path, capsys):
     assert "mini_batch_size=5 must divide" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--critic-from", "c", "--advantage-estimator", "rloo"]) == 2
     assert "--critic-from c: advantage_estimator='rloo' trains no critic" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
+    assert "--async-save needs --save DIR" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2
+    assert "checkpoint.keep_last=0 must be >= 1" in capsys.readouterr().err
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt": "hi"}) + "\n" + "{oops\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
@@ -663,14 +667,16 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
            "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--pp", "2", "--iterations", "2",
            "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
            "2", "--max-new-tokens", "8", "--actor-from", str(tmp_path / "sft"), "--reward-from", str(tmp_path / "rm"),
-           "--log-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo")]
+           "--log-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo"), "--save-interval", "1",
+           "--keep-last", "1", "--async-save"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1]
     for r in lines:
         assert all(math.isfinite(r[k]) for k in ("reward", "kl", "response_length", "generate_s"))
-    for name in ("actor", "critic"):
+    for name in ("actor", "critic"):  # saved in the background after each iteration, the newest kept
+        assert sorted(p.name for p in (tmp_path / "ppo" / name).iterdir()) == ["latest", "step_000002"]
         saved, state = read_full_model_state(tmp_path / "ppo" / name)
         assert saved == config and ("value_head.weight" in state) == (name == "critic")
     assert "tp=1 pp=2 vpp=1 dp=1" in proc.stdout
@@ -698,9 +704,10 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
 
 
 def test_save_and_resume_continue_exactly(tmp_path):
-    """3 iterations straight == 1, save, a fresh loop (other initial actor/critic weights) loads and
-    runs 2 more: identical metrics (bitwise on CPU), since prompts and sampling seeds are functions
-    of the iteration and the baseline cache travels with the checkpoint."""
+    """3 iterations straight == 1, save (asynchronously, while a further iteration runs), a fresh loop
+    (other initial actor/critic weights) loads and runs 2 more: identical metrics (bitwise on CPU), since
+    prompts and sampling seeds are functions of the iteration and the baseline cache travels with the
+    checkpoint."""
     timing = ("generate_s", "score_s", "gather_s", "train_s", "seconds")
     # the running score moments and the adapted KL coefficient travel too
     config = _ppo(iterations=3, normalize_scores=True, kl_target=0.01, kl_horizon=32)
@@ -708,13 +715,16 @@ def test_save_and_resume_continue_exactly(tmp_path):
     expected = [straight.iteration() for _ in range(3)]
     first = _loop(config)
     first.iteration()
-    first.save(tmp_path / "ck")
+    first.save(tmp_path / "ck", async_save=True)  # written in the background while the loop goes on
+    cache, kl_coef = dict(first._baseline_cache), first.kl_coef
+    first.iteration()  # changes the weights, baselines and KL coefficient the save copied
+    first.close_savers()
     _, _, reference, reward = _models(seed=0)
     actor, critic, _, _ = _models(seed=1)
     second = _loop(config, models=(actor, critic, reference, reward))
     second.load(tmp_path / "ck")
-    assert second.iterations_done == 1 and second._baseline_cache == first._baseline_cache
-    assert second.kl_coef == first.kl_coef != config.kl_coef
+    assert second.iterations_done == 1 and second._baseline_cache == cache
+    assert second.kl_coef == kl_coef != config.kl_coef
     resumed = [second.iteration() for _ in range(2)]
     for want, got in zip(expected[1:], resumed):
         assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}

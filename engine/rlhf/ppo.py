@@ -391,6 +391,7 @@ class PPOLoop:
                                           ValueObjective(config.value_clip_eps))
         self.device = next(self.actor[0].parameters()).device
         self.offloader = Offloader(self.device, enabled=config.offload)
+        self._savers: dict = {}  # model name -> AsyncCheckpointer (save(async_save=True))
         self.offloader.add_model("actor", self.actor, self.actor_trainer.optimizer)
         if self.uses_critic:
             self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
@@ -823,13 +824,16 @@ class PPOLoop:
         out = [("actor", self.actor, self.actor_trainer)]
         return out + [("critic", self.critic, self.critic_trainer)] if self.uses_critic else out
 
-    def save(self, directory, keep_last: Optional[int] = None, tokenizer_fingerprint: Optional[str] = None) -> None:
+    def save(self, directory, keep_last: Optional[int] = None, tokenizer_fingerprint: Optional[str] = None,
+             async_save: bool = False) -> None:
         """``DIR/actor`` and ``DIR/critic`` (gae only) checkpoints (``engine.train.checkpoint``, collective) at
         step = iterations done; the baseline caches of all DP replicas are merged into the actor's extra
-        state."""
+        state. ``async_save``: each model's checkpoint is written in the background by its own
+        ``AsyncCheckpointer`` (so the actor's and the critic's writes overlap each other and the next
+        iteration); ``close_savers`` waits for them."""
         from pathlib import Path
 
-        from engine.train.checkpoint import save_checkpoint
+        from engine.train.checkpoint import AsyncCheckpointer, save_checkpoint
         caches = [self._baseline_cache]
         if torch.distributed.is_initialized() and self.layout.world_size > 1:
             caches = [None] * self.layout.world_size
@@ -844,9 +848,24 @@ class PPOLoop:
                 extra["reference_baselines"] = merged
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
-            save_checkpoint(Path(directory) / name, self.iterations_done, model, trainer.optimizer, self.layout,
-                            self.model_config, extra_state=extra, keep_last=keep_last,
-                            tokenizer_fingerprint=tokenizer_fingerprint)
+            if async_save and name not in self._savers:
+                self._savers[name] = AsyncCheckpointer(self.layout)  # collective: every rank saves at once
+            save = self._savers[name].save if async_save else save_checkpoint
+            save(Path(directory) / name, self.iterations_done, model, trainer.optimizer, self.layout,
+                 self.model_config, extra_state=extra, keep_last=keep_last, tokenizer_fingerprint=tokenizer_fingerprint)
+
+    def close_savers(self) -> None:
+        """Wait for the asynchronous saves in flight (raising the first error, after every saver is closed)
+        and release their process groups; a later ``save(async_save=True)`` builds new ones."""
+        savers, self._savers = self._savers, {}
+        errors = []
+        for saver in savers.values():
+            try:
+                saver.close()
+            except Exception as e:  # close them all first: an open saver would leave its thread and group
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def load(self, directory, tokenizer_fingerprint: Optional[str] = None) -> None:
         """Resume from ``save(DIR)``: weights, optimizer states, iteration, LR-schedule position and the
