@@ -188,7 +188,11 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     if d.balance_buckets < 0 or (d.balance_buckets and run.mode != "rm"):
         raise ValueError(f"data.balance_buckets={d.balance_buckets} must be >= 0 and is for mode rm only")
     if not isinstance(d.pack, bool) or (d.pack and run.mode != "sft"):
-        raise ValueError(f"data.pack={d.pack!r} must be true or false and packs conversations: mode sft only")
+        raise ValueError(f"data.pack={d.pack!r} must be true or false and packs conversations: mode sft only "
+                         "(a reward model packs its pairs with reward.pack, --pack-pairs)")
+    if run.reward.pack and (run.mode != "rm" or run.parallel.pp > 1):
+        raise ValueError(f"reward.pack packs preference pairs: mode rm with pp=1 (got mode {run.mode}, "
+                         f"pp={run.parallel.pp}; pipeline stages exchange fixed-size micro-batches)")
     return dims
 
 
@@ -225,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, help="fraction of the data held out for evaluation")
     p.add_argument("--pack", action="store_true", default=None,
                    help="sft: pack several conversations per row (data.pack)")
+    p.add_argument("--pack-pairs", action="store_true", default=None,
+                   help="rm: pack each micro-batch's chosen and rejected sequences into as few rows as hold them "
+                        "(reward.pack; pp=1)")
     p.add_argument("--eval-interval", type=int, help="evaluate every N steps (0: after the last step only)")
     p.add_argument("--init-from", help="checkpoint directory whose weights initialise a fresh run")
     p.add_argument("--save", help="checkpoint directory to write")
@@ -253,7 +260,7 @@ _FLAG_TARGETS = {
     "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
-    "async_save": ("checkpoint", "async_save"),
+    "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"),
 }
 
 

@@ -60,8 +60,8 @@ def test_pretrain_sft_rm_chain(tmp_path):
 
 def test_rm_resume_is_bitwise_and_reshards_onto_a_pipeline(tmp_path):
     """4 RM steps straight == 2 steps, save, a new process resumes for 2 more (bitwise on CPU). The
-    checkpoint then resumes at pp=2 x dp=2 (4 processes): the next step's loss, accuracy and
-    held-out metrics equal the single-process continuation within fp32 rounding."""
+    checkpoint then resumes at pp=2 x dp=2 (4 processes), and with packed pairs: the next step's loss,
+    accuracy and held-out metrics equal the single-process continuation within fp32 rounding."""
     ck = str(tmp_path / "ck")
     _, straight = _launch(tmp_path, "straight", "rm", "--train-steps", "4")
     _, first = _launch(tmp_path, "first", "rm", "--train-steps", "2", "--save", ck)
@@ -79,6 +79,15 @@ def test_rm_resume_is_bitwise_and_reshards_onto_a_pipeline(tmp_path):
     for key in ("loss", "ranking_loss", "margin", "eval_loss", "eval_margin"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     assert b["accuracy"] == a["accuracy"] and b["eval_accuracy"] == a["eval_accuracy"]
+    # --pack-pairs (reward.pack) through the launcher: the same step (the built-in pairs fill 64-token rows,
+    # so few share one here; tests/test_reward_model.py checks the packing itself)
+    _, packed = _launch(tmp_path, "packed", "rm", "--train-steps", "5", "--load", ck, "--pack-pairs",
+                        "--micro-batch-size", "4")
+    (c,) = packed
+    assert c["tokens"] <= a["tokens"] == 2 * 4 * 64  # packed rows x seq_length
+    for key in ("loss", "ranking_loss", "margin", "eval_loss", "eval_margin"):
+        assert c[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert c["accuracy"] == a["accuracy"] and c["eval_accuracy"] == a["eval_accuracy"]
 
 
 def _tiny() -> GLMConfig:

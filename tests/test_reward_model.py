@@ -25,13 +25,13 @@ def _config() -> GLMConfig:
                      num_kv_groups=2, head_dim=16, max_position_embeddings=64, name="rm-test")
 
 
-def _pairs(n: int, seed: int, marks_rejected: bool = True) -> dict:
+def _pairs(n: int, seed: int, marks_rejected: bool = True, min_length: int = SEQ - 4) -> dict:
     """Shared random prompt+answer; the rejected answer has the BAD token at a random answer position,
     the chosen one never does (``marks_rejected=False``: the token marks the chosen one instead).
-    Right padding of random length (same length per pair)."""
+    Right padding of random length in [min_length, SEQ] (same length per pair)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, VOCAB, (n, SEQ), generator=g)
-    lengths = torch.randint(SEQ - 4, SEQ + 1, (n,), generator=g)
+    lengths = torch.randint(min_length, SEQ + 1, (n,), generator=g)
     rejected = ids.clone()
     for i in range(n):
         rejected[i, torch.randint(2, int(lengths[i]), (1,), generator=g)] = BAD
@@ -83,11 +83,11 @@ def test_validation_raises():
 LR = LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3)
 
 
-def _trainer(layout, chunks, train: TrainConfig, l2_coef=1e-3, zero=False, lr=LR):
+def _trainer(layout, chunks, train: TrainConfig, l2_coef=1e-3, zero=False, lr=LR, pack=False):
     optim = OptimizerConfig(weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=zero)
     opt = build_optimizer(chunks, layout, optim, lr.lr)
     return Trainer(chunks, opt, layout, chunks[0].config, train, LRSchedule(lr, max(1, train.train_steps)),
-                   RewardObjective(l2_coef))
+                   RewardObjective(l2_coef, pack=pack))
 
 
 def test_reward_model_learns_preference_rule():
@@ -117,8 +117,11 @@ def _capture(step, chunks, out):
     return wrapped
 
 
-CASES = (("tp2", dict(tp=2), False, False), ("tp2_sp", dict(tp=2), False, True), ("dp2", dict(dp=2), False, False),
-         ("dp2_zero1", dict(dp=2), True, False), ("pp2", dict(pp=2), False, False))
+# name, dims, ZeRO-1, sequence parallel, packed pairs (reward.pack)
+CASES = (("tp2", dict(tp=2), False, False, False), ("tp2_sp", dict(tp=2), False, True, False),
+         ("dp2", dict(dp=2), False, False, False), ("dp2_zero1", dict(dp=2), True, False, False),
+         ("pp2", dict(pp=2), False, False, False), ("tp2_sp_packed", dict(tp=2), False, True, True),
+         ("dp2_packed", dict(dp=2), False, False, True))
 
 
 def _parallel_step(rank, world_size, full_state, batch, train):
@@ -127,12 +130,13 @@ def _parallel_step(rank, world_size, full_state, batch, train):
     from engine.parallel.pipeline import build_model_chunks
     from engine.parallel.sharding import gather_full_state_dict, load_full_into
     out = {}
-    for name, dims, zero, sp in CASES:
+    for name, dims, zero, sp, pack in CASES:
         layout = ParallelLayout.build(ParallelDims(**dims), name=name)
         chunks = build_model_chunks(_config(), layout, model_cls=GLMForScalarHead, sequence_parallel=sp, seed=None)
         for chunk in chunks:
             load_full_into(chunk, full_state, layout)
-        trainer = _trainer(layout, chunks, dataclasses.replace(train, sequence_parallel=sp), l2_coef=0.01, zero=zero)
+        trainer = _trainer(layout, chunks, dataclasses.replace(train, sequence_parallel=sp), l2_coef=0.01, zero=zero,
+                           pack=pack)
         grads = {}
         trainer.optimizer.step = _capture(trainer.optimizer.step, chunks, grads)
         rec = trainer.train_step(batch)
@@ -149,11 +153,12 @@ def _parallel_step(rank, world_size, full_state, batch, train):
 
 def test_parallel_layouts_match_single_process():
     """TP=2 (plain and sequence parallel), DP=2 (plain and ZeRO-1) and PP=2 (1F1B, the value head on the
-    last stage): same loss, stats, held-out metrics and gradients as one process."""
+    last stage), and packed pairs on TP=2 + SP and DP=2: same loss, stats, held-out metrics and gradients
+    as one padded process."""
     torch.manual_seed(1)
     model = GLMForScalarHead(_config())
     full = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = _pairs(4, seed=5)
+    batch = _pairs(4, seed=5, min_length=3)  # short pairs: chosen and rejected share a row when packed
     train = TrainConfig(global_batch_size=4, micro_batch_size=1, seq_length=SEQ, train_steps=1)
     trainer = _trainer(ParallelLayout.single(), [model], train, l2_coef=0.01)
     ref_grads = {}
@@ -203,7 +208,8 @@ def test_trainer_on_bucket_balanced_preference_dataset(tmp_path):
                                                                      seq_length=16, train_steps=2))
     mb = trainer.microbatches(batch)[0][0]
     with torch.no_grad():
-        rc, rr = trainer.objective.rewards(model(mb["input_ids"], mb["attention_mask"]), mb)
+        rc, rr = trainer.objective.rewards(model.head(model.trunk(mb["input_ids"], mb["attention_mask"]),
+                                                      index=mb["output_index"]), mb)
         # fp32; batch composition changes only the GEMM blocking
         torch.testing.assert_close(rc, model.reward(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
                                    rtol=1e-5, atol=1e-6)
@@ -217,3 +223,61 @@ def test_trainer_on_bucket_balanced_preference_dataset(tmp_path):
     assert 0.0 <= trainer.evaluate(batch)["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="lacks 'rejected_input_ids'"):
         trainer.train_step({k: v for k, v in batch.items() if k != "rejected_input_ids"})
+
+
+def test_packed_pairs_score_like_padded_rows():
+    """reward.pack: each micro-batch's 2b sequences in as few rows as hold them (fewer than 2b here); the
+    scores are those of the padded rows (fp32, the same per-sequence ops in other GEMM shapes: 1e-5), and
+    so are one step's loss, stats and gradients. Pipeline stages refuse packed pairs (variable rows)."""
+    torch.manual_seed(2)
+    model = GLMForScalarHead(_config())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = _pairs(8, seed=6, min_length=3)
+    train = TrainConfig(global_batch_size=8, micro_batch_size=4, seq_length=SEQ, train_steps=1)
+    results = {}
+    for pack in (False, True):
+        model = GLMForScalarHead(_config())  # a fresh model: each optimizer hooks its parameters
+        model.load_state_dict(state)
+        trainer = _trainer(ParallelLayout.single(), [model], train, l2_coef=0.01, pack=pack)
+        mbs, _ = trainer.microbatches(batch)
+        rows = [mb["input_ids"].shape[0] for mb in mbs]
+        grads = {}
+        trainer.optimizer.step = _capture(trainer.optimizer.step, [model], grads)
+        rec = trainer.train_step(batch)
+        results[pack] = (rows, rec, grads)
+    (padded_rows, ref, ref_grads), (packed_rows, got, got_grads) = results[False], results[True]
+    assert padded_rows == [8, 8] and all(r < 8 for r in packed_rows), packed_rows
+    assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+    for k, v in got.stats.items():
+        assert v == pytest.approx(ref.stats[k], rel=1e-4, abs=1e-6), k
+    for name, g in got_grads.items():
+        err = ((g - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp_min(1e-12)).item()
+        assert err < 1e-4, (name, err)
+    mb = RewardObjective(pack=True).model_inputs({k: v[:4] for k, v in batch.items()})
+    from engine.parallel.pipeline import chunk_forward
+    with torch.no_grad():
+        scores = chunk_forward(model, mb["input_ids"], None, mb["attention_mask"], mb["position_ids"],
+                               mb["segment_ids"], mb["output_index"])
+        rc = model.reward(batch["chosen_input_ids"][:4], batch["chosen_attention_mask"][:4])
+        rr = model.reward(batch["rejected_input_ids"][:4], batch["rejected_attention_mask"][:4])
+    torch.testing.assert_close(scores, torch.cat([rc, rr]), rtol=1e-5, atol=1e-6)
+    empty = {k: v[:2].clone() for k, v in batch.items()}
+    empty["rejected_attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="preference pair 1: its rejected sequence has no token"):
+        RewardObjective(pack=True).model_inputs(empty)
+
+
+def test_packed_pairs_need_one_pipeline_stage():
+    from tests._dist import run_distributed
+    assert all(run_distributed(_packed_on_pipeline, 2, timeout=120))
+
+
+def _packed_on_pipeline(rank, world_size):
+    from engine.parallel.pipeline import build_model_chunks
+    layout = ParallelLayout.build(ParallelDims(pp=2))
+    chunks = build_model_chunks(_config(), layout, model_cls=GLMForScalarHead)
+    trainer = _trainer(layout, chunks, TrainConfig(global_batch_size=4, micro_batch_size=2, seq_length=SEQ,
+                                                   train_steps=1), pack=True)
+    with pytest.raises(ValueError, match="pipeline stages exchange fixed activations of micro_batch_size x 2 = 4 rows"):
+        trainer.train_step(_pairs(4, seed=1, min_length=3))
+    return True

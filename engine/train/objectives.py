@@ -141,14 +141,19 @@ PAIR_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", 
 class RewardObjective:
     """Pairwise ranking loss plus ``l2_coef`` times the L2 penalty on the scores, averaged over the pairs
     of the global batch. Chosen and rejected rows of a micro-batch go through ONE forward
-    (concatenated along the batch: ``[2b, s]``); the output is the scalar head's values ``[2b, s]``
-    (full on every TP rank), read at each row's last real token.
+    (concatenated along the batch: ``[2b, s]``, or with ``pack`` their sequences packed into as few rows
+    as hold them, ``batches.pack_padded_rows``); the head computes the scalar values at each sequence's
+    last real token only (``output_index``): ``[2b]``, chosen then rejected, full on every TP rank.
 
     Stats (means over pairs): ranking_loss, l2_penalty, accuracy, margin (r_c - r_r), chosen_reward,
     rejected_reward."""
 
     l2_coef: float = 1e-3
     """Coefficient of the L2 penalty on reward scores."""
+    pack: bool = False
+    """Pack each micro-batch's 2b sequences into as few rows as hold them (segment ids: no attention
+    across sequences; positions restart per sequence): the same scores for less padding compute. The
+    row count then varies per micro-batch, so pipeline stages (fixed-shape messages) need pack off."""
     name = "reward"
     batch_keys = PAIR_KEYS
     optional_keys = ()
@@ -159,19 +164,39 @@ class RewardObjective:
     def __post_init__(self):
         if not self.l2_coef >= 0:
             raise ValueError(f"reward.l2_coef={self.l2_coef} must be >= 0")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"reward.pack={self.pack!r} must be true or false")
 
     def normalizer(self, batch: dict) -> int:
         return int(batch["chosen_input_ids"].shape[0])
 
     def model_inputs(self, mb: dict) -> dict:
-        return {**mb, "input_ids": torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]]),
-                "attention_mask": torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])}
+        from engine.model.glm import last_token_index
+        from engine.train.batches import pack_padded_rows
+        ids = torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]])
+        mask = torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])
+        n, s = ids.shape
+        empty = (mask.sum(1) == 0).nonzero()
+        if empty.numel():
+            i = int(empty[0])
+            raise ValueError(f"preference pair {i % (n // 2)}: its {'chosen' if i < n // 2 else 'rejected'} sequence "
+                             "has no token (attention_mask all 0)")
+        last = last_token_index(ids, mask)
+        if not self.pack:
+            return {**mb, "input_ids": ids, "attention_mask": mask,
+                    "output_index": torch.arange(n, device=ids.device) * s + last}
+        # each sequence's index at its last token travels with the tokens; its packed flat position is read back
+        marker = torch.full_like(ids, -1)
+        marker[torch.arange(n, device=ids.device), last] = torch.arange(n, device=ids.device)
+        packed = pack_padded_rows({"input_ids": ids, "attention_mask": mask, "marker": marker}, fill={"marker": -1})
+        flat = packed.pop("marker").reshape(-1)
+        at = (flat >= 0).nonzero().squeeze(1)
+        return {**mb, **packed, "output_index": at[flat[at].argsort()]}
 
     def rewards(self, values: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values ``[2b, s]`` of the concatenated forward -> (chosen ``[b]``, rejected ``[b]``) rewards."""
-        r = last_token_values(values, mb["attention_mask"])
+        """Head outputs ``[2b]`` at the sequences' last tokens -> (chosen ``[b]``, rejected ``[b]``) rewards."""
         b = mb["chosen_input_ids"].shape[0]
-        return r[:b], r[b:]
+        return values[:b], values[b:]
 
     def loss_and_stats(self, values, mb, layout, backend):
         rc, rr = self.rewards(values, mb)

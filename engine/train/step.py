@@ -206,7 +206,15 @@ class Trainer:
         if self.layout.cp_size > 1:
             mine = self._split_for_context_parallel(mine, obj)
         mbs = t.micro_batch_size
-        return [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)], n
+        out = [obj.model_inputs({k: v[i:i + mbs] for k, v in mine.items()}) for i in range(0, rows, mbs)]
+        if self.layout.pp_size > 1:
+            want = mbs * obj.rows_per_sample
+            for mb in out:
+                if mb["input_ids"].shape[0] != want:
+                    raise ValueError(f"the {obj.name} objective made a micro-batch of {mb['input_ids'].shape[0]} rows; "
+                                     f"pipeline stages exchange fixed activations of micro_batch_size x "
+                                     f"{obj.rows_per_sample} = {want} rows (packing pairs, reward.pack, needs pp=1)")
+        return out, n
 
     def _global_rows(self, first: torch.Tensor) -> int:
         """Rows of a global batch: ``global_batch_size``, or with ``variable_rows`` any positive multiple of
