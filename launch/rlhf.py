@@ -31,7 +31,7 @@ from engine.config import GLMConfig, config_section, model_from_spec, read_run_f
 from engine.rlhf.ppo import PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
-from launch.runtime import Processes, error, exit_process
+from launch.runtime import Processes, close_after_error, error, exit_process
 
 PROG = "launch.rlhf"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "ppo.yaml"
@@ -336,8 +336,10 @@ def train_ppo(run: RLHFRun) -> int:
                     loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
             if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
                 loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
-        finally:
-            loop.close_savers()  # the saves in flight complete (or raise) before the process group goes
+        except BaseException:
+            close_after_error(loop.close_savers, PROG)  # the PPO error is the one to report
+            raise
+        loop.close_savers()  # the saves in flight complete (or raise) before the process group goes
         if writer is not None:
             writer.close()
         procs.done()

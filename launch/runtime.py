@@ -83,3 +83,13 @@ class Processes:
     def __exit__(self, *exc) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def close_after_error(close: Callable[[], object], prog: str) -> None:
+    """Run ``close`` (e.g. waiting for a checkpoint save in flight) while another error is propagating:
+    its own failure is printed, not raised, so the original error stays the one reported."""
+    try:
+        close()
+    except Exception as e:
+        print(f"{prog}: while handling an error, closing also failed: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)

@@ -47,7 +47,7 @@ from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
-from launch.runtime import Processes, error, exit_process
+from launch.runtime import Processes, close_after_error, error, exit_process
 
 PROG = "launch.train"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "pretrain.yaml"
@@ -516,9 +516,12 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                     save()
             if ck.save and (not ck.save_interval or trainer.steps_done % ck.save_interval):
                 save()
-        finally:
-            if saver is not None:  # the save in flight completes (or raises) before the process group goes
-                saver.close()
+        except BaseException:
+            if saver is not None:
+                close_after_error(saver.close, PROG)  # the training error is the one to report
+            raise
+        if saver is not None:  # the save in flight completes (or raises) before the process group goes
+            saver.close()
         progress.close()
         board.close()
         if writer is not None:

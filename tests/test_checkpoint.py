@@ -312,6 +312,19 @@ def _launch_async(rank, world_size, ckdir):
             saver.wait()
     finally:
         FileSystemWriter.write_data = original
+    # rank 1 cannot copy its state to host memory: every rank raises at save (none waits in a collective)
+    empty = torch.empty
+    if rank == 1:
+        def no_host_memory(*a, **kw):
+            if "pin_memory" in kw:
+                raise RuntimeError("simulated: no host memory")
+            return empty(*a, **kw)
+        torch.empty = no_host_memory
+    try:
+        with pytest.raises(CheckpointError, match=r"copying this rank's state.*rank 1: RuntimeError: simulated"):
+            saver.save(ckdir, 5, model, opt, layout, CFG)
+    finally:
+        torch.empty = empty
     saver.close()
 
     fresh, fresh_opt = _build(layout, seed=1)

@@ -206,3 +206,20 @@ def test_load_from_a_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     proc = _train(tmp_path, "run", "--train-steps", "1", "--load", str(tmp_path / "nothing"))
     assert proc.returncode == 2
     assert "no checkpoint found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_close_after_error_reports_without_masking(capsys):
+    """While a training error propagates, waiting for the checkpoint save in flight may fail too: that
+    failure is printed, and the training error stays the one raised."""
+    from launch.runtime import close_after_error
+
+    def failing_close():
+        raise RuntimeError("the save failed as well")
+    with pytest.raises(ValueError, match="the step failed"):
+        try:
+            raise ValueError("the step failed")
+        except ValueError:
+            close_after_error(failing_close, "launch.train")
+            raise
+    assert "launch.train: while handling an error, closing also failed: RuntimeError: the save failed as well" \
+        in capsys.readouterr().err

@@ -250,6 +250,26 @@ def test_compacting_finished_rows_changes_no_output(sampling, monkeypatch):
     assert (compacted.logprobs - full.logprobs).abs().max() <= 1e-5
 
 
+def test_gumbel_sampling_never_picks_a_filtered_token_or_nan(monkeypatch):
+    """torch.rand can return exactly 0: the noise must stay finite so a filtered token can never win
+    (all-zero draws make every kept token -inf otherwise, and argmax returns token 0); NaN logits raise."""
+    from engine.model.generation import SamplingParams, sample_tokens
+    scaled = torch.full((2, 10), -3.0)
+    scaled[0, 5], scaled[1, 7] = 2.0, 4.0
+    rows = torch.arange(2)
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, dtype=torch.float32))
+    for params in (SamplingParams(do_sample=True, top_k=1), SamplingParams(do_sample=True, top_p=0.5)):
+        assert sample_tokens(scaled, params, rows, 2, None).tolist() == [5, 7]
+    monkeypatch.undo()
+    cfg = tiny()
+    torch.manual_seed(9)
+    model = GLMForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.output_layer.weight[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="logits hold NaN at decoding step 0"):
+        model.generate(PROMPTS, max_new_tokens=2, do_sample=True, seed=0)
+
+
 def test_filter_logits_top_p():
     from engine.model.generation import filter_logits
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))

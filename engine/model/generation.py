@@ -35,8 +35,9 @@ class SamplingParams:
     """Seed of a private generator for sampling (None: torch's global RNG)."""
     compact: bool = True
     """Drop finished rows (and their KV cache) from the decoding batch once they are half of it, so a
-    long-tailed batch decodes only the rows still running. Outputs do not depend on it: each step
-    draws the sampling noise for every prompt row (``sample_tokens``)."""
+    long-tailed batch decodes only the rows still running. Each step draws the sampling noise for
+    every prompt row (``sample_tokens``), so outputs do not depend on it beyond float rounding: a
+    smaller batch may round its matmuls differently and flip a near-tie."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -115,10 +116,12 @@ def sample_tokens(scaled: torch.Tensor, params: SamplingParams, rows: torch.Tens
     Sampling is Gumbel-max: ``argmax(filtered logits + Gumbel noise)`` picks token i with its
     filtered softmax probability. The noise is drawn for all ``batch`` prompt rows and indexed by
     ``rows`` (each decoded row's prompt row), so a row's sample does not depend on which other rows
-    are still being decoded. ``u`` in [0, 1) keeps the noise finite or -inf: never NaN."""
+    are still being decoded. ``u`` is kept in (0, 1): ``torch.rand`` can return 0, whose noise -inf on
+    every kept token would let argmax pick a filtered one."""
     if not params.do_sample:
         return scaled.argmax(-1)
     u = torch.rand((batch, scaled.shape[-1]), generator=gen, device=scaled.device)[rows]
+    u = u.clamp_(min=torch.finfo(u.dtype).tiny)
     return (filter_logits(scaled, params.top_k, params.top_p) - torch.log(-torch.log(u))).argmax(-1)
 
 
@@ -172,6 +175,9 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
     logits = gather_vocab(model(ids, full_mask[:, :p_len], positions, cache, last_only=True)[:, -1]).float()  # [b, v]
     steps = 0
     for t in range(n_max):
+        if bool(torch.isnan(logits).any()):  # argmax would pick NaN entries: fail loudly instead
+            raise FloatingPointError(f"generate: the model's logits hold NaN at decoding step {t} (rows "
+                                     f"{rows[torch.isnan(logits).any(-1)].tolist()[:8]}): diverged or corrupted weights?")
         scaled = logits / params.temperature if params.temperature != 1.0 else logits
         logp = torch.log_softmax(scaled, dim=-1)
         token = sample_tokens(scaled, params, rows, b, gen)

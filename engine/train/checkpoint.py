@@ -597,21 +597,30 @@ def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig
                 sd[_key(space, name, lo, hi)] = copy(t.detach().narrow(m.dim, piece.local_lo, piece.length))
                 table.append((space, name, m.dim, list(m.full_shape), str(t.dtype).removeprefix("torch."), lo, hi))
 
-    for name in mine:
-        add(MODEL_SPACE, name, params[name])
+    error = None
+    try:
+        for name in mine:
+            add(MODEL_SPACE, name, params[name])
+    except Exception as e:  # e.g. no host memory for the copy: every rank must learn it (no one hangs)
+        error = _describe(e)
     optim_meta = None
     if optimizer is not None:
         by_id = {id(p): n for n, p in params.items()}
         indices = [i for i, p in enumerate(optimizer.params) if writers[by_id[id(p)]] == replicas.dp_rank]
-        for i, states in optimizer.param_states(indices).items():
-            for key, space in zip(OPTIM_KEYS, OPTIM_SPACES):
-                add(space, by_id[id(optimizer.params[i])], states[key])
+        states = optimizer.param_states(indices)  # a collective under ZeRO-1: every rank joins
+        try:
+            for i, state in states.items():
+                for key, space in zip(OPTIM_KEYS, OPTIM_SPACES):
+                    add(space, by_id[id(optimizer.params[i])], state[key])
+        except Exception as e:
+            error = error or _describe(e)
         optim_meta = {"step": optimizer.step_count, "lr": optimizer.lr, "betas": list(optimizer.betas),
                       "eps": optimizer.eps, "weight_decay": optimizer.weight_decay,
                       "use_distributed_optimizer": optimizer.distributed,
                       "mixed_precision": optimizer.mixed_precision}
     if to_host and torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
+    _agree(error, layout, "checkpoint save (copying this rank's state)")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "config": config.to_dict(),
                 "layout": _layout_dict(layout), "model_class": _model_class(model),
                 "tokenizer_fingerprint": tokenizer_fingerprint, "optimizer": optim_meta,
@@ -691,12 +700,17 @@ class AsyncCheckpointer:
         self.wait()
         snapshot = _snapshot(Path(directory), step, model, optimizer, layout, config, extra_state, keep_last,
                              tokenizer_fingerprint, to_host=True)
-        self._thread = threading.Thread(target=self._run, args=(snapshot, layout), name=f"checkpoint-{step}",
+        # a new thread starts on CUDA device 0; DCP's writer touches the current stream, which would make
+        # every rank of a node open a context on GPU 0
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._thread = threading.Thread(target=self._run, args=(snapshot, layout, device), name=f"checkpoint-{step}",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, snapshot: _Snapshot, layout) -> None:
+    def _run(self, snapshot: _Snapshot, layout, device: Optional[int]) -> None:
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             self._outcome = (_persist(snapshot, layout, self.group), None)
         except BaseException as e:  # handed to the training thread by wait()
             self._outcome = (None, e)
