@@ -250,6 +250,31 @@ def test_compacting_finished_rows_changes_no_output(sampling, monkeypatch):
     assert (compacted.logprobs - full.logprobs).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("sampling", [dict(), dict(do_sample=True, top_k=20, seed=4)])
+def test_repeated_prompts_are_prefilled_once(sampling, monkeypatch):
+    """Several responses per prompt (PPO, GRPO): the prefill runs on the 3 distinct prompts and their KV
+    cache is copied to the 9 rows; tokens, masks and log-probs equal a prefill of all 9 rows (log-probs to
+    1e-5: other GEMM shapes round differently). The same ids under another left padding stay distinct."""
+    cfg = tiny()
+    torch.manual_seed(10)
+    model = GLMForCausalLM(cfg).eval()
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    caches = []
+    new_cache = GLMForCausalLM.new_cache
+    monkeypatch.setattr(GLMForCausalLM, "new_cache", lambda self, b, n, **kw: (caches.append(b), new_cache(self, b, n, **kw))[1])
+    shared = model.generate(prompts, max_new_tokens=6, eos_token_id=[], **sampling)
+    alone = model.generate(prompts, max_new_tokens=6, eos_token_id=[], share_prompts=False, **sampling)
+    assert caches == [3, 9]
+    assert torch.equal(shared.response_ids, alone.response_ids) and torch.equal(shared.response_mask, alone.response_mask)
+    assert (shared.logprobs - alone.logprobs).abs().max() <= 1e-5
+    ids, mask = left_pad([[5, 6, 7], [5, 6, 7]], cfg.pad_token_id)
+    ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
+    mask[2:, 0] = 0  # rows 2 and 3: the same ids, the first one now padding
+    caches.clear()
+    model.generate(ids, mask, max_new_tokens=2, eos_token_id=[])
+    assert caches == [2]
+
+
 def test_gumbel_sampling_never_picks_a_filtered_token_or_nan(monkeypatch):
     """torch.rand can return exactly 0: the noise must stay finite so a filtered token can never win
     (all-zero draws make every kept token -inf otherwise, and argmax returns token 0); NaN logits raise."""

@@ -38,6 +38,10 @@ class SamplingParams:
     long-tailed batch decodes only the rows still running. Each step draws the sampling noise for
     every prompt row (``sample_tokens``), so outputs do not depend on it beyond float rounding: a
     smaller batch may round its matmuls differently and flip a near-tie."""
+    share_prompts: bool = True
+    """Prefill identical prompt rows once (PPO and GRPO sample several responses per prompt) and copy
+    their KV cache and last-token logits to every row that repeats them: the prefill costs the unique
+    prompts only. The same outputs up to float rounding, as for ``compact``."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -159,7 +163,6 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(b, p_len + n_max)
     full_mask = torch.cat([mask, torch.ones(b, n_max, dtype=mask.dtype, device=device)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     next_pos = positions[:, -1:] + 1  # [b, 1]
@@ -172,7 +175,18 @@ def generate(model, prompts: Union[torch.Tensor, Sequence[Sequence[int]]], atten
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     gather_vocab = model.spec.gather_vocab or (lambda x: x)  # tensor parallel: full-vocabulary logits
-    logits = gather_vocab(model(ids, full_mask[:, :p_len], positions, cache, last_only=True)[:, -1]).float()  # [b, v]
+    unique, inverse = None, None
+    if params.share_prompts:  # (ids, mask) rows: the same ids under another padding are another prompt
+        unique, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
+    if unique is not None and unique.shape[0] < b:
+        u_ids, u_mask = unique[:, :p_len], unique[:, p_len:]
+        cache = model.new_cache(unique.shape[0], p_len + n_max)
+        u_logits = model(u_ids, u_mask, (u_mask.cumsum(-1) - 1).clamp(min=0), cache, last_only=True)[:, -1]
+        logits = gather_vocab(u_logits).float()[inverse]  # [b, v]
+        cache.select_rows(inverse)
+    else:
+        cache = model.new_cache(b, p_len + n_max)
+        logits = gather_vocab(model(ids, full_mask[:, :p_len], positions, cache, last_only=True)[:, -1]).float()  # [b, v]
     steps = 0
     for t in range(n_max):
         if bool(torch.isnan(logits).any()):  # argmax would pick NaN entries: fail loudly instead
