@@ -163,6 +163,20 @@ def _probe_pp(model, opt, layout):
         return before, forward_backward(False)
 
 
+@contextlib.contextmanager
+def _disk_failure_on_rank_1(rank):
+    """DCP's file writer fails on rank 1 (the other ranks write normally) while the context is open."""
+    original = FileSystemWriter.write_data
+    if rank == 1:
+        def failing_write(self, plan, planner):
+            raise OSError("simulated disk failure on rank 1")
+        FileSystemWriter.write_data = failing_write
+    try:
+        yield
+    finally:
+        FileSystemWriter.write_data = original
+
+
 # ---- launch 1: straight run, 3 steps + save, a save that fails on one rank ---------------------
 def _launch_train_and_save(rank, world_size, ckdir):
     layout = ParallelLayout.build(ParallelDims(tp=2, pp=1, dp=2))
@@ -183,16 +197,8 @@ def _launch_train_and_save(rank, world_size, ckdir):
     after3 = _snapshot(model, opt, layout)
 
     # one rank's writer fails mid-save: every rank raises (none hangs), step 3 stays latest
-    original = FileSystemWriter.write_data
-    if rank == 1:
-        def failing_write(self, plan, planner):
-            raise OSError("simulated disk failure on rank 1")
-        FileSystemWriter.write_data = failing_write
-    try:
-        with pytest.raises(CheckpointError, match="DCP write failed"):
-            save_checkpoint(ckdir, 4, model, opt, layout, CFG, extra_state={"data": it.state_dict()})
-    finally:
-        FileSystemWriter.write_data = original
+    with _disk_failure_on_rank_1(rank), pytest.raises(CheckpointError, match="DCP write failed"):
+        save_checkpoint(ckdir, 4, model, opt, layout, CFG, extra_state={"data": it.state_dict()})
     dist.barrier()
     left = sorted(p.name for p in Path(ckdir).iterdir())
     return {"straight": straight, "rng": rng, "after3": after3, "after6": after6, "left": left,
@@ -301,17 +307,10 @@ def _launch_async(rank, world_size, ckdir):
     after = _snapshot(model, opt, layout)
     path = saver.wait()
 
-    original = FileSystemWriter.write_data
-    if rank == 1:
-        def failing_write(self, plan, planner):
-            raise OSError("simulated disk failure on rank 1")
-        FileSystemWriter.write_data = failing_write
-    try:
+    with _disk_failure_on_rank_1(rank):
         saver.save(ckdir, 4, model, opt, layout, CFG)
         with pytest.raises(CheckpointError, match="DCP write failed.*simulated disk failure"):
             saver.wait()
-    finally:
-        FileSystemWriter.write_data = original
     # rank 1 cannot copy its state to host memory: every rank raises at save (none waits in a collective)
     empty = torch.empty
     if rank == 1:
