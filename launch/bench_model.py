@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.stop_tokens < 0:
         p.error(f"--stop-tokens must be >= 0, got {args.stop_tokens}")
+    if args.samples_per_prompt > 1 and not args.stop_tokens:
+        p.error("--samples-per-prompt times the rollout measurement: add --stop-tokens K")
     if args.samples_per_prompt < 1 or args.batch % args.samples_per_prompt:
         p.error(f"--samples-per-prompt {args.samples_per_prompt} must be >= 1 and divide --batch {args.batch}")
     import transformers

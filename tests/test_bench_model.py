@@ -25,5 +25,8 @@ def test_model_benchmark_refuses_negative_stop_tokens(capsys):
         main(["model", "--stop-tokens", "-1"])
     assert "--stop-tokens must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["model", "--batch", "4", "--samples-per-prompt", "3"])
+        main(["model", "--batch", "4", "--samples-per-prompt", "3", "--stop-tokens", "10"])
     assert "--samples-per-prompt 3 must be >= 1 and divide --batch 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["model", "--samples-per-prompt", "2"])
+    assert "add --stop-tokens K" in capsys.readouterr().err

@@ -148,6 +148,7 @@ def _parallel_step(rank, world_size, full_state, batch, train):
         evaluated = trainer.evaluate(batch)
         # numpy, pickled by value: torch tensors would go through shared memory that dies with the worker
         out[name] = (rec.loss, rec.stats, evaluated, {k: v.numpy() for k, v in full.items()})
+        out[("rows", name)] = (sum(mb["input_ids"].shape[0] for mb in trainer.microbatches(batch)[0]), rec.tokens)
     return out
 
 
@@ -166,6 +167,13 @@ def test_parallel_layouts_match_single_process():
     ref = trainer.train_step(batch)
     ref_eval = trainer.evaluate(batch)
     results = run_distributed(_parallel_step, 2, full, batch, train, timeout=180)
+    for name, dims, _, _, pack in CASES:  # tokens: the rows every DP rank ran (packed: each its own count)
+        rows = [r[("rows", name)] for r in results]
+        if dims.get("dp"):
+            assert all(tokens == sum(n for n, _ in rows) * SEQ for _, tokens in rows), (name, rows)
+        if pack:
+            assert sum(n for n, _ in rows) < 2 * 4 * (2 if dims.get("tp") else 1), (name, rows)  # pairs shared rows
+    results = [{k: v for k, v in r.items() if not (isinstance(k, tuple) and k[0] == "rows")} for r in results]
     for (case, (loss, stats, evaluated, grads)) in (item for r in results for item in r.items()):
         # fp32 with a different reduction order over shards / micro-batches: relative error ~1e-6
         assert loss == pytest.approx(ref.loss, rel=1e-5), case

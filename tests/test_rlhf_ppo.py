@@ -703,6 +703,43 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     assert 1 <= line["update_rows"] <= 4  # packed: at most the mini-batch's 4 rows
 
 
+def test_keep_last_waits_for_every_model_and_load_takes_a_whole_save(tmp_path, monkeypatch):
+    """keep_last prunes a step only once actor and critic both committed a newer one; a save whose critic
+    commit failed leaves the actor a step ahead, and load resumes from the newest step both hold. A
+    synchronous save waits for an asynchronous one in flight (their temp dirs and commits never race)."""
+    import threading
+
+    from engine.train import checkpoint as ckpt
+    d = tmp_path / "ck"
+    loop = _loop(_ppo(iterations=4))
+    commits, release = [], threading.Event()
+    commit, persist = ckpt._commit, ckpt._persist
+    monkeypatch.setattr(ckpt, "_commit", lambda directory, tmp, name, keep: (commits.append((directory.name, name)),
+                                                                            commit(directory, tmp, name, keep))[1])
+    monkeypatch.setattr(ckpt, "_persist", lambda *a, **k: (
+        release.wait(30) if threading.current_thread() is not threading.main_thread() else None, persist(*a, **k))[1])
+    loop.iteration()
+    loop.save(d, keep_last=1, async_save=True)  # held back until released
+    loop.iteration()
+    threading.Timer(0.3, release.set).start()
+    loop.save(d, keep_last=1)  # synchronous: waits for the step-1 saves, then writes step 2
+    # the two background step-1 commits (either order) come before the synchronous step-2 ones
+    assert sorted(commits[:2]) == [("actor", "step_000001"), ("critic", "step_000001")]
+    assert commits[2:] == [("actor", "step_000002"), ("critic", "step_000002")]
+    assert [ckpt.committed_steps(d / n) for n in ("actor", "critic")] == [[2], [2]]
+    # step 3: the critic's commit fails; nothing is pruned, and load resumes from step 2 for both
+    loop.iteration()
+    monkeypatch.setattr(ckpt, "_commit", lambda directory, tmp, name, keep: (
+        (_ for _ in ()).throw(OSError("killed")) if directory.name == "critic" else commit(directory, tmp, name, keep)))
+    loop.save(d, keep_last=1, async_save=True)
+    with pytest.raises(ckpt.CheckpointError, match="killed"):
+        loop.close_savers()
+    assert [ckpt.committed_steps(d / n) for n in ("actor", "critic")] == [[2, 3], [2]]
+    resumed = _loop(_ppo(iterations=4))
+    resumed.load(d)
+    assert resumed.iterations_done == 2
+
+
 def test_save_and_resume_continue_exactly(tmp_path):
     """3 iterations straight == 1, save (asynchronously, while a further iteration runs), a fresh loop
     (other initial actor/critic weights) loads and runs 2 more: identical metrics (bitwise on CPU), since
@@ -741,5 +778,8 @@ def test_save_and_resume_continue_exactly(tmp_path):
     with pytest.raises(CheckpointError, match="holds a 'sft' checkpoint, not a PPO actor"):
         other.load(tmp_path / "sft")
     save_checkpoint(tmp_path / "weights" / "actor", 1, [actor], None, ParallelLayout.single(), _config())
+    with pytest.raises(CheckpointError, match=r"no iteration that actor and critic both committed .*critic \[\]"):
+        other.load(tmp_path / "weights")
+    save_checkpoint(tmp_path / "weights" / "critic", 1, [critic], None, ParallelLayout.single(), _config())
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
         other.load(tmp_path / "weights")

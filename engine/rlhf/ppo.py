@@ -392,6 +392,7 @@ class PPOLoop:
         self.device = next(self.actor[0].parameters()).device
         self.offloader = Offloader(self.device, enabled=config.offload)
         self._savers: dict = {}  # model name -> AsyncCheckpointer (save(async_save=True))
+        self._prune_after = None  # (directory, keep_last) of the last save, applied once every model committed
         self.offloader.add_model("actor", self.actor, self.actor_trainer.optimizer)
         if self.uses_critic:
             self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
@@ -830,10 +831,13 @@ class PPOLoop:
         step = iterations done; the baseline caches of all DP replicas are merged into the actor's extra
         state. ``async_save``: each model's checkpoint is written in the background by its own
         ``AsyncCheckpointer`` (so the actor's and the critic's writes overlap each other and the next
-        iteration); ``close_savers`` waits for them."""
+        iteration); ``wait_for_saves`` / ``close_savers`` wait for them. A save first waits for the
+        previous one. ``keep_last`` prunes only steps older than the newest ``keep_last`` that every model
+        committed, once they have: a job killed between two models' commits still resumes (``load``)."""
         from pathlib import Path
 
         from engine.train.checkpoint import AsyncCheckpointer, save_checkpoint
+        self.wait_for_saves()  # in flight: its temp dirs and commits must not race this save's
         caches = [self._baseline_cache]
         if torch.distributed.is_initialized() and self.layout.world_size > 1:
             caches = [None] * self.layout.world_size
@@ -852,30 +856,67 @@ class PPOLoop:
                 self._savers[name] = AsyncCheckpointer(self.layout)  # collective: every rank saves at once
             save = self._savers[name].save if async_save else save_checkpoint
             save(Path(directory) / name, self.iterations_done, model, trainer.optimizer, self.layout,
-                 self.model_config, extra_state=extra, keep_last=keep_last, tokenizer_fingerprint=tokenizer_fingerprint)
+                 self.model_config, extra_state=extra, tokenizer_fingerprint=tokenizer_fingerprint)
+        self._prune_after = (Path(directory), keep_last) if keep_last is not None else None
+        if not async_save:
+            self._prune()
 
-    def close_savers(self) -> None:
-        """Wait for the asynchronous saves in flight (raising the first error, after every saver is closed)
-        and release their process groups; a later ``save(async_save=True)`` builds new ones."""
-        savers, self._savers = self._savers, {}
+    def _prune(self) -> None:
+        """Apply the last save's ``keep_last`` once every model has committed it: keep each model's steps from
+        the oldest of the newest ``keep_last`` steps they all hold (rank 0 deletes; the filesystem is shared)."""
+        from engine.train.checkpoint import committed_steps, remove_steps
+        pending, self._prune_after = self._prune_after, None
+        if pending is None or self.layout.rank != 0:
+            return
+        directory, keep_last = pending
+        names = [name for name, _, _ in self._trained()]
+        common = sorted(set.intersection(*(set(committed_steps(directory / n)) for n in names)))
+        if common:
+            oldest = common[-keep_last:][0]
+            for n in names:
+                remove_steps(directory / n, [s for s in committed_steps(directory / n) if s < oldest])
+
+    def wait_for_saves(self) -> None:
+        """Block until every asynchronous save in flight is committed (raising the first error, after
+        waiting for all of them), then apply its ``keep_last``."""
         errors = []
-        for saver in savers.values():
+        for saver in self._savers.values():
             try:
-                saver.close()
-            except Exception as e:  # close them all first: an open saver would leave its thread and group
+                saver.wait()
+            except BaseException as e:  # wait for them all: a save still running would race the next one
                 errors.append(e)
         if errors:
+            self._prune_after = None  # a model may lack the step: keep what is there
             raise errors[0]
+        self._prune()
+
+    def close_savers(self) -> None:
+        """``wait_for_saves``, then release the savers' process groups (a later ``save(async_save=True)``
+        builds new ones)."""
+        try:
+            self.wait_for_saves()
+        finally:
+            savers, self._savers = self._savers, {}
+            for saver in savers.values():
+                saver.close()  # every save has finished (or failed) by now: this releases the group
 
     def load(self, directory, tokenizer_fingerprint: Optional[str] = None) -> None:
         """Resume from ``save(DIR)``: weights, optimizer states, iteration, LR-schedule position and the
         reference-baseline cache (the layout may differ from the saving run's)."""
         from pathlib import Path
 
-        from engine.train.checkpoint import CheckpointError, load_checkpoint, read_extra_state
+        from engine.train.checkpoint import CheckpointError, committed_steps, load_checkpoint, read_extra_state
+        # The newest iteration every trained model committed: a job killed between the actor's and the
+        # critic's commits leaves one of them a step ahead, and that step is not a whole save.
+        names = [name for name, _, _ in self._trained()]
+        common = set.intersection(*(set(committed_steps(Path(directory) / n)) for n in names))
+        if not common:
+            raise CheckpointError(f"{directory}: no iteration that {' and '.join(names)} both committed (steps: "
+                                  + "; ".join(f"{n} {committed_steps(Path(directory) / n)}" for n in names) + ")")
+        step = max(common)
         # The estimator is part of the run: checked before anything is loaded. Checkpoints written before
         # it was recorded hold a critic exactly when they were gae runs.
-        saved = read_extra_state(Path(directory) / "actor").get("advantage_estimator")
+        saved = read_extra_state(Path(directory) / "actor", step).get("advantage_estimator")
         if saved is None and (Path(directory) / "critic").is_dir():
             saved = "gae"
         if saved is not None and saved != self.config.advantage_estimator:
@@ -887,7 +928,7 @@ class PPOLoop:
         for name, model, trainer in self._trained():
             self.offloader.ensure(name, f"{name}.optim")
             extra = load_checkpoint(Path(directory) / name, model, trainer.optimizer, self.layout,
-                                    self.model_config, tokenizer_fingerprint=tokenizer_fingerprint)
+                                    self.model_config, step=step, tokenizer_fingerprint=tokenizer_fingerprint)
             if extra.get("mode") != f"ppo_{name}":
                 raise CheckpointError(f"{Path(directory) / name} holds a {extra.get('mode')!r} checkpoint, not a "
                                       f"PPO {name}")

@@ -259,6 +259,20 @@ def _committed_steps(directory: Path) -> list[int]:
                   if (m := _STEP_RE.match(p.name)) and (p / MANIFEST).is_file())
 
 
+def committed_steps(directory: Union[str, Path]) -> list[int]:
+    """The steps of ``DIR`` whose save completed (they have a manifest), oldest first."""
+    return _committed_steps(Path(directory))
+
+
+def remove_steps(directory: Union[str, Path], steps: Sequence[int]) -> None:
+    """Delete these steps of ``DIR`` (each renamed out of sight first, then ``DIR`` fsynced). Call it on one
+    rank; for savers that prune together (``keep_last`` across several models' directories)."""
+    directory = Path(directory)
+    for step in steps:
+        _remove_dir(directory / step_dir_name(step))
+    _fsync_dir(directory)
+
+
 # ---- RNG ------------------------------------------------------------------------------------------
 def _rng_state() -> dict:
     py = random.getstate()

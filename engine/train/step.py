@@ -307,8 +307,12 @@ class Trainer:
             stats[f"{objective.name}_loss"] = self._means(sums, t_n, objective)[0]
         result = results[0]
         bubble = measure_bubble(result, self.layout, len(mbs), self.device)
-        # every DP rank takes an equal share of rows (a short last micro-batch under variable_rows)
-        tokens = self.layout.dp_size * sum(mb["input_ids"].shape[0] for mb in mbs) * self.train.seq_length
+        # rows (x seq_length) the model ran over all DP ranks: an objective that packs its micro-batches
+        # (reward.pack) gives each rank its own count
+        rows = torch.tensor([float(sum(mb["input_ids"].shape[0] for mb in mbs))], dtype=torch.float64,
+                            device=self.device)
+        comm.all_reduce(rows, self.layout.dp_group, self.layout.ledger, "metrics")
+        tokens = int(rows.item()) * self.train.seq_length
         metrics = StepMetrics(
             step=self.steps_done, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=tokens,
             loss_tokens=n, seconds=seconds, tokens_per_s=tokens / seconds, skipped=bool(skipped),
