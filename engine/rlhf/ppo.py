@@ -906,17 +906,9 @@ class PPOLoop:
         from pathlib import Path
 
         from engine.train.checkpoint import CheckpointError, committed_steps, load_checkpoint, read_extra_state
-        # The newest iteration every trained model committed: a job killed between the actor's and the
-        # critic's commits leaves one of them a step ahead, and that step is not a whole save.
-        names = [name for name, _, _ in self._trained()]
-        common = set.intersection(*(set(committed_steps(Path(directory) / n)) for n in names))
-        if not common:
-            raise CheckpointError(f"{directory}: no iteration that {' and '.join(names)} both committed (steps: "
-                                  + "; ".join(f"{n} {committed_steps(Path(directory) / n)}" for n in names) + ")")
-        step = max(common)
         # The estimator is part of the run: checked before anything is loaded. Checkpoints written before
         # it was recorded hold a critic exactly when they were gae runs.
-        saved = read_extra_state(Path(directory) / "actor", step).get("advantage_estimator")
+        saved = read_extra_state(Path(directory) / "actor").get("advantage_estimator")
         if saved is None and (Path(directory) / "critic").is_dir():
             saved = "gae"
         if saved is not None and saved != self.config.advantage_estimator:
@@ -924,6 +916,15 @@ class PPOLoop:
                 f"{directory} is a {saved!r} PPO run ({'with' if saved == 'gae' else 'without'} a critic); this "
                 f"run uses advantage_estimator={self.config.advantage_estimator!r}: resume with the same estimator, "
                 f"or start a new run from its actor (--actor-from {Path(directory) / 'actor'})")
+        # The newest iteration every trained model committed: a job killed between the actor's and the
+        # critic's commits leaves one of them a step ahead, and that step is not a whole save.
+        names = [name for name, _, _ in self._trained()]
+        common = set.intersection(*(set(committed_steps(Path(directory) / n)) for n in names))
+        if not common:
+            raise CheckpointError(f"{directory}: no iteration that {' and '.join(names)}{' both' if len(names) > 1 else ''}"
+                                  " committed (steps: "
+                                  + "; ".join(f"{n} {committed_steps(Path(directory) / n)}" for n in names) + ")")
+        step = max(common)
         states = {}
         for name, model, trainer in self._trained():
             self.offloader.ensure(name, f"{name}.optim")
