@@ -312,6 +312,7 @@ def _launch_async(rank, world_size, ckdir):
         with pytest.raises(CheckpointError, match="DCP write failed.*simulated disk failure"):
             saver.wait()
     # rank 1 cannot copy its state to host memory: every rank raises at save (none waits in a collective)
+    saver._staging.clear()  # no host buffers to reuse: the copy must allocate
     empty = torch.empty
     if rank == 1:
         def no_host_memory(*a, **kw):
@@ -621,6 +622,15 @@ def test_async_save_commits_only_when_complete(tmp_path, monkeypatch):
     assert saver.wait() == tmp_path / "ck" / "step_000003" and not saver.in_flight
     extra, loaded = _load(tmp_path / "ck")
     assert extra["step"] == 3 and all(torch.equal(p, at_save[n]) for n, p in loaded.named_parameters())
+    # the next save copies into the same host buffers (written by then) and holds the new weights
+    buffers = {k: t.data_ptr() for k, t in saver._staging.items()}
+    at_save = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saver.save(tmp_path / "ck", 4, model, opt, layout, CFG)
+    opt.step(lr=1e-2)
+    assert saver.wait() == tmp_path / "ck" / "step_000004"
+    assert buffers and {k: t.data_ptr() for k, t in saver._staging.items()} == buffers
+    extra, loaded = _load(tmp_path / "ck")
+    assert extra["step"] == 4 and all(torch.equal(p, at_save[n]) for n, p in loaded.named_parameters())
 
     (tmp_path / "file").write_text("not a directory")
     saver.save(tmp_path / "file", 4, model, opt, layout, CFG)

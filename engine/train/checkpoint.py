@@ -559,10 +559,11 @@ class _Snapshot:
 
 
 def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig, extra_state, keep_last,
-              tokenizer_fingerprint, to_host: bool) -> _Snapshot:
+              tokenizer_fingerprint, to_host: bool, staging: Optional[dict] = None) -> _Snapshot:
     """Plan a save and copy what it writes (collective: the planning agreement, and under ZeRO-1 the
     optimizer's gather over DP). ``to_host``: the copies go to host memory (page-locked on CUDA), so
-    the device memory is free again when this returns."""
+    the device memory is free again when this returns; ``staging`` (key -> host tensor) holds them from
+    one save to the next, reused when shape and dtype match (page-locked allocation is slow)."""
     # 1. plan (local, no collectives), then agree: a bad argument on one rank fails every rank
     error, params, maps, extra_json = None, {}, {}, "{}"
     try:
@@ -597,10 +598,14 @@ def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig
     sd: dict[str, torch.Tensor] = {}
     table: list = []
 
-    def copy(t: torch.Tensor) -> torch.Tensor:
+    def copy(key: str, t: torch.Tensor) -> torch.Tensor:
         if not to_host:
             return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        host = None if staging is None else staging.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            if staging is not None:
+                staging[key] = host
         return host.copy_(t, non_blocking=t.is_cuda)
 
     def add(space: str, name: str, t: torch.Tensor) -> None:
@@ -608,7 +613,8 @@ def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig
         for piece in m.pieces:
             if piece.owner:
                 lo, hi = piece.full_lo, piece.full_lo + piece.length
-                sd[_key(space, name, lo, hi)] = copy(t.detach().narrow(m.dim, piece.local_lo, piece.length))
+                key = _key(space, name, lo, hi)
+                sd[key] = copy(key, t.detach().narrow(m.dim, piece.local_lo, piece.length))
                 table.append((space, name, m.dim, list(m.full_shape), str(t.dtype).removeprefix("torch."), lo, hi))
 
     error = None
@@ -690,7 +696,8 @@ class AsyncCheckpointer:
     flight at a time: ``save``, ``wait`` and ``close`` first wait for the previous one and raise its
     error (the same ``CheckpointError`` on every rank). Build it on every rank (``new_group`` is
     collective) and call ``close`` before the process group goes away. Costs host memory for one
-    rank's share of the checkpoint."""
+    rank's share of the checkpoint, kept from one save to the next (page-locked allocation is slow on
+    CUDA) until ``close``."""
 
     def __init__(self, layout):
         self.layout = layout
@@ -700,6 +707,7 @@ class AsyncCheckpointer:
         self._thread: Optional[threading.Thread] = None
         self._outcome: Optional[tuple] = None  # (step dir, None) or (None, exception)
         self._closed = False
+        self._staging: dict = {}  # DCP key -> host copy, reused by the next save once this one is written
 
     def save(self, directory: Union[str, Path], step: int, model, optimizer, layout, config: GLMConfig,
              extra_state: Optional[dict] = None, keep_last: Optional[int] = None,
@@ -713,7 +721,7 @@ class AsyncCheckpointer:
                                   f"layout of {layout.world_size}")
         self.wait()
         snapshot = _snapshot(Path(directory), step, model, optimizer, layout, config, extra_state, keep_last,
-                             tokenizer_fingerprint, to_host=True)
+                             tokenizer_fingerprint, to_host=True, staging=self._staging)
         # a new thread starts on CUDA device 0; DCP's writer touches the current stream, which would make
         # every rank of a node open a context on GPU 0
         device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -751,6 +759,7 @@ class AsyncCheckpointer:
         try:
             return self.wait()
         finally:
+            self._staging = {}
             if self.group is not None:
                 dist.destroy_process_group(self.group)
                 self.group = None
