@@ -23,9 +23,6 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": "fp32", "bf16": "bf16"}
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -67,7 +64,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="model preset or YAML")
     p.add_argument("--saves", type=int, default=6)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameters (bf16: fp32 master weights)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters (bf16: fp32 master weights)")
     p.add_argument("--dir", help="where to write (default: a temp dir, removed afterwards)")
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--json")
@@ -76,7 +73,7 @@ def main(argv=None) -> int:
         p.error(f"--saves must be >= 1, got {args.saves}")
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     try:
-        r = bench(args.config, args.saves, DTYPES[args.dtype], directory, args.distributed_optimizer)
+        r = bench(args.config, args.saves, args.dtype, directory, args.distributed_optimizer)
     finally:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)

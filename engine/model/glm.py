@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 
 import kernels
 from engine.config import GLMConfig
-from engine.model.spec import ModelSpec
+from engine.model.spec import ModelSpec, at_positions
 
 
 class RMSNorm(nn.Module):
@@ -327,7 +327,7 @@ class GLMForScalarHead(GLMTransformer):
         if self.spec.gather_sequence is not None:
             hidden = self.spec.gather_sequence(hidden)
         if index is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+            hidden = at_positions(hidden, index)
         return self.value_head(hidden).squeeze(-1).float()
 
     def reward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 
@@ -34,15 +35,18 @@ class KernelPlan:
         return cls(backend, backend, backend, backend, backend)
 
 
+def at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [..., h]`` at the flat positions ``index`` ``[n]`` of its leading dims (``glm.head_positions``):
+    ``[n, h]``, what a head computes its outputs from."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
 class OutputLinear(nn.Linear):
-    """The single-process output layer: ``forward(x [..., in], index=None)``; with ``index`` (flat
-    positions of ``x``'s leading dims, ``glm.head_positions``) only those rows: ``[n, out]``, as
-    ``ColumnParallelLinear`` does under tensor parallelism."""
+    """The single-process output layer: ``forward(x [..., in], index=None)``; with ``index`` only those
+    rows (``at_positions``): ``[n, out]``, as ``ColumnParallelLinear`` does under tensor parallelism."""
 
     def forward(self, x, index=None):
-        if index is not None:
-            x = x.reshape(-1, x.shape[-1]).index_select(0, index)
-        return super().forward(x)
+        return super().forward(x if index is None else at_positions(x, index))
 
 
 def plain_linear(in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import GLMConfig
-from engine.model.spec import KernelPlan, ModelSpec
+from engine.model.spec import KernelPlan, ModelSpec, at_positions
 from engine.parallel import comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.mappings import (copy_to_tp, gather_from_sequence, gather_from_tp, gather_sequence_replicated,
@@ -67,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_from_sequence(x, self.layout) if self.sequence_parallel else copy_to_tp(x, self.layout)
         if index is not None:  # after the sequence gather: index counts positions of the whole sequence
-            x = x.reshape(-1, x.shape[-1]).index_select(0, index)
+            x = at_positions(x, index)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.layout) if self.gather_output else y
 

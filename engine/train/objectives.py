@@ -128,12 +128,6 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
-def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values ``[b, s]`` -> the value at each row's last real token ``[b]`` (left or right padding)."""
-    from engine.model.glm import last_token_index
-    return values.gather(1, last_token_index(values, attention_mask)[:, None]).squeeze(1)
-
-
 PAIR_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
 
 
@@ -209,5 +203,5 @@ class RewardObjective:
         return ranking + penalty, stats
 
 
-__all__ = ["LanguageModelObjective", "Objective", "PAIR_KEYS", "RewardObjective", "last_token_values",
+__all__ = ["LanguageModelObjective", "Objective", "PAIR_KEYS", "RewardObjective",
            "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]
