@@ -6,9 +6,12 @@
 
 The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
 layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic from ``--critic-from``
-(default: the reward model; a language-model checkpoint also works: trunk copied, fresh value head).
-Prompts: ``data.prompts`` (JSONL, one ``{"prompt": str}`` per line, encoded with the chat template) or
-the built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
+(default: the reward model, else the actor; a language-model checkpoint works: trunk copied, fresh value
+head). ``--reward-fn module:function`` (or ``file.py:function``) scores responses with a Python function of
+(prompt, response, record) instead of a reward model, or on top of one (the scores add up;
+``engine.rlhf.rewards``, e.g. ``engine.rlhf.rewards:math_answer``). Prompts: ``data.prompts`` (JSONL, one
+``{"prompt": str, ...}`` per line, encoded with the chat template; the whole record reaches the reward
+function) or the built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
 (a chat indexed dataset) or the built-in conversations. Rank 0 appends one JSON line per iteration to
 ``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...). ``--save DIR
 [--save-interval N]`` writes actor and critic checkpoints (``DIR/actor``, ``DIR/critic``, with optimizer
@@ -48,13 +51,21 @@ class RLHFData:
 
 
 @dataclass(frozen=True)
+class RLHFReward:
+    function: Optional[str] = None
+    """Rule-based reward ``"package.module:function"`` or ``"path/file.py:function"``, called as
+    ``fn(prompt, response, record) -> float`` (``engine.rlhf.rewards``); added to the reward model's score
+    when ``checkpoint.reward_from`` is also set. None: the reward model alone."""
+
+
+@dataclass(frozen=True)
 class RLHFCheckpoints:
     actor_from: Optional[str] = None
     """SFT checkpoint: the actor's and the reference's weights (required)."""
     reward_from: Optional[str] = None
-    """Reward-model checkpoint (required)."""
+    """Reward-model checkpoint (required unless ``reward.function`` is set)."""
     critic_from: Optional[str] = None
-    """Critic weights (None: the reward model's)."""
+    """Critic weights (None: the reward model's, else the actor's trunk with a fresh value head)."""
     save: Optional[str] = None
     """Write actor and critic checkpoints here (``DIR/actor``, ``DIR/critic``) at the end of the run."""
     save_interval: int = 0
@@ -82,6 +93,7 @@ class RLHFRun:
     critic_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     critic_lr: LRConfig = field(default_factory=lambda: PPO_LR)
     data: RLHFData = field(default_factory=RLHFData)
+    reward: RLHFReward = field(default_factory=RLHFReward)
     checkpoint: RLHFCheckpoints = field(default_factory=RLHFCheckpoints)
     log_dir: str = "runs/ppo"
 
@@ -90,8 +102,7 @@ class RLHFRun:
 
 
 SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
-            "checkpoint",
-            "log_dir"}
+            "reward", "checkpoint", "log_dir"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
@@ -106,6 +117,7 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
                    critic_optim=config_section(OptimizerConfig, raw.get("critic_optim"), "critic_optim"),
                    critic_lr=config_section(LRConfig, raw.get("critic_lr"), "critic_lr") if raw.get("critic_lr") else PPO_LR,
                    data=config_section(RLHFData, raw.get("data"), "data"),
+                   reward=config_section(RLHFReward, raw.get("reward"), "reward"),
                    checkpoint=config_section(RLHFCheckpoints, raw.get("checkpoint"), "checkpoint"),
                    log_dir=str(raw.get("log_dir", "runs/ppo")))
 
@@ -119,8 +131,12 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
     ck = run.checkpoint
-    if not ck.actor_from or not ck.reward_from:
-        raise ValueError("PPO needs --actor-from (an SFT checkpoint) and --reward-from (a reward-model checkpoint)")
+    if not ck.actor_from or not (ck.reward_from or run.reward.function):
+        raise ValueError("PPO needs --actor-from (an SFT checkpoint) and a reward: --reward-from (a reward-model "
+                         "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function)")
+    if run.reward.function:
+        from engine.rlhf.rewards import load_reward_fn
+        load_reward_fn(run.reward.function)  # a typo or import error fails here, before any process starts
     if ck.critic_from and run.ppo.advantage_estimator != "gae":
         raise ValueError(f"--critic-from {ck.critic_from}: advantage_estimator={run.ppo.advantage_estimator!r} "
                          "trains no critic (drop --critic-from, or use gae)")
@@ -171,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
+    p.add_argument("--reward-fn", help="rule-based reward: module:function or path/file.py:function, called as "
+                   "fn(prompt, response, record) -> float (added to the reward model's score if both)")
     p.add_argument("--critic-from")
     p.add_argument("--save")
     p.add_argument("--save-interval", type=int)
@@ -196,6 +214,8 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
+    if args.reward_fn is not None:
+        out["reward"] = {"function": args.reward_fn}
     for name in ("tp", "pp", "vpp", "log_dir", "model"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
@@ -218,8 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ---- data --------------------------------------------------------------------------------------
-def read_prompts(path: str) -> list[str]:
-    """``{"prompt": str}`` per JSONL line; a bad line raises naming file:line."""
+def read_prompts(path: str) -> list[dict]:
+    """The records of a JSONL file, each ``{"prompt": str, ...}`` (other fields are kept for the reward
+    function); a bad line raises naming file:line."""
     prompts = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -231,7 +252,7 @@ def read_prompts(path: str) -> list[str]:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
                 raise ValueError(f"{path}:{n}: expected {{\"prompt\": non-empty string}}")
-            prompts.append(record["prompt"])
+            prompts.append(record)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -278,24 +299,30 @@ def train_ppo(run: RLHFRun) -> int:
         try:
             tokenizer = procs.rank0_first(rank, lambda: default_tokenizer(run.data.tokenizer_cache))
             if run.data.prompts:
-                texts = read_prompts(run.data.prompts)
+                records = read_prompts(run.data.prompts)
             else:
                 from engine.data.builtin import builtin_prompts
-                texts = builtin_prompts()
+                records = [{"prompt": t} for t in builtin_prompts()]
+            texts = [r["prompt"] for r in records]
             prompts = [tokenizer.encode_prompt(t) for t in texts]
+            reward_fn = None
+            if run.reward.function:
+                from engine.rlhf.rewards import FunctionReward, load_reward_fn
+                reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts, records,
+                                           name=run.reward.function)
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
             actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
-            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint)
+            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint) if ck.reward_from else None
             critic = None
             if c.advantage_estimator == "gae":
-                critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from, run, layout, device, fingerprint,
-                               allow_missing=("value_head.",))
+                critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from or ck.actor_from, run, layout, device,
+                               fingerprint, allow_missing=("value_head.",))
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
-                           ptx_batches=ptx)
+                           ptx_batches=ptx, reward_fn=reward_fn)
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))
         try:
@@ -315,7 +342,9 @@ def train_ppo(run: RLHFRun) -> int:
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: PPO ({c.advantage_estimator}) on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M "
-                  f"params per model, {4 if loop.uses_critic else 3} models), tp={layout.tp_size} "
+                  f"params per model, {2 + loop.uses_critic + bool(loop.reward)} models"
+                  + (f", reward function {run.reward.function}" if run.reward.function else "")
+                  + f"), tp={layout.tp_size} "
                   f"pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")

@@ -9,7 +9,8 @@ One iteration (``PPOLoop.iteration``):
     score     on the same slice, no grad, in micro-batches of ``score_micro_batch_size`` rows (under
               pp > 1 with the forward-only pipeline schedule, results broadcast from the last stage):
               actor log-probs (the behaviour policy, recomputed by a full forward so they match the
-              training forward's numerics), reference log-probs, critic values, reward-model scores; the reference
+              training forward's numerics), reference log-probs, critic values, reward-model scores and/or
+              a rule-based reward function's (``engine.rlhf.rewards``; their sum when both); the reference
               baseline r(x, y_ref) of each prompt (y_ref: the reference model's greedy response),
               computed once per prompt and cached
     gather    the scored slices are all-gathered over DP ("rollout" traffic): every rank holds the
@@ -61,7 +62,7 @@ The pure math lives in ``engine.rlhf.core``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -279,7 +280,9 @@ class Rollout:
 
     R rows = rollout_prompts x samples_per_prompt, S = P + T. ``sequences``/``attention_mask`` ``[R, S]``;
     ``responses``/``response_mask``, ``logprobs``, ``ref_logprobs``, ``values`` ``[R, T]``; ``scores``,
-    ``baselines`` ``[R]`` (fp32); ``prompt_index`` ``[R]`` into the prompt list."""
+    ``baselines`` ``[R]`` (fp32); ``prompt_index`` ``[R]`` into the prompt list. ``score_parts``: with both a
+    reward model and a reward function, each one's ``[R]`` part of ``scores`` ("reward_model",
+    "reward_function"); empty otherwise."""
 
     sequences: torch.Tensor
     attention_mask: torch.Tensor
@@ -291,6 +294,7 @@ class Rollout:
     scores: torch.Tensor
     baselines: torch.Tensor
     prompt_index: torch.Tensor
+    score_parts: dict = field(default_factory=dict)
 
 
 def left_pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +328,11 @@ class PPOLoop:
     """PPO on one TP x PP x DP layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
     ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank; at pp = 1
     the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and
-    ``reward``: frozen chunks of the same classes. ``prompts``: token-id lists (chat prompts ending in the
+    ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone).
+    ``reward_fn(prompt_index [n], responses [n, T], response_mask [n, T]) -> [n]`` (``rewards.FunctionReward``;
+    prompt_index into ``prompts``): a rule-based score, added to the reward model's when both are given; it
+    runs on one rank of each model-parallel group, whose other ranks receive its scores.
+    ``prompts``: token-id lists (chat prompts ending in the
     assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data;
     needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
 
@@ -332,7 +340,7 @@ class PPOLoop:
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
-                 ptx_batches: Optional[Callable[[int], dict]] = None):
+                 ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None):
         if layout.cp_size > 1:  # sampling decodes with a KV cache, which needs whole sequences on a rank
             raise ValueError(f"PPO does not support context parallelism (layout cp={layout.cp_size}): build the "
                              "RLHF layout with cp=1")
@@ -352,11 +360,16 @@ class PPOLoop:
         if self.uses_critic != (critic is not None):
             raise ValueError(f"advantage_estimator={config.advantage_estimator!r} "
                              + ("needs a critic" if self.uses_critic else "uses no critic: pass critic=None"))
+        if reward is None and reward_fn is None:
+            raise ValueError("PPO needs a reward: a reward model, a reward function (reward_fn), or both")
         self.actor, self.critic = _chunks(actor), _chunks(critic) if self.uses_critic else []
-        self.reference, self.reward = _chunks(reference), _chunks(reward)
+        self.reference, self.reward = _chunks(reference), _chunks(reward) if reward is not None else []
+        self.reward_fn = reward_fn
         models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
                   ("reward", self.reward)]
-        for name, chunks in models if self.uses_critic else models[:1] + models[2:]:
+        for name, chunks in models:
+            if not chunks and name in ("critic", "reward"):  # none under a group estimator / with reward_fn alone
+                continue
             if len(chunks) != layout.vpp_size:
                 raise ValueError(f"{name}: {len(chunks)} model chunks on this rank, the layout has vpp="
                                  f"{layout.vpp_size} (pipeline.build_model_chunks builds one per virtual stage)")
@@ -367,7 +380,9 @@ class PPOLoop:
         empty = [i for i, p in enumerate(prompts) if len(p) == 0]
         if empty:  # the first response token would be predicted from a padding position
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token (e.g. BOS)")
-        self.prompts = [list(p) for p in prompts if len(p) <= config.max_prompt_length]
+        fits = [i for i, p in enumerate(prompts) if len(p) <= config.max_prompt_length]
+        self.prompts = [list(prompts[i]) for i in fits]
+        self.prompt_source = torch.tensor(fits, dtype=torch.long)  # self.prompts[i] is prompts[prompt_source[i]]
         self.dropped_prompts = len(prompts) - len(self.prompts)
         if len(self.prompts) < config.rollout_prompts:
             raise ValueError(f"{len(self.prompts)} prompts fit max_prompt_length={config.max_prompt_length} "
@@ -397,9 +412,11 @@ class PPOLoop:
         if self.uses_critic:
             self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
         self.offloader.add_model("reference", self.reference)
-        self.offloader.add_model("reward", self.reward)
+        if self.reward:
+            self.offloader.add_model("reward", self.reward)
         self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
         self.iterations_done = 0
+        self._reward_fn_seconds = 0.0
         self._baseline_cache: dict[int, float] = {}
         self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
         self.kl_coef = float(config.kl_coef)  # adapted after every rollout when kl_target > 0
@@ -548,6 +565,41 @@ class PPOLoop:
             return values.gather(1, last[:, None]).squeeze(1).float()
         return self.forward_rows(chunks, sequences, mask, output_fn, ())
 
+    def _rule_scores(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        """``reward_fn`` scores ``[n]`` (fp32, on the device) of this DP replica's rows: computed on the first rank
+        of the model-parallel group and broadcast to the others ("rollout" traffic), so every rank of the
+        replica trains on the same scores even if the function is not deterministic."""
+        layout = self.layout
+        source = layout.mp_ranks[0]
+        if layout.rank == source:
+            origin = self.prompt_source[prompt_index.cpu()]  # the caller's prompt numbering
+            t0 = time.perf_counter()
+            scores = self.reward_fn(origin, responses.cpu(), response_mask.cpu())
+            self._reward_fn_seconds += time.perf_counter() - t0
+            if scores.shape != prompt_index.shape:
+                raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for "
+                                 f"{prompt_index.numel()} rows: one score per row")
+            scores = scores.to(self.device, torch.float32)
+        else:
+            scores = torch.empty(prompt_index.shape, dtype=torch.float32, device=self.device)
+        return comm.broadcast(scores, source, layout.mp_group, layout.ledger, "rollout")
+
+    def _rewards(self, prompt_index: torch.Tensor, sequences: torch.Tensor, attention: torch.Tensor,
+                 responses: torch.Tensor, response_mask: torch.Tensor, packed: Optional[dict] = None
+                 ) -> tuple[torch.Tensor, dict]:
+        """Scores ``[n]`` of this replica's rows (prompt_index ``[n]``, sequences / attention ``[n, S]``,
+        responses / response_mask ``[n, T]``): the reward model's, the reward function's, or their sum; and
+        the parts when both ({"reward_model", "reward_function"}: ``[n]`` each)."""
+        parts = {}
+        if self.reward:
+            self._resident("score", "reward")
+            parts["reward_model"] = self._scores(self.reward, sequences, attention, packed)
+        if self.reward_fn is not None:
+            parts["reward_function"] = self._rule_scores(prompt_index, responses, response_mask)
+        scores = sum(parts.values())
+        return scores, parts if len(parts) > 1 else {}
+
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:
         """r(x, y_ref) per row: the reward model's score of the reference model's greedy response to the
         row's prompt, computed once per prompt (cached). Collective over the model-parallel group (the
@@ -566,8 +618,8 @@ class PPOLoop:
                 resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
             seq = torch.cat([ids.to(self.device), resp], 1)
             seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
-            self._resident("score", "reward")
-            scores = self._scores(self.reward, seq, seq_mask).cpu()
+            scores, _ = self._rewards(torch.tensor(todo), seq, seq_mask, resp, resp_mask)
+            scores = scores.cpu()
             self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores)})
         return torch.tensor([self._baseline_cache[int(i)] for i in prompt_index.tolist()], dtype=torch.float32)
 
@@ -654,6 +706,7 @@ class PPOLoop:
         mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
         self._resident_peaks = {}
+        self._reward_fn_seconds = 0.0  # on the rank that runs reward_fn
         reset_peak_memory(self.device)
         if self.reshard:  # sampled on the generation layout, returned for this DP replica's rows
             # one seed per (iteration, generation replica), shared by its TP ranks
@@ -683,8 +736,7 @@ class PPOLoop:
         if self.uses_critic:
             self._resident("score", "critic")
             values = self._values(self.critic, sequences, attention, packed)
-        self._resident("score", "reward")
-        scores = self._scores(self.reward, sequences, attention, packed)
+        scores, parts = self._rewards(mine, sequences, attention, responses, response_mask, packed)
         for model in (*self.actor, *self.critic):
             model.train()
         baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None
@@ -699,8 +751,11 @@ class PPOLoop:
         scores = gather(scores)
         baselines = gather(baselines) if baselines is not None else torch.zeros_like(scores)
         rollout = Rollout(gather(sequences), gather(attention), gather(responses), gather(response_mask),
-                          logprobs, gather(ref_logprobs), values, scores, baselines, rows)
+                          logprobs, gather(ref_logprobs), values, scores, baselines, rows,
+                          {k: gather(v) for k, v in parts.items()})
         times = {"generate_s": t1 - t0, "score_s": t2 - t1, "gather_s": time.perf_counter() - t2}
+        if self.reward_fn is not None:  # part of score_s (rank 0's, as every metric)
+            times["reward_fn_s"] = self._reward_fn_seconds
         times.update({f"peak_memory_{k}": v for k, v in peaks.items() if v is not None})
         return rollout, times
 
@@ -754,6 +809,7 @@ class PPOLoop:
         stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
                  "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef}
+        stats.update({name: part.mean().item() for name, part in r.score_parts.items()})
         if self.uses_critic:  # (a group estimator has no reference answers and no values)
             stats.update(reward_vs_reference=(r.scores - r.baselines).mean().item(),
                          reference_reward=r.baselines.mean().item(),

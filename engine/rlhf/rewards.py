@@ -1,0 +1,163 @@
+"""Rule-based rewards: score responses with a Python function instead of (or on top of) a reward model.
+
+A reward function takes the decoded prompt and response and the prompt's data record, and returns a
+number::
+
+    def my_reward(prompt: str, response: str, sample: Mapping) -> float: ...
+
+``sample`` is the prompt's JSONL line as a dict (``{"prompt": ..., "answer": ..., ...}``), so a task can
+carry what its checker needs (reference answers, unit tests, ...). ``load_reward_fn`` finds one by name
+(``"package.module:function"`` or ``"path/to/file.py:function"``), and ``FunctionReward`` applies it to a
+rollout's token rows. ``math_answer`` is a built-in checker for tasks with a final answer (GSM8K-style
+``#### 42``, LaTeX ``\\boxed{42}``, or the last number of the response).
+
+In PPO (``PPOLoop(reward_fn=...)``) the function runs once per response on one rank of each model-parallel
+group, and its scores are broadcast to the group: a function that is not deterministic (a sandbox with a
+timeout, a sampled judge) still gives every TP/PP rank of a replica the same scores.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+RewardFn = Callable[[str, str, Mapping], float]
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``"package.module:function"`` (importable from ``sys.path``) or ``"path/to/file.py:function"`` -> the
+    function. ValueError naming the spec and what is wrong (format, file, import error, attribute)."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"reward function {spec!r}: expected 'package.module:function' or "
+                         "'path/to/file.py:function'")
+    where, name = spec.split(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"reward function {spec!r}: no file {path}")
+        # a module name unique to the file: two reward files named alike do not replace each other
+        module_name = f"_reward_fn_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as e:
+                raise ValueError(f"reward function {spec!r}: running {path} failed: {type(e).__name__}: {e}") from e
+            sys.modules[module_name] = module
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:
+            raise ValueError(f"reward function {spec!r}: importing {where} failed: {type(e).__name__}: {e} (is it "
+                             "on PYTHONPATH? a file path must end in .py)") from e
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ValueError(f"reward function {spec!r}: {where} has no attribute {name!r}")
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {where}.{name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+# ---- built-in checker ----------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def final_answer(text: str) -> Optional[str]:
+    """The answer a response commits to: the last ``\\boxed{...}`` (braces may nest), else what follows the
+    last ``####`` on its line, else the last number; None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j].strip()
+        # an unclosed box is no committed answer: fall through to the other forms
+    if "####" in text:
+        answer = text.rsplit("####", 1)[1].strip().splitlines()
+        if answer and answer[0].strip():
+            return answer[0].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(answer: str) -> str:
+    """Comparable form: surrounding space, ``$`` and a final period dropped, case folded, thousands
+    separators removed and numbers written canonically (``"1,000.0"`` -> ``"1000"``)."""
+    s = answer.strip().strip("$").strip().rstrip(".").strip().lower()
+    plain = s.replace(",", "")
+    if _NUMBER.fullmatch(s) or _NUMBER.fullmatch(plain):
+        try:
+            value = float(plain)
+        except ValueError:
+            return s
+        return str(int(value)) if value.is_integer() else repr(value)
+    return s
+
+
+def math_answer(prompt: str, response: str, sample: Mapping) -> float:
+    """1.0 when the response's ``final_answer`` equals ``sample["answer"]`` (both normalised), else 0.0."""
+    if "answer" not in sample:
+        raise KeyError(f"math_answer needs an 'answer' field in each prompt record; this one has {sorted(sample)}")
+    got = final_answer(response)
+    return float(got is not None and normalize_answer(got) == normalize_answer(str(sample["answer"])))
+
+
+# ---- applying a function to token rows -----------------------------------------------------------------
+
+class FunctionReward:
+    """Scores token rows with a reward function.
+
+    ``fn(prompt text, response text, sample) -> number``; ``decode(token ids) -> text`` (the tokenizer's,
+    dropping special tokens such as the stop token); ``prompts`` / ``samples``: the prompt texts and their
+    records, indexed like the prompt list given to the PPO loop. ``name``: how errors name the function."""
+
+    def __init__(self, fn: RewardFn, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
+                 samples: Optional[Sequence[Mapping]] = None, name: Optional[str] = None):
+        samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+        self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+
+    def __call__(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
+                 ) -> torch.Tensor:
+        """prompt_index ``[n]`` (into ``prompts``), responses / response_mask ``[n, T]`` -> scores ``[n]`` fp32
+        (CPU). A function error is re-raised naming the function and the row; a result that is not a finite
+        number raises ValueError."""
+        if not (responses.dim() == 2 and response_mask.shape == responses.shape
+                and prompt_index.shape == responses.shape[:1]):
+            raise ValueError(f"FunctionReward: prompt_index {tuple(prompt_index.shape)}, responses "
+                             f"{tuple(responses.shape)} and response_mask {tuple(response_mask.shape)} must be "
+                             "[n], [n, T] and [n, T]")
+        scores = []
+        for row, (p, tokens, mask) in enumerate(zip(prompt_index.tolist(), responses.tolist(),
+                                                    response_mask.bool().tolist())):
+            text = self.decode([t for t, m in zip(tokens, mask) if m])
+            try:
+                value = self.fn(self.prompts[p], text, self.samples[p])
+            except Exception as e:
+                raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
+                                   f"{self.prompts[p][:60]!r}, response {text[:60]!r}): {type(e).__name__}: {e}") from e
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward function {self.name} returned {value!r} ({type(value).__name__}) for row "
+                                 f"{row} (prompt {p}): it must return a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"reward function {self.name} returned {value} for row {row} (prompt {p}): scores "
+                                 "must be finite")
+            scores.append(value)
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+__all__ = ["FunctionReward", "RewardFn", "final_answer", "load_reward_fn", "math_answer", "normalize_answer"]
