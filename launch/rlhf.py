@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
+from engine.rlhf.core import LOSS_AGG_MODES
 from engine.rlhf.ppo import PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-loss-coef", type=float,
                    help="> 0: a KL(actor || reference) term (ppo.kl_loss_kind, default k3) in the actor's loss")
     p.add_argument("--ptx-coef", type=float)
+    p.add_argument("--clip-eps-high", type=float, help="upper clip range of the policy ratio (clip-higher; default "
+                   "clip_eps)")
+    p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
+                   "(dual-clip PPO; 0: off)")
+    p.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, help="how the policy loss averages over tokens and "
+                   "responses (default token-mean)")
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
                         "model per rank")
@@ -202,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
-              "generation_tp", "offload", "advantage_estimator", "pack_sequences")
+              "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
+              "loss_agg_mode")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rlhf.core import (RunningMoments, gae_advantages, group_advantages, kl_estimate, kl_penalty, masked_mean,
-                              masked_sum, masked_var, masked_whiten, ppo_policy_loss, reference_baseline,
-                              reward_spread_filter, shape_rewards, value_loss)
+from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
+                              kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
+                              ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -259,16 +259,89 @@ def test_ppo_policy_loss_by_hand():
     torch.testing.assert_close(new.grad, torch.tensor([grad]), **FP32)
 
 
-def _policy_reference(lp, old, adv, mask, eps):
-    """Independent fp64 formula: python loop over tokens, explicit branches, mean over masked tokens."""
+def _policy_reference(lp, old, adv, mask, eps, eps_high=None, dual_clip=0.0, weights=None):
+    """Independent fp64 formula: python loop over tokens, explicit branches, mean over masked tokens (each
+    token's term times its weight when given)."""
     terms = []
     for i in range(lp.shape[0]):
         for j in range(lp.shape[1]):
             if mask[i, j]:
                 r = torch.exp(lp[i, j] - old[i, j])
-                rc = torch.clamp(r, 1 - eps, 1 + eps)
-                terms.append(-torch.min(r * adv[i, j], rc * adv[i, j]))
+                rc = torch.clamp(r, 1 - eps, 1 + (eps if eps_high is None else eps_high))
+                term = -torch.min(r * adv[i, j], rc * adv[i, j])
+                if dual_clip and adv[i, j] < 0 and term > -dual_clip * adv[i, j]:
+                    term = -dual_clip * adv[i, j] + 0 * term  # the cap: a constant (keeps the graph)
+                terms.append(term * (1.0 if weights is None else float(weights[i, j])))
     return torch.stack(terms).sum() / len(terms)
+
+
+def test_clip_higher_and_dual_clip_by_hand():
+    # eps 0.2 below, 0.28 above, cap 3: inside the wider range / above it with A>0 / far above with A<0 (capped
+    # at 3|A|) / above with A<0 under the cap / below with A<0 (clipped at 0.8) / far above with A>0 (no cap)
+    ratios = [1.25, 1.5, 4.0, 2.0, 0.5, 5.0]
+    advs = [2.0, 2.0, -1.0, -1.0, -1.0, 1.0]
+    expected = [-2.5, -2.56, 3.0, 2.0, 0.8, -1.28]
+    active = [1, 0, 0, 1, 0, 0]  # tokens whose gradient is -r A (the rest are clipped or capped: 0)
+    old = torch.tensor([[-1.0, -2.0, -3.0, -0.7, -1.2, -4.0]])
+    new = (old + torch.tensor([ratios]).log()).requires_grad_()
+    loss, stats = ppo_policy_loss(new, old, torch.tensor([advs]), torch.ones(1, 6), clip_eps=0.2, clip_eps_high=0.28,
+                                  dual_clip=3.0)
+    assert loss.item() == pytest.approx(sum(expected) / 6, rel=1e-6)
+    assert stats["dual_clipfrac"].item() == pytest.approx(1 / 6) and not stats["dual_clipfrac"].requires_grad
+    assert stats["clipfrac"].item() == pytest.approx(3 / 6)  # 1.5 above, 4.0 (also capped) and 0.5 below
+    loss.backward()
+    grad = [-r * a / 6 if on else 0.0 for r, a, on in zip(ratios, advs, active)]
+    torch.testing.assert_close(new.grad, torch.tensor([grad]), **FP32)
+    # without dual clipping the 4.0 token costs 4 and keeps its gradient; symmetric eps clips 1.25 too
+    plain, _ = ppo_policy_loss(new.detach(), old, torch.tensor([advs]), torch.ones(1, 6), clip_eps=0.2)
+    assert plain.item() == pytest.approx((-2.4 - 2.4 + 4.0 + 2.0 + 0.8 - 1.2) / 6, rel=1e-6)
+
+
+def test_policy_loss_options_and_weights_match_the_reference_with_gradients():
+    mask = _prefix_mask(LENGTHS, T)
+    old = _rand(40, 6, T) - 2.0
+    lp = old + _rand(41, 6, T, scale=0.8)  # ratios past both edges and past the cap of 2
+    adv = _rand(42, 6, T)
+    weights = _rand(43, 6, T).abs() + 0.1
+    lp32 = lp.float().requires_grad_()
+    loss, stats = ppo_policy_loss(lp32, old.float(), adv.float(), mask, clip_eps=0.2, clip_eps_high=0.3,
+                                  dual_clip=2.0, weights=weights.float())
+    loss.backward()
+    lp64 = lp.clone().requires_grad_()
+    ref = _policy_reference(lp64, old, adv, mask, 0.2, 0.3, 2.0, weights)
+    ref.backward()
+    _close(loss, ref.detach())
+    _close(lp32.grad, lp64.grad)
+    assert 0 < stats["dual_clipfrac"].item() < stats["clipfrac"].item() < 1  # every regime is exercised
+
+
+def _aggregate_reference(losses, mask, mode, max_length):
+    """The aggregation modes written out: python loops, fp64."""
+    rows = [[float(losses[i, j]) for j in range(mask.shape[1]) if mask[i, j]] for i in range(mask.shape[0])]
+    rows = [r for r in rows if r]
+    if mode == "token-mean":
+        return sum(map(sum, rows)) / sum(map(len, rows))
+    if mode == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in rows) / len(rows)
+    if mode == "seq-mean-token-sum":
+        return sum(sum(r) for r in rows) / len(rows)
+    return sum(sum(r) for r in rows) / (len(rows) * max_length)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_loss_token_weights_give_each_aggregation_as_a_token_mean(mode):
+    # rows of 0, 1, 13, 7, 12 and 3 tokens, and a mask that is not a prefix (aligned PPO rows)
+    mask = _prefix_mask(LENGTHS, T)
+    mask[3] = mask[3].roll(4)
+    losses = _rand(44, 6, T)
+    w = loss_token_weights(mask, mode, max_length=16)
+    assert w.dtype == torch.float32 and torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+    got = (w.double() * losses)[mask].sum() / mask.sum()
+    assert got.item() == pytest.approx(_aggregate_reference(losses, mask, mode, 16), rel=1e-6)
+    # the weights of the whole batch, summed in two halves, still give the whole batch's aggregate
+    halves = sum((w[h].double() * losses[h])[mask[h]].sum() for h in (slice(0, 3), slice(3, 6))) / mask.sum()
+    assert halves.item() == pytest.approx(got.item(), rel=1e-12)
+    assert torch.equal(loss_token_weights(torch.zeros(2, 3, dtype=torch.bool), mode, 16), torch.zeros(2, 3))
 
 
 def test_ppo_policy_loss_gradient_matches_autograd_reference():
@@ -509,6 +582,13 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, clip_eps=0.0), r"clip_eps must be > 0"),
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, reduction="token"), r"reduction must be one of"),
     (lambda: ppo_policy_loss(_x23, _x23, _x23, torch.ones(2, 3) * 0.3), r"only 0 and 1"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, clip_eps_high=-0.1), r"clip_eps_high must be > 0"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, dual_clip=1.0), r"dual_clip must be 0 \(off\) or > 1"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, weights=torch.ones(3)), r"weights has shape \(3,\)"),
+    (lambda: kl_penalty(_x23, _x23, _m23, weights=torch.ones(2, 2)), r"weights has shape \(2, 2\)"),
+    (lambda: loss_token_weights(_m23, "sum"), r"loss aggregation mode must be one of"),
+    (lambda: loss_token_weights(_m23, "seq-mean-token-sum-norm"), r"max_length must be a positive integer"),
+    (lambda: loss_token_weights(torch.ones(3), "token-mean"), r"mask must be \[b, t\]"),
     (lambda: value_loss(_x23, _x23, torch.zeros(3, 2), _m23), r"returns has shape \(3, 2\)"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, clip_eps=-1), r"clip_eps must be > 0"),
     (lambda: value_loss(_x23, _x23, _x23, _m23, reduction=None), r"reduction must be one of"),
@@ -560,3 +640,11 @@ def test_adaptive_kl_coef_moves_toward_the_target_and_rejects_bad_input():
         args = {**dict(kl_coef=0.1, observed_kl=1.0, target_kl=1.0, horizon=100, n_samples=8), **kwargs}
         with pytest.raises(ValueError, match=needle):
             adaptive_kl_coef(**args)
+
+
+def test_kl_penalty_weights_scale_each_token():
+    mask = _prefix_mask(LENGTHS, T)
+    lp, ref = _rand(45, 6, T).float() - 1, _rand(46, 6, T).float() - 1
+    w = _rand(47, 6, T).abs().float()
+    got = kl_penalty(lp, ref, mask, "k3", reduction="sum", weights=w)
+    _close(got, (kl_estimate(lp.double(), ref.double(), "k3") * w.double())[mask].sum())

@@ -156,15 +156,23 @@ def _dp2_packed_update(rank, world_size, states, batch):
     models = [cls(_config()) for cls in (GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead)]
     for model, state in zip(models, states):
         model.load_state_dict(state)
-    loop = _loop(_ppo(pack_sequences=True, micro_batch_size=1, max_prompt_length=16), layout=layout, models=models)
+    loop = _loop(_ppo(pack_sequences=True, micro_batch_size=1, max_prompt_length=16, **_SEQ_MEAN), layout=layout,
+                 models=models)
     update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
     return update, {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
                     for name in ("actor", "critic")}
 
 
+# per-response loss weights (computed over the whole mini-batch, moved with the packed tokens) and the clip options
+_SEQ_MEAN = dict(loss_agg_mode="seq-mean-token-mean", clip_eps_high=0.28, dual_clip=3.0)
+
+
 def test_packed_update_on_two_dp_ranks_equals_one_padded_process():
-    """The same PPO batch: padded on one process vs packed on dp = 2 (each DP rank takes its packed rows)."""
-    states, loop, _, batch = _one_process(seed=4, config=_ppo(max_prompt_length=16))
+    """The same PPO batch: padded on one process vs packed on dp = 2 (each DP rank takes its packed rows),
+    with the loss averaged per response (seq-mean-token-mean)."""
+    states, loop, _, batch = _one_process(seed=4, config=_ppo(max_prompt_length=16, **_SEQ_MEAN))
+    for row, trained in enumerate([6, 2, 4, 1, 6, 3, 5, 6]):  # responses of several lengths: weights differ
+        batch["labels"][row, 16 - 1 + trained:] = -100
     padded = (loop.update({k: v.clone() for k, v in batch.items()}, 0),
               {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
                for name in ("actor", "critic")})

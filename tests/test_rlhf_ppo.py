@@ -88,6 +88,30 @@ def test_rollout_logprobs_match_the_training_forward_and_the_first_ratio_is_one(
     assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_loss_aggregation_modes_in_the_update(mode):
+    """One mini-batch holding the whole rollout, ratio 1: the actor's loss is the mode's aggregate of -A over
+    the response tokens (by hand), and the clip options change nothing at ratio 1."""
+    config = _ppo(mini_batch_size=8, micro_batch_size=2, iterations=1, loss_agg_mode=mode, clip_eps_high=0.3,
+                  dual_clip=3.0)
+    # many stop tokens: responses of several lengths, so that the modes differ
+    loop = PPOLoop(config, _config(), ParallelLayout.single(), *_models(), _prompts(), list(range(2, 24)), PAD,
+                   OPTIM, OPTIM, LR, LR)
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    P, T = config.max_prompt_length, config.max_new_tokens
+    adv, mask = batch["advantages"][:, P - 1:-1].double(), rollout.response_mask.bool()
+    rows = [(-adv[i][mask[i]]) for i in range(8) if mask[i].any()]
+    expected = {"seq-mean-token-mean": sum(r.mean() for r in rows) / len(rows),
+                "seq-mean-token-sum": sum(r.sum() for r in rows) / len(rows),
+                "seq-mean-token-sum-norm": sum(r.sum() for r in rows) / (len(rows) * T)}[mode]
+    assert len({int(m.sum()) for m in mask}) > 2
+    update = loop.update(batch, 0)
+    assert update["ppo_steps"] == 1 and update["clipfrac"] == 0.0 and update["dual_clipfrac"] == 0.0
+    # fp32 sums over <= 48 tokens vs fp64
+    assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
     loop = _loop()
     records = [loop.iteration() for _ in range(2)]
@@ -255,6 +279,9 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(score_micro_batch_size=-1), "score_micro_batch_size=-1 must be a positive integer or 0"),
     (dict(kl_loss_coef=-0.1), "kl_loss_coef=-0.1 must be >= 0"),
     (dict(kl_loss_kind="k1"), r"kl_loss_kind='k1' must be k2 or k3 \(k1's gradient averages to zero"),
+    (dict(clip_eps_high=0.0), "clip_eps_high=0.0 must be > 0"),
+    (dict(dual_clip=0.5), r"dual_clip=0.5 must be 0 \(off\) or > 1"),
+    (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
     (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
      "advantage_estimator='grpo' compares a prompt's responses: it needs samples_per_prompt >= 2"),
@@ -632,6 +659,12 @@ def test_launcher_errors(tmp_path, capsys):
     assert "mini_batch_size=5 must divide" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--critic-from", "c", "--advantage-estimator", "rloo"]) == 2
     assert "--critic-from c: advantage_estimator='rloo' trains no critic" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--dual-clip", "0.5"]) == 2
+    assert "dual_clip=0.5 must be 0 (off) or > 1" in capsys.readouterr().err
+    from launch.rlhf import build_parser, cli_overrides
+    flags = ["--loss-agg-mode", "seq-mean-token-sum-norm", "--dual-clip", "3", "--clip-eps-high", "0.28"]
+    ppo = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags))).ppo
+    assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2

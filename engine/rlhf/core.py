@@ -24,7 +24,8 @@ k = sampled responses per prompt):
     shape_rewards               -kl_coef * KL per token + the sequence score at the last token
     adaptive_kl_coef            the KL coefficient's proportional controller toward a target KL
     gae_advantages              generalized advantage estimation and returns
-    ppo_policy_loss, value_loss clipped PPO surrogate and clipped value loss
+    ppo_policy_loss, value_loss clipped PPO surrogate (asymmetric and dual clipping) and clipped value loss
+    loss_token_weights          per-token weights giving the sequence-level loss aggregations
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
     reward_spread_filter        drop prompts whose k rewards are alike (ChatGLM-RLHF)
     group_advantages            critic-free advantages relative to the prompt's k responses (GRPO, RLOO)
@@ -39,6 +40,7 @@ import torch
 
 KL_KINDS = ("k1", "k2", "k3")
 REDUCTIONS = ("mean", "sum")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SPREAD_STATISTICS = ("range", "std")
 GROUP_ESTIMATORS = ("grpo", "rloo")
 
@@ -116,7 +118,11 @@ def _masked_fp32(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
 
 
-def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean or sum of ``per_token``, each token first scaled by ``weights`` (constants) when given."""
+    if weights is not None:
+        per_token = per_token * _masked_fp32(weights.detach(), mask)
     return masked_mean(per_token, mask) if reduction == "mean" else masked_sum(per_token, mask)
 
 
@@ -206,22 +212,24 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kind: str = "k3",
-               reduction: str = "mean") -> torch.Tensor:
+               reduction: str = "mean", weights: torch.Tensor | None = None) -> torch.Tensor:
     """``kl_estimate`` reduced over the real tokens, as a loss term: the gradient flows into ``logprobs``
     (the current policy; ``ref_logprobs`` are constants). GRPO puts this in the policy loss (k3) instead
     of a per-token penalty in the reward. ``d = ref_logprobs - logprobs`` is clamped to [-20, 20] first
     (as verl does): one token the reference finds e^20 times likelier cannot overflow k3 or its gradient
     (there the gradient is 0).
 
-    logprobs, ref_logprobs, mask: ``[b, t]``; reduction "mean" (over masked tokens, 0 if none) or "sum".
-    Returns a 0-dim fp32 tensor."""
+    logprobs, ref_logprobs, mask: ``[b, t]``; reduction "mean" (over masked tokens, 0 if none) or "sum";
+    weights: optional ``[b, t]`` per-token weights (``loss_token_weights``). Returns a 0-dim fp32 tensor."""
     _check_dim("logprobs", logprobs, 2, "[b, t]")
     _check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
+    if weights is not None:
+        _check_same_shape("logprobs", logprobs, weights=weights)
     m = _bool_mask(mask, logprobs, "logprobs")
     _check_reduction(reduction)
     logp = _masked_fp32(logprobs, m)
     ref = logp + (_masked_fp32(ref_logprobs.detach(), m) - logp).clamp(-20.0, 20.0)
-    return _reduce(kl_estimate(logp, ref, kind), m, reduction)
+    return _reduce(kl_estimate(logp, ref, kind), m, reduction, weights)
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -323,12 +331,21 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 # ---- losses -----------------------------------------------------------------------------------------
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip_eps: float = 0.2, reduction: str = "mean"
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    mask: torch.Tensor, clip_eps: float = 0.2, reduction: str = "mean",
+                    clip_eps_high: float | None = None, dual_clip: float = 0.0,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate, per token:
 
         ratio = exp(logprobs - old_logprobs)
-        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+        loss  = min(loss, -c * A)   where A < 0, when dual_clip = c > 1
+
+    ``clip_eps_high`` (default ``clip_eps``): a larger upper bound lets unlikely tokens with positive
+    advantage gain more per step (DAPO's clip-higher, against entropy collapse). ``dual_clip`` (0: off;
+    else c > 1, usually 3): for negative advantages the loss is capped at ``-c * A``, so a token whose ratio
+    has grown far above 1 cannot produce an unbounded step (Ye et al. 2020, dual-clip PPO; there the
+    gradient is 0). ``weights``: optional ``[b, t]`` per-token weights of the loss (not of the stats;
+    ``loss_token_weights``).
 
     logprobs: ``[b, t]`` under the current policy (carries the gradient); old_logprobs, advantages:
     ``[b, t]`` from the rollout, treated as constants (detached here); mask: ``[b, t]`` bool or 0/1
@@ -338,27 +355,76 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
     Returns ``(loss, stats)``: loss a 0-dim fp32 tensor; stats detached 0-dim fp32 tensors reduced
     exactly like the loss (token means for "mean", token sums for "sum"; divide by the same count):
-        clipfrac   tokens where the clipped term is strictly the active one (their gradient is 0)
-        approx_kl  k3 estimate of KL(pi_old || pi) from the rollout samples: ratio - 1 - log(ratio)
-        ratio_mean the probability ratio"""
+        clipfrac       tokens where the clipped term is strictly the active one (their gradient is 0)
+        dual_clipfrac  (dual_clip only) tokens where the cap -c A is strictly the active one (gradient 0)
+        approx_kl      k3 estimate of KL(pi_old || pi) from the rollout samples: ratio - 1 - log(ratio)
+        ratio_mean     the probability ratio"""
     _check_dim("logprobs", logprobs, 2, "[b, t]")
     _check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if weights is not None:
+        _check_same_shape("logprobs", logprobs, weights=weights)
     m = _bool_mask(mask, logprobs, "logprobs")
     clip_eps = _check_clip_eps("clip_eps", clip_eps)
+    clip_high = clip_eps if clip_eps_high is None else _check_clip_eps("clip_eps_high", clip_eps_high)
+    dual_clip = _finite_number("dual_clip", dual_clip)
+    if dual_clip != 0 and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be 0 (off) or > 1 (the cap -c A of negative advantages), got {dual_clip}")
     _check_reduction(reduction)
     log_ratio = _masked_fp32(logprobs, m) - _masked_fp32(old_logprobs.detach(), m)
     adv = _masked_fp32(advantages.detach(), m)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _reduce(torch.maximum(unclipped, clipped), m, reduction)
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    stats = {}
+    if dual_clip:
+        cap = -adv * dual_clip
+        capped = (adv < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["dual_clipfrac"] = _reduce(capped.float(), m, reduction).detach()
+    loss = _reduce(per_token, m, reduction, weights)
     with torch.no_grad():
-        stats = {"clipfrac": _reduce((clipped > unclipped).float(), m, reduction),
-                 # pi_old sampled the tokens, so KL(pi_old || pi) is the k3 of (pi_old, pi):
-                 # expm1(log_ratio) - log_ratio = ratio - 1 - log(ratio) >= 0
-                 "approx_kl": _reduce(kl_estimate(torch.zeros_like(log_ratio), log_ratio, "k3"), m, reduction),
-                 "ratio_mean": _reduce(ratio, m, reduction)}
+        stats.update(clipfrac=_reduce((clipped > unclipped).float(), m, reduction),
+                     # pi_old sampled the tokens, so KL(pi_old || pi) is the k3 of (pi_old, pi):
+                     # expm1(log_ratio) - log_ratio = ratio - 1 - log(ratio) >= 0
+                     approx_kl=_reduce(kl_estimate(torch.zeros_like(log_ratio), log_ratio, "k3"), m, reduction),
+                     ratio_mean=_reduce(ratio, m, reduction))
     return loss, stats
+
+
+def loss_token_weights(mask: torch.Tensor, mode: str, max_length: int | None = None) -> torch.Tensor:
+    """Per-token weights ``w [b, t]`` (fp32, 0 outside the mask) such that the token mean over the batch,
+    ``sum(w * loss) / N``, is the loss aggregation ``mode`` of one global mini-batch. With ``N_i`` the
+    masked tokens of row i, ``N = sum N_i`` and ``B`` the rows with ``N_i > 0``:
+
+        token-mean                (1/N) sum_i sum_t loss        w = 1 (every token alike; DAPO)
+        seq-mean-token-mean       (1/B) sum_i (1/N_i) sum_t     w = N / (B N_i) (each response alike; GRPO)
+        seq-mean-token-sum        (1/B) sum_i sum_t             w = N / B
+        seq-mean-token-sum-norm   (1/(B L)) sum_i sum_t         w = N / (B L), L = ``max_length`` (Dr. GRPO:
+                                                                a constant in place of the length N_i)
+
+    Expressed as weights, a mode keeps the token-mean normalisation that a Trainer applies across
+    micro-batches, data-parallel ranks and packed rows (each token carries its weight), and the stats
+    stay token means. Compute them over the whole global mini-batch (``mask [b, t]``: its rows, any
+    pattern), before it is split. An all-False mask gives all-zero weights."""
+    _check_dim("mask", mask, 2, "[b, t]")
+    m = _bool_mask(mask, mask, "mask")
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss aggregation mode must be one of {LOSS_AGG_MODES}, got {mode!r}")
+    if mode == "seq-mean-token-sum-norm" and not (isinstance(max_length, int) and max_length >= 1):
+        raise ValueError(f"seq-mean-token-sum-norm divides by a constant length: max_length must be a positive "
+                         f"integer, got {max_length!r}")
+    per_row = m.sum(1, keepdim=True).double()  # N_i
+    n, rows = per_row.sum(), (per_row > 0).sum()
+    if mode == "token-mean" or rows == 0:
+        w = torch.ones_like(per_row)
+    elif mode == "seq-mean-token-mean":
+        w = n / (rows * per_row.clamp(min=1))
+    elif mode == "seq-mean-token-sum":
+        w = (n / rows).expand_as(per_row)
+    else:
+        w = (n / (rows * max_length)).expand_as(per_row)
+    return torch.where(m, w.float().expand_as(m), torch.zeros((), dtype=torch.float32, device=m.device))
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

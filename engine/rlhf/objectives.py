@@ -12,6 +12,7 @@ train in the global batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import kernels
 from engine.model.glm import head_positions
@@ -45,12 +46,17 @@ class PolicyObjective:
     (``core.kl_penalty``; the batch then carries the rollout's ``ref_logprobs``, and the stats its value
     as ``ref_kl``). Output: logits ``[n, v(/tp)]`` at the n response tokens that train only
     (``output_index``); log-probs of the sampled tokens under ``logits / temperature`` (the
-    distribution the rollout sampled from), vocab-parallel under TP."""
+    distribution the rollout sampled from), vocab-parallel under TP. ``clip_eps_high`` / ``dual_clip``: as in
+    ``core.ppo_policy_loss``. ``weighted``: the batch carries ``token_weights`` (``core.loss_token_weights``
+    of the global mini-batch), which scale each token's policy and KL loss: a sequence-level aggregation."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
     kl_coef: float = 0.0
     kl_kind: str = "k3"
+    clip_eps_high: Optional[float] = None
+    dual_clip: float = 0.0
+    weighted: bool = False
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
@@ -58,12 +64,12 @@ class PolicyObjective:
     @property
     def batch_keys(self) -> tuple[str, ...]:
         keys = ("input_ids", "attention_mask", "labels", "old_logprobs", "advantages")
-        return keys + ("ref_logprobs",) if self.kl_coef > 0 else keys
+        return keys + ("ref_logprobs",) * (self.kl_coef > 0) + ("token_weights",) * self.weighted
 
     @property
     def stat_names(self) -> tuple[str, ...]:
         names = ("clipfrac", "approx_kl", "entropy")
-        return names + ("ref_kl",) if self.kl_coef > 0 else names
+        return names + ("ref_kl",) * (self.kl_coef > 0) + ("dual_clipfrac",) * (self.dual_clip > 0)
 
     def normalizer(self, batch: dict) -> int:
         return _tokens(batch)
@@ -82,13 +88,22 @@ class PolicyObjective:
             record_vocab_parallel_loss(layout, labels.numel(), with_entropy=True)
         logprobs, entropy = kernels.token_logprobs(logits[None], labels.clamp(min=0), group=group,
                                                    return_entropy=True, backend=backend)
+        weights = _at_outputs(mb, "token_weights") if self.weighted else None
         loss, stats = ppo_policy_loss(logprobs, _at_outputs(mb, "old_logprobs"), _at_outputs(mb, "advantages"), mask,
-                                      self.clip_eps, reduction="sum")
+                                      self.clip_eps, reduction="sum", clip_eps_high=self.clip_eps_high,
+                                      dual_clip=self.dual_clip, weights=weights)
         out = [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
         if self.kl_coef > 0:
-            ref_kl = kl_penalty(logprobs, _at_outputs(mb, "ref_logprobs"), mask, self.kl_kind, reduction="sum")
-            loss = loss + self.kl_coef * ref_kl
+            ref_logprobs = _at_outputs(mb, "ref_logprobs")
+            ref_kl = kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum")
+            if weights is not None:  # the loss term aggregated like the policy loss; the stat stays per token
+                loss = loss + self.kl_coef * kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum",
+                                                        weights=weights)
+            else:
+                loss = loss + self.kl_coef * ref_kl
             out.append(ref_kl.detach())
+        if self.dual_clip > 0:
+            out.append(stats["dual_clipfrac"])
         return loss, out
 
 

@@ -75,9 +75,9 @@ from engine.model.glm import head_positions, last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (GROUP_ESTIMATORS, RunningMoments, adaptive_kl_coef, gae_advantages, group_advantages,
-                              kl_estimate, masked_mean, masked_whiten, reference_baseline, reward_spread_filter,
-                              shape_rewards)
+from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, RunningMoments, adaptive_kl_coef, gae_advantages,
+                              group_advantages, kl_estimate, loss_token_weights, masked_mean, masked_whiten,
+                              reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.batches import pack_padded_rows
@@ -135,6 +135,18 @@ class PPOConfig:
     log-probs, values, scores, losses and gradients for less padding compute. micro_batch_size and
     score_micro_batch_size then count packed rows; a step takes as many as its mini-batch needs."""
     clip_eps: float = 0.2
+    """The policy ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: Optional[float] = None
+    """Upper clip range (None: clip_eps). Larger than clip_eps: DAPO's clip-higher (e.g. 0.28 with 0.2), so
+    unlikely tokens with a positive advantage can gain more per step."""
+    dual_clip: float = 0.0
+    """0: off; c > 1 (usually 3): dual-clip PPO, the loss of a negative-advantage token capped at -c A, so a
+    ratio far above 1 cannot make an unbounded step (``core.ppo_policy_loss``)."""
+    loss_agg_mode: str = "token-mean"
+    """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
+    (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
+    alike: the original GRPO), "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr. GRPO: summed over
+    tokens, divided by max_new_tokens). The value loss stays a token mean."""
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
     """Weight of the per-token KL(actor || reference) penalty in the reward (the initial one when
@@ -257,6 +269,13 @@ class PPOConfig:
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
             problems.append(f"temperature={self.temperature} must be > 0, top_p={self.top_p} in (0, 1], "
                             f"top_k={self.top_k} >= 0")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            problems.append(f"clip_eps_high={self.clip_eps_high} must be > 0 (or null: clip_eps)")
+        if not (self.dual_clip == 0 or self.dual_clip > 1):
+            problems.append(f"dual_clip={self.dual_clip} must be 0 (off) or > 1 (the cap -c A on negative advantages; "
+                            "3 is usual)")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            problems.append(f"loss_agg_mode={self.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip_eps > 0 and self.value_clip_eps > 0):
             problems.append(f"gamma={self.gamma} and lam={self.lam} must be in [0, 1], clip_eps={self.clip_eps} "
                             f"and value_clip_eps={self.value_clip_eps} > 0")
@@ -398,7 +417,8 @@ class PPOLoop:
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
                                      layout, model_config, train, LRSchedule(actor_lr, steps),
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
-                                                     config.kl_loss_kind))
+                                                     config.kl_loss_kind, config.clip_eps_high, config.dual_clip,
+                                                     weighted=config.loss_agg_mode != "token-mean"))
         self.critic_trainer = None
         if self.uses_critic:
             self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
@@ -840,8 +860,11 @@ class PPOLoop:
             if step.peak_memory_bytes is not None:
                 peaks.append(step.peak_memory_bytes)
 
-        def rows_of(rows: torch.Tensor) -> dict:
+        def rows_of(rows: torch.Tensor, weighted: bool = False) -> dict:
             mb = {k: v[rows] for k, v in batch.items()}
+            if weighted:  # over the whole mini-batch, before the Trainer splits it over micro-batches and ranks
+                mb["token_weights"] = loss_token_weights(mb["labels"] != IGNORE_INDEX, c.loss_agg_mode,
+                                                         c.max_new_tokens)
             if not c.pack_sequences:
                 return mb
             # sequences without a trained token (filtered prompts, empty responses) add nothing to the loss:
@@ -854,7 +877,7 @@ class PPOLoop:
             extra = ()
             if c.ptx_coef > 0:
                 extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
-            mb = rows_of(rows)
+            mb = rows_of(rows, weighted=c.loss_agg_mode != "token-mean")
             actor = self.actor_trainer.train_step(mb, extra=extra)
             add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, "update_rows": len(mb["labels"]),
                  **actor.stats}, actor)
