@@ -137,7 +137,7 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
                          "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function)")
     if run.reward.function:
         from engine.rlhf.rewards import load_reward_fn
-        load_reward_fn(run.reward.function)  # a typo or import error fails here, before any process starts
+        load_reward_fn(run.reward.function)  # a typo or an import error fails here, before any model is loaded
     if ck.critic_from and run.ppo.advantage_estimator != "gae":
         raise ValueError(f"--critic-from {ck.critic_from}: advantage_estimator={run.ppo.advantage_estimator!r} "
                          "trains no critic (drop --critic-from, or use gae)")
@@ -317,7 +317,7 @@ def train_ppo(run: RLHFRun) -> int:
             if run.reward.function:
                 from engine.rlhf.rewards import FunctionReward, load_reward_fn
                 reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts, records,
-                                           name=run.reward.function)
+                                           name=run.reward.function, vocab_size=tokenizer.vocab_size)
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
@@ -330,7 +330,10 @@ def train_ppo(run: RLHFRun) -> int:
                                fingerprint, allow_missing=("value_head.",))
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
-                           ptx_batches=ptx, reward_fn=reward_fn)
+                           ptx_batches=ptx, reward_fn=reward_fn,
+                           reward_source=" + ".join(x for x in (ck.reward_from and f"reward model {ck.reward_from}",
+                                                                run.reward.function and f"function {run.reward.function}")
+                                                    if x))
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))
         try:

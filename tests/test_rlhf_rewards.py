@@ -49,7 +49,9 @@ def _expected(prompts, rollout, loop) -> torch.Tensor:
 def test_load_reward_fn_by_module_or_file_and_its_errors(tmp_path):
     assert load_reward_fn("engine.rlhf.rewards:math_answer") is math_answer
     path = tmp_path / "my_reward.py"
-    path.write_text("def score(prompt, response, sample):\n    return 2.5\nLIMIT = 3\n")
+    (tmp_path / "my_reward_helpers.py").write_text("VALUE = 2.5\n")  # imported from beside the file
+    path.write_text("from my_reward_helpers import VALUE\ndef score(prompt, response, sample):\n    return VALUE\n"
+                    "LIMIT = 3\n")
     assert load_reward_fn(f"{path}:score")("p", "r", {}) == 2.5
     (tmp_path / "broken.py").write_text("raise RuntimeError('no sandbox here')\n")
     for spec, needle in [("engine.rlhf.rewards", "expected 'package.module:function'"),
@@ -68,6 +70,11 @@ def test_load_reward_fn_by_module_or_file_and_its_errors(tmp_path):
     ("first \\boxed{3}, then \\boxed{4}", "4"),
     ("\\boxed{7 unclosed, but 12 is the last number", "12"),
     ("Natalia sold 48 + 24 = 72 clips.\n#### 72\nextra", "72"),
+    ("#### 72 clips", "72"),
+    ("#### Paris", "Paris"),
+    ("pages 10-12", "12"),
+    ("she has 3,4", "4"),
+    ("1,000,000 grains", "1,000,000"),
     ("12 eggs, 3 eaten, 4 baked: 5 left", "5"),
     ("-3.5 degrees", "-3.5"),
     ("no numbers at all", None),
@@ -78,6 +85,7 @@ def test_final_answer(text, answer):
 
 def test_math_answer_normalises_both_sides():
     assert normalize_answer(" $1,000.0. ") == "1000" and normalize_answer("0.50") == "0.5"
+    assert normalize_answer("123456789012345678") != normalize_answer("123456789012345679")  # exact, not float
     assert normalize_answer("Paris.") == "paris"
     assert math_answer("q", "#### 1,000", {"answer": 1000}) == 1.0
     assert math_answer("q", "it is \\boxed{Paris}", {"answer": "paris"}) == 1.0
@@ -105,6 +113,16 @@ def test_function_reward_decodes_the_masked_response_and_rejects_bad_scores():
                                 "ZeroDivisionError")]:
         with pytest.raises(error, match=needle):
             FunctionReward(bad, _decode, ["p0"], name="bad")(*rows)
+    # ids beyond the tokenizer's vocabulary (a padded model vocabulary) have no text: left out
+    wide = FunctionReward(fn, _decode, ["p0"], vocab_size=7)
+    seen.clear()
+    wide(torch.tensor([0]), torch.tensor([[5, 9, 6]]), torch.tensor([[1, 1, 1]]))
+    assert seen == [("p0", "5 6", "p0")]
+
+    def strict_decode(ids):
+        raise ValueError(f"token ids {ids} are outside the vocabulary")
+    with pytest.raises(RuntimeError, match="failed on row 0 \\(prompt 0: 'p0', decoding the response\\): ValueError"):
+        FunctionReward(fn, strict_decode, ["p0"], name="fn")(*rows)
     with pytest.raises(ValueError, match="2 prompts but 1 sample records"):
         FunctionReward(fn, _decode, ["a", "b"], [{}])
     with pytest.raises(ValueError, match=r"must be \[n\], \[n, T\] and \[n, T\]"):
@@ -158,6 +176,28 @@ def test_reward_model_and_function_add_up_also_for_the_reference_baseline():
     assert stats["reward_function"] == pytest.approx(parts["reward_function"].mean().item())
 
 
+def test_resuming_with_another_reward_recomputes_the_reference_baselines(tmp_path):
+    """The reference baselines and score statistics are saved with the reward that made them: a run resumed
+    with the same reward keeps them, one resumed with another (here: a function added) starts them over."""
+    prompts = _prompts()
+
+    def loop(reward_fn=None, source="reward model rm"):
+        return PPOLoop(_ppo(normalize_scores=True), _config(), ParallelLayout.single(), *_models(seed=9), prompts,
+                       [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=reward_fn, reward_source=source)
+    first = loop()
+    first.iteration()
+    first.save(tmp_path)
+    assert first._baseline_cache and first.score_moments.count > 0
+    same = loop()
+    same.load(tmp_path)
+    assert same._baseline_cache == first._baseline_cache and same.score_moments.count == first.score_moments.count
+    other = loop(_function_reward(prompts), "reward model rm + function f")
+    with pytest.warns(UserWarning, match="saved with reward 'reward model rm', resumed with 'reward model rm \\+ "
+                                         "function f': the reference baselines are recomputed"):
+        other.load(tmp_path)
+    assert other._baseline_cache == {} and other.score_moments.count == 0 and other.iterations_done == 1
+
+
 def _even_first_token(prompt, response, sample) -> float:
     tokens = response.split()
     return float(bool(tokens) and int(tokens[0]) % 2 == 0)
@@ -201,6 +241,12 @@ def _rank_fn(prompt, response, sample) -> float:
     return float(torch.distributed.get_rank()) * 1000 + len(response.split())
 
 
+def _fails_on_rank_0(prompt, response, sample) -> float:
+    if torch.distributed.get_rank() == 0:
+        raise ConnectionError("sandbox unreachable")
+    return 0.0
+
+
 def _world2_reward_fn(rank, world_size, states):
     from tests.test_rlhf_ppo import _sharded
     prompts = _prompts()
@@ -212,6 +258,15 @@ def _world2_reward_fn(rank, world_size, states):
                        [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts, _rank_fn))
         rollout, _ = loop.rollout(0)
         out[name] = (rollout.scores.tolist(), rollout.response_mask.sum(1).tolist())
+    # a function that fails on the rank that runs it: every rank of the group raises, none waits
+    layout = ParallelLayout.build(ParallelDims(tp=2), name="failing")
+    actor, _, reference, _ = _sharded(states, layout)
+    loop = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), layout, actor, None, reference, None, prompts,
+                   [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts, _fails_on_rank_0))
+    try:
+        loop.rollout(0)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -229,6 +284,10 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
         scores, lengths = r["dp2"]
         half = len(scores) // 2
         assert scores == [float(n) for n in lengths[:half]] + [1000.0 + n for n in lengths[half:]]
+    assert results[0]["error"].startswith("RuntimeError: reward function _fails_on_rank_0 failed on row 0")
+    assert "ConnectionError: sandbox unreachable" in results[0]["error"]
+    assert results[1]["error"] == ("RuntimeError: the reward function failed on rank 0, which scores this rank's "
+                                   "rows (its error is in that rank's output)")
 
 
 # ---- launch.rlhf -------------------------------------------------------------------------------------------

@@ -350,7 +350,9 @@ class PPOLoop:
     ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone).
     ``reward_fn(prompt_index [n], responses [n, T], response_mask [n, T]) -> [n]`` (``rewards.FunctionReward``;
     prompt_index into ``prompts``): a rule-based score, added to the reward model's when both are given; it
-    runs on one rank of each model-parallel group, whose other ranks receive its scores.
+    runs on one rank of each model-parallel group, whose other ranks receive its scores. ``reward_source``:
+    what the reward is (e.g. the checkpoint and function names), saved with the reference baselines; a run
+    resumed with another reward recomputes them.
     ``prompts``: token-id lists (chat prompts ending in the
     assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data;
     needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
@@ -359,7 +361,8 @@ class PPOLoop:
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
-                 ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None):
+                 ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None,
+                 reward_source: Optional[str] = None):
         if layout.cp_size > 1:  # sampling decodes with a KV cache, which needs whole sequences on a rank
             raise ValueError(f"PPO does not support context parallelism (layout cp={layout.cp_size}): build the "
                              "RLHF layout with cp=1")
@@ -383,7 +386,7 @@ class PPOLoop:
             raise ValueError("PPO needs a reward: a reward model, a reward function (reward_fn), or both")
         self.actor, self.critic = _chunks(actor), _chunks(critic) if self.uses_critic else []
         self.reference, self.reward = _chunks(reference), _chunks(reward) if reward is not None else []
-        self.reward_fn = reward_fn
+        self.reward_fn, self.reward_source = reward_fn, reward_source
         models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
                   ("reward", self.reward)]
         for name, chunks in models:
@@ -589,21 +592,33 @@ class PPOLoop:
                      ) -> torch.Tensor:
         """``reward_fn`` scores ``[n]`` (fp32, on the device) of this DP replica's rows: computed on the first rank
         of the model-parallel group and broadcast to the others ("rollout" traffic), so every rank of the
-        replica trains on the same scores even if the function is not deterministic."""
+        replica trains on the same scores even if the function is not deterministic. When the function
+        fails, the broadcast carries a failure flag instead, so every rank of the group raises (the source
+        rank the function's own error) rather than waiting for scores that never come."""
         layout = self.layout
-        source = layout.mp_ranks[0]
+        source, n = layout.mp_ranks[0], prompt_index.numel()
+        message = torch.zeros(n + 1, dtype=torch.float32, device=self.device)  # n scores, then 1.0 on failure
+        error = None
         if layout.rank == source:
             origin = self.prompt_source[prompt_index.cpu()]  # the caller's prompt numbering
             t0 = time.perf_counter()
-            scores = self.reward_fn(origin, responses.cpu(), response_mask.cpu())
+            try:
+                scores = torch.as_tensor(self.reward_fn(origin, responses.cpu(), response_mask.cpu()),
+                                         dtype=torch.float32)
+                if scores.shape != prompt_index.shape:
+                    raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for {n} rows: one "
+                                     "score per row")
+                message[:n] = scores.to(self.device)
+            except Exception as e:
+                error, message[n] = e, 1.0
             self._reward_fn_seconds += time.perf_counter() - t0
-            if scores.shape != prompt_index.shape:
-                raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for "
-                                 f"{prompt_index.numel()} rows: one score per row")
-            scores = scores.to(self.device, torch.float32)
-        else:
-            scores = torch.empty(prompt_index.shape, dtype=torch.float32, device=self.device)
-        return comm.broadcast(scores, source, layout.mp_group, layout.ledger, "rollout")
+        comm.broadcast(message, source, layout.mp_group, layout.ledger, "rollout")
+        if error is not None:
+            raise error
+        if message[n] != 0:
+            raise RuntimeError(f"the reward function failed on rank {source}, which scores this rank's rows (its "
+                               "error is in that rank's output)")
+        return message[:n]
 
     def _rewards(self, prompt_index: torch.Tensor, sequences: torch.Tensor, attention: torch.Tensor,
                  responses: torch.Tensor, response_mask: torch.Tensor, packed: Optional[dict] = None
@@ -621,8 +636,8 @@ class PPOLoop:
         return scores, parts if len(parts) > 1 else {}
 
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:
-        """r(x, y_ref) per row: the reward model's score of the reference model's greedy response to the
-        row's prompt, computed once per prompt (cached). Collective over the model-parallel group (the
+        """r(x, y_ref) per row: the score (``_rewards``: reward model and/or function) of the reference model's
+        greedy response to the row's prompt, computed once per prompt (cached). Collective over the model-parallel group (the
         ranks of one training DP replica hold the same rows)."""
         c = self.config
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
@@ -929,6 +944,7 @@ class PPOLoop:
             if name == "actor":
                 extra["advantage_estimator"] = self.config.advantage_estimator
                 extra["reference_baselines"] = merged
+                extra["reward_source"] = self.reward_source
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
             if async_save and name not in self._savers:
@@ -1020,6 +1036,13 @@ class PPOLoop:
         self.iterations_done = int(states["actor"]["iteration"])
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
         self.score_moments.load_state_dict(states["actor"]["score_moments"])
+        saved_reward = states["actor"].get("reward_source")  # absent in checkpoints from before it was recorded
+        if "reward_source" in states["actor"] and saved_reward != self.reward_source:
+            # scores on another reward's scale: the cached baselines and the score statistics start over
+            import warnings
+            warnings.warn(f"{directory}: saved with reward {saved_reward!r}, resumed with {self.reward_source!r}: "
+                          "the reference baselines are recomputed and the score statistics restart")
+            self._baseline_cache, self.score_moments = {}, RunningMoments()
         # The adapted coefficient is run state, resumed with the run; a fixed one is configuration, so the
         # resuming run's value holds (also for checkpoints written before the controller existed).
         if self.config.kl_target > 0 and "kl_coef" in states["actor"]:

@@ -22,6 +22,7 @@ import importlib.util
 import math
 import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -45,6 +46,9 @@ def load_reward_fn(spec: str) -> RewardFn:
         module_name = f"_reward_fn_{abs(hash(str(path.resolve())))}"
         module = sys.modules.get(module_name)
         if module is None:
+            # helpers beside the file import as in a script run from its folder (appended: never shadowing)
+            if str(path.resolve().parent) not in sys.path:
+                sys.path.append(str(path.resolve().parent))
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
             try:
@@ -68,12 +72,15 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 # ---- built-in checker ----------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number: an optional sign that does not follow a digit ("10-12" is two numbers), digits with thousands
+# separators only in groups of three ("3,4" is two numbers), an optional decimal part.
+_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\d.])-?\.\d+")
 
 
 def final_answer(text: str) -> Optional[str]:
     """The answer a response commits to: the last ``\\boxed{...}`` (braces may nest), else what follows the
-    last ``####`` on its line, else the last number; None when there is none."""
+    last ``####`` on its line (its leading number when it starts with one: ``#### 72 clips`` is 72), else the
+    last number; None when there is none."""
     start = text.rfind("\\boxed{")
     if start >= 0:
         depth, i = 1, start + len("\\boxed{")
@@ -85,23 +92,22 @@ def final_answer(text: str) -> Optional[str]:
     if "####" in text:
         answer = text.rsplit("####", 1)[1].strip().splitlines()
         if answer and answer[0].strip():
-            return answer[0].strip()
+            number = _NUMBER.match(answer[0].strip())
+            return number.group() if number else answer[0].strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
 
 def normalize_answer(answer: str) -> str:
-    """Comparable form: surrounding space, ``$`` and a final period dropped, case folded, thousands
-    separators removed and numbers written canonically (``"1,000.0"`` -> ``"1000"``)."""
+    """Comparable form: surrounding space, ``$`` and a final period dropped, case folded; a number written
+    canonically and exactly (``"1,000.0"`` -> ``"1000"``, ``"0.50"`` -> ``"0.5"``; no float rounding)."""
     s = answer.strip().strip("$").strip().rstrip(".").strip().lower()
-    plain = s.replace(",", "")
-    if _NUMBER.fullmatch(s) or _NUMBER.fullmatch(plain):
-        try:
-            value = float(plain)
-        except ValueError:
-            return s
-        return str(int(value)) if value.is_integer() else repr(value)
-    return s
+    if not _NUMBER.fullmatch(s):
+        return s
+    value = Decimal(s.replace(",", ""))
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
 
 
 def math_answer(prompt: str, response: str, sample: Mapping) -> float:
@@ -119,15 +125,19 @@ class FunctionReward:
 
     ``fn(prompt text, response text, sample) -> number``; ``decode(token ids) -> text`` (the tokenizer's,
     dropping special tokens such as the stop token); ``prompts`` / ``samples``: the prompt texts and their
-    records, indexed like the prompt list given to the PPO loop. ``name``: how errors name the function."""
+    records, indexed like the prompt list given to the PPO loop. ``name``: how errors name the function.
+    ``vocab_size``: the tokenizer's; sampled ids at or above it (a model vocabulary padded beyond the
+    tokenizer's, as ChatGLM's) have no text and are left out of the decoded response."""
 
     def __init__(self, fn: RewardFn, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
-                 samples: Optional[Sequence[Mapping]] = None, name: Optional[str] = None):
+                 samples: Optional[Sequence[Mapping]] = None, name: Optional[str] = None,
+                 vocab_size: Optional[int] = None):
         samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
         if len(samples) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
         self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
         self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self.vocab_size = vocab_size
 
     def __call__(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
                  ) -> torch.Tensor:
@@ -142,12 +152,15 @@ class FunctionReward:
         scores = []
         for row, (p, tokens, mask) in enumerate(zip(prompt_index.tolist(), responses.tolist(),
                                                     response_mask.bool().tolist())):
-            text = self.decode([t for t, m in zip(tokens, mask) if m])
+            text = None
             try:
+                text = self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None
+                                                                              or t < self.vocab_size)])
                 value = self.fn(self.prompts[p], text, self.samples[p])
             except Exception as e:
+                what = "decoding the response" if text is None else f"response {text[:60]!r}"
                 raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
-                                   f"{self.prompts[p][:60]!r}, response {text[:60]!r}): {type(e).__name__}: {e}") from e
+                                   f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
             try:
                 value = float(value)
             except (TypeError, ValueError):
