@@ -22,6 +22,8 @@ PLOTS = {
     "mfu": ("mfu", "MFU"),
     "reward": ("reward", "reward"),
     "reward_vs_reference": ("reward_vs_reference", "reward - reference answer's reward"),
+    "eval_reward": ("eval_reward", "held-out reward (greedy answers)"),
+    "eval_win_rate": ("eval_win_rate", "held-out win rate vs the reference (by the reward)"),
     "kl": ("kl", "KL"),
     "response_length": ("response_length", "response tokens"),
     "value_loss": ("value_loss", "critic value loss"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import yaml
 
@@ -47,6 +48,10 @@ class RLHFData:
     """JSONL of ``{"prompt": str}`` lines; None: the built-in questions."""
     ptx_path: Optional[str] = None
     """Chat indexed dataset for PPO-ptx; None: the built-in conversations."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts (JSONL like ``prompts``) evaluated every ``ppo.eval_interval`` iterations."""
+    eval_fraction: float = 0.0
+    """Or: hold out this fraction of the prompts (seeded) for evaluation instead."""
     tokenizer_cache: Optional[str] = None
     """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
 
@@ -146,6 +151,16 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
             raise ValueError(f"{name}.mixed_precision must be fp32 or bf16")
     for lr in (run.actor_lr, run.critic_lr):
         lr.validate()
+    d = run.data
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.eval_prompts and d.eval_fraction:
+        raise ValueError("give data.eval_prompts or data.eval_fraction, not both")
+    held_out = bool(d.eval_prompts or d.eval_fraction)
+    if held_out != bool(run.ppo.eval_interval):
+        raise ValueError("evaluation needs both held-out prompts (--eval-prompts FILE or --eval-fraction F) and "
+                         f"--eval-interval N > 0; got eval_interval={run.ppo.eval_interval} and "
+                         + (f"eval_prompts={d.eval_prompts!r}" if d.eval_prompts else f"eval_fraction={d.eval_fraction}"))
     if ck.save_interval < 0 or (ck.save_interval and not ck.save):
         raise ValueError(f"checkpoint.save_interval={ck.save_interval} must be >= 0 and needs --save DIR")
     if ck.keep_last is not None and ck.keep_last < 1:
@@ -192,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack prompt + response sequences into rows for scoring and updates (no padding compute; "
                         "on in configs/runs/ppo.yaml)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--eval-interval", type=int, help="evaluate on the held-out prompts every N iterations (and at "
+                   "the end): greedy answers of the actor vs the reference, scored by the reward")
+    p.add_argument("--eval-prompts", help="held-out prompts JSONL (like data.prompts)")
+    p.add_argument("--eval-fraction", type=float, help="hold out this fraction of the prompts for evaluation")
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
     p.add_argument("--reward-fn", help="rule-based reward: module:function or path/file.py:function, called as "
@@ -210,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
-              "loss_agg_mode")
+              "loss_agg_mode", "eval_interval")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 
@@ -222,6 +241,9 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
+    for name in ("eval_prompts", "eval_fraction"):
+        if getattr(args, name) is not None:
+            out.setdefault("data", {})[name] = getattr(args, name)
     if args.reward_fn is not None:
         out["reward"] = {"function": args.reward_fn}
     for name in ("tp", "pp", "vpp", "log_dir", "model"):
@@ -280,6 +302,26 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
                           ("input_ids", "labels", "attention_mask"))
 
 
+def split_eval(records: list[dict], data: RLHFData, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) prompt records: ``data.eval_prompts`` read, or ``data.eval_fraction`` of ``records``
+    (at least one, chosen by a seeded permutation; both lists keep the file's order); else no held-out."""
+    if data.eval_prompts:
+        return records, read_prompts(data.eval_prompts)
+    if not data.eval_fraction:
+        return records, []
+    k = max(1, round(data.eval_fraction * len(records)))
+    if k >= len(records):
+        raise ValueError(f"data.eval_fraction={data.eval_fraction} of {len(records)} prompts leaves none to train on")
+    held = set(np.random.default_rng([seed, 11]).permutation(len(records))[:k].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def print_eval(stats: dict) -> None:
+    print(f"eval {stats['step']:4d}  reward {stats['eval_reward']:+.3f}  reference {stats['eval_reference_reward']:+.3f}"
+          f"  win rate {stats['eval_win_rate']:.2f}  len {stats['eval_response_length']:.1f}"
+          f"  [{stats['eval_s']:.1f}s]", flush=True)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, allow_missing=()):
     from engine.parallel.pipeline import build_model_chunks
@@ -311,13 +353,16 @@ def train_ppo(run: RLHFRun) -> int:
             else:
                 from engine.data.builtin import builtin_prompts
                 records = [{"prompt": t} for t in builtin_prompts()]
+            records, eval_records = split_eval(records, run.data, c.seed)
             texts = [r["prompt"] for r in records]
             prompts = [tokenizer.encode_prompt(t) for t in texts]
+            eval_texts = [r["prompt"] for r in eval_records]
             reward_fn = None
-            if run.reward.function:
+            if run.reward.function:  # numbering: the training prompts, then the held-out ones (PPOLoop)
                 from engine.rlhf.rewards import FunctionReward, load_reward_fn
-                reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts, records,
-                                           name=run.reward.function, vocab_size=tokenizer.vocab_size)
+                reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts + eval_texts,
+                                           records + eval_records, name=run.reward.function,
+                                           vocab_size=tokenizer.vocab_size)
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
@@ -331,6 +376,7 @@ def train_ppo(run: RLHFRun) -> int:
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx, reward_fn=reward_fn,
+                           eval_prompts=[tokenizer.encode_prompt(t) for t in eval_texts],
                            reward_source=" + ".join(x for x in (ck.reward_from and f"reward model {ck.reward_from}",
                                                                 run.reward.function and f"function {run.reward.function}")
                                                     if x))
@@ -358,6 +404,7 @@ def train_ppo(run: RLHFRun) -> int:
                   + f"), tp={layout.tp_size} "
                   f"pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"
+                  + (f" + {len(loop.eval_prompts)} held out" if loop.eval_prompts else "")
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
         try:
@@ -372,10 +419,17 @@ def train_ppo(run: RLHFRun) -> int:
                              + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
                              + f"  clip {stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
                           + f"  [{stats['seconds']:.1f}s]", flush=True)
+                    if "eval_reward" in stats:
+                        print_eval(stats)
                 if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
                     loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
             if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
                 loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
+            if c.eval_interval:  # the final policy, in a record of its own
+                stats = {"step": loop.iterations_done, **loop.evaluate()}
+                if writer is not None:
+                    writer.write_record(stats)
+                    print_eval(stats)
         except BaseException:
             close_after_error(loop.close_savers, PROG)  # the PPO error is the one to report
             raise

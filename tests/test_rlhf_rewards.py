@@ -198,6 +198,51 @@ def test_resuming_with_another_reward_recomputes_the_reference_baselines(tmp_pat
     assert other._baseline_cache == {} and other.score_moments.count == 0 and other.iterations_done == 1
 
 
+# ---- evaluation on held-out prompts ------------------------------------------------------------------------
+def _greedy_scored(loop, model, prompts, origin):
+    """Scores (reward model + _row_fn) and lengths of a model's greedy answers, computed here directly."""
+    ids, mask = left_pad_prompts(prompts, 8, PAD)
+    out = generate(model, ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS], pad_token_id=PAD))
+    resp, resp_mask = loop._pad_response(out.response_ids, out.response_mask)
+    rm = loop._scores(loop.reward, torch.cat([ids, resp], 1), torch.cat([mask, resp_mask], 1))
+    fn = torch.tensor([int(m.sum()) + 10.0 * o + p[0] / 100 for m, o, p in zip(resp_mask, origin, prompts)])
+    return rm + fn, resp_mask.sum(1).float()
+
+
+def test_evaluate_scores_greedy_answers_against_the_reference():
+    """evaluate(): the actor's and the reference's greedy answers to the held-out prompts, scored by the reward
+    model plus the function (which numbers held-out prompts after the training ones); equal models tie on
+    every prompt (win rate 0.5); after updates the actor's scores move and the reference's are reused. With
+    eval_interval=2, iterations 0 and 2 carry the evaluation."""
+    prompts, held_out = _prompts(), _prompts(5, seed=3)
+    loop = PPOLoop(_ppo(iterations=3, eval_interval=2), _config(), ParallelLayout.single(), *_models(seed=10),
+                   prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts + held_out),
+                   eval_prompts=held_out)
+    origin = range(len(prompts), len(prompts) + 5)
+    first = loop.evaluate()
+    scores, lengths = _greedy_scored(loop, loop.actor[0], held_out, origin)
+    assert first["eval_reward"] == pytest.approx(scores.mean().item(), abs=1e-5)
+    assert first["eval_reference_reward"] == pytest.approx(first["eval_reward"], abs=1e-6)
+    assert first["eval_win_rate"] == 0.5 and first["eval_response_length"] == lengths.mean().item()
+    reference = loop._eval_reference
+    records = [loop.iteration() for _ in range(3)]
+    assert ["eval_reward" in r for r in records] == [True, False, True]
+    assert records[0]["eval_reward"] == pytest.approx(first["eval_reward"], abs=1e-6)  # nothing trained yet
+    assert records[0]["resident_bytes_eval"] > 0
+    after = loop.evaluate()
+    assert loop._eval_reference is reference  # computed once
+    scores, _ = _greedy_scored(loop, loop.actor[0], held_out, origin)
+    assert after["eval_reward"] == pytest.approx(scores.mean().item(), abs=1e-5)
+    ref_scores, _ = _greedy_scored(loop, loop.reference[0], held_out, origin)
+    wins = ((scores > ref_scores).float() + 0.5 * (scores == ref_scores).float()).mean().item()
+    assert after["eval_win_rate"] == pytest.approx(wins)
+    with pytest.raises(ValueError, match="eval_interval=2 needs eval_prompts"):
+        PPOLoop(_ppo(eval_interval=2), _config(), ParallelLayout.single(), *_models(), prompts, [EOS], PAD)
+    with pytest.raises(ValueError, match="1 of 2 eval prompts are empty or longer than max_prompt_length=8"):
+        PPOLoop(_ppo(), _config(), ParallelLayout.single(), *_models(), prompts, [EOS], PAD,
+                eval_prompts=[[5, 6], list(range(3, 13))])
+
+
 def _even_first_token(prompt, response, sample) -> float:
     tokens = response.split()
     return float(bool(tokens) and int(tokens[0]) % 2 == 0)
@@ -258,6 +303,11 @@ def _world2_reward_fn(rank, world_size, states):
                        [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts, _rank_fn))
         rollout, _ = loop.rollout(0)
         out[name] = (rollout.scores.tolist(), rollout.response_mask.sum(1).tolist())
+        if name != "tp2":  # evaluation over 5 held-out prompts: sliced over dp=2 (padded), sampled on pp=2
+            actor, _, reference, reward = _sharded(states, layout)
+            loop = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), layout, actor, None, reference, reward,
+                           prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR, eval_prompts=_prompts(5, seed=3))
+            out[f"{name}_eval"] = loop.evaluate()
     # a function that fails on the rank that runs it: every rank of the group raises, none waits
     layout = ParallelLayout.build(ParallelDims(tp=2), name="failing")
     actor, _, reference, _ = _sharded(states, layout)
@@ -272,10 +322,19 @@ def _world2_reward_fn(rank, world_size, states):
 
 def test_function_scores_are_computed_once_per_model_parallel_group():
     """tp=2 and pp=2: rank 0 runs the function and rank 1 receives its scores (rank 1's own would differ);
-    dp=2: each replica's first rank scores its own rows."""
+    dp=2: each replica's first rank scores its own rows. Also: evaluate() on dp=2 and pp=2 equals one
+    process."""
     models = _models(seed=8)
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     results = run_distributed(_world2_reward_fn, 2, states, timeout=240)
+    actor, _, reference, reward = models
+    single = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), ParallelLayout.single(), actor, None, reference,
+                     reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR, eval_prompts=_prompts(5, seed=3)).evaluate()
+    for r in results:
+        for case in ("dp2_eval", "pp2_eval"):
+            for key in ("eval_reward", "eval_reference_reward", "eval_win_rate", "eval_response_length"):
+                # fp32, other reduction orders over stages; the greedy tokens are the same
+                assert r[case][key] == pytest.approx(single[key], abs=1e-5), (case, key)
     for case in ("tp2", "pp2"):
         assert results[0][case] == results[1][case]
         scores, lengths = results[0][case]
@@ -302,13 +361,19 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     assert "and a reward: --reward-from" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-fn", "engine.rlhf.rewards:nothing"]) == 2
     assert "has no attribute 'nothing'" in capsys.readouterr().err
+    for flags in (["--eval-interval", "2"], ["--eval-fraction", "0.1"]):
+        assert main(["--actor-from", "a", "--reward-from", "b", *flags]) == 2
+        assert "evaluation needs both held-out prompts" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--eval-fraction", "0.1", "--eval-prompts", "e.jsonl",
+                 "--eval-interval", "1"]) == 2
+    assert "give data.eval_prompts or data.eval_fraction, not both" in capsys.readouterr().err
 
     config = GLMConfig.preset("tiny").replace(num_layers=2)
     (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "points": i}) + "\n"
-                                                    for i in range(4)))
+                                                    for i in range(5)))
     (tmp_path / "points.py").write_text("def points(prompt, response, sample):\n"
                                         "    assert prompt.startswith('What is')\n"
                                         "    return sample['points']\n")
@@ -319,10 +384,14 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     cmd = [sys.executable, "-m", "launch.rlhf", "--config", str(config_file), "--model", str(tmp_path / "model.yaml"),
            "--iterations", "1", "--rollout-prompts", "4", "--samples-per-prompt", "2", "--mini-batch-size", "8",
            "--micro-batch-size", "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
-           "--reward-fn", f"{tmp_path / 'points.py'}:points", "--log-dir", str(tmp_path / "run")]
+           "--reward-fn", f"{tmp_path / 'points.py'}:points", "--log-dir", str(tmp_path / "run"),
+           "--eval-fraction", "0.2", "--eval-interval", "1"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 models, reward function" in proc.stdout
-    (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert line["reward"] == 1.5  # every prompt once, twice each: the mean of 0..3
+    assert "3 models, reward function" in proc.stdout and "4 prompts + 1 held out" in proc.stdout
+    line, final = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the 4 training prompts once each (twice sampled) and the held-out one: their points sum to 0 + ... + 4
+    assert line["reward"] * 4 + line["eval_reward"] == 10 and line["eval_reward"] in range(5)
     assert line["reward_fn_s"] >= 0 and math.isfinite(line["value_loss"])
+    assert final["step"] == 1 and final["eval_reward"] == line["eval_reward"] and final["eval_win_rate"] == 0.5
+    assert proc.stdout.count("eval ") == 2

@@ -190,6 +190,9 @@ class PPOConfig:
     """Clip the (normalised) scores to [-score_clip, score_clip] (0: off)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the language-model loss on SFT data in the actor's step (0: off)."""
+    eval_interval: int = 0
+    """Evaluate on the held-out prompts (``PPOLoop(eval_prompts=...)``) every this many iterations, at the start
+    of the iteration (its record then describes the policy after that many updates); 0: never."""
     offload: bool = False
     """Keep the models and optimizer states a phase does not use in host memory (module docstring): the
     device holds one model (or the generation copy and its KV cache) at a time, for two host copies
@@ -259,6 +262,8 @@ class PPOConfig:
         for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
+        if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
+            problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer (0: no evaluation)")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
             problems.append(f"kl_horizon={self.kl_horizon!r} must be a positive integer (samples)")
         if self.kl_target > 0 and not self.kl_coef > 0:
@@ -352,7 +357,8 @@ class PPOLoop:
     prompt_index into ``prompts``): a rule-based score, added to the reward model's when both are given; it
     runs on one rank of each model-parallel group, whose other ranks receive its scores. ``reward_source``:
     what the reward is (e.g. the checkpoint and function names), saved with the reference baselines; a run
-    resumed with another reward recomputes them.
+    resumed with another reward recomputes them. ``eval_prompts``: held-out prompts for ``evaluate``; the
+    reward function numbers them after ``prompts`` (eval prompt j is ``len(prompts) + j``).
     ``prompts``: token-id lists (chat prompts ending in the
     assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data;
     needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
@@ -362,7 +368,7 @@ class PPOLoop:
                  actor_optim: OptimizerConfig = OptimizerConfig(), critic_optim: OptimizerConfig = OptimizerConfig(),
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None,
-                 reward_source: Optional[str] = None):
+                 reward_source: Optional[str] = None, eval_prompts: Sequence[Sequence[int]] = ()):
         if layout.cp_size > 1:  # sampling decodes with a KV cache, which needs whole sequences on a rank
             raise ValueError(f"PPO does not support context parallelism (layout cp={layout.cp_size}): build the "
                              "RLHF layout with cp=1")
@@ -410,6 +416,16 @@ class PPOLoop:
             raise ValueError(f"{len(self.prompts)} prompts fit max_prompt_length={config.max_prompt_length} "
                              f"({self.dropped_prompts} longer ones left out), fewer than rollout_prompts="
                              f"{config.rollout_prompts}")
+        fits = [j for j, p in enumerate(eval_prompts) if 0 < len(p) <= config.max_prompt_length]
+        if len(fits) < len(eval_prompts):
+            raise ValueError(f"{len(eval_prompts) - len(fits)} of {len(eval_prompts)} eval prompts are empty or longer "
+                             f"than max_prompt_length={config.max_prompt_length}: held-out prompts are never left out "
+                             "silently; shorten or drop them")
+        self.eval_prompts = [list(p) for p in eval_prompts]
+        self.eval_source = torch.arange(len(eval_prompts)) + len(prompts)  # the reward function's numbering
+        if config.eval_interval and not self.eval_prompts:
+            raise ValueError(f"eval_interval={config.eval_interval} needs eval_prompts (held-out prompts)")
+        self._eval_reference: Optional[torch.Tensor] = None  # the reference's eval scores, computed once
         self.eos_ids, self.pad_id = list(eos_ids), int(pad_id)
         self.ptx_batches = ptx_batches
         self.seq_length = config.max_prompt_length + config.max_new_tokens
@@ -588,7 +604,7 @@ class PPOLoop:
             return values.gather(1, last[:, None]).squeeze(1).float()
         return self.forward_rows(chunks, sequences, mask, output_fn, ())
 
-    def _rule_scores(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
+    def _rule_scores(self, origin: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
                      ) -> torch.Tensor:
         """``reward_fn`` scores ``[n]`` (fp32, on the device) of this DP replica's rows: computed on the first rank
         of the model-parallel group and broadcast to the others ("rollout" traffic), so every rank of the
@@ -596,16 +612,15 @@ class PPOLoop:
         fails, the broadcast carries a failure flag instead, so every rank of the group raises (the source
         rank the function's own error) rather than waiting for scores that never come."""
         layout = self.layout
-        source, n = layout.mp_ranks[0], prompt_index.numel()
+        source, n = layout.mp_ranks[0], origin.numel()
         message = torch.zeros(n + 1, dtype=torch.float32, device=self.device)  # n scores, then 1.0 on failure
         error = None
         if layout.rank == source:
-            origin = self.prompt_source[prompt_index.cpu()]  # the caller's prompt numbering
             t0 = time.perf_counter()
             try:
-                scores = torch.as_tensor(self.reward_fn(origin, responses.cpu(), response_mask.cpu()),
+                scores = torch.as_tensor(self.reward_fn(origin.cpu(), responses.cpu(), response_mask.cpu()),
                                          dtype=torch.float32)
-                if scores.shape != prompt_index.shape:
+                if scores.shape != origin.shape:
                     raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for {n} rows: one "
                                      "score per row")
                 message[:n] = scores.to(self.device)
@@ -620,18 +635,19 @@ class PPOLoop:
                                "error is in that rank's output)")
         return message[:n]
 
-    def _rewards(self, prompt_index: torch.Tensor, sequences: torch.Tensor, attention: torch.Tensor,
-                 responses: torch.Tensor, response_mask: torch.Tensor, packed: Optional[dict] = None
-                 ) -> tuple[torch.Tensor, dict]:
-        """Scores ``[n]`` of this replica's rows (prompt_index ``[n]``, sequences / attention ``[n, S]``,
+    def _rewards(self, origin: torch.Tensor, sequences: torch.Tensor, attention: torch.Tensor,
+                 responses: torch.Tensor, response_mask: torch.Tensor, packed: Optional[dict] = None,
+                 phase: str = "score") -> tuple[torch.Tensor, dict]:
+        """Scores ``[n]`` of this replica's rows (origin ``[n]``: each row's prompt in the caller's numbering,
+        ``prompt_source`` / ``eval_source``; sequences / attention ``[n, S]``,
         responses / response_mask ``[n, T]``): the reward model's, the reward function's, or their sum; and
         the parts when both ({"reward_model", "reward_function"}: ``[n]`` each)."""
         parts = {}
         if self.reward:
-            self._resident("score", "reward")
+            self._resident(phase, "reward")
             parts["reward_model"] = self._scores(self.reward, sequences, attention, packed)
         if self.reward_fn is not None:
-            parts["reward_function"] = self._rule_scores(prompt_index, responses, response_mask)
+            parts["reward_function"] = self._rule_scores(origin, responses, response_mask)
         scores = sum(parts.values())
         return scores, parts if len(parts) > 1 else {}
 
@@ -642,21 +658,29 @@ class PPOLoop:
         c = self.config
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
         if todo:
-            greedy = SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
-                                    pad_token_id=self.pad_id)
             ids, mask = left_pad_prompts([self.prompts[i] for i in todo], c.max_prompt_length, self.pad_id)
-            if self.layout.pp_size > 1:  # no stage holds every layer: sample on a resharded reference
-                resp, resp_mask = self._generate_split("reference", ids, mask, greedy, "score")
-            else:
-                self._resident("score", "reference")
-                out = generate(self.reference[0], ids.to(self.device), mask.to(self.device), greedy)
-                resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
-            seq = torch.cat([ids.to(self.device), resp], 1)
-            seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
-            scores, _ = self._rewards(torch.tensor(todo), seq, seq_mask, resp, resp_mask)
-            scores = scores.cpu()
-            self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores)})
+            scores, _ = self._greedy_scores("reference", ids, mask, self.prompt_source[torch.tensor(todo)], "score")
+            self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores.cpu())})
         return torch.tensor([self._baseline_cache[int(i)] for i in prompt_index.tolist()], dtype=torch.float32)
+
+    def _greedy_scores(self, name: str, ids: torch.Tensor, mask: torch.Tensor, origin: torch.Tensor, phase: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[n]`` (``_rewards``) and lengths ``[n]`` of the greedy responses of model ``name`` ("actor" or
+        "reference") to this DP replica's left-padded prompts ``ids`` / ``mask`` ``[n, P]`` (``origin``: their
+        numbering for the reward function). Sampled like the rollout: on the generation layout when the
+        actor is resharded for it, and always under pp > 1 (no stage holds every layer)."""
+        c = self.config
+        greedy = SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        if self.layout.pp_size > 1 or (name == "actor" and self.reshard):
+            resp, resp_mask = self._generate_split(name, ids, mask, greedy, phase)
+        else:
+            self._resident(phase, name)
+            out = generate(getattr(self, name)[0], ids.to(self.device), mask.to(self.device), greedy)
+            resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
+        seq = torch.cat([ids.to(self.device), resp], 1)
+        seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
+        scores, _ = self._rewards(origin, seq, seq_mask, resp, resp_mask, phase=phase)
+        return scores, resp_mask.sum(1)
 
     def _sampling(self, seed: int) -> SamplingParams:
         c = self.config
@@ -771,7 +795,7 @@ class PPOLoop:
         if self.uses_critic:
             self._resident("score", "critic")
             values = self._values(self.critic, sequences, attention, packed)
-        scores, parts = self._rewards(mine, sequences, attention, responses, response_mask, packed)
+        scores, parts = self._rewards(self.prompt_source[mine], sequences, attention, responses, response_mask, packed)
         for model in (*self.actor, *self.critic):
             model.train()
         baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None
@@ -793,6 +817,42 @@ class PPOLoop:
             times["reward_fn_s"] = self._reward_fn_seconds
         times.update({f"peak_memory_{k}": v for k, v in peaks.items() if v is not None})
         return rollout, times
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy answers of the actor to the held-out ``eval_prompts``, scored like the rollout (reward model
+        and/or function), against the reference model's greedy answers to the same prompts (scored once,
+        then cached: the reference does not change). Each training DP replica answers a slice; the results
+        are all-gathered. Returns (the same on every rank):
+
+            eval_reward            mean score of the actor's answers
+            eval_reference_reward  mean score of the reference's answers
+            eval_win_rate          fraction of prompts where the actor's answer scores higher (ties: half),
+                                   the reward's verdict of ChatGLM-RLHF's win rate against the SFT model
+            eval_response_length   mean length of the actor's answers (tokens)"""
+        if not self.eval_prompts:
+            raise ValueError("evaluate() needs eval_prompts (held-out prompts given to PPOLoop)")
+        layout, n = self.layout, len(self.eval_prompts)
+        per = -(-n // layout.dp_size)
+        index = torch.arange(per * layout.dp_size).clamp(max=n - 1)  # the last prompt repeated to fill the slices
+        mine = index[layout.dp_rank * per:(layout.dp_rank + 1) * per]
+        ids, mask = left_pad_prompts([self.eval_prompts[int(i)] for i in mine], self.config.max_prompt_length,
+                                     self.pad_id)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return comm.all_gather(t.float().contiguous(), 0, layout.dp_group, layout.ledger, "rollout")[:n]
+
+        t0 = time.perf_counter()
+        scores, lengths = self._greedy_scores("actor", ids, mask, self.eval_source[mine], "eval")
+        scores, lengths = gather(scores), gather(lengths)
+        if self._eval_reference is None:
+            reference, _ = self._greedy_scores("reference", ids, mask, self.eval_source[mine], "eval")
+            self._eval_reference = gather(reference)
+        wins = (scores > self._eval_reference).float() + 0.5 * (scores == self._eval_reference).float()
+        return {"eval_reward": scores.mean().item(), "eval_reference_reward": self._eval_reference.mean().item(),
+                "eval_win_rate": wins.mean().item(), "eval_response_length": lengths.mean().item(),
+                "eval_s": time.perf_counter() - t0}
 
     # ---- advantages ---------------------------------------------------------------------------
     def advantages(self, r: Rollout) -> tuple[dict, dict]:
@@ -1052,9 +1112,15 @@ class PPOLoop:
         """One rollout + update; returns the iteration's metrics (the same on every rank)."""
         t0 = time.perf_counter()
         it = self.iterations_done
-        rollout, times = self.rollout(it)
-        batch, stats = self.advantages(rollout)
         c = self.config
+        evaluation, eval_peaks = {}, {}
+        if c.eval_interval and it % c.eval_interval == 0:
+            self._resident_peaks = {}
+            evaluation, eval_peaks = self.evaluate(), self._resident_peaks
+        rollout, times = self.rollout(it)  # (starts a new ledger of resident bytes)
+        self._resident_peaks.update(eval_peaks)
+        batch, stats = self.advantages(rollout)
+        stats.update(evaluation)
         if c.kl_target > 0:  # the next rollout's coefficient (the same on every rank: global rollout)
             self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["kl"], c.kl_target, c.kl_horizon, c.rollout_rows)
         t1 = time.perf_counter()
