@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
                    "(dual-clip PPO; 0: off)")
+    p.add_argument("--entropy-coef", type=float, help="entropy bonus weight in the actor's loss (default 0)")
     p.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, help="how the policy loss averages over tokens and "
                    "responses (default token-mean)")
     p.add_argument("--generation-tp", type=int,
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
-              "loss_agg_mode", "eval_interval")
+              "loss_agg_mode", "eval_interval", "entropy_coef")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

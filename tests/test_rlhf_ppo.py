@@ -224,6 +224,37 @@ def test_group_estimators_train_without_a_critic(kind):
     assert not {"reference_reward", "reward_vs_reference", "value_mean"} & set(record)  # nothing to report
 
 
+def test_entropy_bonus_in_the_policy_objective():
+    """entropy_coef: the objective subtracts coef x the summed entropy at the trained tokens (token-weighted
+    when the batch carries weights); loss and logit gradients equal an fp64 autograd reference."""
+    from engine.rlhf.objectives import PolicyObjective
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([[-100, 4, 7, 9, -100], [-100, -100, 3, -100, -100]])
+    mb = {"labels": labels, "old_logprobs": -torch.rand(2, 5, generator=g, dtype=torch.float64),
+          "advantages": torch.randn(2, 5, generator=g, dtype=torch.float64),
+          "token_weights": torch.rand(2, 5, generator=g, dtype=torch.float64)}
+    mb = PolicyObjective().model_inputs(mb)
+    at = lambda key: mb[key].reshape(-1)[mb["output_index"]][None]  # noqa: E731
+    for weighted in (False, True):
+        logits = torch.randn(4, VOCAB, generator=g, dtype=torch.float64, requires_grad=True)
+        objective = PolicyObjective(temperature=0.7, entropy_coef=0.05, weighted=weighted)
+        loss, stats = objective.loss_and_stats(logits, mb, ParallelLayout.single(), "torch")
+        loss.backward()
+        reference_logits = logits.detach().clone().requires_grad_()
+        logp = torch.log_softmax(reference_logits / 0.7, -1)
+        entropy = -(logp.exp() * logp).sum(-1)[None]
+        chosen = logp.gather(1, at("labels").reshape(-1, 1)).reshape(1, -1)
+        weights = at("token_weights") if weighted else None
+        expected, _ = ppo_policy_loss(chosen, at("old_logprobs"), at("advantages"), torch.ones(1, 4), reduction="sum",
+                                      weights=weights)
+        expected = expected - 0.05 * (entropy * (1.0 if weights is None else weights)).sum()
+        expected.backward()
+        # fp32 core math on fp64 inputs: ~1e-7 relative
+        torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-5, atol=1e-6)
+        assert stats[2].item() == pytest.approx(entropy.sum().item(), rel=1e-6)  # the stat: unweighted
+
+
 def test_kl_loss_term_in_the_policy_objective():
     """kl_loss_coef: the objective adds coef x the summed k3 KL to the reference (by the core functions on
     the same log-probs) and reports it; the loop puts the rollout's reference log-probs in the batch."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 import kernels
 from engine.model.glm import head_positions
 from engine.rlhf.core import kl_penalty, ppo_policy_loss, value_loss
@@ -48,7 +50,9 @@ class PolicyObjective:
     (``output_index``); log-probs of the sampled tokens under ``logits / temperature`` (the
     distribution the rollout sampled from), vocab-parallel under TP. ``clip_eps_high`` / ``dual_clip``: as in
     ``core.ppo_policy_loss``. ``weighted``: the batch carries ``token_weights`` (``core.loss_token_weights``
-    of the global mini-batch), which scale each token's policy and KL loss: a sequence-level aggregation."""
+    of the global mini-batch), which scale each token's policy and KL loss: a sequence-level aggregation.
+    ``entropy_coef``: an entropy bonus, minus this weight times the summed (weighted) entropy of the tempered
+    distribution at the trained tokens."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
@@ -57,6 +61,7 @@ class PolicyObjective:
     clip_eps_high: Optional[float] = None
     dual_clip: float = 0.0
     weighted: bool = False
+    entropy_coef: float = 0.0
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
@@ -92,7 +97,10 @@ class PolicyObjective:
         loss, stats = ppo_policy_loss(logprobs, _at_outputs(mb, "old_logprobs"), _at_outputs(mb, "advantages"), mask,
                                       self.clip_eps, reduction="sum", clip_eps_high=self.clip_eps_high,
                                       dual_clip=self.dual_clip, weights=weights)
-        out = [stats["clipfrac"], stats["approx_kl"], (entropy.detach() * mask).sum()]
+        entropy_sum = torch.where(mask, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+        out = [stats["clipfrac"], stats["approx_kl"], entropy_sum.detach().sum()]
+        if self.entropy_coef > 0:  # a bonus: higher entropy lowers the loss (keeps the policy exploring)
+            loss = loss - self.entropy_coef * (entropy_sum * (1.0 if weights is None else weights)).sum()
         if self.kl_coef > 0:
             ref_logprobs = _at_outputs(mb, "ref_logprobs")
             ref_kl = kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum")

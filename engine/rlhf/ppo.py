@@ -147,6 +147,9 @@ class PPOConfig:
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
     alike: the original GRPO), "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr. GRPO: summed over
     tokens, divided by max_new_tokens). The value loss stays a token mean."""
+    entropy_coef: float = 0.0
+    """Entropy bonus in the actor's loss: minus this weight times the entropy of the sampling distribution
+    at each trained token, aggregated like the policy loss (0: off)."""
     value_clip_eps: float = 0.2
     kl_coef: float = 0.05
     """Weight of the per-token KL(actor || reference) penalty in the reward (the initial one when
@@ -259,7 +262,8 @@ class PPOConfig:
         if self.kl_loss_kind not in ("k2", "k3"):
             problems.append(f"kl_loss_kind={self.kl_loss_kind!r} must be k2 or k3 (k1's gradient averages to zero "
                             "over on-policy samples: as a loss it does nothing in expectation)")
-        for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip"):
+        for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip",
+                     "entropy_coef"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0")
         if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
@@ -437,7 +441,8 @@ class PPOLoop:
                                      layout, model_config, train, LRSchedule(actor_lr, steps),
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
                                                      config.kl_loss_kind, config.clip_eps_high, config.dual_clip,
-                                                     weighted=config.loss_agg_mode != "token-mean"))
+                                                     weighted=config.loss_agg_mode != "token-mean",
+                                                     entropy_coef=config.entropy_coef))
         self.critic_trainer = None
         if self.uses_critic:
             self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
