@@ -288,13 +288,26 @@ def test_clip_higher_and_dual_clip_by_hand():
                                   dual_clip=3.0)
     assert loss.item() == pytest.approx(sum(expected) / 6, rel=1e-6)
     assert stats["dual_clipfrac"].item() == pytest.approx(1 / 6) and not stats["dual_clipfrac"].requires_grad
-    assert stats["clipfrac"].item() == pytest.approx(3 / 6)  # 1.5 above, 4.0 (also capped) and 0.5 below
+    assert stats["clipfrac"].item() == pytest.approx(3 / 6)  # 1.5 and 5.0 above (A > 0), 0.5 below (A < 0)
     loss.backward()
     grad = [-r * a / 6 if on else 0.0 for r, a, on in zip(ratios, advs, active)]
     torch.testing.assert_close(new.grad, torch.tensor([grad]), **FP32)
     # without dual clipping the 4.0 token costs 4 and keeps its gradient; symmetric eps clips 1.25 too
     plain, _ = ppo_policy_loss(new.detach(), old, torch.tensor([advs]), torch.ones(1, 6), clip_eps=0.2)
     assert plain.item() == pytest.approx((-2.4 - 2.4 + 4.0 + 2.0 + 0.8 - 1.2) / 6, rel=1e-6)
+
+
+def test_an_overflowing_ratio_gives_finite_gradients():
+    """log ratio 94: exp overflows fp32; the clamp at 20 keeps the loss and every gradient finite (the capped or
+    clipped token's gradient is 0)."""
+    new = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-95.0, -1.0]])
+    for dual_clip in (0.0, 3.0):
+        loss, stats = ppo_policy_loss(new, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), dual_clip=dual_clip)
+        new.grad = None
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all() and torch.isfinite(stats["approx_kl"])
+        assert new.grad[0, 0] == 0.0 and new.grad[0, 1] == pytest.approx(-0.5)
 
 
 def test_policy_loss_options_and_weights_match_the_reference_with_gradients():

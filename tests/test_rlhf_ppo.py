@@ -112,6 +112,38 @@ def test_loss_aggregation_modes_in_the_update(mode):
     assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_clip_options_and_weighted_kl_loss_reach_the_update():
+    """Ratios away from 1 (the behaviour log-probs shifted), a reference unlike the actor and seq-mean-token-mean:
+    the step's loss is the core policy loss with clip-higher and dual clipping, plus the weighted k3 KL term,
+    over the token count (by the core functions on a fresh forward); both clips are active."""
+    from engine.rlhf.core import kl_penalty, loss_token_weights
+    config = _ppo(mini_batch_size=8, micro_batch_size=2, iterations=1, loss_agg_mode="seq-mean-token-mean",
+                  clip_eps_high=0.3, dual_clip=1.5, kl_coef=0.0, kl_loss_coef=0.2)
+    actor, critic, reference, reward = _models(seed=11)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loop = PPOLoop(config, _config(), ParallelLayout.single(), actor, critic, reference, reward, _prompts(),
+                   list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR)
+    rollout, _ = loop.rollout(0)
+    batch, _ = loop.advantages(rollout)
+    P, T = config.max_prompt_length, config.max_new_tokens
+    mask = rollout.response_mask.bool()
+    old = (rollout.logprobs - 0.6 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))) * mask
+    batch["old_logprobs"] = align(old, P, 0.0)
+    with torch.no_grad():
+        fresh = kernels.token_logprobs(loop.actor[0](rollout.sequences, rollout.attention_mask)[:, P - 1:-1],
+                                       rollout.responses)
+    w = loss_token_weights(mask, "seq-mean-token-mean", T)
+    policy, stats = ppo_policy_loss(fresh, old, batch["advantages"][:, P - 1:-1], mask, 0.2, "sum", 0.3, 1.5, w)
+    kl = kl_penalty(fresh, rollout.ref_logprobs, mask, "k3", "sum", w)
+    update = loop.update(batch, 0)
+    assert stats["dual_clipfrac"] > 0 and stats["clipfrac"] > 0
+    # fp32 forward of other micro-batches and fp32 sums vs the same ops in one batch
+    assert update["policy_loss"] == pytest.approx(((policy + 0.2 * kl) / mask.sum()).item(), abs=1e-5)
+    assert update["dual_clipfrac"] == pytest.approx((stats["dual_clipfrac"] / mask.sum()).item(), abs=1e-6)
+
+
 def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
     loop = _loop()
     records = [loop.iteration() for _ in range(2)]
@@ -312,6 +344,8 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(kl_loss_kind="k1"), r"kl_loss_kind='k1' must be k2 or k3 \(k1's gradient averages to zero"),
     (dict(clip_eps_high=0.0), "clip_eps_high=0.0 must be > 0"),
     (dict(dual_clip=0.5), r"dual_clip=0.5 must be 0 \(off\) or > 1"),
+    (dict(dual_clip=math.inf), r"dual_clip=inf must be 0 \(off\) or > 1"),
+    (dict(entropy_coef=math.inf), "entropy_coef=inf must be >= 0 and finite"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
     (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),

@@ -370,7 +370,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     if dual_clip != 0 and dual_clip <= 1:
         raise ValueError(f"dual_clip must be 0 (off) or > 1 (the cap -c A of negative advantages), got {dual_clip}")
     _check_reduction(reduction)
-    log_ratio = _masked_fp32(logprobs, m) - _masked_fp32(old_logprobs.detach(), m)
+    # clamped to [-20, 20] (as verl does): a ratio of e^20 is already far outside any clip range, and exp
+    # of a larger one overflows to inf, whose backward is 0 * inf = nan even where the loss does not use it
+    log_ratio = (_masked_fp32(logprobs, m) - _masked_fp32(old_logprobs.detach(), m)).clamp(-20.0, 20.0)
     adv = _masked_fp32(advantages.detach(), m)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
@@ -402,6 +404,8 @@ def loss_token_weights(mask: torch.Tensor, mode: str, max_length: int | None = N
         seq-mean-token-sum        (1/B) sum_i sum_t             w = N / B
         seq-mean-token-sum-norm   (1/(B L)) sum_i sum_t         w = N / (B L), L = ``max_length`` (Dr. GRPO:
                                                                 a constant in place of the length N_i)
+
+    (verl's mode of the last name divides by L but not by B, per micro-batch: B times this one's scale.)
 
     Expressed as weights, a mode keeps the token-mean normalisation that a Trainer applies across
     micro-batches, data-parallel ranks and packed rows (each token carries its weight), and the stats

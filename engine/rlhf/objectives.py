@@ -103,11 +103,13 @@ class PolicyObjective:
             loss = loss - self.entropy_coef * (entropy_sum * (1.0 if weights is None else weights)).sum()
         if self.kl_coef > 0:
             ref_logprobs = _at_outputs(mb, "ref_logprobs")
-            ref_kl = kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum")
             if weights is not None:  # the loss term aggregated like the policy loss; the stat stays per token
                 loss = loss + self.kl_coef * kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum",
                                                         weights=weights)
+                with torch.no_grad():
+                    ref_kl = kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum")
             else:
+                ref_kl = kl_penalty(logprobs, ref_logprobs, mask, self.kl_kind, reduction="sum")
                 loss = loss + self.kl_coef * ref_kl
             out.append(ref_kl.detach())
         if self.dual_clip > 0:

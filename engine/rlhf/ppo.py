@@ -61,6 +61,7 @@ The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -146,7 +147,8 @@ class PPOConfig:
     """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
     alike: the original GRPO), "seq-mean-token-sum", "seq-mean-token-sum-norm" (Dr. GRPO: summed over
-    tokens, divided by max_new_tokens). The value loss stays a token mean."""
+    tokens, divided by max_new_tokens and the responses; verl's mode of that name does not divide by the
+    responses). The value loss stays a token mean."""
     entropy_coef: float = 0.0
     """Entropy bonus in the actor's loss: minus this weight times the entropy of the sampling distribution
     at each trained token, aggregated like the policy loss (0: off)."""
@@ -264,8 +266,8 @@ class PPOConfig:
                             "over on-policy samples: as a loss it does nothing in expectation)")
         for name in ("kl_coef", "kl_target", "kl_loss_coef", "ptx_coef", "min_reward_spread", "score_clip",
                      "entropy_coef"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name}={getattr(self, name)} must be >= 0")
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"{name}={getattr(self, name)} must be >= 0 and finite")
         if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
             problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer (0: no evaluation)")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
@@ -278,9 +280,9 @@ class PPOConfig:
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
             problems.append(f"temperature={self.temperature} must be > 0, top_p={self.top_p} in (0, 1], "
                             f"top_k={self.top_k} >= 0")
-        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
-            problems.append(f"clip_eps_high={self.clip_eps_high} must be > 0 (or null: clip_eps)")
-        if not (self.dual_clip == 0 or self.dual_clip > 1):
+        if self.clip_eps_high is not None and not 0 < self.clip_eps_high < math.inf:
+            problems.append(f"clip_eps_high={self.clip_eps_high} must be > 0 and finite (or null: clip_eps)")
+        if not (self.dual_clip == 0 or 1 < self.dual_clip < math.inf):
             problems.append(f"dual_clip={self.dual_clip} must be 0 (off) or > 1 (the cap -c A on negative advantages; "
                             "3 is usual)")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
