@@ -107,8 +107,9 @@ def main(argv=None) -> int:
                    help="cuda: one process on the GPU per layout (layouts must be 1,1)")
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
     p.add_argument("--pack", action="store_true", help="PPOConfig.pack_sequences: packed update rows")
-    p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"), default="gae",
-                   help="gae: with a critic; grpo / rloo: critic-free")
+    from engine.rlhf.ppo import ESTIMATORS
+    p.add_argument("--advantage-estimator", choices=ESTIMATORS, default="gae",
+                   help="gae: with a critic; the others: critic-free")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.iterations < 2:

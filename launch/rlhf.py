@@ -33,7 +33,7 @@ import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.rlhf.core import LOSS_AGG_MODES
-from engine.rlhf.ppo import PPO_LR, PPOConfig
+from engine.rlhf.ppo import ESTIMATORS, PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
 from launch.runtime import Processes, close_after_error, error, exit_process
@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
                         "model per rank")
-    p.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"),
-                   help="gae: a critic (PPO); grpo / rloo: no critic, advantages relative to the prompt's responses")
+    p.add_argument("--advantage-estimator", choices=ESTIMATORS,
+                   help="gae: a critic (PPO); grpo / rloo: no critic, advantages relative to the prompt's responses; "
+                   "reinforce++(-baseline): no critic, whitened returns of the per-token rewards")
     p.add_argument("--offload", action="store_true", default=None,
                    help="keep the models and optimizer states a phase does not use in host memory")
     p.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=None,

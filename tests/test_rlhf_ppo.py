@@ -287,6 +287,46 @@ def test_entropy_bonus_in_the_policy_objective():
         assert stats[2].item() == pytest.approx(entropy.sum().item(), rel=1e-6)  # the stat: unweighted
 
 
+@pytest.mark.parametrize("kind", ["reinforce++", "reinforce++-baseline"])
+def test_reinforce_plus_plus_advantages(kind):
+    """REINFORCE++: per-token rewards (-kl_coef x k1 KL, plus the score at the last token: relative to the
+    reference answer, or for the -baseline variant to the mean score of the prompt's responses), summed to the
+    end with gamma, whitened over the rollout; computed here by loops in fp64. No critic; an iteration trains."""
+    actor, _, reference, reward = _models(seed=12)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loop = PPOLoop(_ppo(advantage_estimator=kind, gamma=0.9), _config(), ParallelLayout.single(), actor, None,
+                   reference, reward, _prompts(), list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR)
+    rollout, _ = loop.rollout(0)
+    batch, stats = loop.advantages(rollout)
+    mask = rollout.response_mask.bool()
+    scores = rollout.scores.double()
+    if kind == "reinforce++":
+        assert loop._baseline_cache and stats["reward_vs_reference"] == pytest.approx(
+            (rollout.scores - rollout.baselines).mean().item())
+        adjusted = scores - rollout.baselines.double()
+    else:
+        assert loop._baseline_cache == {} and "reward_vs_reference" not in stats
+        adjusted = scores - scores.view(4, 2).mean(1).repeat_interleave(2)
+    kl = (rollout.logprobs - rollout.ref_logprobs).double()
+    returns = torch.zeros(mask.shape, dtype=torch.float64)
+    for i in range(8):
+        n, acc = int(mask[i].sum()), 0.0
+        for t in reversed(range(n)):
+            acc = -0.1 * kl[i, t] + (adjusted[i] if t == n - 1 else 0.0) + 0.9 * acc
+            returns[i, t] = acc
+    values = returns[mask]
+    expected = (values - values.mean()) / (values.var() + 1e-8).sqrt()
+    assert len({int(m.sum()) for m in mask}) > 2  # several lengths: the discounting shows
+    P = loop.config.max_prompt_length
+    # fp32 sums of <= 6 terms and the whitening vs fp64
+    torch.testing.assert_close(batch["advantages"][:, P - 1:-1][mask].double(), expected, rtol=1e-5, atol=1e-5)
+    assert "old_values" not in batch and loop.critic_trainer is None
+    record = loop.iteration()
+    assert record["ppo_steps"] == 2 and math.isfinite(record["policy_loss"]) and "value_loss" not in record
+
+
 def test_kl_loss_term_in_the_policy_objective():
     """kl_loss_coef: the objective adds coef x the summed k3 KL to the reference (by the core functions on
     the same log-probs) and reports it; the loop puts the rollout's reference log-probs in the batch."""
@@ -347,7 +387,10 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(dual_clip=math.inf), r"dual_clip=inf must be 0 \(off\) or > 1"),
     (dict(entropy_coef=math.inf), "entropy_coef=inf must be >= 0 and finite"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
-    (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo'\)"),
+    (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
+                                         r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),
+    (dict(advantage_estimator="reinforce++-baseline", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
+     "advantage_estimator='reinforce\\+\\+-baseline' compares a prompt's responses"),
     (dict(advantage_estimator="grpo", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
      "advantage_estimator='grpo' compares a prompt's responses: it needs samples_per_prompt >= 2"),
 ])

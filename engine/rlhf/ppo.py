@@ -27,7 +27,11 @@ response's advantage is its score relative to the other responses to its prompt
 (``core.group_advantages``), on every token of the response, less its KL penalty (``kl_coef`` times its
 summed KL to the reference: folded into the score for RLOO, centred over the group after GRPO's
 normalisation). No critic is built, scored, trained or saved, and the reference baseline is skipped (a
-per-prompt constant cancels in the group). ``kl_loss_coef`` adds GRPO's KL term to the actor's loss
+per-prompt constant cancels in the group). ``"reinforce++"`` (Hu et al. 2025, OpenRLHF) keeps PPO's
+per-token rewards (KL penalty on every token, the score at the last) but no critic: each token's advantage
+is the (discounted) sum of the rewards from it to the end, whitened over the rollout; the reference
+baseline applies as under gae. ``"reinforce++-baseline"`` first subtracts the mean score of the prompt's
+responses (so the reference baseline is skipped). ``kl_loss_coef`` adds GRPO's KL term to the actor's loss
 instead (any estimator).
 
 ``save(DIR)`` / ``load(DIR)`` checkpoint the actor and critic (weights and optimizer state, any layout
@@ -88,7 +92,8 @@ from engine.train.objectives import IGNORE_INDEX, LanguageModelObjective, record
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 
 KL_KINDS = ("k1", "k2", "k3")
-ESTIMATORS = ("gae", *GROUP_ESTIMATORS)
+REINFORCE_ESTIMATORS = ("reinforce++", "reinforce++-baseline")
+ESTIMATORS = ("gae", *GROUP_ESTIMATORS, *REINFORCE_ESTIMATORS)
 PPO_LR = LRConfig(lr=1e-5, min_lr=1e-6)  # the default of actor and critic: a fine-tuning rate
 
 
@@ -178,15 +183,17 @@ class PPOConfig:
     advantage_estimator: str = "gae"
     """"gae": a critic and generalized advantage estimation (PPO, ChatGLM-RLHF). "grpo" / "rloo": no
     critic; each response's advantage relative to the other responses to its prompt
-    (``core.group_advantages``; needs samples_per_prompt >= 2)."""
+    (``core.group_advantages``; needs samples_per_prompt >= 2). "reinforce++": no critic; the returns of the
+    per-token rewards (gamma), whitened over the rollout. "reinforce++-baseline": the same after subtracting
+    the mean score of each prompt's responses (needs samples_per_prompt >= 2). Module doc."""
     reference_baseline: bool = True
-    """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF; gae
-    only: under a group estimator a per-prompt constant cancels, so the reference answers are skipped and
-    ``normalize_scores`` / ``score_clip`` act on the raw scores)."""
+    """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF; gae and
+    reinforce++ only: under a group baseline a per-prompt constant cancels, so the reference answers are
+    skipped and ``normalize_scores`` / ``score_clip`` act on the raw scores)."""
     min_reward_spread: float = 0.0
     """Drop prompts whose k responses' scores span less than this (0: keep all; needs k >= 2)."""
     whiten_advantages: bool = True
-    """Whiten the GAE advantages over the rollout (group advantages are already relative)."""
+    """Whiten the GAE / REINFORCE++ advantages over the rollout (group advantages are already relative)."""
     normalize_scores: bool = False
     """Divide the (baseline-adjusted) scores by their running std over all rollouts so far
     (``core.RunningMoments``), so the KL coefficient keeps its meaning whatever the reward model's
@@ -203,6 +210,11 @@ class PPOConfig:
     device holds one model (or the generation copy and its KV cache) at a time, for two host copies
     of each moved tensor per iteration."""
     seed: int = 1234
+
+    @property
+    def uses_reference_baseline(self) -> bool:
+        """Whether scores are taken relative to the reference's answer: only where no group baseline cancels it."""
+        return self.reference_baseline and self.advantage_estimator in ("gae", "reinforce++")
 
     @property
     def rollout_rows(self) -> int:
@@ -256,7 +268,7 @@ class PPOConfig:
                                 "k x pp x micro_batch_size x dp")
         if self.advantage_estimator not in ESTIMATORS:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} must be one of {ESTIMATORS}")
-        elif self.advantage_estimator != "gae" and self.samples_per_prompt < 2:
+        elif self.advantage_estimator not in ("gae", "reinforce++") and self.samples_per_prompt < 2:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} compares a prompt's responses: it "
                             f"needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.kl_kind not in KL_KINDS:
@@ -805,7 +817,7 @@ class PPOLoop:
         scores, parts = self._rewards(self.prompt_source[mine], sequences, attention, responses, response_mask, packed)
         for model in (*self.actor, *self.critic):
             model.train()
-        baselines = self._baselines(mine).to(self.device) if c.reference_baseline and self.uses_critic else None
+        baselines = self._baselines(mine).to(self.device) if c.uses_reference_baseline else None
         t2 = time.perf_counter()
         peaks["score"] = peak_memory(self.device)
 
@@ -867,7 +879,7 @@ class PPOLoop:
         the PPO update, and rollout statistics. The same on every rank (pure functions of the global
         rollout)."""
         c = self.config
-        adjusted = reference_baseline(r.scores, r.baselines) if c.reference_baseline else r.scores
+        adjusted = reference_baseline(r.scores, r.baselines) if c.uses_reference_baseline else r.scores
         keep = torch.ones(c.rollout_rows, dtype=torch.bool, device=r.scores.device)
         if c.min_reward_spread > 0:
             spread_ok = reward_spread_filter(r.scores.view(c.rollout_prompts, c.samples_per_prompt),
@@ -879,9 +891,14 @@ class PPOLoop:
             adjusted = adjusted / self.score_moments.std
         if c.score_clip > 0:
             adjusted = adjusted.clamp(-c.score_clip, c.score_clip)
+        groups = (c.rollout_prompts, c.samples_per_prompt)
+        if c.advantage_estimator == "reinforce++-baseline":  # each score relative to its prompt's mean
+            adjusted = (adjusted.view(groups) - adjusted.view(groups).mean(1, keepdim=True)).view(-1)
         rewards, kl = shape_rewards(adjusted, r.logprobs, r.ref_logprobs, mask, self.kl_coef, c.kl_kind)
-        if self.uses_critic:
-            adv, returns = gae_advantages(rewards, r.values, mask, c.gamma, c.lam)
+        if self.uses_critic or c.advantage_estimator in REINFORCE_ESTIMATORS:
+            # REINFORCE++ is GAE with zero values and lam = 1: the discounted sum of the rewards to the end
+            values = r.values if self.uses_critic else torch.zeros_like(rewards)
+            adv, returns = gae_advantages(rewards, values, mask, c.gamma, c.lam if self.uses_critic else 1.0)
             if c.whiten_advantages and int(mask.sum()) >= 2:  # whitening needs a variance
                 adv = masked_whiten(adv, mask)
         else:
@@ -890,7 +907,6 @@ class PPOLoop:
             # RLOO folds it into the score (Ahmadian et al.); GRPO normalises the score alone and
             # subtracts the group-centred penalty, so KL noise never becomes a unit-size advantage when
             # a group's scores tie
-            groups = (c.rollout_prompts, c.samples_per_prompt)
             penalty = (self.kl_coef * kl.sum(1)).view(groups)
             if c.advantage_estimator == "rloo":
                 relative = group_advantages(adjusted.view(groups) - penalty, "rloo")
@@ -912,10 +928,11 @@ class PPOLoop:
                  "response_length": all_tokens.sum(1).float().mean().item(),
                  "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef}
         stats.update({name: part.mean().item() for name, part in r.score_parts.items()})
-        if self.uses_critic:  # (a group estimator has no reference answers and no values)
+        if c.uses_reference_baseline:  # (a group baseline needs no reference answers)
             stats.update(reward_vs_reference=(r.scores - r.baselines).mean().item(),
-                         reference_reward=r.baselines.mean().item(),
-                         value_mean=masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0)
+                         reference_reward=r.baselines.mean().item())
+        if self.uses_critic:
+            stats["value_mean"] = masked_mean(r.values, all_tokens).item() if all_tokens.any() else 0.0
         return batch, stats
 
     # ---- update -------------------------------------------------------------------------------
