@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
                    "(dual-clip PPO; 0: off)")
+    p.add_argument("--overlong-buffer", type=int, help="DAPO's soft overlong punishment: responses within the last "
+                   "N tokens of --max-new-tokens lose up to ppo.overlong_penalty (default 1) of their score")
+    p.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave responses cut off at --max-new-tokens out of the loss (DAPO's overlong filtering)")
     p.add_argument("--entropy-coef", type=float, help="entropy bonus weight in the actor's loss (default 0)")
     p.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, help="how the policy loss averages over tokens and "
                    "responses (default token-mean)")
@@ -231,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
-              "loss_agg_mode", "eval_interval", "entropy_coef")
+              "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

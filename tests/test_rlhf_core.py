@@ -15,7 +15,7 @@ import torch
 
 from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
                               kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
-                              ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards, value_loss)
+                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -653,6 +653,19 @@ def test_adaptive_kl_coef_moves_toward_the_target_and_rejects_bad_input():
         args = {**dict(kl_coef=0.1, observed_kl=1.0, target_kl=1.0, horizon=100, n_samples=8), **kwargs}
         with pytest.raises(ValueError, match=needle):
             adaptive_kl_coef(**args)
+
+
+def test_overlong_penalty_by_hand():
+    lengths = torch.tensor([0, 6, 7, 8, 10])
+    _close(overlong_penalty(lengths, 10, 4), [0.0, 0.0, -0.25, -0.5, -1.0])
+    _close(overlong_penalty(lengths, 10, 4, factor=0.5), [0.0, 0.0, -0.125, -0.25, -0.5])
+    _close(overlong_penalty(lengths, 10, 10), [0.0, -0.6, -0.7, -0.8, -1.0])
+    for args, needle in [((10, 0), "buffer=0 must be an integer in \\[1, max_length=10\\]"),
+                         ((10, 11), "buffer=11"), ((10, 4, -1.0), "factor must be >= 0")]:
+        with pytest.raises(ValueError, match=needle):
+            overlong_penalty(lengths, *args)
+    with pytest.raises(ValueError, match="lengths must be \\[b\\]"):
+        overlong_penalty(lengths[None], 10, 4)
 
 
 def test_kl_penalty_weights_scale_each_token():

@@ -327,6 +327,34 @@ def test_reinforce_plus_plus_advantages(kind):
     assert record["ppo_steps"] == 2 and math.isfinite(record["policy_loss"]) and "value_loss" not in record
 
 
+def test_overlong_punishment_and_truncated_responses():
+    """DAPO's length handling under GRPO (kl_coef 0): responses cut off without a stop token train nothing
+    (mask_truncated) but keep their score in the group; every score first loses the overlong penalty of its
+    length (buffer 3 of 6 tokens), so the advantages are GRPO's of the penalised scores (by hand)."""
+    from engine.rlhf.core import group_advantages, overlong_penalty
+    stops = list(range(2, 12))  # some responses stop early, some run to the limit
+    config = _ppo(advantage_estimator="grpo", kl_coef=0.0, overlong_buffer=3, overlong_penalty=0.5,
+                  mask_truncated=True, rollout_prompts=6, samples_per_prompt=2, mini_batch_size=6)
+    actor, _, reference, reward = _models(seed=13)
+    loop = PPOLoop(config, _config(), ParallelLayout.single(), actor, None, reference, reward, _prompts(), stops, PAD,
+                   OPTIM, OPTIM, LR, LR)
+    rollout, _ = loop.rollout(0)
+    batch, stats = loop.advantages(rollout)
+    lengths = rollout.response_mask.sum(1)
+    last = rollout.responses[torch.arange(12), (lengths - 1).clamp(min=0)]
+    truncated = (lengths == 6) & ~torch.tensor([int(t) in stops for t in last])
+    assert 0 < truncated.sum() < 12 and len(set(lengths.tolist())) > 2  # both kinds, several lengths
+    assert stats["truncated_fraction"] == truncated.float().mean().item()
+    P = config.max_prompt_length
+    trained = (batch["labels"][:, P - 1:-1] != -100).any(1)
+    assert torch.equal(trained, ~truncated & (lengths > 0))
+    penalty = overlong_penalty(lengths, 6, 3, 0.5)
+    assert stats["overlong_penalty"] == pytest.approx(penalty.mean().item())
+    expected = group_advantages((rollout.scores + penalty).view(6, 2), "grpo").view(-1)
+    adv = batch["advantages"][:, P - 1]  # each response's first token carries its advantage
+    torch.testing.assert_close(adv[trained], expected[trained], rtol=1e-6, atol=1e-6)  # the same fp32 ops
+
+
 def test_kl_loss_term_in_the_policy_objective():
     """kl_loss_coef: the objective adds coef x the summed k3 KL to the reference (by the core functions on
     the same log-probs) and reports it; the loop puts the rollout's reference log-probs in the batch."""
@@ -386,6 +414,8 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(dual_clip=0.5), r"dual_clip=0.5 must be 0 \(off\) or > 1"),
     (dict(dual_clip=math.inf), r"dual_clip=inf must be 0 \(off\) or > 1"),
     (dict(entropy_coef=math.inf), "entropy_coef=inf must be >= 0 and finite"),
+    (dict(overlong_buffer=7), r"overlong_buffer=7 must be an integer in \[0, max_new_tokens=6\]"),
+    (dict(overlong_penalty=-1.0), "overlong_penalty=-1.0 must be >= 0 and finite"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
                                          r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),

@@ -28,6 +28,7 @@ k = sampled responses per prompt):
     loss_token_weights          per-token weights giving the sequence-level loss aggregations
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
     reward_spread_filter        drop prompts whose k rewards are alike (ChatGLM-RLHF)
+    overlong_penalty            DAPO's soft punishment of responses that run into the length limit
     group_advantages            critic-free advantages relative to the prompt's k responses (GRPO, RLOO)
     RunningMoments              running reward mean/std, mergeable across ranks
 """
@@ -473,6 +474,24 @@ def reference_baseline(scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.
     _check_dim("scores", scores, 1, "[b]")
     _check_same_shape("scores", scores, ref_scores=ref_scores)
     return scores.float() - ref_scores.float()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment of a response of ``L`` tokens, to add to its score::
+
+        0                                        L <= max_length - buffer
+        -factor * (L - (max_length - buffer)) / buffer   within the last ``buffer`` tokens (reaching -factor)
+
+    so answers that run into the length limit (and are likely cut off) lose reward gradually rather than
+    all at once. lengths: ``[b]`` integer token counts (<= max_length); returns ``[b]`` fp32."""
+    _check_dim("lengths", lengths, 1, "[b]")
+    if not (isinstance(max_length, int) and isinstance(buffer, int) and 1 <= buffer <= max_length):
+        raise ValueError(f"overlong buffer={buffer!r} must be an integer in [1, max_length={max_length!r}]")
+    factor = _finite_number("factor", factor)
+    if factor < 0:
+        raise ValueError(f"factor must be >= 0, got {factor}")
+    over = (lengths.float() - (max_length - buffer)) / buffer
+    return -factor * over.clamp(0.0, 1.0)
 
 
 def reward_spread_filter(rewards: torch.Tensor, min_spread: float, statistic: str = "range") -> torch.Tensor:

@@ -82,7 +82,7 @@ from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
 from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, RunningMoments, adaptive_kl_coef, gae_advantages,
                               group_advantages, kl_estimate, loss_token_weights, masked_mean, masked_whiten,
-                              reference_baseline, reward_spread_filter, shape_rewards)
+                              overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.batches import pack_padded_rows
@@ -200,6 +200,16 @@ class PPOConfig:
     scale."""
     score_clip: float = 0.0
     """Clip the (normalised) scores to [-score_clip, score_clip] (0: off)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (``core.overlong_penalty``): responses within the last this many tokens
+    of ``max_new_tokens`` lose up to ``overlong_penalty`` from their (normalised, clipped) score, linearly;
+    0: off."""
+    overlong_penalty: float = 1.0
+    """The most the overlong punishment takes (at ``max_new_tokens``)."""
+    mask_truncated: bool = False
+    """Leave responses cut off at ``max_new_tokens`` (no stop token) out of the loss (DAPO's overlong
+    filtering): their score says nothing about how the answer would have ended. They still count in their
+    group's baseline."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the language-model loss on SFT data in the actor's step (0: off)."""
     eval_interval: int = 0
@@ -280,6 +290,13 @@ class PPOConfig:
                      "entropy_coef"):
             if not 0 <= getattr(self, name) < math.inf:
                 problems.append(f"{name}={getattr(self, name)} must be >= 0 and finite")
+        if not (isinstance(self.overlong_buffer, int) and 0 <= self.overlong_buffer <= self.max_new_tokens):
+            problems.append(f"overlong_buffer={self.overlong_buffer!r} must be an integer in [0, max_new_tokens="
+                            f"{self.max_new_tokens}] (0: off)")
+        if not 0 <= self.overlong_penalty < math.inf:
+            problems.append(f"overlong_penalty={self.overlong_penalty} must be >= 0 and finite")
+        if not isinstance(self.mask_truncated, bool):
+            problems.append(f"mask_truncated={self.mask_truncated!r} must be true or false")
         if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
             problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer (0: no evaluation)")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
@@ -885,12 +902,20 @@ class PPOLoop:
             spread_ok = reward_spread_filter(r.scores.view(c.rollout_prompts, c.samples_per_prompt),
                                              c.min_reward_spread)
             keep = spread_ok.repeat_interleave(c.samples_per_prompt)
-        mask = r.response_mask.bool() & keep[:, None]
+        lengths = r.response_mask.sum(1)
+        last = r.responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        stopped = torch.isin(last, torch.tensor(self.eos_ids, device=last.device)) & (lengths > 0)
+        truncated = (lengths == c.max_new_tokens) & ~stopped
+        trains = keep & ~truncated if c.mask_truncated else keep
+        mask = r.response_mask.bool() & trains[:, None]
         if c.normalize_scores and keep.any():
             self.score_moments.update(adjusted[keep])  # the global rollout: the same on every rank
             adjusted = adjusted / self.score_moments.std
         if c.score_clip > 0:
             adjusted = adjusted.clamp(-c.score_clip, c.score_clip)
+        if c.overlong_buffer:
+            length_penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            adjusted = adjusted + length_penalty
         groups = (c.rollout_prompts, c.samples_per_prompt)
         if c.advantage_estimator == "reinforce++-baseline":  # each score relative to its prompt's mean
             adjusted = (adjusted.view(groups) - adjusted.view(groups).mean(1, keepdim=True)).view(-1)
@@ -926,7 +951,10 @@ class PPOLoop:
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
         stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
-                 "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef}
+                 "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
+                 "truncated_fraction": truncated.float().mean().item()}
+        if c.overlong_buffer:
+            stats["overlong_penalty"] = length_penalty.mean().item()
         stats.update({name: part.mean().item() for name, part in r.score_parts.items()})
         if c.uses_reference_baseline:  # (a group baseline needs no reference answers)
             stats.update(reward_vs_reference=(r.scores - r.baselines).mean().item(),
