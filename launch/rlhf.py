@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
                    "(dual-clip PPO; 0: off)")
+    p.add_argument("--min-reward-spread", type=float, help="drop prompts whose responses' scores span less than this")
+    p.add_argument("--sampling-rounds", type=int, help="dynamic sampling (DAPO): up to N rollouts per iteration until "
+                   "--rollout-prompts prompts pass --min-reward-spread")
     p.add_argument("--overlong-buffer", type=int, help="DAPO's soft overlong punishment: responses within the last "
                    "N tokens of --max-new-tokens lose up to ppo.overlong_penalty (default 1) of their score")
     p.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=None,
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
-              "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated")
+              "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated",
+              "min_reward_spread", "sampling_rounds")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

@@ -416,6 +416,8 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(entropy_coef=math.inf), "entropy_coef=inf must be >= 0 and finite"),
     (dict(overlong_buffer=7), r"overlong_buffer=7 must be an integer in \[0, max_new_tokens=6\]"),
     (dict(overlong_penalty=-1.0), "overlong_penalty=-1.0 must be >= 0 and finite"),
+    (dict(sampling_rounds=3), "sampling_rounds=3 resamples prompts .*: it needs min_reward_spread > 0"),
+    (dict(sampling_rounds=0), "sampling_rounds=0 must be a positive integer"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
                                          r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),

@@ -198,6 +198,52 @@ def test_resuming_with_another_reward_recomputes_the_reference_baselines(tmp_pat
     assert other._baseline_cache == {} and other.score_moments.count == 0 and other.iterations_done == 1
 
 
+def _length_if_even_prompt(prompt, response, sample) -> float:
+    """Responses to even-numbered prompts score their length (they differ: the spread filter passes them
+    mostly); odd-numbered prompts score 0 whatever the answer (always filtered)."""
+    return float(len(response.split())) if sample["bonus"] % 20 == 0 else 0.0
+
+
+def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path):
+    """sampling_rounds: rollouts of the next prompts until rollout_prompts of them pass the spread filter; the
+    iteration's rollout holds the first passing groups, in draw order, exactly as sampled and scored; the
+    draw counter is saved and resumed."""
+    from engine.rlhf.core import reward_spread_filter
+    prompts = _prompts(24, seed=5)
+    config = _ppo(advantage_estimator="grpo", rollout_prompts=4, samples_per_prompt=2, mini_batch_size=8,
+                  min_reward_spread=0.5, sampling_rounds=4)
+
+    def loop():
+        actor, _, reference, _ = _models(seed=14)
+        return PPOLoop(config, _config(), ParallelLayout.single(), actor, None, reference, None, prompts,
+                       list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR,
+                       reward_fn=_function_reward(prompts, _length_if_even_prompt))
+    first = loop()
+    plain = loop()  # the same draws one at a time, as a reference
+    rollout, times = first.dynamic_rollout()
+    rounds = times["sampling_rounds"]
+    draws = [plain.rollout(d)[0] for d in range(rounds)]
+    passing = [reward_spread_filter(r.scores.view(4, 2), 0.5) for r in draws]
+    assert rounds >= 2 and first.prompt_draws == rounds and sum(int(p.sum()) for p in passing[:-1]) < 4
+    groups = [(d, g) for d, p in enumerate(passing) for g in range(4) if p[g]]
+    groups += [(d, g) for d, p in enumerate(passing) for g in range(4) if not p[g]]
+    for place, (d, g) in enumerate(groups[:4]):
+        rows = slice(2 * place, 2 * place + 2)
+        source = slice(2 * g, 2 * g + 2)
+        for name in ("sequences", "responses", "scores", "logprobs", "prompt_index"):
+            assert torch.equal(getattr(rollout, name)[rows], getattr(draws[d], name)[source]), (name, place)
+    n_pass = sum(int(p.sum()) for p in passing)
+    assert times["passing_fraction"] == n_pass / (4 * rounds)
+    _, stats = first.advantages(rollout)
+    assert stats["kept_fraction"] == min(n_pass, 4) / 4
+    record = first.iteration()  # the next iteration draws on from where this one stopped
+    assert first.prompt_draws == rounds + record["sampling_rounds"] and record["ppo_steps"] == 1
+    first.save(tmp_path)
+    resumed = loop()
+    resumed.load(tmp_path)
+    assert resumed.prompt_draws == first.prompt_draws and resumed.iterations_done == 1
+
+
 # ---- evaluation on held-out prompts ------------------------------------------------------------------------
 def _greedy_scored(loop, model, prompts, origin):
     """Scores (reward model + _row_fn) and lengths of a model's greedy answers, computed here directly."""

@@ -65,6 +65,7 @@ The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -192,6 +193,11 @@ class PPOConfig:
     skipped and ``normalize_scores`` / ``score_clip`` act on the raw scores)."""
     min_reward_spread: float = 0.0
     """Drop prompts whose k responses' scores span less than this (0: keep all; needs k >= 2)."""
+    sampling_rounds: int = 1
+    """Dynamic sampling (DAPO): up to this many rollouts of ``rollout_prompts`` new prompts per iteration,
+    until ``rollout_prompts`` prompts pass ``min_reward_spread``; the first that pass train (the rest of the
+    places filled by filtered prompts, which train nothing). 1: one rollout (filtered prompts only shrink
+    the update)."""
     whiten_advantages: bool = True
     """Whiten the GAE / REINFORCE++ advantages over the rollout (group advantages are already relative)."""
     normalize_scores: bool = False
@@ -304,6 +310,12 @@ class PPOConfig:
         if self.kl_target > 0 and not self.kl_coef > 0:
             problems.append(f"kl_target={self.kl_target} adapts kl_coef multiplicatively: it needs kl_coef > 0, "
                             f"got {self.kl_coef}")
+        if not (isinstance(self.sampling_rounds, int) and self.sampling_rounds >= 1):
+            problems.append(f"sampling_rounds={self.sampling_rounds!r} must be a positive integer (1: no dynamic "
+                            "sampling)")
+        elif self.sampling_rounds > 1 and not self.min_reward_spread > 0:
+            problems.append(f"sampling_rounds={self.sampling_rounds} resamples prompts that the reward-spread filter "
+                            "drops: it needs min_reward_spread > 0")
         if self.min_reward_spread > 0 and self.samples_per_prompt < 2:
             problems.append("min_reward_spread compares a prompt's responses: it needs samples_per_prompt >= 2")
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
@@ -491,18 +503,19 @@ class PPOLoop:
             self.offloader.add_model("reward", self.reward)
         self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
         self.iterations_done = 0
+        self.prompt_draws = 0  # rollouts drawn so far: the iterations, plus the extra rounds of dynamic sampling
         self._reward_fn_seconds = 0.0
         self._baseline_cache: dict[int, float] = {}
         self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
         self.kl_coef = float(config.kl_coef)  # adapted after every rollout when kl_target > 0
 
     # ---- rollout ------------------------------------------------------------------------------
-    def prompt_indices(self, iteration: int) -> torch.Tensor:
-        """The ``rollout_prompts`` prompts of an iteration: consecutive slices of a seeded permutation,
-        reshuffled per epoch over the prompt list."""
+    def prompt_indices(self, draw: int) -> torch.Tensor:
+        """The ``rollout_prompts`` prompts of a rollout (draw ``draw``: the iteration, unless dynamic sampling
+        drew more): consecutive slices of a seeded permutation, reshuffled per epoch over the prompt list."""
         c, n = self.config, len(self.prompts)
         out = []
-        start = iteration * c.rollout_prompts
+        start = draw * c.rollout_prompts
         orders: dict[int, np.ndarray] = {}  # one permutation per epoch the slice touches
         for i in range(start, start + c.rollout_prompts):
             epoch, j = divmod(i, n)
@@ -792,11 +805,12 @@ class PPOLoop:
                 torch.nn.functional.pad(mask.long(), (0, pad), value=0))
 
     @torch.no_grad()
-    def rollout(self, iteration: int) -> tuple[Rollout, dict]:
-        """Sample, score and all-gather the global rollout of ``iteration``; returns it and phase times."""
+    def rollout(self, draw: int) -> tuple[Rollout, dict]:
+        """Sample, score and all-gather the global rollout of prompt draw ``draw`` (``prompt_indices``: the
+        iteration's index unless dynamic sampling drew more); returns it and phase times."""
         c, layout = self.config, self.layout
         t0 = time.perf_counter()
-        rows = self.prompt_indices(iteration).repeat_interleave(c.samples_per_prompt)
+        rows = self.prompt_indices(draw).repeat_interleave(c.samples_per_prompt)
         per_rank = c.rollout_rows // layout.dp_size
         mine = rows[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
         ids, pmask = left_pad_prompts([self.prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
@@ -804,12 +818,12 @@ class PPOLoop:
         self._reward_fn_seconds = 0.0  # on the rank that runs reward_fn
         reset_peak_memory(self.device)
         if self.reshard:  # sampled on the generation layout, returned for this DP replica's rows
-            # one seed per (iteration, generation replica), shared by its TP ranks
-            seed = int(np.random.default_rng([c.seed, iteration, self.generation_layout.dp_rank, 1]).integers(2**62))
+            # one seed per (draw, generation replica), shared by its TP ranks
+            seed = int(np.random.default_rng([c.seed, draw, self.generation_layout.dp_rank, 1]).integers(2**62))
             responses, response_mask = self._generate_split("actor", ids, pmask, self._sampling(seed), "generate")
         else:
-            # one seed per (iteration, DP replica): the TP ranks of a replica draw the same tokens
-            seed = int(np.random.default_rng([c.seed, iteration, layout.dp_rank]).integers(2**62))
+            # one seed per (draw, DP replica): the TP ranks of a replica draw the same tokens
+            seed = int(np.random.default_rng([c.seed, draw, layout.dp_rank]).integers(2**62))
             self._resident("generate", "actor")
             out = generate(self.actor[0], ids.to(self.device), pmask.to(self.device), self._sampling(seed))
             responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
@@ -853,6 +867,46 @@ class PPOLoop:
             times["reward_fn_s"] = self._reward_fn_seconds
         times.update({f"peak_memory_{k}": v for k, v in peaks.items() if v is not None})
         return rollout, times
+
+    def dynamic_rollout(self) -> tuple[Rollout, dict]:
+        """The iteration's rollout with dynamic sampling (``sampling_rounds``): rollouts of the next prompt draws
+        (``prompt_draws`` advances by one each) until ``rollout_prompts`` prompts pass the reward-spread filter
+        or the rounds run out; returns a rollout of the first ``rollout_prompts`` passing prompts' groups (in
+        draw order), then filtered groups to fill it, and the summed phase times with ``sampling_rounds`` and
+        ``passing_fraction`` (passing prompts / prompts sampled). One round when sampling_rounds = 1."""
+        c = self.config
+        rollouts, passing, times, peaks = [], [], {}, {}
+        for _ in range(c.sampling_rounds):
+            r, t = self.rollout(self.prompt_draws)
+            self.prompt_draws += 1
+            for phase, held in self._resident_peaks.items():
+                peaks[phase] = max(peaks.get(phase, 0), held)
+            for k, v in t.items():
+                times[k] = max(times.get(k, 0), v) if k.startswith("peak_memory") else times.get(k, 0) + v
+            rollouts.append(r)
+            ok = torch.ones(c.rollout_prompts, dtype=torch.bool)
+            if c.min_reward_spread > 0:
+                ok = reward_spread_filter(r.scores.view(c.rollout_prompts, c.samples_per_prompt),
+                                          c.min_reward_spread).cpu()
+            passing.append(ok)
+            if int(torch.cat(passing).sum()) >= c.rollout_prompts:
+                break
+        self._resident_peaks = peaks
+        passing = torch.cat(passing)
+        times.update(sampling_rounds=len(rollouts), passing_fraction=passing.float().mean().item())
+        if len(rollouts) == 1:
+            return rollouts[0], times
+        # passing groups first (draw order), then the others; the first rollout_prompts groups make the rollout
+        order = torch.cat([torch.nonzero(passing).flatten(), torch.nonzero(~passing).flatten()])[:c.rollout_prompts]
+        rows = (order[:, None] * c.samples_per_prompt + torch.arange(c.samples_per_prompt)).flatten()
+
+        def pick(name: str) -> torch.Tensor:
+            joined = torch.cat([getattr(r, name) for r in rollouts])
+            return joined[rows.to(joined.device)]
+        parts = {k: torch.cat([r.score_parts[k] for r in rollouts])[rows.to(rollouts[0].scores.device)]
+                 for k in rollouts[0].score_parts}
+        names = [f.name for f in dataclasses.fields(Rollout) if f.name != "score_parts"]
+        return Rollout(**{name: pick(name) for name in names}, score_parts=parts), times
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -1059,6 +1113,7 @@ class PPOLoop:
                 extra["reward_source"] = self.reward_source
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
+                extra["prompt_draws"] = self.prompt_draws
             if async_save and name not in self._savers:
                 self._savers[name] = AsyncCheckpointer(self.layout)  # collective: every rank saves at once
             save = self._savers[name].save if async_save else save_checkpoint
@@ -1146,6 +1201,8 @@ class PPOLoop:
             raise CheckpointError(f"{directory}: actor at iteration {states['actor']['iteration']}, critic at "
                                   f"{states['critic']['iteration']}: not one save")
         self.iterations_done = int(states["actor"]["iteration"])
+        # one draw per iteration in checkpoints from before dynamic sampling
+        self.prompt_draws = int(states["actor"].get("prompt_draws", self.iterations_done))
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
         self.score_moments.load_state_dict(states["actor"]["score_moments"])
         saved_reward = states["actor"].get("reward_source")  # absent in checkpoints from before it was recorded
@@ -1169,7 +1226,7 @@ class PPOLoop:
         if c.eval_interval and it % c.eval_interval == 0:
             self._resident_peaks = {}
             evaluation, eval_peaks = self.evaluate(), self._resident_peaks
-        rollout, times = self.rollout(it)  # (starts a new ledger of resident bytes)
+        rollout, times = self.dynamic_rollout()  # (starts a new ledger of resident bytes)
         self._resident_peaks.update(eval_peaks)
         batch, stats = self.advantages(rollout)
         stats.update(evaluation)
