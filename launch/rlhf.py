@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
                    "(dual-clip PPO; 0: off)")
+    p.add_argument("--critic-warmup", type=int, help="the first N iterations train the critic alone (gae)")
     p.add_argument("--min-reward-spread", type=float, help="drop prompts whose responses' scores span less than this")
     p.add_argument("--sampling-rounds", type=int, help="dynamic sampling (DAPO): up to N rollouts per iteration until "
                    "--rollout-prompts prompts pass --min-reward-spread")
@@ -239,7 +240,7 @@ _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
               "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated",
-              "min_reward_spread", "sampling_rounds")
+              "min_reward_spread", "sampling_rounds", "critic_warmup")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 
@@ -425,9 +426,10 @@ def train_ppo(run: RLHFRun) -> int:
                     vs_ref = f"  vs ref {stats['reward_vs_reference']:+.3f}" if "reward_vs_reference" in stats else ""
                     print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}{vs_ref}"
                           f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
-                          + (f"  policy {stats['policy_loss']:+.4f}"
+                          + ((f"  policy {stats['policy_loss']:+.4f}" if "policy_loss" in stats else "  (critic warm-up)")
                              + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
-                             + f"  clip {stats['clipfrac']:.2f}" if stats["ppo_steps"] else "  (no update: nothing kept)")
+                             + (f"  clip {stats['clipfrac']:.2f}" if "clipfrac" in stats else "")
+                             if stats["ppo_steps"] else "  (no update: nothing kept)")
                           + f"  [{stats['seconds']:.1f}s]", flush=True)
                     if "eval_reward" in stats:
                         print_eval(stats)

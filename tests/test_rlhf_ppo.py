@@ -144,6 +144,22 @@ def test_clip_options_and_weighted_kl_loss_reach_the_update():
     assert update["dual_clipfrac"] == pytest.approx((stats["dual_clipfrac"] / mask.sum()).item(), abs=1e-6)
 
 
+def test_critic_warmup_leaves_the_actor_alone_at_first():
+    """critic_warmup=1: iteration 0 steps the critic only (the actor's weights and step count unchanged, no
+    policy metrics); iteration 1 steps both, the actor at its schedule's first learning rate."""
+    loop = _loop(_ppo(iterations=3, critic_warmup=1))
+    actor_before = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
+    critic_before = {k: v.clone() for k, v in loop.critic[0].state_dict().items()}
+    warm = loop.iteration()
+    assert "policy_loss" not in warm and math.isfinite(warm["value_loss"]) and warm["ppo_steps"] == 2
+    assert loop.actor_trainer.steps_done == 0 and loop.critic_trainer.steps_done == 2
+    assert all(torch.equal(v, actor_before[k]) for k, v in loop.actor[0].state_dict().items())
+    assert any(not torch.equal(v, critic_before[k]) for k, v in loop.critic[0].state_dict().items())
+    both = loop.iteration()
+    assert math.isfinite(both["policy_loss"]) and loop.actor_trainer.steps_done == 2
+    assert both["actor_lr"] == pytest.approx(loop.actor_trainer.lr(1))
+
+
 def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
     loop = _loop()
     records = [loop.iteration() for _ in range(2)]
@@ -418,6 +434,9 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(overlong_penalty=-1.0), "overlong_penalty=-1.0 must be >= 0 and finite"),
     (dict(sampling_rounds=3), "sampling_rounds=3 resamples prompts .*: it needs min_reward_spread > 0"),
     (dict(sampling_rounds=0), "sampling_rounds=0 must be a positive integer"),
+    (dict(critic_warmup=2), r"critic_warmup=2 must be an integer in \[0, iterations=2\)"),
+    (dict(critic_warmup=1, advantage_estimator="grpo"), "critic_warmup=1 warms up the critic: advantage_estimator="
+                                                        "'grpo' has none"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
                                          r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),

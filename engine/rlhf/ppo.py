@@ -218,6 +218,10 @@ class PPOConfig:
     group's baseline."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the language-model loss on SFT data in the actor's step (0: off)."""
+    critic_warmup: int = 0
+    """The first this many iterations train the critic alone (gae): a fresh value head learns the scale of the
+    returns before its advantages move the actor (verl's critic_warmup). The actor's LR schedule spans the
+    iterations after it."""
     eval_interval: int = 0
     """Evaluate on the held-out prompts (``PPOLoop(eval_prompts=...)``) every this many iterations, at the start
     of the iteration (its record then describes the policy after that many updates); 0: never."""
@@ -303,6 +307,12 @@ class PPOConfig:
             problems.append(f"overlong_penalty={self.overlong_penalty} must be >= 0 and finite")
         if not isinstance(self.mask_truncated, bool):
             problems.append(f"mask_truncated={self.mask_truncated!r} must be true or false")
+        if not (isinstance(self.critic_warmup, int) and 0 <= self.critic_warmup < max(self.iterations, 1)):
+            problems.append(f"critic_warmup={self.critic_warmup!r} must be an integer in [0, iterations="
+                            f"{self.iterations}) (iterations that train the critic alone)")
+        elif self.critic_warmup and self.advantage_estimator != "gae":
+            problems.append(f"critic_warmup={self.critic_warmup} warms up the critic: advantage_estimator="
+                            f"{self.advantage_estimator!r} has none")
         if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
             problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer (0: no evaluation)")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
@@ -476,12 +486,14 @@ class PPOLoop:
         self.eos_ids, self.pad_id = list(eos_ids), int(pad_id)
         self.ptx_batches = ptx_batches
         self.seq_length = config.max_prompt_length + config.max_new_tokens
-        steps = config.iterations * config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
+        per_iteration = config.ppo_epochs * (config.rollout_rows // config.mini_batch_size)
+        steps = config.iterations * per_iteration
+        actor_steps = (config.iterations - config.critic_warmup) * per_iteration  # the actor waits out the warm-up
         train = TrainConfig(global_batch_size=config.mini_batch_size, micro_batch_size=config.micro_batch_size,
                             seq_length=self.seq_length, train_steps=steps, seed=config.seed,
                             variable_rows=config.pack_sequences)
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
-                                     layout, model_config, train, LRSchedule(actor_lr, steps),
+                                     layout, model_config, train, LRSchedule(actor_lr, actor_steps),
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
                                                      config.kl_loss_kind, config.clip_eps_high, config.dual_clip,
                                                      weighted=config.loss_agg_mode != "token-mean",
@@ -1054,7 +1066,7 @@ class PPOLoop:
                                     fill={"labels": IGNORE_INDEX}, keep=(mb["labels"] != IGNORE_INDEX).any(1))
 
         self._resident("update", "actor", "actor.optim")
-        for rows in minibatches:
+        for rows in minibatches if iteration >= c.critic_warmup else ():
             extra = ()
             if c.ptx_coef > 0:
                 extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
