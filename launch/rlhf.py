@@ -102,13 +102,16 @@ class RLHFRun:
     reward: RLHFReward = field(default_factory=RLHFReward)
     checkpoint: RLHFCheckpoints = field(default_factory=RLHFCheckpoints)
     log_dir: str = "runs/ppo"
+    log_samples: int = 0
+    """Rank 0 appends this many decoded rollout samples per iteration (prompt, response, score) to
+    ``log_dir/samples.jsonl``."""
 
     def to_dict(self) -> dict:
         return run_dict(self)
 
 
 SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
-            "reward", "checkpoint", "log_dir"}
+            "reward", "checkpoint", "log_dir", "log_samples"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
@@ -125,7 +128,7 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
                    data=config_section(RLHFData, raw.get("data"), "data"),
                    reward=config_section(RLHFReward, raw.get("reward"), "reward"),
                    checkpoint=config_section(RLHFCheckpoints, raw.get("checkpoint"), "checkpoint"),
-                   log_dir=str(raw.get("log_dir", "runs/ppo")))
+                   log_dir=str(raw.get("log_dir", "runs/ppo")), log_samples=raw.get("log_samples", 0))
 
 
 def validate_rlhf_run(run: RLHFRun, world_size: int):
@@ -137,6 +140,8 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
     ck = run.checkpoint
+    if not (isinstance(run.log_samples, int) and run.log_samples >= 0):
+        raise ValueError(f"log_samples={run.log_samples!r} must be a non-negative integer (samples per iteration)")
     if not ck.actor_from or not (ck.reward_from or run.reward.function):
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and a reward: --reward-from (a reward-model "
                          "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function)")
@@ -233,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--async-save", action="store_true", default=None,
                    help="write checkpoints in the background while PPO goes on")
     p.add_argument("--log-dir")
+    p.add_argument("--log-samples", type=int, help="append N decoded rollout samples per iteration to "
+                   "LOG_DIR/samples.jsonl")
     return p
 
 
@@ -257,7 +264,7 @@ def cli_overrides(args) -> dict:
             out.setdefault("data", {})[name] = getattr(args, name)
     if args.reward_fn is not None:
         out["reward"] = {"function": args.reward_fn}
-    for name in ("tp", "pp", "vpp", "log_dir", "model"):
+    for name in ("tp", "pp", "vpp", "log_dir", "model", "log_samples"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -325,6 +332,19 @@ def split_eval(records: list[dict], data: RLHFData, seed: int) -> tuple[list[dic
         raise ValueError(f"data.eval_fraction={data.eval_fraction} of {len(records)} prompts leaves none to train on")
     held = set(np.random.default_rng([seed, 11]).permutation(len(records))[:k].tolist())
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def write_samples(path: Path, step: int, rollout, tokenizer, n: int) -> None:
+    """Append the first ``n`` rows of ``rollout`` (decoded prompt and response, score) to ``path`` (JSONL)."""
+    P = rollout.sequences.shape[1] - rollout.responses.shape[1]
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(min(n, rollout.sequences.shape[0])):
+            prompt = rollout.sequences[i, :P][rollout.attention_mask[i, :P].bool()].tolist()
+            response = rollout.responses[i][rollout.response_mask[i].bool()].tolist()
+            record = {"step": step, "row": i, "prompt": tokenizer.decode(prompt),
+                      "response": tokenizer.decode([t for t in response if t < tokenizer.vocab_size]),
+                      "response_tokens": len(response), "score": float(rollout.scores[i])}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def print_eval(stats: dict) -> None:
@@ -433,6 +453,9 @@ def train_ppo(run: RLHFRun) -> int:
                           + f"  [{stats['seconds']:.1f}s]", flush=True)
                     if "eval_reward" in stats:
                         print_eval(stats)
+                    if run.log_samples:
+                        write_samples(Path(run.log_dir) / "samples.jsonl", stats["step"], loop.last_rollout, tokenizer,
+                                      run.log_samples)
                 if ck.save and ck.save_interval and loop.iterations_done % ck.save_interval == 0:
                     loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
             if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):

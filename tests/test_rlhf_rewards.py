@@ -431,7 +431,7 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
            "--iterations", "1", "--rollout-prompts", "4", "--samples-per-prompt", "2", "--mini-batch-size", "8",
            "--micro-batch-size", "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
            "--reward-fn", f"{tmp_path / 'points.py'}:points", "--log-dir", str(tmp_path / "run"),
-           "--eval-fraction", "0.2", "--eval-interval", "1"]
+           "--eval-fraction", "0.2", "--eval-interval", "1", "--log-samples", "3"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 models, reward function" in proc.stdout and "4 prompts + 1 held out" in proc.stdout
@@ -441,3 +441,8 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     assert line["reward_fn_s"] >= 0 and math.isfinite(line["value_loss"])
     assert final["step"] == 1 and final["eval_reward"] == line["eval_reward"] and final["eval_win_rate"] == 0.5
     assert proc.stdout.count("eval ") == 2
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["row"] for s in samples] == [0, 1, 2] and all(s["step"] == 0 for s in samples)
+    for s in samples:  # the decoded prompt is one of the training questions, scored by its points
+        (i,) = [i for i in range(5) if f"What is {i} + 1?" in s["prompt"]]
+        assert s["score"] == i and 0 <= s["response_tokens"] <= 4 and isinstance(s["response"], str)

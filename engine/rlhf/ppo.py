@@ -516,6 +516,7 @@ class PPOLoop:
         self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
         self.iterations_done = 0
         self.prompt_draws = 0  # rollouts drawn so far: the iterations, plus the extra rounds of dynamic sampling
+        self.last_rollout: Optional[Rollout] = None  # the latest iteration's (global) rollout
         self._reward_fn_seconds = 0.0
         self._baseline_cache: dict[int, float] = {}
         self.score_moments = RunningMoments()  # of the adjusted scores of kept rows (normalize_scores)
@@ -1239,6 +1240,7 @@ class PPOLoop:
             self._resident_peaks = {}
             evaluation, eval_peaks = self.evaluate(), self._resident_peaks
         rollout, times = self.dynamic_rollout()  # (starts a new ledger of resident bytes)
+        self.last_rollout = rollout  # for sample logging (launch.rlhf --log-samples)
         self._resident_peaks.update(eval_peaks)
         batch, stats = self.advantages(rollout)
         stats.update(evaluation)
