@@ -67,7 +67,7 @@ def _ppo_stage(out: Path, sft: Path, rm: Path, iterations: int) -> Path:
     earlier = len(_metrics(out / "ppo" / "metrics.jsonl"))
     if train_ppo(run) != 0:
         raise SystemExit("the ppo stage failed")
-    lines = _metrics(out / "ppo" / "metrics.jsonl", earlier)
+    lines = [r for r in _metrics(out / "ppo" / "metrics.jsonl", earlier) if "reward" in r]  # not eval-only records
     k = max(1, len(lines) // 4)  # mean of the first and last quarter: single rollouts are noisy
     first, last = (sum(r["reward"] for r in rs) / len(rs) for rs in (lines[:k], lines[-k:]))
     print(f"ppo: reward {first:+.3f} -> {last:+.3f} (mean of the first / last {k} iterations), KL to the "

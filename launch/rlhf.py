@@ -320,17 +320,22 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
                           ("input_ids", "labels", "attention_mask"))
 
 
-def split_eval(records: list[dict], data: RLHFData, seed: int) -> tuple[list[dict], list[dict]]:
+def split_eval(records: list[dict], data: RLHFData, seed: int, fits: Optional[Sequence[bool]] = None
+               ) -> tuple[list[dict], list[dict]]:
     """(training, held-out) prompt records: ``data.eval_prompts`` read, or ``data.eval_fraction`` of ``records``
-    (at least one, chosen by a seeded permutation; both lists keep the file's order); else no held-out."""
+    (at least one, chosen by a seeded permutation among the prompts that ``fits`` max_prompt_length; both lists
+    keep the file's order); else no held-out."""
     if data.eval_prompts:
         return records, read_prompts(data.eval_prompts)
     if not data.eval_fraction:
         return records, []
-    k = max(1, round(data.eval_fraction * len(records)))
-    if k >= len(records):
-        raise ValueError(f"data.eval_fraction={data.eval_fraction} of {len(records)} prompts leaves none to train on")
-    held = set(np.random.default_rng([seed, 11]).permutation(len(records))[:k].tolist())
+    candidates = [i for i in range(len(records)) if fits is None or fits[i]]
+    k = max(1, round(data.eval_fraction * len(candidates)))
+    if k >= len(candidates):
+        raise ValueError(f"data.eval_fraction={data.eval_fraction} of the {len(candidates)} prompts that fit "
+                         "max_prompt_length leaves none to train on")
+    order = np.random.default_rng([seed, 11]).permutation(len(candidates))[:k]
+    held = {candidates[j] for j in order.tolist()}
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
@@ -384,7 +389,8 @@ def train_ppo(run: RLHFRun) -> int:
             else:
                 from engine.data.builtin import builtin_prompts
                 records = [{"prompt": t} for t in builtin_prompts()]
-            records, eval_records = split_eval(records, run.data, c.seed)
+            fits = [len(tokenizer.encode_prompt(r["prompt"])) <= c.max_prompt_length for r in records]
+            records, eval_records = split_eval(records, run.data, c.seed, fits)
             texts = [r["prompt"] for r in records]
             prompts = [tokenizer.encode_prompt(t) for t in texts]
             eval_texts = [r["prompt"] for r in eval_records]
@@ -438,6 +444,7 @@ def train_ppo(run: RLHFRun) -> int:
                   + (f" + {len(loop.eval_prompts)} held out" if loop.eval_prompts else "")
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")
                   + f", device {device}", flush=True)
+        start = loop.iterations_done
         try:
             while loop.iterations_done < c.iterations:
                 stats = loop.iteration()
@@ -460,7 +467,7 @@ def train_ppo(run: RLHFRun) -> int:
                     loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
             if ck.save and (not ck.save_interval or loop.iterations_done % ck.save_interval):
                 loop.save(ck.save, ck.keep_last, fingerprint, ck.async_save)
-            if c.eval_interval:  # the final policy, in a record of its own
+            if c.eval_interval and loop.iterations_done > start:  # the final policy, in a record of its own
                 stats = {"step": loop.iterations_done, **loop.evaluate()}
                 if writer is not None:
                     writer.write_record(stats)

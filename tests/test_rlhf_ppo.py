@@ -110,6 +110,17 @@ def test_loss_aggregation_modes_in_the_update(mode):
     assert update["ppo_steps"] == 1 and update["clipfrac"] == 0.0 and update["dual_clipfrac"] == 0.0
     # fp32 sums over <= 48 tokens vs fp64
     assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    if mode == "seq-mean-token-mean":  # the entropy bonus reaches the step, aggregated like the loss
+        actor = _models()[0]  # the same initial weights as the loop's actor
+        with torch.no_grad():
+            logp = torch.log_softmax(actor(rollout.sequences, rollout.attention_mask)[:, P - 1:-1].double(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        per_response = [entropy[i][mask[i]].mean() for i in range(8) if mask[i].any()]
+        bonus = PPOLoop(dataclasses.replace(config, entropy_coef=0.3), _config(), ParallelLayout.single(), *_models(),
+                        _prompts(), list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR).update(batch, 0)
+        assert bonus["entropy"] == pytest.approx(update["entropy"], rel=1e-6)  # the stat: a plain token mean
+        want = expected - 0.3 * sum(per_response) / len(per_response)
+        assert bonus["policy_loss"] == pytest.approx(want.item(), abs=1e-5)
 
 
 def test_clip_options_and_weighted_kl_loss_reach_the_update():
@@ -312,19 +323,22 @@ def test_reinforce_plus_plus_advantages(kind):
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    loop = PPOLoop(_ppo(advantage_estimator=kind, gamma=0.9), _config(), ParallelLayout.single(), actor, None,
-                   reference, reward, _prompts(), list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR)
+    loop = PPOLoop(_ppo(advantage_estimator=kind, gamma=0.9, overlong_buffer=2), _config(), ParallelLayout.single(),
+                   actor, None, reference, reward, _prompts(), list(range(2, 24)), PAD, OPTIM, OPTIM, LR, LR)
     rollout, _ = loop.rollout(0)
     batch, stats = loop.advantages(rollout)
     mask = rollout.response_mask.bool()
     scores = rollout.scores.double()
+    lengths = mask.sum(1).double()
+    overlong = -((lengths - 4) / 2).clamp(0, 1)  # the last 2 of 6 tokens
     if kind == "reinforce++":
         assert loop._baseline_cache and stats["reward_vs_reference"] == pytest.approx(
             (rollout.scores - rollout.baselines).mean().item())
-        adjusted = scores - rollout.baselines.double()
+        adjusted = scores - rollout.baselines.double() + overlong
     else:
         assert loop._baseline_cache == {} and "reward_vs_reference" not in stats
-        adjusted = scores - scores.view(4, 2).mean(1).repeat_interleave(2)
+        adjusted = scores + overlong  # the group mean of the penalised scores
+        adjusted = adjusted - adjusted.view(4, 2).mean(1).repeat_interleave(2)
     kl = (rollout.logprobs - rollout.ref_logprobs).double()
     returns = torch.zeros(mask.shape, dtype=torch.float64)
     for i in range(8):
@@ -334,7 +348,7 @@ def test_reinforce_plus_plus_advantages(kind):
             returns[i, t] = acc
     values = returns[mask]
     expected = (values - values.mean()) / (values.var() + 1e-8).sqrt()
-    assert len({int(m.sum()) for m in mask}) > 2  # several lengths: the discounting shows
+    assert len({int(m.sum()) for m in mask}) > 2 and (overlong < 0).any() and (overlong == 0).any()
     P = loop.config.max_prompt_length
     # fp32 sums of <= 6 terms and the whitening vs fp64
     torch.testing.assert_close(batch["advantages"][:, P - 1:-1][mask].double(), expected, rtol=1e-5, atol=1e-5)
@@ -355,11 +369,14 @@ def test_overlong_punishment_and_truncated_responses():
     loop = PPOLoop(config, _config(), ParallelLayout.single(), actor, None, reference, reward, _prompts(), stops, PAD,
                    OPTIM, OPTIM, LR, LR)
     rollout, _ = loop.rollout(0)
-    batch, stats = loop.advantages(rollout)
     lengths = rollout.response_mask.sum(1)
+    full = torch.nonzero(lengths == 6).flatten()
+    rollout.responses[full[0], 5] = 2  # a response whose stop token is its 6th and last: not truncated
+    batch, stats = loop.advantages(rollout)
     last = rollout.responses[torch.arange(12), (lengths - 1).clamp(min=0)]
     truncated = (lengths == 6) & ~torch.tensor([int(t) in stops for t in last])
     assert 0 < truncated.sum() < 12 and len(set(lengths.tolist())) > 2  # both kinds, several lengths
+    assert not truncated[full[0]] and stats["trained_fraction"] == ((~truncated) & (lengths > 0)).float().mean().item()
     assert stats["truncated_fraction"] == truncated.float().mean().item()
     P = config.max_prompt_length
     trained = (batch["labels"][:, P - 1:-1] != -100).any(1)
@@ -821,9 +838,18 @@ def test_launcher_errors(tmp_path, capsys):
     assert main(["--actor-from", "a", "--reward-from", "b", "--dual-clip", "0.5"]) == 2
     assert "dual_clip=0.5 must be 0 (off) or > 1" in capsys.readouterr().err
     from launch.rlhf import build_parser, cli_overrides
-    flags = ["--loss-agg-mode", "seq-mean-token-sum-norm", "--dual-clip", "3", "--clip-eps-high", "0.28"]
-    ppo = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags))).ppo
+    flags = ["--loss-agg-mode", "seq-mean-token-sum-norm", "--dual-clip", "3", "--clip-eps-high", "0.28",
+             "--entropy-coef", "0.01", "--eval-interval", "5", "--overlong-buffer", "4", "--mask-truncated",
+             "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
+             "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
+             "--reward-fn", "m:f"]
+    run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
+    ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
+    assert (ppo.entropy_coef, ppo.eval_interval, ppo.overlong_buffer, ppo.mask_truncated, ppo.min_reward_spread,
+            ppo.sampling_rounds, ppo.critic_warmup, ppo.advantage_estimator) == (0.01, 5, 4, True, 0.2, 3, 2,
+                                                                               "reinforce++")
+    assert (run.log_samples, run.data.eval_fraction, run.reward.function) == (7, 0.1, "m:f")
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2

@@ -196,6 +196,11 @@ def test_resuming_with_another_reward_recomputes_the_reference_baselines(tmp_pat
                                          "function f': the reference baselines are recomputed"):
         other.load(tmp_path)
     assert other._baseline_cache == {} and other.score_moments.count == 0 and other.iterations_done == 1
+    shifted = PPOLoop(_ppo(normalize_scores=True), _config(), ParallelLayout.single(), *_models(seed=9), prompts[1:],
+                      [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_source="reward model rm")  # e.g. one prompt held out
+    with pytest.warns(UserWarning, match="saved with another prompt list"):
+        shifted.load(tmp_path)
+    assert shifted._baseline_cache == {} and shifted.score_moments.count == first.score_moments.count
 
 
 def _length_if_even_prompt(prompt, response, sample) -> float:
@@ -261,25 +266,31 @@ def test_evaluate_scores_greedy_answers_against_the_reference():
     every prompt (win rate 0.5); after updates the actor's scores move and the reference's are reused. With
     eval_interval=2, iterations 0 and 2 carry the evaluation."""
     prompts, held_out = _prompts(), _prompts(5, seed=3)
-    loop = PPOLoop(_ppo(iterations=3, eval_interval=2), _config(), ParallelLayout.single(), *_models(seed=10),
-                   prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts + held_out),
+    actor, critic, reference, reward = _models(seed=10)
+    with torch.no_grad():  # a reference unlike the actor: its answers score differently
+        for p in reference.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    loop = PPOLoop(_ppo(iterations=3, eval_interval=2), _config(), ParallelLayout.single(), actor, critic, reference,
+                   reward, prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts + held_out),
                    eval_prompts=held_out)
     origin = range(len(prompts), len(prompts) + 5)
     first = loop.evaluate()
     scores, lengths = _greedy_scored(loop, loop.actor[0], held_out, origin)
+    ref_scores, _ = _greedy_scored(loop, loop.reference[0], held_out, origin)
     assert first["eval_reward"] == pytest.approx(scores.mean().item(), abs=1e-5)
-    assert first["eval_reference_reward"] == pytest.approx(first["eval_reward"], abs=1e-6)
-    assert first["eval_win_rate"] == 0.5 and first["eval_response_length"] == lengths.mean().item()
-    reference = loop._eval_reference
+    assert first["eval_reference_reward"] == pytest.approx(ref_scores.mean().item(), abs=1e-5)
+    assert abs(first["eval_reference_reward"] - first["eval_reward"]) > 1e-3  # the two are told apart
+    wins = ((scores > ref_scores).float() + 0.5 * (scores == ref_scores).float()).mean().item()
+    assert first["eval_win_rate"] == pytest.approx(wins) and first["eval_response_length"] == lengths.mean().item()
+    cached = loop._eval_reference
     records = [loop.iteration() for _ in range(3)]
     assert ["eval_reward" in r for r in records] == [True, False, True]
     assert records[0]["eval_reward"] == pytest.approx(first["eval_reward"], abs=1e-6)  # nothing trained yet
     assert records[0]["resident_bytes_eval"] > 0
     after = loop.evaluate()
-    assert loop._eval_reference is reference  # computed once
+    assert loop._eval_reference is cached  # computed once
     scores, _ = _greedy_scored(loop, loop.actor[0], held_out, origin)
     assert after["eval_reward"] == pytest.approx(scores.mean().item(), abs=1e-5)
-    ref_scores, _ = _greedy_scored(loop, loop.reference[0], held_out, origin)
     wins = ((scores > ref_scores).float() + 0.5 * (scores == ref_scores).float()).mean().item()
     assert after["eval_win_rate"] == pytest.approx(wins)
     with pytest.raises(ValueError, match="eval_interval=2 needs eval_prompts"):
@@ -396,6 +407,17 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
 
 
 # ---- launch.rlhf -------------------------------------------------------------------------------------------
+def test_split_eval_holds_out_only_prompts_that_fit():
+    from launch.rlhf import RLHFData, split_eval
+    records = [{"prompt": str(i)} for i in range(10)]
+    fits = [i % 3 != 0 for i in range(10)]  # 0, 3, 6, 9 too long
+    for seed in range(20):
+        train, held = split_eval(records, RLHFData(eval_fraction=0.3), seed, fits)
+        assert len(held) == 2 and all(fits[int(r["prompt"])] for r in held)
+        assert sorted(train + held, key=lambda r: int(r["prompt"])) == records
+    with pytest.raises(ValueError, match="eval_fraction=0.9 of the 2 prompts that fit max_prompt_length leaves none"):
+        split_eval(records[:3], RLHFData(eval_fraction=0.9), 0, [True, True, False])
+
 def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     """launch.rlhf --reward-fn file.py:function (PPO with a critic started from the actor): the function gets
     each prompt's JSONL record; the logged reward is its mean. Bad specs and a missing reward are refused."""
@@ -431,7 +453,7 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
            "--iterations", "1", "--rollout-prompts", "4", "--samples-per-prompt", "2", "--mini-batch-size", "8",
            "--micro-batch-size", "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
            "--reward-fn", f"{tmp_path / 'points.py'}:points", "--log-dir", str(tmp_path / "run"),
-           "--eval-fraction", "0.2", "--eval-interval", "1", "--log-samples", "3"]
+           "--eval-fraction", "0.2", "--eval-interval", "1", "--log-samples", "3", "--save", str(tmp_path / "ck")]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 models, reward function" in proc.stdout and "4 prompts + 1 held out" in proc.stdout
@@ -441,6 +463,11 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     assert line["reward_fn_s"] >= 0 and math.isfinite(line["value_loss"])
     assert final["step"] == 1 and final["eval_reward"] == line["eval_reward"] and final["eval_win_rate"] == 0.5
     assert proc.stdout.count("eval ") == 2
+    # resuming the finished run trains nothing and adds no second final evaluation
+    proc = subprocess.run(cmd + ["--load", str(tmp_path / "ck")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout + proc.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [s["row"] for s in samples] == [0, 1, 2] and all(s["step"] == 0 for s in samples)
     for s in samples:  # the decoded prompt is one of the training questions, scored by its points

@@ -66,6 +66,8 @@ The pure math lives in ``engine.rlhf.core``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -468,6 +470,8 @@ class PPOLoop:
         fits = [i for i, p in enumerate(prompts) if len(p) <= config.max_prompt_length]
         self.prompts = [list(prompts[i]) for i in fits]
         self.prompt_source = torch.tensor(fits, dtype=torch.long)  # self.prompts[i] is prompts[prompt_source[i]]
+        # the reference-baseline cache is keyed by position in self.prompts: saved with this, checked on load
+        self.prompts_fingerprint = hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()[:16]
         self.dropped_prompts = len(prompts) - len(self.prompts)
         if len(self.prompts) < config.rollout_prompts:
             raise ValueError(f"{len(self.prompts)} prompts fit max_prompt_length={config.max_prompt_length} "
@@ -1019,7 +1023,8 @@ class PPOLoop:
         stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
                  "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
-                 "truncated_fraction": truncated.float().mean().item()}
+                 "truncated_fraction": truncated.float().mean().item(),
+                 "trained_fraction": (mask.any(1)).float().mean().item()}
         if c.overlong_buffer:
             stats["overlong_penalty"] = length_penalty.mean().item()
         stats.update({name: part.mean().item() for name, part in r.score_parts.items()})
@@ -1124,6 +1129,7 @@ class PPOLoop:
                 extra["advantage_estimator"] = self.config.advantage_estimator
                 extra["reference_baselines"] = merged
                 extra["reward_source"] = self.reward_source
+                extra["prompts_fingerprint"] = self.prompts_fingerprint
                 extra["score_moments"] = self.score_moments.state_dict()
                 extra["kl_coef"] = self.kl_coef
                 extra["prompt_draws"] = self.prompt_draws
@@ -1218,13 +1224,21 @@ class PPOLoop:
         self.prompt_draws = int(states["actor"].get("prompt_draws", self.iterations_done))
         self._baseline_cache = {int(k): float(v) for k, v in states["actor"]["reference_baselines"].items()}
         self.score_moments.load_state_dict(states["actor"]["score_moments"])
+        import warnings
         saved_reward = states["actor"].get("reward_source")  # absent in checkpoints from before it was recorded
         if "reward_source" in states["actor"] and saved_reward != self.reward_source:
             # scores on another reward's scale: the cached baselines and the score statistics start over
-            import warnings
             warnings.warn(f"{directory}: saved with reward {saved_reward!r}, resumed with {self.reward_source!r}: "
                           "the reference baselines are recomputed and the score statistics restart")
             self._baseline_cache, self.score_moments = {}, RunningMoments()
+        saved_prompts = states["actor"].get("prompts_fingerprint")
+        if saved_prompts is not None and saved_prompts != self.prompts_fingerprint:
+            # the cache is keyed by prompt position: another prompt list (other data, another held-out split)
+            # would pair its prompts with other prompts' baselines
+            warnings.warn(f"{directory}: saved with another prompt list (fingerprint {saved_prompts}, now "
+                          f"{self.prompts_fingerprint}): the reference baselines are recomputed, and the prompt order "
+                          "continues from the saved position in the new list")
+            self._baseline_cache = {}
         # The adapted coefficient is run state, resumed with the run; a fixed one is configuration, so the
         # resuming run's value holds (also for checkpoints written before the controller existed).
         if self.config.kl_target > 0 and "kl_coef" in states["actor"]:
