@@ -62,6 +62,8 @@ class RLHFReward:
     """Rule-based reward ``"package.module:function"`` or ``"path/file.py:function"``, called as
     ``fn(prompt, response, record) -> float`` (``engine.rlhf.rewards``); added to the reward model's score
     when ``checkpoint.reward_from`` is also set. None: the reward model alone."""
+    workers: int = 1
+    """Threads calling the function at once (> 1 for checkers that wait on a sandbox, a service or a judge)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     if not ck.actor_from or not (ck.reward_from or run.reward.function):
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and a reward: --reward-from (a reward-model "
                          "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function)")
+    if not (isinstance(run.reward.workers, int) and run.reward.workers >= 1):
+        raise ValueError(f"reward.workers={run.reward.workers!r} must be a positive integer")
     if run.reward.function:
         from engine.rlhf.rewards import load_reward_fn
         load_reward_fn(run.reward.function)  # a typo or an import error fails here, before any model is loaded
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-from")
     p.add_argument("--reward-fn", help="rule-based reward: module:function or path/file.py:function, called as "
                    "fn(prompt, response, record) -> float (added to the reward model's score if both)")
+    p.add_argument("--reward-workers", type=int, help="threads calling --reward-fn at once (default 1)")
     p.add_argument("--critic-from")
     p.add_argument("--save")
     p.add_argument("--save-interval", type=int)
@@ -262,8 +267,9 @@ def cli_overrides(args) -> dict:
     for name in ("eval_prompts", "eval_fraction"):
         if getattr(args, name) is not None:
             out.setdefault("data", {})[name] = getattr(args, name)
-    if args.reward_fn is not None:
-        out["reward"] = {"function": args.reward_fn}
+    for flag, name in (("reward_fn", "function"), ("reward_workers", "workers")):
+        if getattr(args, flag) is not None:
+            out.setdefault("reward", {})[name] = getattr(args, flag)
     for name in ("tp", "pp", "vpp", "log_dir", "model", "log_samples"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
@@ -399,7 +405,7 @@ def train_ppo(run: RLHFRun) -> int:
                 from engine.rlhf.rewards import FunctionReward, load_reward_fn
                 reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts + eval_texts,
                                            records + eval_records, name=run.reward.function,
-                                           vocab_size=tokenizer.vocab_size)
+                                           vocab_size=tokenizer.vocab_size, workers=run.reward.workers)
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused

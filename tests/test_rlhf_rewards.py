@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,21 @@ def test_function_reward_decodes_the_masked_response_and_rejects_bad_scores():
         raise ValueError(f"token ids {ids} are outside the vocabulary")
     with pytest.raises(RuntimeError, match="failed on row 0 \\(prompt 0: 'p0', decoding the response\\): ValueError"):
         FunctionReward(fn, strict_decode, ["p0"], name="fn")(*rows)
+    # workers: rows scored at once (four calls meet at a barrier, which one thread at a time never passes)
+    barrier = threading.Barrier(4, timeout=60)
+
+    def meets(prompt, response, sample):
+        barrier.wait()
+        return len(response.split())
+    together = FunctionReward(meets, _decode, ["p0", "p1"], workers=4)
+    got = together(torch.tensor([0, 1, 0, 1]), torch.tensor([[5, 6], [7, 0], [8, 9], [1, 0]]),
+                   torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0]]))
+    assert got.tolist() == [2.0, 1.0, 2.0, 1.0]  # in row order
+    with pytest.raises(RuntimeError, match="failed on row 0 .*ZeroDivisionError"):
+        FunctionReward(lambda *a: 1 / 0, _decode, ["p0"], workers=2)(torch.tensor([0, 0]), torch.tensor([[5], [6]]),
+                                                                      torch.tensor([[1], [1]]))
+    with pytest.raises(ValueError, match="workers=0 must be a positive integer"):
+        FunctionReward(fn, _decode, ["a"], workers=0)
     with pytest.raises(ValueError, match="2 prompts but 1 sample records"):
         FunctionReward(fn, _decode, ["a", "b"], [{}])
     with pytest.raises(ValueError, match=r"must be \[n\], \[n, T\] and \[n, T\]"):

@@ -22,6 +22,7 @@ import importlib.util
 import math
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -127,17 +128,21 @@ class FunctionReward:
     dropping special tokens such as the stop token); ``prompts`` / ``samples``: the prompt texts and their
     records, indexed like the prompt list given to the PPO loop. ``name``: how errors name the function.
     ``vocab_size``: the tokenizer's; sampled ids at or above it (a model vocabulary padded beyond the
-    tokenizer's, as ChatGLM's) have no text and are left out of the decoded response."""
+    tokenizer's, as ChatGLM's) have no text and are left out of the decoded response. ``workers`` > 1 calls
+    the function on that many rows at once (threads: for checkers that wait on a sandbox, a service or a
+    judge; ``fn`` and ``decode`` must then be thread-safe)."""
 
     def __init__(self, fn: RewardFn, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
                  samples: Optional[Sequence[Mapping]] = None, name: Optional[str] = None,
-                 vocab_size: Optional[int] = None):
+                 vocab_size: Optional[int] = None, workers: int = 1):
+        if not (isinstance(workers, int) and workers >= 1):
+            raise ValueError(f"workers={workers!r} must be a positive integer (threads calling the reward function)")
         samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
         if len(samples) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
         self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
         self.name = name or getattr(fn, "__qualname__", repr(fn))
-        self.vocab_size = vocab_size
+        self.vocab_size, self.workers = vocab_size, workers
 
     def __call__(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
                  ) -> torch.Tensor:
@@ -149,28 +154,34 @@ class FunctionReward:
             raise ValueError(f"FunctionReward: prompt_index {tuple(prompt_index.shape)}, responses "
                              f"{tuple(responses.shape)} and response_mask {tuple(response_mask.shape)} must be "
                              "[n], [n, T] and [n, T]")
-        scores = []
-        for row, (p, tokens, mask) in enumerate(zip(prompt_index.tolist(), responses.tolist(),
-                                                    response_mask.bool().tolist())):
-            text = None
-            try:
-                text = self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None
-                                                                              or t < self.vocab_size)])
-                value = self.fn(self.prompts[p], text, self.samples[p])
-            except Exception as e:
-                what = "decoding the response" if text is None else f"response {text[:60]!r}"
-                raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
-                                   f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"reward function {self.name} returned {value!r} ({type(value).__name__}) for row "
-                                 f"{row} (prompt {p}): it must return a number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"reward function {self.name} returned {value} for row {row} (prompt {p}): scores "
-                                 "must be finite")
-            scores.append(value)
+        rows = list(enumerate(zip(prompt_index.tolist(), responses.tolist(), response_mask.bool().tolist())))
+        if self.workers > 1:  # map keeps the row order and re-raises the first failing row's error
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="reward_fn") as pool:
+                scores = list(pool.map(self._score_row, rows))
+        else:
+            scores = [self._score_row(row) for row in rows]
         return torch.tensor(scores, dtype=torch.float32)
+
+    def _score_row(self, row_data) -> float:
+        row, (p, tokens, mask) = row_data
+        text = None
+        try:
+            text = self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None
+                                                                          or t < self.vocab_size)])
+            value = self.fn(self.prompts[p], text, self.samples[p])
+        except Exception as e:
+            what = "decoding the response" if text is None else f"response {text[:60]!r}"
+            raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
+                               f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward function {self.name} returned {value!r} ({type(value).__name__}) for row "
+                             f"{row} (prompt {p}): it must return a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"reward function {self.name} returned {value} for row {row} (prompt {p}): scores "
+                             "must be finite")
+        return value
 
 
 __all__ = ["FunctionReward", "RewardFn", "final_answer", "load_reward_fn", "math_answer", "normalize_answer"]
