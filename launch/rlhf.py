@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-interval", type=int, help="evaluate on the held-out prompts every N iterations (and at "
                    "the end): greedy answers of the actor vs the reference, scored by the reward")
+    p.add_argument("--prompts", help="prompts JSONL, one {\"prompt\": str, ...} per line (data.prompts; default: the "
+                   "built-in questions)")
     p.add_argument("--eval-prompts", help="held-out prompts JSONL (like data.prompts)")
     p.add_argument("--eval-fraction", type=float, help="hold out this fraction of the prompts for evaluation")
     p.add_argument("--actor-from")
@@ -264,7 +266,7 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
-    for name in ("eval_prompts", "eval_fraction"):
+    for name in ("prompts", "eval_prompts", "eval_fraction"):
         if getattr(args, name) is not None:
             out.setdefault("data", {})[name] = getattr(args, name)
     for flag, name in (("reward_fn", "function"), ("reward_workers", "workers")):

@@ -842,7 +842,7 @@ def test_launcher_errors(tmp_path, capsys):
              "--entropy-coef", "0.01", "--eval-interval", "5", "--overlong-buffer", "4", "--mask-truncated",
              "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
-             "--reward-fn", "m:f", "--reward-workers", "4"]
+             "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -850,6 +850,7 @@ def test_launcher_errors(tmp_path, capsys):
             ppo.sampling_rounds, ppo.critic_warmup, ppo.advantage_estimator) == (0.01, 5, 4, True, 0.2, 3, 2,
                                                                                "reinforce++")
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
+    assert run.data.prompts == "p.jsonl"
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2
