@@ -169,7 +169,8 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     if held_out != bool(run.ppo.eval_interval):
         raise ValueError("evaluation needs both held-out prompts (--eval-prompts FILE or --eval-fraction F) and "
                          f"--eval-interval N > 0; got eval_interval={run.ppo.eval_interval} and "
-                         + (f"eval_prompts={d.eval_prompts!r}" if d.eval_prompts else f"eval_fraction={d.eval_fraction}"))
+                         + (f"eval_prompts={d.eval_prompts!r}" if d.eval_prompts
+                            else f"eval_fraction={d.eval_fraction}"))
     if ck.save_interval < 0 or (ck.save_interval and not ck.save):
         raise ValueError(f"checkpoint.save_interval={ck.save_interval} must be >= 0 and needs --save DIR")
     if ck.keep_last is not None and ck.keep_last < 1:
@@ -347,6 +348,13 @@ def split_eval(records: list[dict], data: RLHFData, seed: int, fits: Optional[Se
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
+def reward_source(run: RLHFRun) -> str:
+    """What scores the responses, as saved with the reference baselines: "reward model DIR + function SPEC"."""
+    parts = [f"reward model {run.checkpoint.reward_from}" if run.checkpoint.reward_from else None,
+             f"function {run.reward.function}" if run.reward.function else None]
+    return " + ".join(p for p in parts if p)
+
+
 def write_samples(path: Path, step: int, rollout, tokenizer, n: int) -> None:
     """Append the first ``n`` rows of ``rollout`` (decoded prompt and response, score) to ``path`` (JSONL)."""
     P = rollout.sequences.shape[1] - rollout.responses.shape[1]
@@ -361,7 +369,8 @@ def write_samples(path: Path, step: int, rollout, tokenizer, n: int) -> None:
 
 
 def print_eval(stats: dict) -> None:
-    print(f"eval {stats['step']:4d}  reward {stats['eval_reward']:+.3f}  reference {stats['eval_reference_reward']:+.3f}"
+    print(f"eval {stats['step']:4d}  reward {stats['eval_reward']:+.3f}"
+          f"  reference {stats['eval_reference_reward']:+.3f}"
           f"  win rate {stats['eval_win_rate']:.2f}  len {stats['eval_response_length']:.1f}"
           f"  [{stats['eval_s']:.1f}s]", flush=True)
 
@@ -413,7 +422,9 @@ def train_ppo(run: RLHFRun) -> int:
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
             actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
-            reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint) if ck.reward_from else None
+            reward = None
+            if ck.reward_from:
+                reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint)
             critic = None
             if c.advantage_estimator == "gae":
                 critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from or ck.actor_from, run, layout, device,
@@ -422,9 +433,7 @@ def train_ppo(run: RLHFRun) -> int:
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx, reward_fn=reward_fn,
                            eval_prompts=[tokenizer.encode_prompt(t) for t in eval_texts],
-                           reward_source=" + ".join(x for x in (ck.reward_from and f"reward model {ck.reward_from}",
-                                                                run.reward.function and f"function {run.reward.function}")
-                                                    if x))
+                           reward_source=reward_source(run))
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))
         try:
@@ -461,7 +470,8 @@ def train_ppo(run: RLHFRun) -> int:
                     vs_ref = f"  vs ref {stats['reward_vs_reference']:+.3f}" if "reward_vs_reference" in stats else ""
                     print(f"iter {stats['step']:4d}  reward {stats['reward']:+.3f}{vs_ref}"
                           f"  kl {stats['kl']:.3f}  len {stats['response_length']:.1f}"
-                          + ((f"  policy {stats['policy_loss']:+.4f}" if "policy_loss" in stats else "  (critic warm-up)")
+                          + ((f"  policy {stats['policy_loss']:+.4f}" if "policy_loss" in stats
+                              else "  (critic warm-up)")
                              + (f"  value {stats['value_loss']:.4f}" if loop.uses_critic else "")
                              + (f"  clip {stats['clipfrac']:.2f}" if "clipfrac" in stats else "")
                              if stats["ppo_steps"] else "  (no update: nothing kept)")

@@ -15,7 +15,8 @@ import torch
 
 from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
                               kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
-                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards, value_loss)
+                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards,
+                              value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 

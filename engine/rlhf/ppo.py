@@ -412,15 +412,16 @@ class PPOLoop:
     ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank; at pp = 1
     the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and
     ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone).
+    ``prompts``: token-id lists (chat prompts ending in the assistant tag). ``ptx_batches(step) ->
+    {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when ``ptx_coef > 0``).
+    ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens.
+
     ``reward_fn(prompt_index [n], responses [n, T], response_mask [n, T]) -> [n]`` (``rewards.FunctionReward``;
-    prompt_index into ``prompts``): a rule-based score, added to the reward model's when both are given; it
-    runs on one rank of each model-parallel group, whose other ranks receive its scores. ``reward_source``:
-    what the reward is (e.g. the checkpoint and function names), saved with the reference baselines; a run
-    resumed with another reward recomputes them. ``eval_prompts``: held-out prompts for ``evaluate``; the
-    reward function numbers them after ``prompts`` (eval prompt j is ``len(prompts) + j``).
-    ``prompts``: token-id lists (chat prompts ending in the
-    assistant tag). ``ptx_batches(step) -> {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data;
-    needed when ``ptx_coef > 0``). ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens."""
+    prompt_index into ``prompts``, then ``eval_prompts``: held-out prompt j is ``len(prompts) + j``): a
+    rule-based score, added to the reward model's when both are given; it runs on one rank of each
+    model-parallel group, whose other ranks receive its scores. ``reward_source``: what the reward is (e.g.
+    the checkpoint and function names), saved with the reference baselines; a run resumed with another
+    reward recomputes them. ``eval_prompts``: held-out prompts for ``evaluate``."""
 
     def __init__(self, config: PPOConfig, model_config: GLMConfig, layout, actor, critic, reference, reward,
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,
@@ -719,8 +720,8 @@ class PPOLoop:
 
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:
         """r(x, y_ref) per row: the score (``_rewards``: reward model and/or function) of the reference model's
-        greedy response to the row's prompt, computed once per prompt (cached). Collective over the model-parallel group (the
-        ranks of one training DP replica hold the same rows)."""
+        greedy response to the row's prompt, computed once per prompt (cached). Collective over the
+        model-parallel group (the ranks of one training DP replica hold the same rows)."""
         c = self.config
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
         if todo:
