@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
                    "(dual-clip PPO; 0: off)")
+    p.add_argument("--grpo-normalize-std", action=argparse.BooleanOptionalAction, default=None,
+                   help="GRPO divides the centred group scores by their std (default; --no-...: Dr. GRPO)")
     p.add_argument("--critic-warmup", type=int, help="the first N iterations train the critic alone (gae)")
     p.add_argument("--min-reward-spread", type=float, help="drop prompts whose responses' scores span less than this")
     p.add_argument("--sampling-rounds", type=int, help="dynamic sampling (DAPO): up to N rollouts per iteration until "
@@ -255,7 +257,7 @@ _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
               "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated",
-              "min_reward_spread", "sampling_rounds", "critic_warmup")
+              "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

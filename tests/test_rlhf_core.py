@@ -656,6 +656,12 @@ def test_adaptive_kl_coef_moves_toward_the_target_and_rejects_bad_input():
             adaptive_kl_coef(**args)
 
 
+def test_group_advantages_without_std_normalisation():
+    scores = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
+    _close(group_advantages(scores, "grpo", normalize_std=False), [[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    _close(group_advantages(scores, "grpo"), [[-1 / (1 + 1e-6), 1 / (1 + 1e-6), 0.0], [0.0, 0.0, 0.0]])
+
+
 def test_overlong_penalty_by_hand():
     lengths = torch.tensor([0, 6, 7, 8, 10])
     _close(overlong_penalty(lengths, 10, 4), [0.0, 0.0, -0.25, -0.5, -1.0])

@@ -249,13 +249,16 @@ def test_ptx_loss_is_added_in_the_same_actor_step():
         torch.testing.assert_close(grads[0.5][name], grads[0.0][name] + 0.5 * p.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "dr-grpo"])
 def test_group_estimators_train_without_a_critic(kind):
     """GRPO / RLOO: the advantage of every token of a response is its score relative to the prompt's other
     responses, less its KL penalty (kl_coef x its summed KL: folded into the RLOO score, centred over the
-    group after GRPO's normalisation), computed here by hand; no critic, no reference answers."""
+    group after GRPO's normalisation; Dr. GRPO: no division by the std), computed here by hand; no critic,
+    no reference answers."""
     actor, _, reference, reward = _models(seed=2)
-    loop = PPOLoop(_ppo(advantage_estimator=kind), _config(), ParallelLayout.single(), actor, None, reference,
+    config = (_ppo(advantage_estimator="grpo", grpo_normalize_std=False) if kind == "dr-grpo"
+              else _ppo(advantage_estimator=kind))
+    loop = PPOLoop(config, _config(), ParallelLayout.single(), actor, None, reference,
                    reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR)
     assert loop.critic_trainer is None and sorted(loop.offloader.groups) == ["actor", "actor.optim", "reference",
                                                                              "reward"]
@@ -270,6 +273,8 @@ def test_group_estimators_train_without_a_critic(kind):
         score, pen = rollout.scores[p:p + k].double(), penalty[p:p + k]
         if kind == "grpo":
             expected[p:p + k] = (score - score.mean()) / (score.std() + 1e-6) - (pen - pen.mean())
+        elif kind == "dr-grpo":
+            expected[p:p + k] = (score - score.mean()) - (pen - pen.mean())
         else:
             folded = score - pen
             expected[p:p + k] = folded - (folded.sum() - folded) / (k - 1)  # minus the mean of the others
@@ -842,7 +847,7 @@ def test_launcher_errors(tmp_path, capsys):
              "--entropy-coef", "0.01", "--eval-interval", "5", "--overlong-buffer", "4", "--mask-truncated",
              "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
-             "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl"]
+             "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -850,7 +855,7 @@ def test_launcher_errors(tmp_path, capsys):
             ppo.sampling_rounds, ppo.critic_warmup, ppo.advantage_estimator) == (0.01, 5, 4, True, 0.2, 3, 2,
                                                                                "reinforce++")
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
-    assert run.data.prompts == "p.jsonl"
+    assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2

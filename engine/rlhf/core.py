@@ -517,7 +517,8 @@ def reward_spread_filter(rewards: torch.Tensor, min_spread: float, statistic: st
     return spread >= min_spread
 
 
-def group_advantages(scores: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, kind: str = "grpo", eps: float = 1e-6, normalize_std: bool = True
+                     ) -> torch.Tensor:
     """Critic-free advantages: each response's score relative to the other responses to its prompt.
 
     scores: ``[p, k]`` sequence scores, k >= 2 responses per prompt. kind:
@@ -525,6 +526,8 @@ def group_advantages(scores: torch.Tensor, kind: str = "grpo", eps: float = 1e-6
                 al. 2024, DeepSeekMath); a group whose scores are all equal gets 0
         "rloo"  s_i - mean_{j != i} s_j = k / (k - 1) (s_i - mean), the leave-one-out baseline
                 (Ahmadian et al. 2024): unbiased, no division by the spread
+    ``normalize_std=False`` (grpo): s_i - mean, without the division (Dr. GRPO, Liu et al. 2025: dividing by
+    the spread weights prompts whose answers nearly agree, too easy or too hard, the most).
     Returns ``[p, k]`` fp32, detached (constants of the policy update)."""
     _check_dim("scores", scores, 2, "[p, k]")
     k = scores.shape[1]
@@ -540,7 +543,7 @@ def group_advantages(scores: torch.Tensor, kind: str = "grpo", eps: float = 1e-6
     centred = s - s.mean(dim=1, keepdim=True)
     if kind == "rloo":
         return centred * (k / (k - 1))
-    return centred / (s.std(dim=1, keepdim=True) + eps)
+    return centred / (s.std(dim=1, keepdim=True) + eps) if normalize_std else centred
 
 
 # ---- running reward statistics ----------------------------------------------------------------------

@@ -189,6 +189,8 @@ class PPOConfig:
     (``core.group_advantages``; needs samples_per_prompt >= 2). "reinforce++": no critic; the returns of the
     per-token rewards (gamma), whitened over the rollout. "reinforce++-baseline": the same after subtracting
     the mean score of each prompt's responses (needs samples_per_prompt >= 2). Module doc."""
+    grpo_normalize_std: bool = True
+    """GRPO divides each group's centred scores by their std; False: centred only (Dr. GRPO)."""
     reference_baseline: bool = True
     """Score relative to the reference model's greedy response to the same prompt (ChatGLM-RLHF; gae and
     reinforce++ only: under a group baseline a per-prompt constant cancels, so the reference answers are
@@ -307,6 +309,8 @@ class PPOConfig:
                             f"{self.max_new_tokens}] (0: off)")
         if not 0 <= self.overlong_penalty < math.inf:
             problems.append(f"overlong_penalty={self.overlong_penalty} must be >= 0 and finite")
+        if not isinstance(self.grpo_normalize_std, bool):
+            problems.append(f"grpo_normalize_std={self.grpo_normalize_std!r} must be true or false")
         if not isinstance(self.mask_truncated, bool):
             problems.append(f"mask_truncated={self.mask_truncated!r} must be true or false")
         if not (isinstance(self.critic_warmup, int) and 0 <= self.critic_warmup < max(self.iterations, 1)):
@@ -1008,7 +1012,8 @@ class PPOLoop:
             if c.advantage_estimator == "rloo":
                 relative = group_advantages(adjusted.view(groups) - penalty, "rloo")
             else:
-                relative = group_advantages(adjusted.view(groups), "grpo") - (penalty - penalty.mean(1, keepdim=True))
+                relative = (group_advantages(adjusted.view(groups), "grpo", normalize_std=c.grpo_normalize_std)
+                            - (penalty - penalty.mean(1, keepdim=True)))
             adv = torch.where(mask, relative.view(-1)[:, None], torch.zeros((), device=mask.device))
             returns = torch.zeros_like(adv)
         P = c.max_prompt_length
