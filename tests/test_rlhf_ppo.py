@@ -158,17 +158,27 @@ def test_clip_options_and_weighted_kl_loss_reach_the_update():
 def test_critic_warmup_leaves_the_actor_alone_at_first():
     """critic_warmup=1: iteration 0 steps the critic only (the actor's weights and step count unchanged, no
     policy metrics); iteration 1 steps both, the actor at its schedule's first learning rate."""
-    loop = _loop(_ppo(iterations=3, critic_warmup=1))
+    decaying = LRConfig(lr=1e-3, min_lr=0.0)
+    actor, critic, reference, reward = _models()
+    loop = PPOLoop(_ppo(iterations=3, critic_warmup=1, offload=True), _config(), ParallelLayout.single(), actor, critic,
+                   reference, reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, decaying, decaying)
+    # the actor's schedule spans the 2 iterations after the warm-up (2 steps each), the critic's all 3
+    assert loop.actor_trainer.lr.decay_steps == 4 and loop.critic_trainer.lr.decay_steps == 6
     actor_before = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
     critic_before = {k: v.clone() for k, v in loop.critic[0].state_dict().items()}
     warm = loop.iteration()
     assert "policy_loss" not in warm and math.isfinite(warm["value_loss"]) and warm["ppo_steps"] == 2
+    assert "actor_lr" not in warm
+    critic_bytes = sum(t.numel() * t.element_size() for t in loop.critic[0].state_dict().values())
+    # offloaded, the update phase held the critic alone: fp32 weights, gradients and two Adam moments (the
+    # actor, which holds more, never came in)
+    assert warm["resident_bytes_update"] == 4 * critic_bytes
     assert loop.actor_trainer.steps_done == 0 and loop.critic_trainer.steps_done == 2
     assert all(torch.equal(v, actor_before[k]) for k, v in loop.actor[0].state_dict().items())
     assert any(not torch.equal(v, critic_before[k]) for k, v in loop.critic[0].state_dict().items())
     both = loop.iteration()
     assert math.isfinite(both["policy_loss"]) and loop.actor_trainer.steps_done == 2
-    assert both["actor_lr"] == pytest.approx(loop.actor_trainer.lr(1))
+    assert both["actor_lr"] == pytest.approx(loop.actor_trainer.lr(1)) and both["actor_lr"] < 1e-3  # decaying
 
 
 def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():

@@ -139,6 +139,10 @@ def test_function_reward_decodes_the_masked_response_and_rejects_bad_scores():
                                                                       torch.tensor([[1], [1]]))
     with pytest.raises(ValueError, match="workers=0 must be a positive integer"):
         FunctionReward(fn, _decode, ["a"], workers=0)
+    # fields a function declares it reads are checked on every record up front
+    with pytest.raises(ValueError, match=r"reads the fields \['answer'\] of each prompt record, but 1 of 2 records "
+                                         r"lack one \(the first: record 1, fields \['prompt'\]\)"):
+        FunctionReward(math_answer, _decode, ["a", "b"], [{"prompt": "a", "answer": 1}, {"prompt": "b"}])
     with pytest.raises(ValueError, match="2 prompts but 1 sample records"):
         FunctionReward(fn, _decode, ["a", "b"], [{}])
     with pytest.raises(ValueError, match=r"must be \[n\], \[n, T\] and \[n, T\]"):
@@ -241,7 +245,13 @@ def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path):
                        reward_fn=_function_reward(prompts, _length_if_even_prompt))
     first = loop()
     plain = loop()  # the same draws one at a time, as a reference
+    rounds_times = []
+    one_round = first.rollout
+    first.rollout = lambda draw: (lambda out: (rounds_times.append(out[1]), out)[1])(one_round(draw))
     rollout, times = first.dynamic_rollout()
+    del first.rollout
+    for key in ("generate_s", "score_s", "reward_fn_s"):  # summed over the rounds
+        assert times[key] == pytest.approx(sum(t[key] for t in rounds_times))
     rounds = times["sampling_rounds"]
     draws = [plain.rollout(d)[0] for d in range(rounds)]
     passing = [reward_spread_filter(r.scores.view(4, 2), 0.5) for r in draws]
@@ -263,6 +273,14 @@ def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path):
     resumed = loop()
     resumed.load(tmp_path)
     assert resumed.prompt_draws == first.prompt_draws and resumed.iterations_done == 1
+    # a checkpoint from before dynamic sampling (no draw counter) resumes at one draw per iteration
+    manifest = tmp_path / "actor" / "step_000001" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["extra_state"]["prompt_draws"]
+    manifest.write_text(json.dumps(data))
+    old = loop()
+    old.load(tmp_path)
+    assert old.prompt_draws == old.iterations_done == 1
 
 
 # ---- evaluation on held-out prompts ------------------------------------------------------------------------
@@ -469,7 +487,8 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
            "--iterations", "1", "--rollout-prompts", "4", "--samples-per-prompt", "2", "--mini-batch-size", "8",
            "--micro-batch-size", "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
            "--reward-fn", f"{tmp_path / 'points.py'}:points", "--log-dir", str(tmp_path / "run"),
-           "--eval-fraction", "0.2", "--eval-interval", "1", "--log-samples", "3", "--save", str(tmp_path / "ck")]
+           "--eval-fraction", "0.2", "--eval-interval", "1", "--log-samples", "3", "--save", str(tmp_path / "ck"),
+           "--reward-workers", "2"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 models, reward function" in proc.stdout and "4 prompts + 1 held out" in proc.stdout

@@ -1077,8 +1077,10 @@ class PPOLoop:
             return pack_padded_rows(mb, self.actor_trainer.train.row_multiple(self.layout.dims),
                                     fill={"labels": IGNORE_INDEX}, keep=(mb["labels"] != IGNORE_INDEX).any(1))
 
-        self._resident("update", "actor", "actor.optim")
-        for rows in minibatches if iteration >= c.critic_warmup else ():
+        train_actor = iteration >= c.critic_warmup  # (the critic's warm-up leaves the actor off the device)
+        if train_actor:
+            self._resident("update", "actor", "actor.optim")
+        for rows in minibatches if train_actor else ():
             extra = ()
             if c.ptx_coef > 0:
                 extra = ((LanguageModelObjective(), self.ptx_batches(self.actor_trainer.steps_done), c.ptx_coef),)
@@ -1086,7 +1088,8 @@ class PPOLoop:
             actor = self.actor_trainer.train_step(mb, extra=extra)
             add({"policy_loss": actor.loss, "actor_grad_norm": actor.grad_norm, "update_rows": len(mb["labels"]),
                  **actor.stats}, actor)
-        self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
+        if train_actor:
+            self._resident("update", "actor", "actor.optim")  # measured again: the steps allocated gradients
         if self.uses_critic:
             self._resident("update", "critic", "critic.optim")
             for rows in minibatches:
@@ -1095,8 +1098,9 @@ class PPOLoop:
             self._resident("update", "critic", "critic.optim")
         steps = len(minibatches)
         out = {k: v / steps for k, v in sums.items()} if steps else {}
-        out.update(ppo_steps=steps, skipped_minibatches=skipped, actor_lr=float(self.actor_trainer.lr(
-            max(0, self.actor_trainer.steps_done - 1))))
+        out.update(ppo_steps=steps, skipped_minibatches=skipped)
+        if train_actor:
+            out["actor_lr"] = float(self.actor_trainer.lr(max(0, self.actor_trainer.steps_done - 1)))
         if peaks:
             out["peak_memory_update"] = max(peaks)
         if "lm_loss" in out:

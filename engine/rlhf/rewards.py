@@ -119,6 +119,9 @@ def math_answer(prompt: str, response: str, sample: Mapping) -> float:
     return float(got is not None and normalize_answer(got) == normalize_answer(str(sample["answer"])))
 
 
+math_answer.required_fields = ("answer",)  # checked on every record when the run starts (FunctionReward)
+
+
 # ---- applying a function to token rows -----------------------------------------------------------------
 
 class FunctionReward:
@@ -130,7 +133,9 @@ class FunctionReward:
     ``vocab_size``: the tokenizer's; sampled ids at or above it (a model vocabulary padded beyond the
     tokenizer's, as ChatGLM's) have no text and are left out of the decoded response. ``workers`` > 1 calls
     the function on that many rows at once (threads: for checkers that wait on a sandbox, a service or a
-    judge; ``fn`` and ``decode`` must then be thread-safe)."""
+    judge; ``fn`` and ``decode`` must then be thread-safe). A function that reads fields of the records may list
+    them as ``fn.required_fields`` (``math_answer`` does): every record is checked for them here, before any
+    model is built or sampled."""
 
     def __init__(self, fn: RewardFn, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
                  samples: Optional[Sequence[Mapping]] = None, name: Optional[str] = None,
@@ -142,6 +147,13 @@ class FunctionReward:
             raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
         self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
         self.name = name or getattr(fn, "__qualname__", repr(fn))
+        required = tuple(getattr(fn, "required_fields", ()))
+        lacking = [i for i, sample in enumerate(samples) if any(f not in sample for f in required)]
+        if lacking:
+            raise ValueError(f"reward function {self.name} reads the fields {list(required)} of each prompt record, "
+                             f"but {len(lacking)} of {len(samples)} records lack one (the first: record {lacking[0]}, "
+                             f"fields {sorted(samples[lacking[0]])}); give --prompts a JSONL whose lines carry them "
+                             "(the built-in questions have only 'prompt')")
         self.vocab_size, self.workers = vocab_size, workers
 
     def __call__(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
