@@ -64,6 +64,12 @@ class RLHFReward:
     when ``checkpoint.reward_from`` is also set. None: the reward model alone."""
     workers: int = 1
     """Threads calling the function at once (> 1 for checkers that wait on a sandbox, a service or a judge)."""
+    url: Optional[str] = None
+    """Or: a reward service, ``http(s)://...``, sent each scoring batch as JSON ``{"prompts", "responses",
+    "records"}`` and answering ``{"rewards": [...]}`` (``engine.rlhf.rewards.RemoteReward``); like a function,
+    added to the reward model's score when both are set."""
+    timeout: float = 60.0
+    """Seconds per request to ``url`` (failed requests are retried 3 times)."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +150,15 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     ck = run.checkpoint
     if not (isinstance(run.log_samples, int) and run.log_samples >= 0):
         raise ValueError(f"log_samples={run.log_samples!r} must be a non-negative integer (samples per iteration)")
-    if not ck.actor_from or not (ck.reward_from or run.reward.function):
+    if not ck.actor_from or not (ck.reward_from or run.reward.function or run.reward.url):
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and a reward: --reward-from (a reward-model "
-                         "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function)")
+                         "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function) or "
+                         "--reward-url (a reward service)")
+    if run.reward.function and run.reward.url:
+        raise ValueError(f"give reward.function ({run.reward.function}) or reward.url ({run.reward.url}), not both")
+    if run.reward.url and not (run.reward.url.startswith(("http://", "https://")) and run.reward.timeout > 0):
+        raise ValueError(f"reward.url={run.reward.url!r} must start with http:// or https:// and reward.timeout="
+                         f"{run.reward.timeout} must be > 0")
     if not (isinstance(run.reward.workers, int) and run.reward.workers >= 1):
         raise ValueError(f"reward.workers={run.reward.workers!r} must be a positive integer")
     if run.reward.function:
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-fn", help="rule-based reward: module:function or path/file.py:function, called as "
                    "fn(prompt, response, record) -> float (added to the reward model's score if both)")
     p.add_argument("--reward-workers", type=int, help="threads calling --reward-fn at once (default 1)")
+    p.add_argument("--reward-url", help="reward service http(s)://...: POST {prompts, responses, records} -> "
+                   "{rewards} per scoring batch (engine.rlhf.rewards.RemoteReward)")
     p.add_argument("--critic-from")
     p.add_argument("--save")
     p.add_argument("--save-interval", type=int)
@@ -272,7 +286,7 @@ def cli_overrides(args) -> dict:
     for name in ("prompts", "eval_prompts", "eval_fraction"):
         if getattr(args, name) is not None:
             out.setdefault("data", {})[name] = getattr(args, name)
-    for flag, name in (("reward_fn", "function"), ("reward_workers", "workers")):
+    for flag, name in (("reward_fn", "function"), ("reward_workers", "workers"), ("reward_url", "url")):
         if getattr(args, flag) is not None:
             out.setdefault("reward", {})[name] = getattr(args, flag)
     for name in ("tp", "pp", "vpp", "log_dir", "model", "log_samples"):
@@ -353,7 +367,8 @@ def split_eval(records: list[dict], data: RLHFData, seed: int, fits: Optional[Se
 def reward_source(run: RLHFRun) -> str:
     """What scores the responses, as saved with the reference baselines: "reward model DIR + function SPEC"."""
     parts = [f"reward model {run.checkpoint.reward_from}" if run.checkpoint.reward_from else None,
-             f"function {run.reward.function}" if run.reward.function else None]
+             f"function {run.reward.function}" if run.reward.function else None,
+             f"service {run.reward.url}" if run.reward.url else None]
     return " + ".join(p for p in parts if p)
 
 
@@ -419,6 +434,10 @@ def train_ppo(run: RLHFRun) -> int:
                 reward_fn = FunctionReward(load_reward_fn(run.reward.function), tokenizer.decode, texts + eval_texts,
                                            records + eval_records, name=run.reward.function,
                                            vocab_size=tokenizer.vocab_size, workers=run.reward.workers)
+            elif run.reward.url:
+                from engine.rlhf.rewards import RemoteReward
+                reward_fn = RemoteReward(run.reward.url, tokenizer.decode, texts + eval_texts, records + eval_records,
+                                         vocab_size=tokenizer.vocab_size, timeout=run.reward.timeout)
             seq_length = c.max_prompt_length + c.max_new_tokens
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
@@ -457,6 +476,7 @@ def train_ppo(run: RLHFRun) -> int:
             print(f"{PROG}: PPO ({c.advantage_estimator}) on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M "
                   f"params per model, {2 + loop.uses_critic + bool(loop.reward)} models"
                   + (f", reward function {run.reward.function}" if run.reward.function else "")
+                  + (f", reward service {run.reward.url}" if run.reward.url else "")
                   + f"), tp={layout.tp_size} "
                   f"pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"

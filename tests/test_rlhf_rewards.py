@@ -149,6 +149,69 @@ def test_function_reward_decodes_the_masked_response_and_rejects_bad_scores():
         reward(torch.tensor([0, 1]), torch.tensor([[5]]), torch.tensor([[1]]))
 
 
+class _RewardService:
+    """A local reward service on a free port, in a thread: answers {"rewards": [len(response words) + bonus]}, or
+    what ``script`` says for its next requests ("500", "404", "junk", "short")."""
+
+    def __init__(self):
+        import http.server
+        self.script, self.requests = [], []
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                service.requests.append(body)
+                action = service.script.pop(0) if service.script else "ok"
+                if action in ("500", "404"):
+                    self.send_response(int(action))
+                    self.end_headers()
+                    self.wfile.write(b"scorer busy")
+                    return
+                rewards = [len(r.split()) + rec.get("bonus", 0) for r, rec in zip(body["responses"], body["records"])]
+                payload = {"junk": b"<html>", "short": json.dumps({"rewards": rewards[:-1]}).encode()}.get(
+                    action, json.dumps({"rewards": rewards}).encode())
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_remote_reward_posts_the_batch_and_reports_service_failures():
+    from engine.rlhf.rewards import RemoteReward
+    service = _RewardService()
+    try:
+        reward = RemoteReward(service.url, _decode, ["p0", "p1"], [{"bonus": 10}, {"bonus": 20}], backoff=0.0)
+        rows = (torch.tensor([1, 0]), torch.tensor([[5, 6, 0], [7, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+        assert reward(*rows).tolist() == [22.0, 11.0]
+        assert service.requests[-1] == {"prompts": ["p1", "p0"], "responses": ["5 6", "7"],
+                                        "records": [{"bonus": 20}, {"bonus": 10}]}  # one request, padding left out
+        service.script = ["500", "500"]  # retried until it answers
+        assert reward(*rows).tolist() == [22.0, 11.0] and len(service.requests) == 4
+        for script, error, needle in [(["500"] * 4, RuntimeError, "answered HTTP 500: scorer busy"),
+                                      (["404"], RuntimeError, "answered HTTP 404"),
+                                      (["junk"], ValueError, "answered non-JSON"),
+                                      (["short"], ValueError, "expected .*rewards.* with 2 numbers")]:
+            service.script = list(script)
+            with pytest.raises(error, match=needle):
+                reward(*rows)
+    finally:
+        service.close()
+    with pytest.raises(RuntimeError, match="unreachable after 2 attempts"):
+        RemoteReward(service.url, _decode, ["p0", "p1"], retries=1, backoff=0.0, timeout=5)(*rows)
+    with pytest.raises(ValueError, match="must start with http:// or https://"):
+        RemoteReward("localhost:8000", _decode, ["p0"])
+
+
 # ---- in the PPO loop --------------------------------------------------------------------------------------
 def test_ppo_scored_by_a_function_alone():
     """GRPO with a reward function and no reward model: the rollout's scores are the function's on each row's
@@ -455,9 +518,6 @@ def test_split_eval_holds_out_only_prompts_that_fit():
 def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     """launch.rlhf --reward-fn file.py:function (PPO with a critic started from the actor): the function gets
     each prompt's JSONL record; the logged reward is its mean. Bad specs and a missing reward are refused."""
-    from engine.config import GLMConfig
-    from engine.model.glm import GLMForCausalLM
-    from engine.train.checkpoint import save_checkpoint
     from launch.rlhf import main
     assert main(["--actor-from", "a"]) == 2
     assert "and a reward: --reward-from" in capsys.readouterr().err
@@ -470,10 +530,7 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
                  "--eval-interval", "1"]) == 2
     assert "give data.eval_prompts or data.eval_fraction, not both" in capsys.readouterr().err
 
-    config = GLMConfig.preset("tiny").replace(num_layers=2)
-    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    root, env = _tiny_sft(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "points": i}) + "\n"
                                                     for i in range(5)))
     (tmp_path / "points.py").write_text("def points(prompt, response, sample):\n"
@@ -481,8 +538,6 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
                                         "    return sample['points']\n")
     config_file = tmp_path / "ppo.yaml"
     config_file.write_text(f"data:\n  prompts: {tmp_path / 'prompts.jsonl'}\n")
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "launch.rlhf", "--config", str(config_file), "--model", str(tmp_path / "model.yaml"),
            "--iterations", "1", "--rollout-prompts", "4", "--samples-per-prompt", "2", "--mini-batch-size", "8",
            "--micro-batch-size", "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
@@ -510,27 +565,66 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
         assert s["score"] == i and 0 <= s["response_tokens"] <= 4 and isinstance(s["response"], str)
 
 
+def test_launcher_with_a_reward_service(tmp_path, capsys):
+    """launch.rlhf --reward-url: GRPO scored by a reward service (one request per scoring batch: the rollout and
+    the held-out evaluation), no reward model; the records reach the service; bad settings are refused."""
+    from launch.rlhf import main
+    assert main(["--actor-from", "a", "--reward-fn", "m:f", "--reward-url", "http://x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-url", "x:8000"]) == 2
+    assert "must start with http:// or https://" in capsys.readouterr().err
+    root, env = _tiny_sft(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Name {i} things.", "bonus": i}) + "\n"
+                                                    for i in range(5)))
+    service = _RewardService()
+    try:
+        cmd = [sys.executable, "-m", "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--iterations", "1",
+               "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
+               "2", "--max-new-tokens", "4", "--ptx-coef", "0", "--actor-from", str(tmp_path / "sft"),
+               "--advantage-estimator", "grpo", "--prompts", str(tmp_path / "prompts.jsonl"), "--reward-url",
+               service.url, "--eval-prompts", str(tmp_path / "prompts.jsonl"), "--eval-interval", "1",
+               "--log-dir", str(tmp_path / "run")]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        service.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"2 models, reward service {service.url}" in proc.stdout
+    # evaluations of the actor at the start and the end, the reference's once, and one rollout: a batch each
+    assert sorted(len(r["responses"]) for r in service.requests) == [4, 5, 5, 5]
+    rollout = [r for r in service.requests if len(r["responses"]) == 4][0]
+    assert all(rec["prompt"] == p and "bonus" in rec for rec, p in zip(rollout["records"], rollout["prompts"]))
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    expected = sum(len(r.split()) + rec["bonus"] for r, rec in zip(rollout["responses"], rollout["records"])) / 4
+    assert line["reward"] == pytest.approx(expected)
+
+
+def _tiny_sft(tmp_path):
+    """A random 2-layer tiny SFT checkpoint in tmp_path/sft (model YAML tmp_path/model.yaml); the repository root
+    and a subprocess environment."""
+    from engine.config import GLMConfig
+    from engine.model.glm import GLMForCausalLM
+    from engine.train.checkpoint import save_checkpoint
+    config = GLMConfig.preset("tiny").replace(num_layers=2)
+    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    root = Path(__file__).resolve().parent.parent
+    return root, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+
+
 def test_grpo_preset_runs_a_verifiable_task(tmp_path):
     """configs/runs/grpo.yaml (GRPO, math_answer, no reward model, dynamic sampling, overlong punishment,
     held-out evaluation) runs from an SFT checkpoint and a prompts file with answers, shrunk to CPU size. A
     random model answers nothing right: every group ties, so dynamic sampling uses all its rounds and the
     iteration trains nothing, which the metrics show."""
-    from engine.config import GLMConfig
-    from engine.model.glm import GLMForCausalLM
-    from engine.train.checkpoint import save_checkpoint
     from launch.rlhf import load_rlhf_run, validate_rlhf_run
-    root = Path(__file__).resolve().parent.parent
+    root, env = _tiny_sft(tmp_path)
     preset = load_rlhf_run(root / "configs" / "runs" / "grpo.yaml", {"checkpoint": {"actor_from": "sft"}})
     validate_rlhf_run(preset, 1)  # valid as shipped, with no reward model
     assert (preset.ppo.advantage_estimator, preset.reward.function) == ("grpo", "engine.rlhf.rewards:math_answer")
 
-    config = GLMConfig.preset("tiny").replace(num_layers=2)
-    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
     (tmp_path / "math.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)})
                                                  + "\n" for i in range(12)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "launch.rlhf", "--config", str(root / "configs" / "runs" / "grpo.yaml"),
            "--model", str(tmp_path / "model.yaml"), "--actor-from", str(tmp_path / "sft"),
            "--prompts", str(tmp_path / "math.jsonl"), "--iterations", "1", "--rollout-prompts", "2",

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import re
 import sys
+import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -161,11 +165,7 @@ class FunctionReward:
         """prompt_index ``[n]`` (into ``prompts``), responses / response_mask ``[n, T]`` -> scores ``[n]`` fp32
         (CPU). A function error is re-raised naming the function and the row; a result that is not a finite
         number raises ValueError."""
-        if not (responses.dim() == 2 and response_mask.shape == responses.shape
-                and prompt_index.shape == responses.shape[:1]):
-            raise ValueError(f"FunctionReward: prompt_index {tuple(prompt_index.shape)}, responses "
-                             f"{tuple(responses.shape)} and response_mask {tuple(response_mask.shape)} must be "
-                             "[n], [n, T] and [n, T]")
+        _check_rows(prompt_index, responses, response_mask)
         rows = list(enumerate(zip(prompt_index.tolist(), responses.tolist(), response_mask.bool().tolist())))
         if self.workers > 1:  # map keeps the row order and re-raises the first failing row's error
             with ThreadPoolExecutor(self.workers, thread_name_prefix="reward_fn") as pool:
@@ -185,15 +185,92 @@ class FunctionReward:
             what = "decoding the response" if text is None else f"response {text[:60]!r}"
             raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
                                f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
+        return _as_score(value, f"reward function {self.name}", row, p)
+
+
+def _as_score(value, who: str, row: int, prompt: int) -> float:
+    """``value`` as a finite float; ValueError naming ``who`` and the row otherwise."""
+    if isinstance(value, (str, bytes)):  # float("1.5") would pass: a text is not a score
+        raise ValueError(f"{who} returned {value!r} ({type(value).__name__}) for row {row} (prompt {prompt}): it "
+                         "must return a number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who} returned {value!r} ({type(value).__name__}) for row {row} (prompt {prompt}): it "
+                         "must return a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{who} returned {value} for row {row} (prompt {prompt}): scores must be finite")
+    return value
+
+
+class RemoteReward:
+    """Scores token rows with a reward service over HTTP: one POST per call, of JSON
+
+        {"prompts": [str], "responses": [str], "records": [object]}      (one entry per row)
+
+    answered with ``{"rewards": [number]}`` in the same order (a reward model served elsewhere, a sandbox,
+    a judge). ``decode``, ``prompts``, ``samples`` and ``vocab_size`` as in ``FunctionReward``. A request
+    that fails (no connection, timeout, HTTP 5xx) is retried ``retries`` times, ``backoff`` seconds apart
+    (doubling); any other failure, or an answer of the wrong shape or with a non-finite reward, raises an
+    error naming the URL."""
+
+    def __init__(self, url: str, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
+                 samples: Optional[Sequence[Mapping]] = None, vocab_size: Optional[int] = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 1.0):
+        if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+            raise ValueError(f"reward url {url!r} must start with http:// or https://")
+        if not (timeout > 0 and isinstance(retries, int) and retries >= 0 and backoff >= 0):
+            raise ValueError(f"reward url: timeout={timeout} must be > 0, retries={retries} and backoff={backoff} >= 0")
+        samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+        self.url, self.decode, self.prompts, self.samples = url, decode, list(prompts), samples
+        self.vocab_size, self.timeout, self.retries, self.backoff = vocab_size, timeout, retries, backoff
+
+    def __call__(self, prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
+                 ) -> torch.Tensor:
+        """As ``FunctionReward.__call__``: prompt_index ``[n]``, responses / response_mask ``[n, T]`` -> ``[n]``."""
+        _check_rows(prompt_index, responses, response_mask)
+        index = prompt_index.tolist()
+        texts = [self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None or t < self.vocab_size)])
+                 for tokens, mask in zip(responses.tolist(), response_mask.bool().tolist())]
+        body = json.dumps({"prompts": [self.prompts[p] for p in index], "responses": texts,
+                           "records": [self.samples[p] for p in index]}).encode()
+        answer = self._post(body)
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rewards, list) or len(rewards) != len(index):
+            raise ValueError(f"reward service {self.url} answered {str(answer)[:200]!r}: expected {{\"rewards\": [...]}} "
+                             f"with {len(index)} numbers")
+        return torch.tensor([_as_score(v, f"reward service {self.url}", row, p)
+                             for row, (v, p) in enumerate(zip(rewards, index))], dtype=torch.float32)
+
+    def _post(self, body: bytes):
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    text = reply.read()
+                break
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:200].decode(errors="replace")
+                if e.code < 500 or attempt == self.retries:
+                    raise RuntimeError(f"reward service {self.url} answered HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries:
+                    raise RuntimeError(f"reward service {self.url} unreachable after {self.retries + 1} attempts: "
+                                       f"{getattr(e, 'reason', e)}") from None
+            time.sleep(self.backoff * 2 ** attempt)
         try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"reward function {self.name} returned {value!r} ({type(value).__name__}) for row "
-                             f"{row} (prompt {p}): it must return a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"reward function {self.name} returned {value} for row {row} (prompt {p}): scores "
-                             "must be finite")
-        return value
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(f"reward service {self.url} answered non-JSON: {text[:200]!r}") from None
 
 
-__all__ = ["FunctionReward", "RewardFn", "final_answer", "load_reward_fn", "math_answer", "normalize_answer"]
+def _check_rows(prompt_index: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> None:
+    if not (responses.dim() == 2 and response_mask.shape == responses.shape
+            and prompt_index.shape == responses.shape[:1]):
+        raise ValueError(f"reward: prompt_index {tuple(prompt_index.shape)}, responses {tuple(responses.shape)} and "
+                         f"response_mask {tuple(response_mask.shape)} must be [n], [n, T] and [n, T]")
+
+
+__all__ = ["FunctionReward", "RemoteReward", "RewardFn", "final_answer", "load_reward_fn", "math_answer", "normalize_answer"]
