@@ -24,6 +24,7 @@ PLOTS = {
     "reward_vs_reference": ("reward_vs_reference", "reward - reference answer's reward"),
     "eval_reward": ("eval_reward", "held-out reward (greedy answers)"),
     "eval_win_rate": ("eval_win_rate", "held-out win rate vs the reference (by the reward)"),
+    "eval_best_reward": ("eval_best_reward", "held-out best-of-k reward"),
     "kl": ("kl", "KL"),
     "response_length": ("response_length", "response tokens"),
     "value_loss": ("value_loss", "critic value loss"),

@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompts JSONL, one {\"prompt\": str, ...} per line (data.prompts; default: the "
                    "built-in questions)")
     p.add_argument("--eval-prompts", help="held-out prompts JSONL (like data.prompts)")
+    p.add_argument("--eval-samples", type=int, help="answers per held-out prompt: 1 greedy (default); k > 1 sampled "
+                   "at --eval-temperature, reporting the mean and the best of k (eval_best_reward)")
+    p.add_argument("--eval-temperature", type=float)
     p.add_argument("--eval-fraction", type=float, help="hold out this fraction of the prompts for evaluation")
     p.add_argument("--actor-from")
     p.add_argument("--reward-from")
@@ -270,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
-              "loss_agg_mode", "eval_interval", "entropy_coef", "overlong_buffer", "mask_truncated",
+              "loss_agg_mode", "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
               "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 

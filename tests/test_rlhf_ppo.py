@@ -466,6 +466,8 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(overlong_penalty=-1.0), "overlong_penalty=-1.0 must be >= 0 and finite"),
     (dict(sampling_rounds=3), "sampling_rounds=3 resamples prompts .*: it needs min_reward_spread > 0"),
     (dict(sampling_rounds=0), "sampling_rounds=0 must be a positive integer"),
+    (dict(eval_samples=0), "eval_samples=0 must be a positive integer"),
+    (dict(eval_temperature=0.0), "eval_temperature=0.0 > 0"),
     (dict(critic_warmup=2), r"critic_warmup=2 must be an integer in \[0, iterations=2\)"),
     (dict(critic_warmup=1, advantage_estimator="grpo"), "critic_warmup=1 warms up the critic: advantage_estimator="
                                                         "'grpo' has none"),
@@ -857,7 +859,8 @@ def test_launcher_errors(tmp_path, capsys):
              "--entropy-coef", "0.01", "--eval-interval", "5", "--overlong-buffer", "4", "--mask-truncated",
              "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
-             "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std"]
+             "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std",
+             "--eval-samples", "4", "--eval-temperature", "0.7"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -866,6 +869,7 @@ def test_launcher_errors(tmp_path, capsys):
                                                                                "reinforce++")
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
+    assert (run.ppo.eval_samples, run.ppo.eval_temperature) == (4, 0.7)
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2

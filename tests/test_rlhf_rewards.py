@@ -2,6 +2,7 @@
 prompt, response and record; its scores are the rollout's (added to a reward model's when both), identical
 on every rank of a model-parallel group; a reward that favours some first tokens makes them likelier; and
 launch.rlhf runs with --reward-fn and no reward model."""
+import dataclasses
 import json
 import math
 import os
@@ -390,6 +391,22 @@ def test_evaluate_scores_greedy_answers_against_the_reference():
     assert after["eval_reward"] == pytest.approx(scores.mean().item(), abs=1e-5)
     wins = ((scores > ref_scores).float() + 0.5 * (scores == ref_scores).float()).mean().item()
     assert after["eval_win_rate"] == pytest.approx(wins)
+    # sampled answers (k = 3): at a temperature of 1e-4 every sample is the greedy answer, so the means equal the
+    # greedy ones; at 1: the best of 3 is at least the mean, and the same iteration gives the same samples
+    cold = PPOLoop(_ppo(advantage_estimator="grpo", eval_samples=3, eval_temperature=1e-4), _config(), ParallelLayout.single(), loop.actor[0],
+                   None, loop.reference[0], loop.reward[0], prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR,
+                   reward_fn=_function_reward(prompts + held_out), eval_prompts=held_out)
+    greedy = {k: v for k, v in loop.evaluate().items() if k != "eval_s"}
+    sampled = cold.evaluate()
+    for key, value in greedy.items():
+        assert sampled[key] == pytest.approx(value, abs=1e-5), key
+    assert sampled["eval_best_reward"] == pytest.approx(greedy["eval_reward"], abs=1e-5)
+    hot = PPOLoop(_ppo(advantage_estimator="grpo", eval_samples=3), _config(), ParallelLayout.single(), loop.actor[0], None, loop.reference[0],
+                  loop.reward[0], prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR,
+                  reward_fn=_function_reward(prompts + held_out), eval_prompts=held_out)
+    one, two = hot.evaluate(), hot.evaluate()
+    assert one["eval_best_reward"] >= one["eval_reward"] and one["eval_reward"] != greedy["eval_reward"]
+    assert {k: v for k, v in one.items() if k != "eval_s"} == {k: v for k, v in two.items() if k != "eval_s"}
     with pytest.raises(ValueError, match="eval_interval=2 needs eval_prompts"):
         PPOLoop(_ppo(eval_interval=2), _config(), ParallelLayout.single(), *_models(), prompts, [EOS], PAD)
     with pytest.raises(ValueError, match="1 of 2 eval prompts are empty or longer than max_prompt_length=8"):
@@ -462,6 +479,9 @@ def _world2_reward_fn(rank, world_size, states):
             loop = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), layout, actor, None, reference, reward,
                            prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR, eval_prompts=_prompts(5, seed=3))
             out[f"{name}_eval"] = loop.evaluate()
+            # 5 x 2 sampled rows over the replicas; at a temperature of 1e-4 they are the greedy answers
+            loop.config = dataclasses.replace(loop.config, eval_samples=2, eval_temperature=1e-4)
+            out[f"{name}_eval2"] = loop.evaluate()
     # a function that fails on the rank that runs it: every rank of the group raises, none waits
     layout = ParallelLayout.build(ParallelDims(tp=2), name="failing")
     actor, _, reference, _ = _sharded(states, layout)
@@ -485,7 +505,7 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
     single = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), ParallelLayout.single(), actor, None, reference,
                      reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR, eval_prompts=_prompts(5, seed=3)).evaluate()
     for r in results:
-        for case in ("dp2_eval", "pp2_eval"):
+        for case in ("dp2_eval", "pp2_eval", "dp2_eval2", "pp2_eval2"):
             for key in ("eval_reward", "eval_reference_reward", "eval_win_rate", "eval_response_length"):
                 # fp32, other reduction orders over stages; the greedy tokens are the same
                 assert r[case][key] == pytest.approx(single[key], abs=1e-5), (case, key)

@@ -229,6 +229,10 @@ class PPOConfig:
     eval_interval: int = 0
     """Evaluate on the held-out prompts (``PPOLoop(eval_prompts=...)``) every this many iterations, at the start
     of the iteration (its record then describes the policy after that many updates); 0: never."""
+    eval_samples: int = 1
+    """Answers per held-out prompt: 1 greedy; k > 1 sampled at ``eval_temperature`` (``PPOLoop.evaluate``: the
+    mean and the best of k)."""
+    eval_temperature: float = 1.0
     offload: bool = False
     """Keep the models and optimizer states a phase does not use in host memory (module docstring): the
     device holds one model (or the generation copy and its KV cache) at a time, for two host copies
@@ -319,6 +323,9 @@ class PPOConfig:
         elif self.critic_warmup and self.advantage_estimator != "gae":
             problems.append(f"critic_warmup={self.critic_warmup} warms up the critic: advantage_estimator="
                             f"{self.advantage_estimator!r} has none")
+        if not (isinstance(self.eval_samples, int) and self.eval_samples >= 1 and 0 < self.eval_temperature < math.inf):
+            problems.append(f"eval_samples={self.eval_samples!r} must be a positive integer and eval_temperature="
+                            f"{self.eval_temperature} > 0")
         if not (isinstance(self.eval_interval, int) and self.eval_interval >= 0):
             problems.append(f"eval_interval={self.eval_interval!r} must be a non-negative integer (0: no evaluation)")
         if not (isinstance(self.kl_horizon, int) and self.kl_horizon >= 1):
@@ -730,18 +737,20 @@ class PPOLoop:
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
         if todo:
             ids, mask = left_pad_prompts([self.prompts[i] for i in todo], c.max_prompt_length, self.pad_id)
-            scores, _ = self._greedy_scores("reference", ids, mask, self.prompt_source[torch.tensor(todo)], "score")
+            scores, _ = self._answer_scores("reference", ids, mask, self.prompt_source[torch.tensor(todo)], "score")
             self._baseline_cache.update({i: float(s) for i, s in zip(todo, scores.cpu())})
         return torch.tensor([self._baseline_cache[int(i)] for i in prompt_index.tolist()], dtype=torch.float32)
 
-    def _greedy_scores(self, name: str, ids: torch.Tensor, mask: torch.Tensor, origin: torch.Tensor, phase: str
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``[n]`` (``_rewards``) and lengths ``[n]`` of the greedy responses of model ``name`` ("actor" or
+    def _answer_scores(self, name: str, ids: torch.Tensor, mask: torch.Tensor, origin: torch.Tensor, phase: str,
+                       params: Optional[SamplingParams] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[n]`` (``_rewards``) and lengths ``[n]`` of the responses of model ``name`` ("actor" or
         "reference") to this DP replica's left-padded prompts ``ids`` / ``mask`` ``[n, P]`` (``origin``: their
-        numbering for the reward function). Sampled like the rollout: on the generation layout when the
-        actor is resharded for it, and always under pp > 1 (no stage holds every layer)."""
+        numbering for the reward function), greedy unless ``params`` says otherwise. Sampled like the rollout:
+        on the generation layout when the actor is resharded for it, and always under pp > 1 (no stage holds
+        every layer)."""
         c = self.config
-        greedy = SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        greedy = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
+                                          pad_token_id=self.pad_id)
         if self.layout.pp_size > 1 or (name == "actor" and self.reshard):
             resp, resp_mask = self._generate_split(name, ids, mask, greedy, phase)
         else:
@@ -940,31 +949,54 @@ class PPOLoop:
 
             eval_reward            mean score of the actor's answers
             eval_reference_reward  mean score of the reference's answers
-            eval_win_rate          fraction of prompts where the actor's answer scores higher (ties: half),
+            eval_win_rate          fraction of prompts where the actor's answer scores higher (ties, within
+                                   1e-5 relative: half),
                                    the reward's verdict of ChatGLM-RLHF's win rate against the SFT model
-            eval_response_length   mean length of the actor's answers (tokens)"""
+            eval_response_length   mean length of the actor's answers (tokens)
+
+        With ``eval_samples = k > 1`` the actor samples k answers per prompt (``eval_temperature``, seeded by the
+        iteration) instead of one greedy answer: the means above are over all of them (each compared with the
+        reference's greedy answer), and ``eval_best_reward`` is the mean over prompts of the best of the k
+        (pass@k for a 0/1 checker)."""
         if not self.eval_prompts:
             raise ValueError("evaluate() needs eval_prompts (held-out prompts given to PPOLoop)")
-        layout, n = self.layout, len(self.eval_prompts)
-        per = -(-n // layout.dp_size)
-        index = torch.arange(per * layout.dp_size).clamp(max=n - 1)  # the last prompt repeated to fill the slices
-        mine = index[layout.dp_rank * per:(layout.dp_rank + 1) * per]
-        ids, mask = left_pad_prompts([self.eval_prompts[int(i)] for i in mine], self.config.max_prompt_length,
-                                     self.pad_id)
+        c, layout, n = self.config, self.layout, len(self.eval_prompts)
+        k = c.eval_samples
 
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            return comm.all_gather(t.float().contiguous(), 0, layout.dp_group, layout.ledger, "rollout")[:n]
+        def answers(name: str, prompts: torch.Tensor, params: Optional[SamplingParams] = None):
+            """Scores and lengths of ``name``'s answers to ``prompts`` (indices ``[m]``, the same on every
+            rank): each DP replica answers a slice (the last prompt repeated to fill them), all-gathered."""
+            m = prompts.numel()
+            per = -(-m // layout.dp_size)
+            mine = prompts[torch.arange(per * layout.dp_size).clamp(max=m - 1)][layout.dp_rank * per:
+                                                                                (layout.dp_rank + 1) * per]
+            ids, mask = left_pad_prompts([self.eval_prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
+            out = self._answer_scores(name, ids, mask, self.eval_source[mine], "eval", params)
+            return [comm.all_gather(t.float().contiguous(), 0, layout.dp_group, layout.ledger, "rollout")[:m]
+                    for t in out]
 
         t0 = time.perf_counter()
-        scores, lengths = self._greedy_scores("actor", ids, mask, self.eval_source[mine], "eval")
-        scores, lengths = gather(scores), gather(lengths)
+        prompts = torch.arange(n)
         if self._eval_reference is None:
-            reference, _ = self._greedy_scores("reference", ids, mask, self.eval_source[mine], "eval")
-            self._eval_reference = gather(reference)
-        wins = (scores > self._eval_reference).float() + 0.5 * (scores == self._eval_reference).float()
-        return {"eval_reward": scores.mean().item(), "eval_reference_reward": self._eval_reference.mean().item(),
-                "eval_win_rate": wins.mean().item(), "eval_response_length": lengths.mean().item(),
-                "eval_s": time.perf_counter() - t0}
+            self._eval_reference = answers("reference", prompts)[0]
+        sampled = None
+        if k > 1:  # one seed per (evaluation, sampling replica): every replica draws its own noise
+            replica = self.generation_layout.dp_rank if self.reshard else layout.dp_rank
+            seed = int(np.random.default_rng([c.seed, self.iterations_done, replica, 2]).integers(2**62))
+            sampled = SamplingParams(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.eval_temperature,
+                                     eos_token_id=self.eos_ids, pad_token_id=self.pad_id, seed=seed)
+        scores, lengths = answers("actor", prompts.repeat_interleave(k), sampled)
+        reference = self._eval_reference.repeat_interleave(k)
+        # scores within fp32 rounding of a forward's batch composition (~1e-6 relative) are ties: otherwise two
+        # identical answers, scored in differently sized batches, would win or lose at random
+        tie = (scores - reference).abs() <= 1e-5 * reference.abs().clamp(min=1.0)
+        wins = torch.where(tie, 0.5, (scores > reference).float())
+        out = {"eval_reward": scores.mean().item(), "eval_reference_reward": self._eval_reference.mean().item(),
+               "eval_win_rate": wins.mean().item(), "eval_response_length": lengths.mean().item()}
+        if k > 1:
+            out["eval_best_reward"] = scores.view(n, k).max(1).values.mean().item()
+        out["eval_s"] = time.perf_counter() - t0
+        return out
 
     # ---- advantages ---------------------------------------------------------------------------
     def advantages(self, r: Rollout) -> tuple[dict, dict]:
