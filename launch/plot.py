@@ -22,7 +22,7 @@ PLOTS = {
     "mfu": ("mfu", "MFU"),
     "reward": ("reward", "reward"),
     "reward_vs_reference": ("reward_vs_reference", "reward - reference answer's reward"),
-    "eval_reward": ("eval_reward", "held-out reward (greedy answers)"),
+    "eval_reward": ("eval_reward", "held-out reward"),
     "eval_win_rate": ("eval_win_rate", "held-out win rate vs the reference (by the reward)"),
     "eval_best_reward": ("eval_best_reward", "held-out best-of-k reward"),
     "kl": ("kl", "KL"),

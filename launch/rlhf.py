@@ -154,6 +154,9 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         raise ValueError("PPO needs --actor-from (an SFT checkpoint) and a reward: --reward-from (a reward-model "
                          "checkpoint) and/or --reward-fn (a Python function, module:function or file.py:function) or "
                          "--reward-url (a reward service)")
+    if run.reward.workers != 1 and not run.reward.function:
+        raise ValueError(f"reward.workers={run.reward.workers} sets the threads calling reward.function, which is not "
+                         "set (a reward service is sent one request per batch)")
     if run.reward.function and run.reward.url:
         raise ValueError(f"give reward.function ({run.reward.function}) or reward.url ({run.reward.url}), not both")
     if run.reward.url and not (run.reward.url.startswith(("http://", "https://")) and run.reward.timeout > 0):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,11 @@ def test_function_reward_decodes_the_masked_response_and_rejects_bad_scores():
     with pytest.raises(ValueError, match=r"reads the fields \['answer'\] of each prompt record, but 1 of 2 records "
                                          r"lack one \(the first: record 1, fields \['prompt'\]\)"):
         FunctionReward(math_answer, _decode, ["a", "b"], [{"prompt": "a", "answer": 1}, {"prompt": "b"}])
+
+    def one_field(prompt, response, sample):
+        return 0.0
+    one_field.required_fields = "answer"  # a single name, not its letters
+    FunctionReward(one_field, _decode, ["a"], [{"prompt": "a", "answer": 1}])
     with pytest.raises(ValueError, match="2 prompts but 1 sample records"):
         FunctionReward(fn, _decode, ["a", "b"], [{}])
     with pytest.raises(ValueError, match=r"must be \[n\], \[n, T\] and \[n, T\]"):
@@ -164,7 +170,12 @@ class _RewardService:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 service.requests.append(body)
                 action = service.script.pop(0) if service.script else "ok"
-                if action in ("500", "404"):
+                if action == "garbage":  # not HTTP at all
+                    self.wfile.write(b"garbage\r\n\r\n")
+                    return
+                if action == "stall":  # longer than the client's timeout
+                    time.sleep(1.0)
+                if action in ("500", "404", "429"):
                     self.send_response(int(action))
                     self.end_headers()
                     self.wfile.write(b"scorer busy")
@@ -196,8 +207,12 @@ def test_remote_reward_posts_the_batch_and_reports_service_failures():
         assert reward(*rows).tolist() == [22.0, 11.0]
         assert service.requests[-1] == {"prompts": ["p1", "p0"], "responses": ["5 6", "7"],
                                         "records": [{"bonus": 20}, {"bonus": 10}]}  # one request, padding left out
-        service.script = ["500", "500"]  # retried until it answers
+        service.script = ["500", "429"]  # retried until it answers
         assert reward(*rows).tolist() == [22.0, 11.0] and len(service.requests) == 4
+        service.script = ["garbage", "stall"]  # a reply that is not HTTP, a reply too late: retried too
+        hasty = RemoteReward(service.url, _decode, ["p0", "p1"], [{"bonus": 10}, {"bonus": 20}], backoff=0.0,
+                             timeout=0.3)
+        assert hasty(*rows).tolist() == [22.0, 11.0] and len(service.requests) == 7
         for script, error, needle in [(["500"] * 4, RuntimeError, "answered HTTP 500: scorer busy"),
                                       (["404"], RuntimeError, "answered HTTP 404"),
                                       (["junk"], ValueError, "answered non-JSON"),
@@ -211,6 +226,8 @@ def test_remote_reward_posts_the_batch_and_reports_service_failures():
         RemoteReward(service.url, _decode, ["p0", "p1"], retries=1, backoff=0.0, timeout=5)(*rows)
     with pytest.raises(ValueError, match="must start with http:// or https://"):
         RemoteReward("localhost:8000", _decode, ["p0"])
+    with pytest.raises(ValueError, match="prompt record 1 cannot be sent as JSON"):
+        RemoteReward("http://x", _decode, ["p0", "p1"], [{"a": 1.0}, {"a": float("nan")}])
 
 
 # ---- in the PPO loop --------------------------------------------------------------------------------------
@@ -401,6 +418,13 @@ def test_evaluate_scores_greedy_answers_against_the_reference():
     for key, value in greedy.items():
         assert sampled[key] == pytest.approx(value, abs=1e-5), key
     assert sampled["eval_best_reward"] == pytest.approx(greedy["eval_reward"], abs=1e-5)
+    # win rate: scores within fp32 rounding of the reference's are ties (identical answers scored in batches of
+    # other sizes differ by ~1e-7)
+    assert cold.evaluate()["eval_win_rate"] == greedy["eval_win_rate"]
+    actor_scores = _greedy_scored(cold, cold.actor[0], held_out, origin)[0]
+    cold._eval_reference = actor_scores + 5e-6 * actor_scores.abs().clamp(min=1.0)  # within 1e-5, beyond an ulp
+    assert not torch.equal(cold._eval_reference, actor_scores)
+    assert cold.evaluate()["eval_win_rate"] == 0.5
     hot = PPOLoop(_ppo(advantage_estimator="grpo", eval_samples=3), _config(), ParallelLayout.single(), loop.actor[0], None, loop.reference[0],
                   loop.reward[0], prompts, [EOS], PAD, OPTIM, OPTIM, LR, LR,
                   reward_fn=_function_reward(prompts + held_out), eval_prompts=held_out)
@@ -482,6 +506,10 @@ def _world2_reward_fn(rank, world_size, states):
             # 5 x 2 sampled rows over the replicas; at a temperature of 1e-4 they are the greedy answers
             loop.config = dataclasses.replace(loop.config, eval_samples=2, eval_temperature=1e-4)
             out[f"{name}_eval2"] = loop.evaluate()
+            if name == "dp2":  # one prompt, 2 samples: one per replica, each with its own noise
+                loop.config = dataclasses.replace(loop.config, eval_temperature=1.0)
+                loop.eval_prompts, loop._eval_reference = loop.eval_prompts[:1], None
+                out["dp2_two_samples"] = loop.evaluate()
     # a function that fails on the rank that runs it: every rank of the group raises, none waits
     layout = ParallelLayout.build(ParallelDims(tp=2), name="failing")
     actor, _, reference, _ = _sharded(states, layout)
@@ -505,6 +533,8 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
     single = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), ParallelLayout.single(), actor, None, reference,
                      reward, _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR, eval_prompts=_prompts(5, seed=3)).evaluate()
     for r in results:
+        two = r["dp2_two_samples"]
+        assert two["eval_best_reward"] > two["eval_reward"] + 1e-4  # the two samples differ: two seeds
         for case in ("dp2_eval", "pp2_eval", "dp2_eval2", "pp2_eval2"):
             for key in ("eval_reward", "eval_reference_reward", "eval_win_rate", "eval_response_length"):
                 # fp32, other reduction orders over stages; the greedy tokens are the same

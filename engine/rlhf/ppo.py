@@ -950,7 +950,7 @@ class PPOLoop:
             eval_reward            mean score of the actor's answers
             eval_reference_reward  mean score of the reference's answers
             eval_win_rate          fraction of prompts where the actor's answer scores higher (ties, within
-                                   1e-5 relative: half),
+                                   1e-5 x max(1, |reference score|): half),
                                    the reward's verdict of ChatGLM-RLHF's win rate against the SFT model
             eval_response_length   mean length of the actor's answers (tokens)
 

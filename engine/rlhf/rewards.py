@@ -17,6 +17,7 @@ timeout, a sampled judge) still gives every TP/PP rank of a replica the same sco
 """
 from __future__ import annotations
 
+import http.client
 import importlib
 import importlib.util
 import json
@@ -151,7 +152,8 @@ class FunctionReward:
             raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
         self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
         self.name = name or getattr(fn, "__qualname__", repr(fn))
-        required = tuple(getattr(fn, "required_fields", ()))
+        required = getattr(fn, "required_fields", ())
+        required = (required,) if isinstance(required, str) else tuple(required)  # "answer" is one field
         lacking = [i for i, sample in enumerate(samples) if any(f not in sample for f in required)]
         if lacking:
             raise ValueError(f"reward function {self.name} reads the fields {list(required)} of each prompt record, "
@@ -209,10 +211,10 @@ class RemoteReward:
         {"prompts": [str], "responses": [str], "records": [object]}      (one entry per row)
 
     answered with ``{"rewards": [number]}`` in the same order (a reward model served elsewhere, a sandbox,
-    a judge). ``decode``, ``prompts``, ``samples`` and ``vocab_size`` as in ``FunctionReward``. A request
-    that fails (no connection, timeout, HTTP 5xx) is retried ``retries`` times, ``backoff`` seconds apart
-    (doubling); any other failure, or an answer of the wrong shape or with a non-finite reward, raises an
-    error naming the URL."""
+    a judge). ``decode``, ``prompts``, ``samples`` and ``vocab_size`` as in ``FunctionReward``; every record
+    must be JSON (checked here). A request that fails (no connection, timeout, a broken reply, HTTP 5xx or
+    429) is retried ``retries`` times, ``backoff`` seconds apart (doubling); any other failure, or an answer
+    of the wrong shape or with a non-finite reward, raises an error naming the URL."""
 
     def __init__(self, url: str, decode: Callable[[Sequence[int]], str], prompts: Sequence[str],
                  samples: Optional[Sequence[Mapping]] = None, vocab_size: Optional[int] = None,
@@ -224,6 +226,12 @@ class RemoteReward:
         samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
         if len(samples) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+        for i, sample in enumerate(samples):  # checked now, not at the first rollout
+            try:
+                json.dumps(sample, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"reward url {url}: prompt record {i} cannot be sent as JSON ({e}): {sample!r:.200}") \
+                    from None
         self.url, self.decode, self.prompts, self.samples = url, decode, list(prompts), samples
         self.vocab_size, self.timeout, self.retries, self.backoff = vocab_size, timeout, retries, backoff
 
@@ -235,7 +243,7 @@ class RemoteReward:
         texts = [self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None or t < self.vocab_size)])
                  for tokens, mask in zip(responses.tolist(), response_mask.bool().tolist())]
         body = json.dumps({"prompts": [self.prompts[p] for p in index], "responses": texts,
-                           "records": [self.samples[p] for p in index]}).encode()
+                           "records": [self.samples[p] for p in index]}, allow_nan=False).encode()
         answer = self._post(body)
         rewards = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rewards, list) or len(rewards) != len(index):
@@ -252,10 +260,14 @@ class RemoteReward:
                     text = reply.read()
                 break
             except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode(errors="replace")
-                if e.code < 500 or attempt == self.retries:
+                try:
+                    detail = e.read(200).decode(errors="replace")
+                except Exception:  # the error body is a courtesy: a broken one must not hide the status
+                    detail = "(no readable body)"
+                # 5xx and 429 (rate limited) are the service's passing state: retried; others are this request's
+                if (e.code < 500 and e.code != 429) or attempt == self.retries:
                     raise RuntimeError(f"reward service {self.url} answered HTTP {e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
                 if attempt == self.retries:
                     raise RuntimeError(f"reward service {self.url} unreachable after {self.retries + 1} attempts: "
                                        f"{getattr(e, 'reason', e)}") from None
