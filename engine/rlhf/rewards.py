@@ -11,7 +11,9 @@ carry what its checker needs (reference answers, unit tests, ...). ``load_reward
 rollout's token rows. ``math_answer`` is a built-in checker for tasks with a final answer (GSM8K-style
 ``#### 42``, LaTeX ``\\boxed{42}``, or the last number of the response).
 
-In PPO (``PPOLoop(reward_fn=...)``) the function runs once per response on one rank of each model-parallel
+``RemoteReward`` sends the same rows to a reward service over HTTP instead, one request per scoring batch.
+
+In PPO (``PPOLoop(reward_fn=...)``) either runs once per response on one rank of each model-parallel
 group, and its scores are broadcast to the group: a function that is not deterministic (a sandbox with a
 timeout, a sampled judge) still gives every TP/PP rank of a replica the same scores.
 """
@@ -180,14 +182,19 @@ class FunctionReward:
         row, (p, tokens, mask) = row_data
         text = None
         try:
-            text = self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None
-                                                                          or t < self.vocab_size)])
+            text = _response_text(self.decode, self.vocab_size, tokens, mask)
             value = self.fn(self.prompts[p], text, self.samples[p])
         except Exception as e:
             what = "decoding the response" if text is None else f"response {text[:60]!r}"
             raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
                                f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
         return _as_score(value, f"reward function {self.name}", row, p)
+
+
+def _response_text(decode: Callable[[Sequence[int]], str], vocab_size: Optional[int], tokens: Sequence[int],
+                   mask: Sequence[bool]) -> str:
+    """The text of a response row: its masked tokens decoded, ids at or above ``vocab_size`` left out."""
+    return decode([t for t, m in zip(tokens, mask) if m and (vocab_size is None or t < vocab_size)])
 
 
 def _as_score(value, who: str, row: int, prompt: int) -> float:
@@ -240,7 +247,7 @@ class RemoteReward:
         """As ``FunctionReward.__call__``: prompt_index ``[n]``, responses / response_mask ``[n, T]`` -> ``[n]``."""
         _check_rows(prompt_index, responses, response_mask)
         index = prompt_index.tolist()
-        texts = [self.decode([t for t, m in zip(tokens, mask) if m and (self.vocab_size is None or t < self.vocab_size)])
+        texts = [_response_text(self.decode, self.vocab_size, tokens, mask)
                  for tokens, mask in zip(responses.tolist(), response_mask.bool().tolist())]
         body = json.dumps({"prompts": [self.prompts[p] for p in index], "responses": texts,
                            "records": [self.samples[p] for p in index]}, allow_nan=False).encode()
