@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-coef", type=float, help="entropy bonus weight in the actor's loss (default 0)")
     p.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, help="how the policy loss averages over tokens and "
                    "responses (default token-mean)")
+    p.add_argument("--generation-batch-size", type=int, help="rows per generate call on a sampling replica (bounds the "
+                   "KV cache; 0: the whole slice at once)")
     p.add_argument("--generation-tp", type=int,
                    help="TP degree to sample with (divides --tp): the actor is resharded for the rollout; 1 = a whole "
                         "model per rank")
@@ -277,7 +279,8 @@ _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
               "loss_agg_mode", "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
-              "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std")
+              "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std",
+              "generation_batch_size")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 
 

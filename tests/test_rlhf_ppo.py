@@ -181,6 +181,31 @@ def test_critic_warmup_leaves_the_actor_alone_at_first():
     assert both["actor_lr"] == pytest.approx(loop.actor_trainer.lr(1)) and both["actor_lr"] < 1e-3  # decaying
 
 
+def test_generation_in_chunks_bounds_the_rows_per_generate_call(monkeypatch):
+    """generation_batch_size: every generate call (rollout, reference answers) takes at most that many rows; a
+    chunk as large as the slice is the unchunked rollout exactly; greedy answers do not depend on it."""
+    import engine.rlhf.ppo as ppo
+    calls = []
+    real = ppo.generate
+
+    def counting(model, ids, mask, params):
+        calls.append(ids.shape[0])
+        return real(model, ids, mask, params)
+    monkeypatch.setattr(ppo, "generate", counting)
+    whole, _ = _loop().rollout(0)
+    assert max(calls) == 8  # the rollout's 8 rows at once
+    calls.clear()
+    same, _ = _loop(_ppo(generation_batch_size=8)).rollout(0)
+    assert torch.equal(same.sequences, whole.sequences) and torch.equal(same.scores, whole.scores)
+    calls.clear()
+    chunked_loop = _loop(_ppo(generation_batch_size=3))
+    chunked, _ = chunked_loop.rollout(0)
+    assert calls == [3, 3, 2] + [3, 1]  # the rollout's 8 rows, then the reference answers of its 4 prompts
+    assert chunked.sequences.shape == whole.sequences.shape
+    assert torch.equal(chunked.baselines, whole.baselines)  # greedy: the same answers in any chunks
+    assert not torch.equal(chunked.responses, whole.responses)  # sampled: each chunk draws its own noise
+
+
 def test_iterations_report_finite_metrics_and_cache_the_reference_baseline():
     loop = _loop()
     records = [loop.iteration() for _ in range(2)]
@@ -466,6 +491,7 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(overlong_penalty=-1.0), "overlong_penalty=-1.0 must be >= 0 and finite"),
     (dict(sampling_rounds=3), "sampling_rounds=3 resamples prompts .*: it needs min_reward_spread > 0"),
     (dict(sampling_rounds=0), "sampling_rounds=0 must be a positive integer"),
+    (dict(generation_batch_size=-1), "generation_batch_size=-1 must be a positive integer or 0"),
     (dict(eval_samples=0), "eval_samples=0 must be a positive integer"),
     (dict(eval_temperature=0.0), "eval_temperature=0.0 > 0"),
     (dict(critic_warmup=2), r"critic_warmup=2 must be an integer in \[0, iterations=2\)"),
@@ -860,7 +886,7 @@ def test_launcher_errors(tmp_path, capsys):
              "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
              "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std",
-             "--eval-samples", "4", "--eval-temperature", "0.7"]
+             "--eval-samples", "4", "--eval-temperature", "0.7", "--generation-batch-size", "16"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -869,7 +895,7 @@ def test_launcher_errors(tmp_path, capsys):
                                                                                "reinforce++")
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
-    assert (run.ppo.eval_samples, run.ppo.eval_temperature) == (4, 0.7)
+    assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2

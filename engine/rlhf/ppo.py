@@ -137,6 +137,10 @@ class PPOConfig:
     """Sequences per forward/backward on one rank."""
     score_micro_batch_size: int = 0
     """Sequences per scoring forward (no grad: log-probs, values, rewards) on one rank; 0: micro_batch_size."""
+    generation_batch_size: int = 0
+    """Rows per ``generate`` call on one sampling replica (its slice of the rollout or of an evaluation in
+    chunks of this many), so the KV cache holds at most this many rows; 0: the whole slice at once. The
+    samples depend on it (each chunk draws its own noise)."""
     pack_sequences: bool = False
     """Pack the prompt + response sequences into as few rows as hold them (``batches.pack_padded_rows``:
     first-fit decreasing, no attention across sequences, positions per sequence) instead of one
@@ -266,6 +270,9 @@ class PPOConfig:
                 problems.append(f"{name}={value!r} must be a positive integer")
         if not isinstance(self.pack_sequences, bool):
             problems.append(f"pack_sequences={self.pack_sequences!r} must be true or false")
+        if not (isinstance(self.generation_batch_size, int) and self.generation_batch_size >= 0):
+            problems.append(f"generation_batch_size={self.generation_batch_size!r} must be a positive integer or 0 "
+                            "(the whole slice at once)")
         if not (isinstance(self.score_micro_batch_size, int) and self.score_micro_batch_size >= 0):
             problems.append(f"score_micro_batch_size={self.score_micro_batch_size!r} must be a positive integer or 0 "
                             "(micro_batch_size)")
@@ -755,8 +762,7 @@ class PPOLoop:
             resp, resp_mask = self._generate_split(name, ids, mask, greedy, phase)
         else:
             self._resident(phase, name)
-            out = generate(getattr(self, name)[0], ids.to(self.device), mask.to(self.device), greedy)
-            resp, resp_mask = self._pad_response(out.response_ids, out.response_mask)
+            resp, resp_mask = self._generate_rows(getattr(self, name)[0], ids, mask, greedy)
         seq = torch.cat([ids.to(self.device), resp], 1)
         seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
         scores, _ = self._rewards(origin, seq, seq_mask, resp, resp_mask, phase=phase)
@@ -818,16 +824,34 @@ class PPOLoop:
         pad = per * k - n
         if pad:
             ids, mask = torch.cat([ids, ids[-1:].expand(pad, -1)]), torch.cat([mask, mask[-1:].expand(pad, -1)])
-        out = generate(model, ids[q * per:(q + 1) * per].to(self.device), mask[q * per:(q + 1) * per].to(self.device),
-                       params)
+        responses, response_mask = self._generate_rows(model, ids[q * per:(q + 1) * per], mask[q * per:(q + 1) * per],
+                                                       params)
         del model  # the resharded copy lives only while sampling
-        responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
         siblings, _ = layout.tp_subgroup(f)
         gathered = []
         for t in (responses, response_mask):
             t = comm.all_gather(t.contiguous(), 0, layout.pp_group, layout.ledger, "rollout")
             gathered.append(comm.all_gather(t.contiguous(), 0, siblings, layout.ledger, "rollout")[:n])
         return gathered[0], gathered[1]
+
+    def _generate_rows(self, model, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses and masks ``[n, T]`` (on the device) of ``model`` to the left-padded prompts ``ids`` / ``mask``
+        ``[n, P]``, generated ``generation_batch_size`` rows at a time (all at once when 0), so the KV cache
+        holds at most that many rows. Chunk j > 0 samples with a seed derived from (``params.seed``, j): one
+        chunk is exactly the unchunked call, and the samples are deterministic for a given chunk size."""
+        size = self.config.generation_batch_size or ids.shape[0]
+        responses, masks = [], []
+        for j, start in enumerate(range(0, ids.shape[0], size)):
+            chunk = params
+            if j and params.seed is not None:
+                chunk = dataclasses.replace(params, seed=int(np.random.default_rng([params.seed, j]).integers(2**62)))
+            out = generate(model, ids[start:start + size].to(self.device), mask[start:start + size].to(self.device),
+                           chunk)
+            r, m = self._pad_response(out.response_ids, out.response_mask)
+            responses.append(r)
+            masks.append(m)
+        return torch.cat(responses), torch.cat(masks)
 
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
@@ -856,8 +880,7 @@ class PPOLoop:
             # one seed per (draw, DP replica): the TP ranks of a replica draw the same tokens
             seed = int(np.random.default_rng([c.seed, draw, layout.dp_rank]).integers(2**62))
             self._resident("generate", "actor")
-            out = generate(self.actor[0], ids.to(self.device), pmask.to(self.device), self._sampling(seed))
-            responses, response_mask = self._pad_response(out.response_ids, out.response_mask)
+            responses, response_mask = self._generate_rows(self.actor[0], ids, pmask, self._sampling(seed))
         prompt_ids, prompt_mask = ids.to(self.device), pmask.to(self.device)
         sequences = torch.cat([prompt_ids, responses], 1)
         attention = torch.cat([prompt_mask, response_mask], 1)
