@@ -16,7 +16,7 @@ tokens are ids 1..K (``--stop-tokens K``, default 1, which a random model rarely
 almost always to ``--max-new-tokens``; K / vocab is each step's stop probability, which spreads response
 lengths like real ones); tokens/s use the measured lengths. ``--pack``: ``PPOConfig.pack_sequences``. Reported
 per phase (median over the timed iterations): generate (sampling with the KV cache), score (actor, reference,
-critic and reward forwards; the reference answers of prompts not seen before, gae only), update (the actor's
+critic and reward forwards; the reference answers of prompts not seen before, gae and reinforce++ only), update (the actor's
 and the critic's optimizer steps), and the whole iteration; generated tokens/s = rollout responses' tokens /
 generate time; trained tokens/s = the rollout's real tokens (prompt + response, padding not counted) x
 PPO epochs / update time; update rows: rows per optimizer step (fewer with ``--pack``); resident MiB:

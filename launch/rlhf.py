@@ -45,7 +45,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "
 @dataclass(frozen=True)
 class RLHFData:
     prompts: Optional[str] = None
-    """JSONL of ``{"prompt": str}`` lines; None: the built-in questions."""
+    """JSONL of ``{"prompt": str, ...}`` lines (the whole record reaches a reward function); None: the built-in
+    questions."""
     ptx_path: Optional[str] = None
     """Chat indexed dataset for PPO-ptx; None: the built-in conversations."""
     eval_prompts: Optional[str] = None
@@ -77,7 +78,7 @@ class RLHFCheckpoints:
     actor_from: Optional[str] = None
     """SFT checkpoint: the actor's and the reference's weights (required)."""
     reward_from: Optional[str] = None
-    """Reward-model checkpoint (required unless ``reward.function`` is set)."""
+    """Reward-model checkpoint (required unless ``reward.function`` or ``reward.url`` is set)."""
     critic_from: Optional[str] = None
     """Critic weights (None: the reward model's, else the actor's trunk with a fresh value head)."""
     save: Optional[str] = None

@@ -36,7 +36,9 @@ instead (any estimator).
 
 ``save(DIR)`` / ``load(DIR)`` checkpoint the actor and critic (weights and optimizer state, any layout
 on load), the iteration and the reference-baseline cache; the rollout's prompts and sampling seeds are
-functions of the iteration, so a resumed run continues exactly (bitwise on CPU at the same layout).
+functions of the prompt-draw counter (saved), so a resumed run continues exactly (bitwise on CPU at the same
+layout). A run resumed with another reward or another prompt list recomputes the cached baselines, with a
+warning (another reward also restarts the score statistics).
 
 ``generation_tp=tp_g`` (a divisor of the training tp) or pp > 1 reshards the actor for the rollout onto
 the generation layout (``ParallelLayout.for_generation``: tp_g-way TP, no pipeline, world / tp_g
@@ -439,7 +441,7 @@ class PPOLoop:
     rule-based score, added to the reward model's when both are given; it runs on one rank of each
     model-parallel group, whose other ranks receive its scores. ``reward_source``: what the reward is (e.g.
     the checkpoint and function names), saved with the reference baselines; a run resumed with another
-    reward recomputes them. ``eval_prompts``: held-out prompts for ``evaluate``."""
+    reward recomputes them and restarts the score statistics. ``eval_prompts``: held-out prompts for ``evaluate``."""
 
     def __init__(self, config: PPOConfig, model_config: GLMConfig, layout, actor, critic, reference, reward,
                  prompts: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int,

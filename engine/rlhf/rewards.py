@@ -13,8 +13,8 @@ rollout's token rows. ``math_answer`` is a built-in checker for tasks with a fin
 
 ``RemoteReward`` sends the same rows to a reward service over HTTP instead, one request per scoring batch.
 
-In PPO (``PPOLoop(reward_fn=...)``) either runs once per response on one rank of each model-parallel
-group, and its scores are broadcast to the group: a function that is not deterministic (a sandbox with a
+In PPO (``PPOLoop(reward_fn=...)``) a function runs once per response (a service once per batch) on one
+rank of each model-parallel group, and its scores are broadcast to the group: a function that is not deterministic (a sandbox with a
 timeout, a sampled judge) still gives every TP/PP rank of a replica the same scores.
 """
 from __future__ import annotations
