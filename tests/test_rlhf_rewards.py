@@ -1,7 +1,9 @@
-"""Rule-based rewards (engine.rlhf.rewards) and PPO scored by them: the function sees each row's decoded
-prompt, response and record; its scores are the rollout's (added to a reward model's when both), identical
-on every rank of a model-parallel group; a reward that favours some first tokens makes them likelier; and
-launch.rlhf runs with --reward-fn and no reward model."""
+"""Rule-based and remote rewards (engine.rlhf.rewards) and the PPO features built around them: a function sees
+each row's decoded prompt, response and record, and a service each batch; their scores are the rollout's (added
+to a reward model's when both), identical on every rank of a model-parallel group; a reward that favours some
+first tokens makes them likelier; dynamic sampling draws until enough prompts pass; held-out evaluation scores
+actor against reference (one or k answers per prompt); launch.rlhf runs with --reward-fn or --reward-url and no
+reward model, and configs/runs/grpo.yaml runs end to end."""
 import dataclasses
 import json
 import math
