@@ -1,14 +1,14 @@
-"""Train a GLM model on any TP x PP x DP layout: pretraining, SFT or a reward model.
+"""Train a GLM model on any TP x PP x DP layout: pretraining, SFT, a reward model or DPO.
 
-    torchrun --nproc-per-node N -m launch.train --config configs/runs/{pretrain,sft,rm}.yaml \\
-        [--mode pretrain|sft|rm] [--tp T] [--pp P] [--vpp V] [--cp C] [--sequence-parallel] [--micro-batch-size M] \\
+    torchrun --nproc-per-node N -m launch.train --config configs/runs/{pretrain,sft,rm,dpo}.yaml \\
+        [--mode pretrain|sft|rm|dpo] [--tp T] [--pp P] [--vpp V] [--cp C] [--sequence-parallel] [--micro-batch-size M] \\
         [--global-batch-size G] [--train-steps K] [--seed S] [--log-dir DIR] [--recompute none|full|selective] \\
         [--lr LR] [--save DIR --save-interval N] [--load DIR] [--init-from DIR] [--eval-interval N] ...
     python -m launch.train --config ...          # one process, no torch.distributed
 
 The run YAML composes a model (a preset name, a model YAML path, or a mapping with ``preset:`` plus
-field overrides) with the ``mode``, ``parallel``, ``train``, ``optim``, ``lr``, ``data``, ``reward`` and
-``checkpoint`` sections; command-line flags override it, and everything is parsed once into typed
+field overrides) with the ``mode``, ``parallel``, ``train``, ``optim``, ``lr``, ``data``, ``reward``, ``dpo``
+and ``checkpoint`` sections; command-line flags override it, and everything is parsed once into typed
 dataclasses (``RunConfig``).
 
 Modes (one Trainer, one objective each, ``engine.train.objectives``):
@@ -20,6 +20,10 @@ Modes (one Trainer, one objective each, ``engine.train.objectives``):
   rm        GLMForScalarHead, pairwise ranking loss + ``reward.l2_coef`` L2 penalty on the scores, with
             held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
             bucket-based length balancing (``data.balance_buckets``).
+  dpo       GLMForCausalLM, direct preference optimization (``dpo.beta``, ``dpo.label_smoothing``) against a
+            frozen reference: the ``--init-from`` checkpoint (required), held on the same layout, whose
+            log-probs of each batch's answers are computed before the step. Data: as rm; the answers are the
+            tokens after each pair's prompt.
 Held-out evaluation: ``data.eval_path`` or ``data.eval_fraction`` of the data, every
 ``train.eval_interval`` steps and after the last one. ``--init-from DIR`` starts from another run's
 checkpoint weights (SFT from pretraining; RM from SFT: trunk copied, fresh value head) when
@@ -45,7 +49,7 @@ import yaml
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
-from engine.train.objectives import RewardObjective
+from engine.train.objectives import DPO_KEYS, DPOObjective, RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
 from launch.runtime import Processes, close_after_error, error, exit_process
 
@@ -127,6 +131,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     reward: RewardObjective = field(default_factory=RewardObjective)
     """rm: the loss options (``l2_coef``)."""
+    dpo: DPOObjective = field(default_factory=DPOObjective)
+    """dpo: the loss options (``beta``, ``label_smoothing``)."""
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
@@ -134,8 +140,9 @@ class RunConfig:
 
 
 # ---- config parsing -------------------------------------------------------------------------------
-RUN_SECTIONS = {"model", "mode", "parallel", "train", "optim", "lr", "data", "checkpoint", "reward", "log_dir"}
-MODES = ("pretrain", "sft", "rm")
+RUN_SECTIONS = {"model", "mode", "parallel", "train", "optim", "lr", "data", "checkpoint", "reward", "dpo",
+                "log_dir"}
+MODES = ("pretrain", "sft", "rm", "dpo")
 
 
 def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict] = None) -> RunConfig:
@@ -152,15 +159,19 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
                      data=config_section(DataConfig, raw.get("data"), "data"),
                      checkpoint=config_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
                      reward=config_section(RewardObjective, raw.get("reward"), "reward"),
+                     dpo=config_section(DPOObjective, raw.get("dpo"), "dpo"),
                      log_dir=str(raw.get("log_dir", f"runs/{mode}")))
 
 
 def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     """Every check that needs no process group; ValueError naming each problem. Returns the dims."""
     dims = run.train.validate(run.parallel.dims(), run.model, world_size)
-    if dims.cp > 1 and run.mode == "rm":
-        raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; the reward model reads "
-                         "each sequence's last token (use cp=1)")
+    if dims.cp > 1 and run.mode in ("rm", "dpo"):
+        raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; {run.mode} scores whole "
+                         "sequences (use cp=1)")
+    if run.mode == "dpo" and not run.checkpoint.init_from:
+        raise ValueError("mode dpo needs --init-from DIR: the SFT checkpoint that is both the starting policy and the "
+                         "frozen reference")
     run.lr.validate(run.train.train_steps)
     if run.optim.mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"optim.mixed_precision={run.optim.mixed_precision!r} must be fp32 or bf16")
@@ -185,8 +196,9 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     if run.mode == "pretrain" and d.path and d.eval_fraction:
         raise ValueError("data.eval_fraction splits samples, but an indexed pretraining dataset repeats its "
                          "documents across epochs; preprocess a held-out file and pass data.eval_path")
-    if d.balance_buckets < 0 or (d.balance_buckets and run.mode != "rm"):
-        raise ValueError(f"data.balance_buckets={d.balance_buckets} must be >= 0 and is for mode rm only")
+    if d.balance_buckets < 0 or (d.balance_buckets and run.mode not in ("rm", "dpo")):
+        raise ValueError(f"data.balance_buckets={d.balance_buckets} must be >= 0 and is for preference pairs (mode rm "
+                         "or dpo) only")
     if not isinstance(d.pack, bool) or (d.pack and run.mode != "sft"):
         raise ValueError(f"data.pack={d.pack!r} must be true or false and packs conversations: mode sft only "
                          "(a reward model packs its pairs with reward.pack, --pack-pairs)")
@@ -203,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run YAML (default: configs/runs/<mode>.yaml, i.e. pretrain.yaml without --mode)")
     p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
     p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
+    p.add_argument("--dpo-beta", type=float, help="dpo: strength of the KL constraint to the reference (default 0.1)")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -260,7 +273,7 @@ _FLAG_TARGETS = {
     "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
-    "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"),
+    "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"), "dpo_beta": ("dpo", "beta"),
 }
 
 
@@ -299,9 +312,10 @@ class RunData:
 
 
 KEYS = {"pretrain": ("input_ids", "labels"), "sft": ("input_ids", "labels", "attention_mask"),
-        "rm": ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")}
+        "rm": ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask"),
+        "dpo": DPO_KEYS}
 PACKED_SFT_KEYS = KEYS["sft"] + ("position_ids", "segment_ids")
-KINDS = {"sft": "chat", "rm": "preference"}
+KINDS = {"sft": "chat", "rm": "preference", "dpo": "preference"}
 
 
 def _default_tokenizer(run: RunConfig, rank: int, procs):
@@ -330,7 +344,7 @@ def _dataset(indexed, run: RunConfig):
         if run.data.pack:
             return PackedSFTDataset(indexed, t.seq_length, seed=t.seed)
         return SFTDataset(indexed, t.seq_length)
-    if run.mode == "rm":
+    if run.mode in ("rm", "dpo"):
         return PreferenceDataset(indexed, t.seq_length)
     return PretrainDataset(indexed, t.seq_length, max(1, t.train_steps) * t.global_batch_size, t.seed)
 
@@ -434,7 +448,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         except ValueError as e:
             return _error(str(e))
         model_cls = GLMForScalarHead if run.mode == "rm" else GLMForCausalLM
-        objective = run.reward if run.mode == "rm" else LanguageModelObjective(run.train.ignore_index)
+        objective = {"rm": run.reward, "dpo": run.dpo}.get(run.mode, LanguageModelObjective(run.train.ignore_index))
         chunks = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=model_cls,
                                                             sequence_parallel=run.train.sequence_parallel,
                                                             layers_per_stage=run.train.layers_per_stage,
@@ -451,9 +465,30 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 _initialise(run, chunks, layout, data.tokenizer_fingerprint)
         except CheckpointError as e:
             return _error(str(e))
+        reference = None
+        if run.mode == "dpo":  # the frozen reference: the --init-from weights on the same layout
+            from engine.train.checkpoint import load_model_weights
+            reference = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=GLMForCausalLM,
+                                                                   sequence_parallel=run.train.sequence_parallel,
+                                                                   layers_per_stage=run.train.layers_per_stage,
+                                                                   seed=run.train.seed)]
+            try:
+                load_model_weights(ck.init_from, reference, layout, run.model,
+                                   tokenizer_fingerprint=data.tokenizer_fingerprint)
+            except CheckpointError as e:
+                return _error(str(e))
+            for chunk in reference:
+                chunk.eval().requires_grad_(False)
         optimizer = build_optimizer(chunks, layout, run.optim, run.lr.lr)
         trainer = Trainer(chunks, optimizer, layout, run.model, run.train, LRSchedule(run.lr, run.train.train_steps),
                           objective)
+
+        def with_reference(batch: dict) -> dict:
+            """dpo: the batch with the reference's log-probs of its answers (other modes: as it is)."""
+            if reference is None:
+                return batch
+            return {**batch, **run.dpo.reference_logprobs(trainer, reference, batch)}
+        held_out = [with_reference(b) for b in data.held_out]  # fixed batches: scored by the reference once
         if resume:
             try:
                 extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model,
@@ -493,11 +528,11 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         t = run.train
         try:
             while trainer.steps_done < t.train_steps:
-                metrics = trainer.train_step(data.train(trainer.steps_done))
+                metrics = trainer.train_step(with_reference(data.train(trainer.steps_done)))
                 extra = {}
                 done = trainer.steps_done
-                if data.held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
-                    extra.update({f"eval_{k}": v for k, v in trainer.evaluate(data.held_out).items()})
+                if held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
+                    extra.update({f"eval_{k}": v for k, v in trainer.evaluate(held_out).items()})
                 if writer is not None:
                     # achieved TFLOP/s per device (Megatron's count): model (recompute excluded) -> MFU,
                     # hardware (recompute included) -> HFU; equal without recompute

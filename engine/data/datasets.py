@@ -268,8 +268,9 @@ class PreferenceDataset:
     """Preference pairs for reward models / DPO, each side right-padded or truncated to ``seq_length``.
 
     Item: ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``,
-    ``rejected_attention_mask`` (int64 ``[seq_length]``) and the scalars ``prompt_length``,
-    ``chosen_length``, ``rejected_length`` (after truncation). ``indices`` restricts to those pairs,
+    ``rejected_attention_mask`` (int64 ``[seq_length]``); ``chosen_labels`` / ``rejected_labels`` (int64
+    ``[seq_length]``: at position t the response token t + 1, -100 elsewhere: the targets whose log-probs
+    DPO sums); and the scalars ``prompt_length``, ``chosen_length``, ``rejected_length`` (after truncation). ``indices`` restricts to those pairs,
     e.g. the ones ``bucket_balance`` keeps.
     """
 
@@ -302,6 +303,10 @@ class PreferenceDataset:
             attention[:m] = 1
             item[f"{name}_input_ids"], item[f"{name}_attention_mask"] = padded, attention
             item[f"{name}_length"] = np.int64(m)
+            labels = np.full(self.seq_length, -100, dtype=np.int64)
+            start = max(int(prompt_length), 1)  # the first response token is predicted at position start - 1
+            labels[start - 1:m - 1] = padded[start:m]
+            item[f"{name}_labels"] = labels
         return item
 
 

@@ -9,6 +9,7 @@ every objective, whatever the micro-batch split, DP degree or pipeline schedule.
 
     LanguageModelObjective  pretraining and SFT: token cross entropy (vocab-parallel under TP)
     RewardObjective         reward model: pairwise ranking loss + L2 penalty on the scores
+    DPOObjective            direct preference optimization against a frozen reference's log-probs
 """
 from __future__ import annotations
 
@@ -203,5 +204,117 @@ class RewardObjective:
         return ranking + penalty, stats
 
 
-__all__ = ["LanguageModelObjective", "Objective", "PAIR_KEYS", "RewardObjective",
+# ---- direct preference optimization (Rafailov et al. 2023) -------------------------------------------
+
+DPO_KEYS = PAIR_KEYS + ("chosen_labels", "rejected_labels")
+DPO_REFERENCE_KEYS = ("ref_chosen_logprobs", "ref_rejected_logprobs")
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's loss per pair: with the implicit rewards ``r = beta (log pi(y|x) - log pi_ref(y|x))``,
+
+        loss = -(1 - eps) log sigmoid(r_c - r_r) - eps log sigmoid(r_r - r_c)
+
+    (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels). All inputs ``[b]``:
+    summed response log-probs of the chosen / rejected answers under the policy (carrying the gradient) and
+    the reference. Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
+    _check_pair(chosen, rejected)
+    rc = beta * (chosen.float() - ref_chosen.float())
+    rr = beta * (rejected.float() - ref_rejected.float())
+    margin = rc - rr
+    loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return loss, rc.detach(), rr.detach()
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    """DPO (``dpo_loss``) summed over the pairs of a micro-batch. Chosen and rejected rows go through ONE
+    forward (``[2b, s]``); the head computes logits only at the positions whose next token is part of an
+    answer (``chosen_labels`` / ``rejected_labels`` != -100: the prompt is not scored), vocab-parallel
+    under TP. The batch carries the frozen reference's log-probs of the same tokens at the same positions
+    (``ref_chosen_logprobs`` / ``ref_rejected_logprobs`` ``[B, S]``, 0 elsewhere: ``launch.train`` computes
+    them with the reference model before each step).
+
+    Stats (means over pairs): accuracy (r_c > r_r), margin (r_c - r_r), chosen_reward, rejected_reward."""
+
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference (larger: stay closer)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative DPO); 0: plain DPO."""
+    name = "dpo"
+    batch_keys = DPO_KEYS + DPO_REFERENCE_KEYS
+    optional_keys = ()
+    rows_per_sample = 2
+    context_parallel = False  # sums over each answer's tokens
+    stat_names = ("accuracy", "margin", "chosen_reward", "rejected_reward")
+
+    def __post_init__(self):
+        if not 0 < self.beta < float("inf"):
+            raise ValueError(f"dpo.beta={self.beta} must be > 0 and finite")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+    def normalizer(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def model_inputs(self, mb: dict) -> dict:
+        ids = torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]])
+        labels = torch.cat([mb["chosen_labels"], mb["rejected_labels"]])
+        answered = (labels != IGNORE_INDEX).any(1)
+        if not bool(answered.all()):
+            i = int((~answered).nonzero()[0])
+            b = ids.shape[0] // 2
+            raise ValueError(f"preference pair {i % b}: its {'chosen' if i < b else 'rejected'} answer has no token "
+                             "to score (empty, or cut off by seq_length)")
+        return {**mb, "input_ids": ids, "labels": labels,
+                "attention_mask": torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]]),
+                "ref_logprobs": torch.cat([mb["ref_chosen_logprobs"], mb["ref_rejected_logprobs"]]),
+                "output_index": head_positions(labels != IGNORE_INDEX)}
+
+    @staticmethod
+    def token_logprobs(logits: torch.Tensor, mb: dict, layout, backend: str) -> torch.Tensor:
+        """Log-probs ``[n]`` fp32 of the answer tokens from the head's logits ``[n, v(/tp)]`` at ``output_index``
+        (vocab-parallel under TP)."""
+        labels = mb["labels"].reshape(-1)[mb["output_index"]]
+        group = None
+        if layout.tp_size > 1:
+            group = layout.tp_group
+            record_vocab_parallel_loss(layout, labels.numel())
+        return kernels.token_logprobs(logits[None], labels[None], group=group, backend=backend)[0].float()
+
+    def reference_logprobs(self, trainer, reference, batch: dict) -> dict:
+        """``{"ref_chosen_logprobs", "ref_rejected_logprobs"}`` ``[B, S]`` of a global DPO ``batch`` (``DPO_KEYS``)
+        under the frozen ``reference`` chunks, built for the trainer's layout: its per-token log-probs of the
+        answer tokens at the positions that predict them, 0 elsewhere (``Trainer.forward_outputs``:
+        forward-only, the same on every rank)."""
+        B, S = batch["chosen_input_ids"].shape
+        zeros = torch.zeros(B, S)
+        prepared = {**batch, "ref_chosen_logprobs": zeros, "ref_rejected_logprobs": zeros}
+        backend = reference[-1].spec.kernels.cross_entropy
+
+        def per_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+            rows = mb["labels"].shape[0]
+            out = torch.zeros(rows * S, dtype=torch.float32, device=logits.device)
+            out[mb["output_index"]] = self.token_logprobs(logits, mb, trainer.layout, backend)
+            return out.view(2, rows // 2, S).transpose(0, 1)  # [b, 2, S]: chosen and rejected of each pair
+
+        out = trainer.forward_outputs(reference, prepared, per_token, (2, S))
+        return {"ref_chosen_logprobs": out[:, 0].cpu(), "ref_rejected_logprobs": out[:, 1].cpu()}
+
+    def loss_and_stats(self, logits, mb, layout, backend):
+        index = mb["output_index"]
+        rows = index // mb["labels"].shape[1]
+        per_token = self.token_logprobs(logits, mb, layout, backend)
+        sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows,
+                                                                                                       per_token)
+        ref = mb["ref_logprobs"].float().sum(1)
+        b = sums.shape[0] // 2
+        loss, rc, rr = dpo_loss(sums[:b], sums[b:], ref[:b], ref[b:], self.beta, self.label_smoothing)
+        stats = [preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(), rr.sum()]
+        return loss.sum(), stats
+
+
+__all__ = ["DPOObjective", "DPO_KEYS", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
+           "RewardObjective", "dpo_loss",
            "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]

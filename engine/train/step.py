@@ -350,6 +350,28 @@ class Trainer:
         return {"loss": loss, **stats}
 
 
+    @torch.no_grad()
+    def forward_outputs(self, chunks, batch: dict, output_fn: Callable, row_shape: tuple[int, ...]) -> torch.Tensor:
+        """``output_fn(head output, micro-batch) -> fp32 [micro-batch rows, *row_shape]`` of another model's
+        ``chunks`` built for this trainer's layout (e.g. a frozen reference), over the global ``batch`` prepared
+        as the trainer's objective prepares it: this DP rank's micro-batches, forward-only (the pipeline
+        schedule under pp > 1), the outputs broadcast from the last stage ("pp" traffic) and all-gathered over
+        DP ("dp"): ``[global rows, *row_shape]``, the same on every rank. Collective over the layout."""
+        layout = self.layout
+        mbs, _ = self.microbatches(batch)
+        for chunk in chunks:
+            chunk.eval()
+        result = run_schedule(list(chunks), layout, mbs, self.shape, forward_only=True, output_fn=output_fn,
+                              dtype=self.dtype, timed=False)
+        rows = sum(int(mb[self.objective.batch_keys[0]].shape[0]) for mb in mbs)
+        if layout.is_last_stage:
+            local = torch.cat(result.outputs).float()
+        else:
+            local = torch.empty((rows, *row_shape), dtype=torch.float32, device=self.device)
+        local = comm.broadcast(local.contiguous(), layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")
+        return comm.all_gather(local, 0, layout.dp_group, layout.ledger, "dp")
+
+
 def _add_into(sums: list, values: list) -> None:
     """Element-wise ``sums += values`` (an empty ``sums`` becomes ``values``)."""
     if not sums:
