@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import yaml
 
@@ -96,7 +97,8 @@ class CheckpointConfig:
     a save blocks only while it copies this rank's state to host memory."""
     init_from: Optional[str] = None
     """Start from the model weights of this checkpoint directory when there is nothing to resume
-    (no optimizer state; a reward model takes an LM checkpoint's trunk and keeps a fresh value head)."""
+    (no optimizer state; a reward model takes an LM checkpoint's trunk and keeps a fresh value head). For
+    dpo it is also the frozen reference, on every run, resumes included (it must be the same checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,8 @@ class RunData:
     train: object
     held_out: list
     tokenizer_fingerprint: Optional[str] = None
+    left_out: int = 0
+    """dpo: pairs left out because seq_length cuts an answer off entirely (nothing to score)."""
 
 
 KEYS = {"pretrain": ("input_ids", "labels"), "sft": ("input_ids", "labels", "attention_mask"),
@@ -371,6 +375,14 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
     else:
         dataset = _dataset(_open_indexed(d.path, run, "data.path"), run)
     train_idx, held_idx = split_indices(len(dataset), d.eval_fraction, t.seed)
+    left_out = 0
+    if run.mode == "dpo":  # a pair whose prompt fills the window has no answer token to score: left out, counted
+        fits = dataset.answers_fit()
+        left_out = int((~fits).sum())
+        train_idx, held_idx = train_idx[fits[train_idx]], held_idx[fits[held_idx]]
+        if not len(train_idx):
+            raise ValueError(f"seq_length={t.seq_length} cuts off an answer of every training pair (prompts fill the "
+                             "window): raise --seq-length")
     if run.mode == "pretrain":  # windows of one epoch in order; eval_fraction is refused for it
         train_idx = None
     if d.balance_buckets:
@@ -379,12 +391,16 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
     held = Subset(dataset, held_idx)
     if d.eval_path:
         held = _dataset(_open_indexed(d.eval_path, run, "data.eval_path"), run)
+        if run.mode == "dpo":
+            fits = held.answers_fit()
+            left_out += int((~fits).sum())
+            held = Subset(held, np.nonzero(fits)[0])
     held_out = eval_batches(held, t.global_batch_size, t.eval_batches, keys) if len(held) else []
     if len(held) and not held_out:
         raise ValueError(f"the held-out split has {len(held)} samples, fewer than one global batch of "
                          f"{t.global_batch_size}: raise data.eval_fraction or lower global_batch_size")
     return RunData(DatasetBatches(Subset(dataset, train_idx), t.global_batch_size, t.seed, keys), held_out,
-                   fingerprint)
+                   fingerprint, left_out)
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -465,9 +481,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 _initialise(run, chunks, layout, data.tokenizer_fingerprint)
         except CheckpointError as e:
             return _error(str(e))
-        reference = None
+        reference, reference_id = None, None
         if run.mode == "dpo":  # the frozen reference: the --init-from weights on the same layout
-            from engine.train.checkpoint import load_model_weights
+            from engine.train.checkpoint import checkpoint_fingerprint, load_model_weights
             reference = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=GLMForCausalLM,
                                                                    sequence_parallel=run.train.sequence_parallel,
                                                                    layers_per_stage=run.train.layers_per_stage,
@@ -475,13 +491,14 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             try:
                 load_model_weights(ck.init_from, reference, layout, run.model,
                                    tokenizer_fingerprint=data.tokenizer_fingerprint)
+                reference_id = checkpoint_fingerprint(ck.init_from)  # saved with the run, checked on resume
             except CheckpointError as e:
                 return _error(str(e))
-            for chunk in reference:
-                chunk.eval().requires_grad_(False)
         optimizer = build_optimizer(chunks, layout, run.optim, run.lr.lr)
         trainer = Trainer(chunks, optimizer, layout, run.model, run.train, LRSchedule(run.lr, run.train.train_steps),
                           objective)
+        for chunk in reference or ():  # in the policy's compute dtype (bf16 under mixed precision), no gradients
+            chunk.to(trainer.dtype).eval().requires_grad_(False)
 
         def with_reference(batch: dict) -> dict:
             """dpo: the batch with the reference's log-probs of its answers (other modes: as it is)."""
@@ -495,6 +512,10 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                                         tokenizer_fingerprint=data.tokenizer_fingerprint)
                 if extra.get("mode", run.mode) != run.mode:
                     raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
+                if reference_id is not None and extra.get("reference", reference_id) != reference_id:
+                    raise CheckpointError(f"--load {ck.load} is a dpo run against another reference than --init-from "
+                                          f"{ck.init_from} (checkpoint fingerprints {extra['reference']} vs "
+                                          f"{reference_id}): resume with the SFT checkpoint it started from")
             except CheckpointError as e:
                 return _error(str(e))
             trainer.steps_done = extra["step"]  # the data order is a function of the step
@@ -511,12 +532,16 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
             elif ck.init_from:
                 print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
+            if data.left_out:
+                print(f"{PROG}: {data.left_out} preference pairs left out: seq_length={run.train.seq_length} cuts off "
+                      "an answer entirely", flush=True)
 
         saver = AsyncCheckpointer(layout) if ck.async_save else None
 
         def save() -> None:
             (saver.save if saver is not None else save_checkpoint)(
-                ck.save, trainer.steps_done, chunks, optimizer, layout, run.model, extra_state={"mode": run.mode},
+                ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
+                extra_state={"mode": run.mode, **({"reference": reference_id} if reference_id else {})},
                 keep_last=ck.keep_last, tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token

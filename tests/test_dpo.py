@@ -189,7 +189,10 @@ def test_reference_logprobs_and_steps_on_tp_pp_dp_match_one_process():
 # ---- launcher --------------------------------------------------------------------------------------------
 def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     """launch.train --mode dpo from a (random) SFT checkpoint on the built-in preference pairs: the first step's
-    loss is log 2, the held-out accuracy is reported; --init-from is required, cp refused."""
+    loss is exactly log 2 (fp32 and bf16: the reference computes in the policy's dtype); the second step's
+    margins scale with --dpo-beta (Adam's first step does not depend on the gradient's scale) and are not 0 (the
+    reference stays frozen); resuming against another reference is refused; --init-from is required, cp refused,
+    and a seq_length that cuts every answer off is refused."""
     from engine.train.checkpoint import save_checkpoint
     from launch.train import load_run_config, main, validate_run
     root = Path(__file__).resolve().parent.parent
@@ -203,14 +206,42 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "launch.train", "--config", preset,
-           "--model", str(tmp_path / "model.yaml"), "--init-from", str(tmp_path / "sft"), "--train-steps", "2",
-           "--seq-length", "64", "--eval-interval", "2", "--dpo-beta", "0.2", "--log-dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    def run(name, *flags):
+        cmd = [sys.executable, "-m", "launch.train", "--config", preset, "--model", str(tmp_path / "model.yaml"),
+               "--init-from", str(tmp_path / "sft"), "--train-steps", "2", "--seq-length", "64", "--eval-interval",
+               "2", "--log-dir", str(tmp_path / name), *flags]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines() if proc.returncode == 0 else []
+        return proc, [json.loads(x) for x in lines]
+
+    proc, (first, second) = run("beta2", "--dpo-beta", "0.2", "--save", str(tmp_path / "ck"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dpo GLMForCausalLM" in proc.stdout
-    first, last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert 0 <= last["eval_accuracy"] <= 1 and math.isfinite(last["eval_loss"])
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["dpo"]["beta"] == 0.2
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0  # margins exactly 0
+    assert abs(second["margin"]) > 1e-4 and 0 <= second["eval_accuracy"] <= 1
+    _, (_, doubled) = run("beta4", "--dpo-beta", "0.4")
+    assert doubled["margin"] == pytest.approx(2 * second["margin"], rel=1e-2)
+    proc, (bf16, _) = run("bf16", "--mixed-precision", "bf16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert bf16["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    proc, _ = run("resumed", "--load", str(tmp_path / "ck"), "--train-steps", "3", "--init-from", str(tmp_path / "ck"))
+    assert proc.returncode == 2 and "a dpo run against another reference than --init-from" in proc.stderr
+    proc, _ = run("cut", "--seq-length", "8")
+    assert proc.returncode == 2 and "seq_length=8 cuts off an answer of every training pair" in proc.stderr
+
+
+def test_answers_fit_counts_pairs_with_an_answer_token_in_the_window():
+    from engine.data.builtin import builtin_dataset
+    from engine.data.datasets import PreferenceDataset
+    from engine.data.indexed_dataset import IndexedDataset
+    from engine.data.tokenizer import default_tokenizer
+    tokenizer = default_tokenizer()
+    indexed = IndexedDataset(builtin_dataset("preference", tokenizer, None), tokenizer)
+    for window in (20, 64):
+        dataset = PreferenceDataset(indexed, window)
+        fits = dataset.answers_fit()
+        for i in range(len(dataset)):
+            chosen, rejected, p = indexed.get_pair(i)
+            assert fits[i] == (min(len(chosen), window) > p and min(len(rejected), window) > p), (window, i)
+        assert fits.any() and (window == 64) == fits.all()

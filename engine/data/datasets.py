@@ -287,6 +287,14 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def answers_fit(self) -> np.ndarray:
+        """bool ``[len(self)]``: whether both answers of each pair keep at least one token within ``seq_length``
+        (a prompt as long as the window leaves DPO nothing to score)."""
+        sizes = self.indexed.sizes.astype(np.int64)
+        prompts = np.asarray(self.indexed.prompt_lengths, dtype=np.int64)[self.indices]
+        window = np.minimum(np.stack([sizes[2 * self.indices], sizes[2 * self.indices + 1]], axis=1), self.seq_length)
+        return (window > prompts[:, None]).all(axis=1)
+
     def pair_lengths(self) -> np.ndarray:
         """Full (untruncated) ``(chosen, rejected)`` lengths of the pairs, int64 ``[len(self), 2]``."""
         sizes = self.indexed.sizes.astype(np.int64)

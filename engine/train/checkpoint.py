@@ -508,6 +508,14 @@ def read_extra_state(directory: Union[str, Path], step: Optional[int] = None) ->
     return dict(_read_manifest(_resolve_step_dir(Path(directory), step)).get("extra_state") or {})
 
 
+def checkpoint_fingerprint(directory: Union[str, Path], step: Optional[int] = None) -> str:
+    """A short hash of a committed checkpoint's manifest (the latest step by default): the same for the same
+    saved weights wherever the directory is, different for any other save."""
+    import hashlib
+    manifest = _resolve_step_dir(Path(directory), step) / MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
 def latest_step(directory: Union[str, Path]) -> Optional[int]:
     """Step named by ``DIR/latest``; None when ``DIR`` holds no checkpoint at all. Raises
     CheckpointError when ``latest`` is unreadable or points nowhere, or is missing while committed

@@ -305,12 +305,12 @@ class DPOObjective:
     def loss_and_stats(self, logits, mb, layout, backend):
         index = mb["output_index"]
         rows = index // mb["labels"].shape[1]
-        per_token = self.token_logprobs(logits, mb, layout, backend)
-        sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows,
-                                                                                                       per_token)
-        ref = mb["ref_logprobs"].float().sum(1)
+        # log pi - log pi_ref per token, then summed per answer: identical forwards give margins of exactly 0
+        ratio = self.token_logprobs(logits, mb, layout, backend) - mb["ref_logprobs"].reshape(-1)[index].float()
+        sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, ratio)
         b = sums.shape[0] // 2
-        loss, rc, rr = dpo_loss(sums[:b], sums[b:], ref[:b], ref[b:], self.beta, self.label_smoothing)
+        zero = torch.zeros_like(sums[:b])
+        loss, rc, rr = dpo_loss(sums[:b], sums[b:], zero, zero, self.beta, self.label_smoothing)
         stats = [preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(), rr.sum()]
         return loss.sum(), stats
 
