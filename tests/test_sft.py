@@ -128,8 +128,9 @@ def test_run_yamls_load():
 @pytest.mark.parametrize("text, needle", [
     ("model: tiny\ntrain: {global_batch: 4}\n", "unknown field"),
     ("model: tiny\nsurprise: 1\n", "unknown section"),
-    ("mode: dpo\n", "mode='dpo' must be one of"),
+    ("mode: ppo\n", "mode='ppo' must be one of"),
     ("reward: {l2_coef: -1}\n", "l2_coef=-1 must be >= 0"),
+    ("mode: dpo\ndpo: {beta: 0}\n", "dpo.beta=0 must be > 0"),
 ])
 def test_run_yaml_errors(tmp_path, text, needle):
     bad = tmp_path / "bad.yaml"
@@ -141,7 +142,7 @@ def test_run_yaml_errors(tmp_path, text, needle):
 @pytest.mark.parametrize("overrides, needle", [
     ({"data": {"eval_fraction": 1.0}}, "eval_fraction=1.0 must be in"),
     ({"data": {"eval_fraction": 0.1, "eval_path": "x"}}, "not both"),
-    ({"mode": "sft", "data": {"balance_buckets": 3}}, "for mode rm only"),
+    ({"mode": "sft", "data": {"balance_buckets": 3}}, r"for preference pairs \(mode rm or dpo\) only"),
     ({"data": {"path": "x", "eval_fraction": 0.1}}, "pass data.eval_path"),
     ({"train": {"eval_batches": 0}}, "eval_batches=0 must be a positive integer"),
 ])
