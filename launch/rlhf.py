@@ -355,13 +355,11 @@ def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
                           ("input_ids", "labels", "attention_mask"))
 
 
-def split_eval(records: list[dict], data: RLHFData, seed: int, fits: Optional[Sequence[bool]] = None
-               ) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) prompt records: ``data.eval_prompts`` read, or ``data.eval_fraction`` of ``records``
-    (at least one, chosen by a seeded permutation among the prompts that ``fits`` max_prompt_length; both lists
-    keep the file's order); else no held-out."""
-    if data.eval_prompts:
-        return records, read_prompts(data.eval_prompts)
+def split_eval(records: list, data: RLHFData, seed: int, fits: Optional[Sequence[bool]] = None
+               ) -> tuple[list, list]:
+    """(training, held-out) prompts (records, or anything listed per prompt): ``data.eval_fraction`` of ``records``
+    held out (at least one, chosen by a seeded permutation among the prompts that ``fits`` max_prompt_length; both
+    lists keep the file's order); else none (``data.eval_prompts``, a file of its own, is the caller's to read)."""
     if not data.eval_fraction:
         return records, []
     candidates = [i for i in range(len(records)) if fits is None or fits[i]]
@@ -433,11 +431,13 @@ def train_ppo(run: RLHFRun) -> int:
             else:
                 from engine.data.builtin import builtin_prompts
                 records = [{"prompt": t} for t in builtin_prompts()]
-            fits = [len(tokenizer.encode_prompt(r["prompt"])) <= c.max_prompt_length for r in records]
-            records, eval_records = split_eval(records, run.data, c.seed, fits)
-            texts = [r["prompt"] for r in records]
-            prompts = [tokenizer.encode_prompt(t) for t in texts]
-            eval_texts = [r["prompt"] for r in eval_records]
+            items = [(r, tokenizer.encode_prompt(r["prompt"])) for r in records]  # each prompt encoded once
+            items, held = split_eval(items, run.data, c.seed, [len(ids) <= c.max_prompt_length for _, ids in items])
+            if run.data.eval_prompts:
+                held = [(r, tokenizer.encode_prompt(r["prompt"])) for r in read_prompts(run.data.eval_prompts)]
+            records, prompts = [r for r, _ in items], [ids for _, ids in items]
+            eval_records, eval_prompts = [r for r, _ in held], [ids for _, ids in held]
+            texts, eval_texts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
             reward_fn = None
             if run.reward.function:  # numbering: the training prompts, then the held-out ones (PPOLoop)
                 from engine.rlhf.rewards import FunctionReward, load_reward_fn
@@ -463,7 +463,7 @@ def train_ppo(run: RLHFRun) -> int:
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx, reward_fn=reward_fn,
-                           eval_prompts=[tokenizer.encode_prompt(t) for t in eval_texts],
+                           eval_prompts=eval_prompts,
                            reward_source=reward_source(run))
         except (ValueError, CheckpointError, FileNotFoundError) as e:
             return _error(str(e))

@@ -465,10 +465,12 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             return _error(str(e))
         model_cls = GLMForScalarHead if run.mode == "rm" else GLMForCausalLM
         objective = {"rm": run.reward, "dpo": run.dpo}.get(run.mode, LanguageModelObjective(run.train.ignore_index))
-        chunks = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=model_cls,
-                                                            sequence_parallel=run.train.sequence_parallel,
-                                                            layers_per_stage=run.train.layers_per_stage,
-                                                            seed=run.train.seed)]
+        def build(cls) -> list:
+            return [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=cls,
+                                                              sequence_parallel=run.train.sequence_parallel,
+                                                              layers_per_stage=run.train.layers_per_stage,
+                                                              seed=run.train.seed)]
+        chunks = build(model_cls)
         ck = run.checkpoint
         try:
             # a damaged checkpoint raises CheckpointError here
@@ -484,10 +486,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         reference, reference_id = None, None
         if run.mode == "dpo":  # the frozen reference: the --init-from weights on the same layout
             from engine.train.checkpoint import checkpoint_fingerprint, load_model_weights
-            reference = [c.to(device) for c in build_model_chunks(run.model, layout, model_cls=GLMForCausalLM,
-                                                                   sequence_parallel=run.train.sequence_parallel,
-                                                                   layers_per_stage=run.train.layers_per_stage,
-                                                                   seed=run.train.seed)]
+            reference = build(GLMForCausalLM)
             try:
                 load_model_weights(ck.init_from, reference, layout, run.model,
                                    tokenizer_fingerprint=data.tokenizer_fingerprint)

@@ -64,12 +64,12 @@ def _trainer(layout, chunks, train: TrainConfig, beta=0.1) -> Trainer:
 def test_dpo_loss_by_hand():
     chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     ref_c, ref_r = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -3.0])
-    loss, rc, rr = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5)
+    loss, rc, rr = dpo_loss(chosen - ref_c, rejected - ref_r, beta=0.5)
     # margins: 0.5 * ((0.5) - (-1)) = 0.75 ; 0.5 * (0 - 1) = -0.5
     expected = [math.log1p(math.exp(-0.75)), math.log1p(math.exp(0.5))]
     torch.testing.assert_close(loss, torch.tensor(expected))
     assert rc.tolist() == [0.25, 0.0] and rr.tolist() == [-0.5, 0.5]
-    smooth, _, _ = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5, label_smoothing=0.2)
+    smooth, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=0.5, label_smoothing=0.2)
     want = [0.8 * math.log1p(math.exp(-m)) + 0.2 * math.log1p(math.exp(m)) for m in (0.75, -0.5)]
     torch.testing.assert_close(smooth, torch.tensor(want))
     for kwargs, needle in [(dict(beta=0.0), "dpo.beta=0.0 must be > 0"),

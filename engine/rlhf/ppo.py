@@ -758,13 +758,13 @@ class PPOLoop:
         on the generation layout when the actor is resharded for it, and always under pp > 1 (no stage holds
         every layer)."""
         c = self.config
-        greedy = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
+        params = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
                                           pad_token_id=self.pad_id)
         if self.layout.pp_size > 1 or (name == "actor" and self.reshard):
-            resp, resp_mask = self._generate_split(name, ids, mask, greedy, phase)
+            resp, resp_mask = self._generate_split(name, ids, mask, params, phase)
         else:
             self._resident(phase, name)
-            resp, resp_mask = self._generate_rows(getattr(self, name)[0], ids, mask, greedy)
+            resp, resp_mask = self._generate_rows(getattr(self, name)[0], ids, mask, params)
         seq = torch.cat([ids.to(self.device), resp], 1)
         seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
         scores, _ = self._rewards(origin, seq, seq_mask, resp, resp_mask, phase=phase)
@@ -956,13 +956,12 @@ class PPOLoop:
         order = torch.cat([torch.nonzero(passing).flatten(), torch.nonzero(~passing).flatten()])[:c.rollout_prompts]
         rows = (order[:, None] * c.samples_per_prompt + torch.arange(c.samples_per_prompt)).flatten()
 
-        def pick(name: str) -> torch.Tensor:
-            joined = torch.cat([getattr(r, name) for r in rollouts])
+        def pick(per_round) -> torch.Tensor:
+            joined = torch.cat(list(per_round))
             return joined[rows.to(joined.device)]
-        parts = {k: torch.cat([r.score_parts[k] for r in rollouts])[rows.to(rollouts[0].scores.device)]
-                 for k in rollouts[0].score_parts}
         names = [f.name for f in dataclasses.fields(Rollout) if f.name != "score_parts"]
-        return Rollout(**{name: pick(name) for name in names}, score_parts=parts), times
+        return Rollout(**{name: pick(getattr(r, name) for r in rollouts) for name in names},
+                       score_parts={k: pick(r.score_parts[k] for r in rollouts) for k in rollouts[0].score_parts}), times
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

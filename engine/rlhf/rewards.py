@@ -149,9 +149,7 @@ class FunctionReward:
                  vocab_size: Optional[int] = None, workers: int = 1):
         if not (isinstance(workers, int) and workers >= 1):
             raise ValueError(f"workers={workers!r} must be a positive integer (threads calling the reward function)")
-        samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
-        if len(samples) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+        samples = _records(prompts, samples)
         self.fn, self.decode, self.prompts, self.samples = fn, decode, list(prompts), samples
         self.name = name or getattr(fn, "__qualname__", repr(fn))
         required = getattr(fn, "required_fields", ())
@@ -189,6 +187,14 @@ class FunctionReward:
             raise RuntimeError(f"reward function {self.name} failed on row {row} (prompt {p}: "
                                f"{self.prompts[p][:60]!r}, {what}): {type(e).__name__}: {e}") from e
         return _as_score(value, f"reward function {self.name}", row, p)
+
+
+def _records(prompts: Sequence[str], samples: Optional[Sequence[Mapping]]) -> list:
+    """One record per prompt: ``samples``, or ``{"prompt": text}`` each when None."""
+    samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
+    if len(samples) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+    return samples
 
 
 def _response_text(decode: Callable[[Sequence[int]], str], vocab_size: Optional[int], tokens: Sequence[int],
@@ -230,9 +236,7 @@ class RemoteReward:
             raise ValueError(f"reward url {url!r} must start with http:// or https://")
         if not (timeout > 0 and isinstance(retries, int) and retries >= 0 and backoff >= 0):
             raise ValueError(f"reward url: timeout={timeout} must be > 0, retries={retries} and backoff={backoff} >= 0")
-        samples = [{"prompt": p} for p in prompts] if samples is None else list(samples)
-        if len(samples) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(samples)} sample records: one record per prompt")
+        samples = _records(prompts, samples)
         for i, sample in enumerate(samples):  # checked now, not at the first rollout
             try:
                 json.dumps(sample, allow_nan=False)

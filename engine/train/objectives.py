@@ -210,18 +210,18 @@ DPO_KEYS = PAIR_KEYS + ("chosen_labels", "rejected_labels")
 DPO_REFERENCE_KEYS = ("ref_chosen_logprobs", "ref_rejected_logprobs")
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO's loss per pair: with the implicit rewards ``r = beta (log pi(y|x) - log pi_ref(y|x))``,
 
         loss = -(1 - eps) log sigmoid(r_c - r_r) - eps log sigmoid(r_r - r_c)
 
-    (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels). All inputs ``[b]``:
-    summed response log-probs of the chosen / rejected answers under the policy (carrying the gradient) and
-    the reference. Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
+    (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels). chosen, rejected:
+    ``[b]`` summed log-ratios ``log pi - log pi_ref`` of the chosen / rejected answers (carrying the policy's
+    gradient). Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
     _check_pair(chosen, rejected)
-    rc = beta * (chosen.float() - ref_chosen.float())
-    rr = beta * (rejected.float() - ref_rejected.float())
+    rc = beta * chosen.float()
+    rr = beta * rejected.float()
     margin = rc - rr
     loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss, rc.detach(), rr.detach()
@@ -309,8 +309,7 @@ class DPOObjective:
         ratio = self.token_logprobs(logits, mb, layout, backend) - mb["ref_logprobs"].reshape(-1)[index].float()
         sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, ratio)
         b = sums.shape[0] // 2
-        zero = torch.zeros_like(sums[:b])
-        loss, rc, rr = dpo_loss(sums[:b], sums[b:], zero, zero, self.beta, self.label_smoothing)
+        loss, rc, rr = dpo_loss(sums[:b], sums[b:], self.beta, self.label_smoothing)
         stats = [preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(), rr.sum()]
         return loss.sum(), stats
 
