@@ -960,8 +960,8 @@ class PPOLoop:
             joined = torch.cat(list(per_round))
             return joined[rows.to(joined.device)]
         names = [f.name for f in dataclasses.fields(Rollout) if f.name != "score_parts"]
-        return Rollout(**{name: pick(getattr(r, name) for r in rollouts) for name in names},
-                       score_parts={k: pick(r.score_parts[k] for r in rollouts) for k in rollouts[0].score_parts}), times
+        parts = {k: pick(r.score_parts[k] for r in rollouts) for k in rollouts[0].score_parts}
+        return Rollout(**{name: pick(getattr(r, name) for r in rollouts) for name in names}, score_parts=parts), times
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
