@@ -1,8 +1,8 @@
 """RLHF with PPO (ChatGLM-RLHF recipe): actor, critic, reference and reward models on the same ranks.
 
     python -m launch.rlhf --config configs/runs/ppo.yaml --actor-from SFT_CKPT --reward-from RM_CKPT \\
-        [--critic-from CKPT] [--tp T] [--pp P] [--vpp V] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
-    torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / (tp pp)
+        [--critic-from CKPT] [--tp T] [--pp P] [--vpp V] [--cp C] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
+    torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / (tp pp cp)
 
 The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
 layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic from ``--critic-from``
@@ -16,7 +16,9 @@ function) or the built-in questions (``engine.data.builtin``). PPO-ptx data (``p
 ``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...). ``--save DIR
 [--save-interval N]`` writes actor and critic checkpoints (``DIR/actor``, ``DIR/critic``, with optimizer
 states; export them with ``launch.convert --checkpoint``); ``--load DIR`` resumes a PPO run (weights,
-optimizers, iteration, reference baselines; any TP x DP layout).
+optimizers, iteration, reference baselines; any TP x PP x DP x CP layout). ``--cp C`` (context parallelism)
+splits every prompt + response sequence over C ranks for scoring and the updates (long responses); each of
+the C ranks samples its own share of the rows on a cp = 1 copy of the actor.
 """
 from __future__ import annotations
 
@@ -102,6 +104,9 @@ class RLHFRun:
     sampling (``ppo.generation_tp``, default tp)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (the interleaved schedule; needs pp > 1)."""
+    cp: int = 1
+    """Context-parallel degree: every sequence split over cp ranks for scoring and the updates; sampling
+    and per-row work (reward functions) split the rows over them instead."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     actor_lr: LRConfig = field(default_factory=lambda: PPO_LR)
@@ -119,16 +124,16 @@ class RLHFRun:
         return run_dict(self)
 
 
-SECTIONS = {"model", "tp", "pp", "vpp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
+SECTIONS = {"model", "tp", "pp", "vpp", "cp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
             "reward", "checkpoint", "log_dir", "log_samples"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
-    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``pp``/``vpp``/``log_dir``:
+    """Parse a PPO run YAML, with ``overrides`` ``{section: {field: value}}`` (``tp``/``pp``/``vpp``/``cp``/``log_dir``:
     a value)."""
     raw, base = read_run_file(path, SECTIONS, overrides)
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
-                   pp=int(raw.get("pp", 1)), vpp=int(raw.get("vpp", 1)),
+                   pp=int(raw.get("pp", 1)), vpp=int(raw.get("vpp", 1)), cp=int(raw.get("cp", 1)),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
                    actor_lr=config_section(LRConfig, raw.get("actor_lr"), "actor_lr") if raw.get("actor_lr") else PPO_LR,
@@ -143,8 +148,8 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
 def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
-    dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None).validate(world_size, run.model)
-    run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp)
+    dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None, cp=run.cp).validate(world_size, run.model)
+    run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp, run.cp)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
@@ -204,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int, help="pipeline stages of the training layout (sampling gathers every layer)")
     p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
+    p.add_argument("--cp", type=int, help="context parallel: split each prompt + response sequence over C ranks for "
+                   "scoring and the updates (max_prompt_length + max_new_tokens divisible by 2 C)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--rollout-prompts", type=int)
     p.add_argument("--samples-per-prompt", type=int)
@@ -299,7 +306,7 @@ def cli_overrides(args) -> dict:
     for flag, name in (("reward_fn", "function"), ("reward_workers", "workers"), ("reward_url", "url")):
         if getattr(args, flag) is not None:
             out.setdefault("reward", {})[name] = getattr(args, flag)
-    for name in ("tp", "pp", "vpp", "log_dir", "model", "log_samples"):
+    for name in ("tp", "pp", "vpp", "cp", "log_dir", "model", "log_samples"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -419,7 +426,7 @@ def train_ppo(run: RLHFRun) -> int:
 
     with Processes() as procs:
         device = procs.device
-        dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None)
+        dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None, cp=run.cp)
         layout = ParallelLayout.build(dims) if procs.distributed else ParallelLayout.single()
         rank = layout.rank
         torch.manual_seed(run.ppo.seed)
@@ -488,7 +495,7 @@ def train_ppo(run: RLHFRun) -> int:
                   + (f", reward function {run.reward.function}" if run.reward.function else "")
                   + (f", reward service {run.reward.url}" if run.reward.url else "")
                   + f"), tp={layout.tp_size} "
-                  f"pp={layout.pp_size} vpp={layout.vpp_size} dp={layout.dp_size}, "
+                  f"pp={layout.pp_size} vpp={layout.vpp_size} cp={layout.cp_size} dp={layout.dp_size}, "
                   f"{len(loop.prompts)} prompts"
                   + (f" + {len(loop.eval_prompts)} held out" if loop.eval_prompts else "")
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")

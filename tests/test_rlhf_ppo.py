@@ -22,6 +22,7 @@ from engine.train.step import OptimizerConfig
 from tests._dist import run_distributed
 
 VOCAB, EOS, PAD = 64, 2, 0
+CP_NEW_TOKENS = 8  # prompt 8 + response 8 tokens: divisible by 2 x cp = 4
 OPTIM = OptimizerConfig(weight_decay=0.0, clip_grad=0.0)
 LR = LRConfig(lr=1e-3, min_lr=1e-3)
 
@@ -864,6 +865,108 @@ def test_interleaved_pipeline_ppo_matches_one_process():
             assert r["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
 
 
+def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
+    """cp=2 (each sequence split over the 2 ranks): sampling on a cp=1 copy of the actor (no bytes moved, the
+    rows split over the cp ranks), scoring of fixed sequences, padded and packed, the reference baselines,
+    one update on a fixed batch and a full iteration; a reward function scores each row once, on one of
+    the cp ranks, and its failure on one rank raises on both."""
+    from engine.model.generation import SamplingParams, generate
+    from engine.parallel.comm import CommLedger
+    from engine.parallel.sharding import gather_full_state_dict
+    out = {}
+    sequences, attention, responses, prompt_index = scored
+    for pack in (False, True):
+        layout = ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}")
+        loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, pack_sequences=pack), layout=layout,
+                     models=_sharded(states, layout))
+        gen = loop.generation_layout
+        ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+        greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+        cp_bytes = layout.ledger.received("cp")
+        scores = (loop._token_logprobs(loop.actor, sequences, attention),
+                  loop._token_logprobs(loop.reference, sequences, attention),
+                  loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
+                  loop._baselines(prompt_index))
+        case = dict(gen=(gen.tp_size, gen.dp_rank, gen.dp_size), reshard=layout.ledger.received("reshard"),
+                    tokens=greedy.response_ids.numpy(), scores=[t.numpy() for t in scores],
+                    scored_over_cp=layout.ledger.received("cp") > cp_bytes)
+        if not pack:
+            case["update"] = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+            fresh = dataclasses.replace(layout, ledger=CommLedger())
+            case["weights"] = {k: v.clone().numpy()
+                               for k, v in gather_full_state_dict(loop.actor[0], _config(), fresh).items()}
+        record = loop.iteration()
+        case["record"] = {k: v for k, v in record.items() if not k.endswith("_s") and k != "seconds"}
+        out[pack] = case
+    # a reward function that answers with its rank: each cp rank scores its half of the rows, once
+    seen = []
+
+    def by_rank(prompt_index, responses, response_mask):
+        seen.append(prompt_index.tolist())
+        return torch.full((len(prompt_index),), float(rank))
+
+    layout = ParallelLayout.build(ParallelDims(cp=2), name="cp2_fn")
+    actor, critic, reference, _ = _sharded(states, layout)
+    loop = PPOLoop(_ppo(max_new_tokens=CP_NEW_TOKENS), _config(), layout, actor, critic, reference, None, _prompts(),
+                   [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=by_rank)
+    rows = torch.arange(5)
+    out["fn"] = (loop._rule_scores(rows, responses[:5], responses[:5] != PAD).tolist(), seen)
+
+    def fails_on_1(prompt_index, responses, response_mask):
+        if rank == 1:
+            raise KeyError("checker broke")
+        return torch.zeros(len(prompt_index))
+    loop.reward_fn = fails_on_1
+    try:
+        loop._rule_scores(rows, responses[:5], responses[:5] != PAD)
+        out["failure"] = None
+    except Exception as e:
+        out["failure"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_context_parallel_ppo_matches_one_process():
+    from engine.model.generation import SamplingParams, generate
+    config = _ppo(max_new_tokens=CP_NEW_TOKENS)  # S = 8 + 8: 2 x cp = 4 chunks of 4 tokens
+    states, loop, rollout, batch = _one_process(seed=6, config=config)
+    prompts = _prompts(3, seed=13)
+    ids, mask = left_pad_prompts(prompts, 8, PAD)
+    ref_tokens = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
+    scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
+    ref_scores = (rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.baselines)
+    ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    ref_weights = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
+    results = run_distributed(_world2_cp, 2, states, prompts, scored, batch, timeout=300)
+    for rank, r in enumerate(results):
+        for pack in (False, True):
+            case = r[pack]
+            # every rank samples: 2 replicas of one whole model, nothing resharded
+            assert case["gen"] == (1, rank, 2) and case["reshard"] == 0, pack
+            assert torch.equal(torch.from_numpy(case["tokens"]), ref_tokens), pack
+            assert case["scored_over_cp"], pack
+            for i, (got, want) in enumerate(zip(case["scores"], ref_scores)):
+                got = torch.from_numpy(got)
+                if i < 3:  # per token: read where the response token is real (packed rows hold 0 at padding)
+                    got, want = got * rollout.response_mask, want * rollout.response_mask
+                # fp32: attention over 2 chunks of the keys, another summation order
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=lambda m: f"{pack} {i}: {m}")
+            assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
+            assert case["record"] == results[0][pack]["record"], pack  # the same rollout and metrics on both
+        update = r[False]["update"]
+        for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "actor_grad_norm",
+                    "critic_grad_norm"):
+            # fp32: each cp rank sums the loss of its chunks, the gradients are summed over the cp group
+            assert update[key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
+        for k, w in r[False]["weights"].items():
+            # Adam's first step, as in the pipeline test: a wrong gradient is off by ~lr = 1e-3
+            torch.testing.assert_close(torch.from_numpy(w), ref_weights[k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{k}: {m}")
+        scores, seen = r["fn"]
+        assert scores == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows 0-2 scored on cp rank 0, rows 3-4 on cp rank 1
+        assert seen == [[0, 1, 2]] if rank == 0 else [[3, 4, 4]]  # 5 rows padded to 6 by repeating the last
+    assert results[1]["failure"] == "KeyError: 'checker broke'"
+    assert results[0]["failure"].startswith("RuntimeError: the reward function failed on a rank")
+
+
 # ---- launcher ------------------------------------------------------------------------------------
 def test_launcher_errors(tmp_path, capsys):
     from engine.rlhf.ppo import PPO_LR
@@ -943,7 +1046,7 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
         assert sorted(p.name for p in (tmp_path / "ppo" / name).iterdir()) == ["latest", "step_000002"]
         saved, state = read_full_model_state(tmp_path / "ppo" / name)
         assert saved == config and ("value_head.weight" in state) == (name == "critic")
-    assert "tp=1 pp=2 vpp=1 dp=1" in proc.stdout
+    assert "tp=1 pp=2 vpp=1 cp=1 dp=1" in proc.stdout
     # resume the pp=2 run in one process (resharded): one more iteration, numbered 2
     resume = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
     resume[resume.index("--pp") + 1], resume[resume.index("--iterations") + 1] = "1", "3"
@@ -954,14 +1057,16 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     assert "resumed from" in proc.stdout
     (line,) = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert line["step"] == 2 and math.isfinite(line["reward"])
-    # a critic-free run (GRPO) from the same checkpoints: three models, no critic checkpoint written
-    grpo = [sys.executable, "-m", "launch.rlhf"] + cmd[cmd.index("launch.rlhf") + 1:]
-    grpo[grpo.index("--pp") + 1], grpo[grpo.index("--iterations") + 1] = "1", "1"
+    # a critic-free run (GRPO) from the same checkpoints, context parallel (each 32 + 8 token sequence split over
+    # the 2 ranks): three models, no critic checkpoint written
+    grpo = cmd[:]
+    grpo[grpo.index("--pp")], grpo[grpo.index("--iterations") + 1] = "--cp", "1"
     grpo[grpo.index("--log-dir") + 1], grpo[grpo.index("--save") + 1] = str(tmp_path / "grpo"), str(tmp_path / "g")
     proc = subprocess.run(grpo + ["--advantage-estimator", "grpo", "--pack-sequences"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PPO (grpo)" in proc.stdout and "3 models" in proc.stdout and "value" not in proc.stdout
+    assert "tp=1 pp=1 vpp=1 cp=2 dp=1" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["actor"]
     (line,) = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= line["update_rows"] <= 4  # packed: at most the mini-batch's 4 rows

@@ -551,8 +551,8 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
         assert scores == [float(n) for n in lengths[:half]] + [1000.0 + n for n in lengths[half:]]
     assert results[0]["error"].startswith("RuntimeError: reward function _fails_on_rank_0 failed on row 0")
     assert "ConnectionError: sandbox unreachable" in results[0]["error"]
-    assert results[1]["error"] == ("RuntimeError: the reward function failed on rank 0, which scores this rank's "
-                                   "rows (its error is in that rank's output)")
+    assert results[1]["error"] == ("RuntimeError: the reward function failed on a rank that scores this rank's rows "
+                                   "(rank 0; its error is in that rank's output)")
 
 
 # ---- launch.rlhf -------------------------------------------------------------------------------------------

@@ -114,6 +114,11 @@ class ContextParallel:
         """A per-token tensor without gradient (key padding mask, segment ids) ``[b, S/cp]`` -> ``[b, S]``."""
         if x is None:
             return None
+        return self.gather_tokens(x)
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every cp rank's values of its tokens ``[b, S/cp, ...]`` (no gradient) -> the whole rows'
+        ``[b, S, ...]`` in sequence order (the inverse of ``split``; e.g. per-token scores)."""
         return _gather(x.detach(), self, "cp")
 
     def gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ it: response token j sits at sequence position ``P + j`` and is predicted by the
 by the critic, "the state before token j") at position ``P + j - 1``. ``labels`` carries the
 response token there and ``-100`` elsewhere (prompt, padding, filtered-out rows), so the mask of
 every loss is ``labels != -100`` and N (the normalizer) is the number of response tokens that
-train in the global batch.
+train in the global batch. Nothing reads another position, so under context parallelism each cp rank
+sums the loss of its own chunks of the rows (``Trainer`` splits every ``[G, S]`` tensor alike).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class PolicyObjective:
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
+    context_parallel = True  # every quantity sits at the position that predicts its token: a per-token sum
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -128,6 +130,7 @@ class ValueObjective:
     optional_keys = ("position_ids", "segment_ids")
     rows_per_sample = 1
     stat_names = ("vf_clipfrac",)
+    context_parallel = True  # a per-token sum (the value of the state before each response token)
 
     def normalizer(self, batch: dict) -> int:
         return _tokens(batch)

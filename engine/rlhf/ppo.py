@@ -81,8 +81,9 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
-from engine.model.glm import head_positions, last_token_index
+from engine.model.glm import default_positions, head_positions, last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
+from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
 from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, RunningMoments, adaptive_kl_coef, gae_advantages,
@@ -254,15 +255,15 @@ class PPOConfig:
     def rollout_rows(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
-    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1) -> int:
-        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` training layout: dp at pp = 1 without
+    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1, cp: int = 1) -> int:
+        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` x ``cp`` training layout: dp at pp = cp = 1 without
         resharding, else world / tp_g (``ParallelLayout.for_generation``)."""
         tp_g = self.generation_tp or tp
-        return dp if (tp_g == tp and pp == 1) else dp * tp * pp // tp_g
+        return dp if (tp_g == tp and pp == 1 and cp == 1) else dp * cp * tp * pp // tp_g
 
-    def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1) -> "PPOConfig":
-        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` ranks with
-        ``vpp`` virtual stages each."""
+    def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1) -> "PPOConfig":
+        """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` x ``cp`` ranks
+        with ``vpp`` virtual stages each."""
         problems = []
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                 "ppo_epochs", "mini_batch_size", "micro_batch_size")
@@ -285,11 +286,11 @@ class PPOConfig:
             problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
                             "layout regroups the training TP shards)")
         if not problems:
-            replicas = self.generation_replicas(dp, tp, pp)  # a multiple of dp
+            replicas = self.generation_replicas(dp, tp, pp, cp)  # a multiple of dp
             if self.rollout_rows % replicas:
                 who = (f"dp={dp}" if replicas == dp else
-                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp or tp} at pp={pp} "
-                       "(world / generation_tp)")
+                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp or tp} at pp={pp}"
+                       f"{f' and cp={cp}' if cp > 1 else ''} (world / generation_tp)")
                 problems.append(f"rollout_prompts x samples_per_prompt = {self.rollout_rows} must be divisible by "
                                 f"{who}: each samples an equal slice")
             if self.rollout_rows % self.mini_batch_size:
@@ -303,6 +304,10 @@ class PPOConfig:
                 problems.append(f"mini_batch_size={self.mini_batch_size} gives {m} micro-batches per DP rank; the "
                                 f"interleaved schedule (vpp={vpp}) needs a multiple of pp={pp}: mini_batch_size = "
                                 "k x pp x micro_batch_size x dp")
+            if cp > 1 and (self.max_prompt_length + self.max_new_tokens) % (2 * cp):
+                problems.append(f"context parallelism (cp={cp}) splits every sequence into 2 x cp = {2 * cp} equal "
+                                f"chunks: max_prompt_length + max_new_tokens = "
+                                f"{self.max_prompt_length + self.max_new_tokens} must be divisible by {2 * cp}")
         if self.advantage_estimator not in ESTIMATORS:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} must be one of {ESTIMATORS}")
         elif self.advantage_estimator not in ("gae", "reinforce++") and self.samples_per_prompt < 2:
@@ -449,17 +454,19 @@ class PPOLoop:
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None,
                  reward_source: Optional[str] = None, eval_prompts: Sequence[Sequence[int]] = ()):
-        if layout.cp_size > 1:  # sampling decodes with a KV cache, which needs whole sequences on a rank
-            raise ValueError(f"PPO does not support context parallelism (layout cp={layout.cp_size}): build the "
-                             "RLHF layout with cp=1")
-        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size)
+        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size, layout.cp_size)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
-        # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only)
-        self.reshard = tp_g < layout.tp_size or layout.pp_size > 1
+        # The cp ranks of a DP replica hold the same weights: for sampling (and anything else done per row) they
+        # are replicas of their own, the gradient layout's dp x cp ranks.
+        self.replicas = layout.gradient_layout
+        # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only); so does
+        # cp > 1, whose training chunks expect split sequences (the copy samples whole ones; no bytes move at
+        # tp_g = tp and pp = 1)
+        self.reshard = tp_g < layout.tp_size or layout.pp_size > 1 or layout.cp_size > 1
         if self.reshard:
             validate_generation_dims(tp_g, layout.world_size, model_config)
         # built once (creating process groups is collective and slow); ranks regrouped for the fewest bytes
-        self.generation_layout = ParallelLayout.for_generation(layout, tp_g) if self.reshard else layout
+        self.generation_layout = ParallelLayout.for_generation(self.replicas, tp_g) if self.reshard else layout
         actor_lr, critic_lr = actor_lr or PPO_LR, critic_lr or PPO_LR
         if config.ptx_coef > 0 and ptx_batches is None:
             raise ValueError("ptx_coef > 0 needs ptx_batches (SFT data for the PPO-ptx loss)")
@@ -580,29 +587,47 @@ class PPOLoop:
         stage to every rank of the PP group ("pp" traffic). ``extra``: more ``[n, ...]`` tensors split
         with the rows (the micro-batch dict carries them to ``output_fn``). ``outputs_at``: bool
         ``[n, S]``, the positions whose head output ``output_fn`` reads; the head then computes only
-        those (``[k, ...]``, flat positions in ``mb["output_index"]``). Collective over the
-        model-parallel group."""
+        those (``[k, ...]``, flat positions in ``mb["output_index"]``). ``mb["next_ids"]``: the token after
+        each position (0 after the last), the target whose log-prob a position's logits give.
+
+        Under context parallelism (cp > 1) every cp rank of the replica forwards its 2 chunks of each row
+        (``ContextParallel.split`` of every ``[n, S]`` tensor, positions counted over whole rows first), so
+        ``output_fn`` must give one value per position (``row_shape`` = ``(S,)``): it sees this rank's tokens,
+        and the values are all-gathered over the cp group back into whole rows ("cp" traffic). Collective
+        over the model-parallel group (and the cp group)."""
         layout = self.layout
+        cp = ContextParallel.of(layout)
         mbs = self.config.score_micro_batch_size or self.config.micro_batch_size
-        n = sequences.shape[0]
-        tensors = {"input_ids": sequences, "attention_mask": attention, **(extra or {})}
+        n, S = sequences.shape
+        if cp is not None and tuple(row_shape) != (S,):
+            raise ValueError(f"forward_rows under context parallelism (cp={cp.size}): output_fn must give one value "
+                             f"per position, row_shape ({S},), not {tuple(row_shape)}")
+        # the targets of every position, taken from whole rows: a cp rank's chunks lack their successors
+        next_ids = torch.cat([sequences[:, 1:], torch.zeros_like(sequences[:, :1])], dim=1)
+        tensors = {"input_ids": sequences, "attention_mask": attention, "next_ids": next_ids, **(extra or {})}
         if outputs_at is not None:
             tensors["outputs_at"] = outputs_at
+        if cp is not None:
+            if "position_ids" not in tensors:  # a rank cannot count positions from its chunks
+                tensors["position_ids"] = default_positions(sequences, attention)
+            tensors = {k: cp.split(v) for k, v in tensors.items()}
         pad = -n % mbs if layout.pp_size > 1 else 0
         if pad:
             tensors = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in tensors.items()}
         micro = [{k: v[i:i + mbs] for k, v in tensors.items()} for i in range(0, n + pad, mbs)]
         for mb in micro:
             if outputs_at is not None:
-                mb["output_index"] = head_positions(mb.pop("outputs_at"))
+                mb["output_index"] = head_positions(mb["outputs_at"])
         if layout.pp_size == 1:
-            return torch.cat([output_fn(chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"],
-                                                      mb.get("position_ids"), mb.get("segment_ids"),
-                                                      mb.get("output_index")), mb) for mb in micro])
-        shape = activation_shape(mbs, sequences.shape[1], self.model_config.hidden_size, layout.tp_size, False)
+            out = torch.cat([output_fn(chunk_forward(chunks[0], mb["input_ids"], None, mb["attention_mask"],
+                                                     mb.get("position_ids"), mb.get("segment_ids"),
+                                                     mb.get("output_index")), mb) for mb in micro])
+            return out if cp is None else cp.gather_tokens(out)
+        shape = activation_shape(mbs, S // layout.cp_size, self.model_config.hidden_size, layout.tp_size, False)
         result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn, timed=False)
         if layout.is_last_stage:
             out = torch.cat(result.outputs)
+            out = out if cp is None else cp.gather_tokens(out)
         else:
             out = torch.empty((n + pad, *row_shape), dtype=torch.float32, device=self.device)
         return comm.broadcast(out, layout.pp_ranks[-1], layout.pp_group, layout.ledger, "pp")[:n]
@@ -654,11 +679,12 @@ class PPOLoop:
 
         def next_token(logits: torch.Tensor, mb: dict) -> torch.Tensor:
             """Log-prob ``[rows, S]`` of the token after each position the head computed (0 elsewhere)."""
-            ids, index = mb["input_ids"], mb["output_index"]
-            targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1).reshape(-1)[index]
+            ids, index = mb["next_ids"], mb["output_index"]
             out = torch.zeros(ids.numel(), dtype=torch.float32, device=logits.device)
-            out[index] = logprobs(logits, targets)
-            return out.view(ids.shape)
+            out[index] = logprobs(logits, ids.reshape(-1)[index])
+            # 0 at the stand-in position of an empty selection too (``head_positions``): under cp it may fall
+            # inside the response span of a rank's chunk
+            return torch.where(mb["outputs_at"], out.view(ids.shape), 0.0)
 
         # logits only where a real response token is predicted: positions [P - 1, S - 1), read back there
         outputs_at = torch.zeros_like(mask, dtype=torch.bool)
@@ -672,17 +698,22 @@ class PPOLoop:
     def _values(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Critic values ``[r, T]`` of the states before each response token."""
         P = self.config.max_prompt_length
+        return self._token_values(chunks, sequences, mask, packed)[:, P - 1:-1]
+
+    def _token_values(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
+        """Scalar-head values ``[n, S]`` at every position of ``sequences`` (0 at the padding of packed rows)."""
+        def per_token(values: torch.Tensor, mb: dict) -> torch.Tensor:
+            return values.float()
         if self.config.pack_sequences:
             packed = packed or self.pack_rows(sequences, mask)
-            return self.forward_packed(chunks, packed, sequences.shape, lambda values, mb: values.float())[:, P - 1:-1]
-        return self.forward_rows(chunks, sequences, mask, lambda values, mb: values[:, P - 1:-1].float(),
-                                 (sequences.shape[1] - P,))
+            return self.forward_packed(chunks, packed, sequences.shape, per_token)
+        return self.forward_rows(chunks, sequences, mask, per_token, (sequences.shape[1],))
 
     def _scores(self, chunks, sequences, mask, packed: Optional[dict] = None) -> torch.Tensor:
         """Reward-model scores ``[r]``: the value at each row's last real token."""
-        if self.config.pack_sequences:  # the values of every position, read at each sequence's last token
-            packed = packed or self.pack_rows(sequences, mask)
-            values = self.forward_packed(chunks, packed, sequences.shape, lambda values, mb: values.float())
+        if self.config.pack_sequences or self.layout.cp_size > 1:
+            # the values of every position, read at each sequence's last token (under cp: on whichever rank)
+            values = self._token_values(chunks, sequences, mask, packed)
             last = last_token_index(sequences, mask).to(values.device)
             return values.gather(1, last[:, None]).squeeze(1)
 
@@ -697,30 +728,55 @@ class PPOLoop:
         of the model-parallel group and broadcast to the others ("rollout" traffic), so every rank of the
         replica trains on the same scores even if the function is not deterministic. When the function
         fails, the broadcast carries a failure flag instead, so every rank of the group raises (the source
-        rank the function's own error) rather than waiting for scores that never come."""
+        rank the function's own error) rather than waiting for scores that never come. Under context
+        parallelism the cp ranks of the replica score a slice of the rows each (``_over_cp``)."""
         layout = self.layout
-        source, n = layout.mp_ranks[0], origin.numel()
-        message = torch.zeros(n + 1, dtype=torch.float32, device=self.device)  # n scores, then 1.0 on failure
-        error = None
-        if layout.rank == source:
-            t0 = time.perf_counter()
-            try:
-                scores = torch.as_tensor(self.reward_fn(origin.cpu(), responses.cpu(), response_mask.cpu()),
-                                         dtype=torch.float32)
-                if scores.shape != origin.shape:
-                    raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for {n} rows: one "
-                                     "score per row")
-                message[:n] = scores.to(self.device)
-            except Exception as e:
-                error, message[n] = e, 1.0
-            self._reward_fn_seconds += time.perf_counter() - t0
-        comm.broadcast(message, source, layout.mp_group, layout.ledger, "rollout")
-        if error is not None:
-            raise error
-        if message[n] != 0:
-            raise RuntimeError(f"the reward function failed on rank {source}, which scores this rank's rows (its "
-                               "error is in that rank's output)")
-        return message[:n]
+        source = layout.mp_ranks[0]
+        errors = []
+
+        def score(origin: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> tuple:
+            n = origin.numel()
+            message = torch.zeros(n, 2, dtype=torch.float32, device=self.device)  # per row: score, 1.0 on failure
+            if layout.rank == source:
+                t0 = time.perf_counter()
+                try:
+                    scores = torch.as_tensor(self.reward_fn(origin.cpu(), responses.cpu(), response_mask.cpu()),
+                                             dtype=torch.float32)
+                    if scores.shape != origin.shape:
+                        raise ValueError(f"reward_fn returned scores of shape {tuple(scores.shape)} for {n} rows: "
+                                         "one score per row")
+                    message[:, 0] = scores.to(self.device)
+                except Exception as e:
+                    errors.append(e)
+                    message[:, 1] = 1.0
+                self._reward_fn_seconds += time.perf_counter() - t0
+            comm.broadcast(message, source, layout.mp_group, layout.ledger, "rollout")
+            return (message,)
+
+        message, = self._over_cp(score, origin, responses, response_mask)
+        if errors:
+            raise errors[0]
+        if message[:, 1].any():
+            raise RuntimeError("the reward function failed on a rank that scores this rank's rows (rank "
+                               f"{source}{' or a cp peer' if layout.cp_size > 1 else ''}; its error is in that "
+                               "rank's output)")
+        return message[:, 0]
+
+    def _over_cp(self, fn: Callable, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``fn(*rows)`` (a tuple of ``[n, ...]`` tensors) for this DP replica's rows ``[n, ...]``. Under context
+        parallelism the replica's cp ranks hold the same rows and each applies ``fn`` to a contiguous 1/cp of
+        them (the rows padded to a multiple of cp by repeating the last); the results are all-gathered over
+        the cp group ("rollout" traffic) and trimmed to ``n``: per-row work that needs no split sequence
+        (sampling, reward functions) is done once, not cp times. ``fn`` must give every cp rank's slice the
+        same shapes (responses are padded to ``max_new_tokens``)."""
+        layout = self.layout
+        if layout.cp_size == 1:
+            return fn(*rows)
+        n, cp = rows[0].shape[0], layout.cp_size
+        per = -(-n // cp)
+        index = torch.arange(per * cp).clamp(max=n - 1)[layout.cp_rank * per:(layout.cp_rank + 1) * per]
+        out = fn(*(t[index.to(t.device)] for t in rows))
+        return tuple(comm.all_gather(t.contiguous(), 0, layout.cp_group, layout.ledger, "rollout")[:n] for t in out)
 
     def _rewards(self, origin: torch.Tensor, sequences: torch.Tensor, attention: torch.Tensor,
                  responses: torch.Tensor, response_mask: torch.Tensor, packed: Optional[dict] = None,
@@ -760,7 +816,7 @@ class PPOLoop:
         c = self.config
         params = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
                                           pad_token_id=self.pad_id)
-        if self.layout.pp_size > 1 or (name == "actor" and self.reshard):
+        if self.layout.pp_size > 1 or self.layout.cp_size > 1 or (name == "actor" and self.reshard):
             resp, resp_mask = self._generate_split(name, ids, mask, params, phase)
         else:
             self._resident(phase, name)
@@ -787,7 +843,7 @@ class PPOLoop:
         from engine.parallel.tensor_parallel import tensor_parallel_spec
         chunks = self.actor if chunks is None else _chunks(chunks)
         gen = self.generation_layout
-        state = reshard_for_generation(chunks, self.model_config, self.layout, gen)
+        state = reshard_for_generation(chunks, self.model_config, self.replicas, gen)
         if self.layout.tp_size > gen.tp_size:
             # Only the replicated norms still share the training copy's flat buffers; own copies (a few
             # KB) let those buffers leave the device while sampling instead of being pinned by a view.
@@ -814,11 +870,21 @@ class PPOLoop:
         size f, puts the slices back in order (``ParallelLayout.for_generation``; "rollout" traffic).
         ``name``: the model ("actor" or "reference") whose generation copy (``generation_model``) samples;
         its training copy goes back to host memory before sampling when offloading (safe swap order:
-        the KV cache is allocated after), and the copy is dropped once sampled."""
-        layout, gen = self.layout, self.generation_layout
+        the KV cache is allocated after), and the copy is dropped once sampled. Under context parallelism
+        the replica's cp ranks first split the rows (``_over_cp``), each cp rank being k generation replicas."""
+        layout, gen = self.replicas, self.generation_layout
         self._resident(phase, name)  # resharding reads the training shards
         model = self.generation_model(getattr(self, name))
         self._resident(phase, extra=list(model.parameters()))
+        responses, response_mask = self._over_cp(lambda i, m: self._sample_slice(model, i, m, params), ids, mask)
+        del model  # the resharded copy lives only while sampling
+        return responses, response_mask
+
+    def _sample_slice(self, model, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_generate_split``'s sampling of the rows ``ids`` / ``mask`` ``[n, P]`` of one (dp x cp) replica by
+        its k generation replicas, put back in order."""
+        layout, gen = self.replicas, self.generation_layout
         f = layout.tp_size // gen.tp_size
         k, q = f * layout.pp_size, gen.dp_rank % (f * layout.pp_size)  # slice q = offset * pp + stage
         n = ids.shape[0]
@@ -828,7 +894,6 @@ class PPOLoop:
             ids, mask = torch.cat([ids, ids[-1:].expand(pad, -1)]), torch.cat([mask, mask[-1:].expand(pad, -1)])
         responses, response_mask = self._generate_rows(model, ids[q * per:(q + 1) * per], mask[q * per:(q + 1) * per],
                                                        params)
-        del model  # the resharded copy lives only while sampling
         siblings, _ = layout.tp_subgroup(f)
         gathered = []
         for t in (responses, response_mask):

@@ -144,8 +144,10 @@ def _cp_world(rank, world_size, state, reference):
             with pytest.raises(ValueError, match="generation layout does not support context parallelism"):
                 ParallelLayout.for_generation(layout, 1)
             from engine.rlhf.ppo import PPOConfig, PPOLoop
-            with pytest.raises(ValueError, match="PPO does not support context parallelism"):
-                PPOLoop(PPOConfig(), CONFIG, layout, [model], None, None, None, [[1]], [2], 0)
+            # PPO splits prompt + response sequences too: their length must split into 2 cp chunks
+            with pytest.raises(ValueError, match=r"cp=4\) splits every sequence into 2 x cp = 8 equal chunks: "
+                                                 r"max_prompt_length \+ max_new_tokens = 62 must be divisible by 8"):
+                PPOLoop(PPOConfig(max_new_tokens=30), CONFIG, layout, [model], None, None, None, [[1]], [2], 0)
             # an optimizer built on the model's layout still averages over every replica: the dp x cp ranks
             from engine.optim import DistributedOptimizer
             assert DistributedOptimizer(model.parameters(), layout).layout.dp_size == cp
