@@ -5,9 +5,10 @@
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
                                 [--min-prompt-length N] [--stop-tokens K] [--pack]
 
-Layouts are ``tp,dp[,generation_tp[,pp]]`` (generation_tp < tp: the actor is resharded to that TP
+Layouts are ``tp,dp[,generation_tp[,pp[,cp]]]`` (generation_tp < tp: the actor is resharded to that TP
 degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
-scoring and training, the actor gathered to every layer per rank for sampling); each runs
+scoring and training, the actor gathered to every layer per rank for sampling; cp > 1: every sequence split
+over cp ranks for scoring and training, each of them sampling its share of the rows); each runs
 ``--iterations`` PPO iterations (``engine.rlhf.ppo.PPOLoop``; the first is a warm-up and is not timed) in
 its own gloo process group, one thread per process. Actor, critic (with ``--advantage-estimator gae``, the
 default), reference and reward models are randomly initialised copies of ``--config`` (all on every rank);
@@ -40,7 +41,7 @@ from launch.bench_train import spawn_workers
 PHASES = ("generate", "score", "update")
 
 
-def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
+def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
     from engine.config import load_config
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
@@ -50,7 +51,7 @@ def _run(tp: int, dp: int, gen_tp, pp: int, args) -> dict:
     from engine.train.step import OptimizerConfig
 
     config = load_config(args.config)
-    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp))
+    layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, cp=cp))
     device = torch.device(args.device)
     critic_free = args.advantage_estimator != "gae"
     models = [None if (i == 1 and critic_free) else
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench rlhf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="model preset or YAML")
-    p.add_argument("--layouts", default="1,1 2,1 2,1,1 1,2", help="space-separated tp,dp[,generation_tp[,pp]]")
+    p.add_argument("--layouts", default="1,1 2,1 2,1,1 1,2",
+                   help="space-separated tp,dp[,generation_tp[,pp[,cp]]]")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations per layout (the first is not timed)")
     p.add_argument("--rollout-prompts", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=2)
@@ -121,30 +123,31 @@ def main(argv=None) -> int:
           f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; "
           f"median of {args.iterations - 1} iterations; "
           "resident MiB on rank 0")
-    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
+    header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'cp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
               f"{'iter s':>7}  "
               f"{'gen tok/s':>9}  {'train tok/s':>11}  {'rows':>5}  {'resident MiB gen/score/update':>29}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
         spec = [int(x) for x in item.split(",")]
-        if not 2 <= len(spec) <= 4:
-            p.error(f"--layouts item {item!r}: expected tp,dp[,generation_tp[,pp]]")
+        if not 2 <= len(spec) <= 5:
+            p.error(f"--layouts item {item!r}: expected tp,dp[,generation_tp[,pp[,cp]]]")
         tp, dp = spec[0], spec[1]
         gen_tp = spec[2] if len(spec) > 2 else None
         pp = spec[3] if len(spec) > 3 else 1
-        if args.device == "cuda" and tp * dp * pp != 1:
+        cp = spec[4] if len(spec) > 4 else 1
+        if args.device == "cuda" and tp * dp * pp * cp != 1:
             p.error(f"--layouts item {item!r}: --device cuda runs one process (one GPU): use 1,1")
-        r = spawn_workers(_run, tp * pp * dp, tp, dp, gen_tp, pp, args,
-                          what=f"PPO layout tp={tp} pp={pp} dp={dp} gen_tp={gen_tp}")
+        r = spawn_workers(_run, tp * pp * dp * cp, tp, dp, gen_tp, pp, cp, args,
+                          what=f"PPO layout tp={tp} pp={pp} dp={dp} cp={cp} gen_tp={gen_tp}")
         resident = "/".join(f"{r[f'resident_bytes_{phase}'] / 2**20:.2f}" for phase in PHASES)
         peaks = "/".join(f"{r[f'peak_memory_{phase}'] / 2**20:.0f}" for phase in PHASES if f"peak_memory_{phase}" in r)
-        print(f"{tp:>3}{pp:>3}{dp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
+        print(f"{tp:>3}{pp:>3}{dp:>3}{cp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
               f"{r['train_s']:>9.2f}  {r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  "
               f"{r['trained_tokens_per_s']:>11.0f}  {r.get('update_rows', 0):>5.1f}  {resident:>29}"
               + (f"  peak MiB {peaks}" if peaks else ""),
               flush=True)
-        out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "generation_tp": gen_tp or tp, **r})
+        out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "cp": cp, "generation_tp": gen_tp or tp, **r})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

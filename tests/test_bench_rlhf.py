@@ -9,12 +9,13 @@ from launch.bench import main
 @pytest.mark.parametrize("offload", [False, True])
 def test_rlhf_benchmark_reports_every_phase(tmp_path, offload):
     out = tmp_path / "rlhf.json"
-    # with offloading also: packed updates, prompts of 2-8 tokens, and 400 of the 4096 ids stop a response
-    assert main(["rlhf", "--layouts", "1,1", "--iterations", "2", "--rollout-prompts", "2", "--mini-batch", "4",
+    # with offloading also: packed updates, prompts of 2-8 tokens, 400 of the 4096 ids stop a response, and
+    # context parallelism (2 processes: 8 + 4 tokens split over cp = 2)
+    assert main(["rlhf", "--layouts", "1,1,1,1,2" if offload else "1,1", "--iterations", "2", "--rollout-prompts", "2", "--mini-batch", "4",
                  "--max-new-tokens", "4", "--prompt-length", "8", "--json", str(out)]
                 + (["--offload", "--pack", "--min-prompt-length", "2", "--stop-tokens", "400"] if offload else [])) == 0
     (layout,) = json.loads(out.read_text())["layouts"]
-    assert (layout["tp"], layout["dp"]) == (1, 1)
+    assert (layout["tp"], layout["dp"], layout["cp"]) == (1, 1, 2 if offload else 1)
     for key in ("generate_s", "score_s", "train_s", "seconds", "generated_tokens_per_s", "trained_tokens_per_s"):
         assert layout[key] > 0, key
     assert 1 <= layout["response_length"] <= 4

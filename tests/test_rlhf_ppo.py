@@ -865,43 +865,44 @@ def test_interleaved_pipeline_ppo_matches_one_process():
             assert r["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
 
 
-def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
-    """cp=2 (each sequence split over the 2 ranks): sampling on a cp=1 copy of the actor (no bytes moved, the
-    rows split over the cp ranks), scoring of fixed sequences, padded and packed, the reference baselines,
-    one update on a fixed batch and a full iteration; a reward function scores each row once, on one of
-    the cp ranks, and its failure on one rank raises on both."""
+def _cp_case(layout, states, prompts_greedy, scored, batch, **ppo) -> dict:
+    """One context-parallel layout: sampling on its cp = 1 generation copy, scoring of fixed sequences, the
+    reference baselines, one update on a fixed batch (its losses and the actor's weights after it) and a
+    full iteration."""
     from engine.model.generation import SamplingParams, generate
     from engine.parallel.comm import CommLedger
     from engine.parallel.sharding import gather_full_state_dict
-    out = {}
     sequences, attention, responses, prompt_index = scored
-    for pack in (False, True):
-        layout = ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}")
-        loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, pack_sequences=pack), layout=layout,
-                     models=_sharded(states, layout))
-        gen = loop.generation_layout
-        ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
-        greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
-        cp_bytes = layout.ledger.received("cp")
-        scores = (loop._token_logprobs(loop.actor, sequences, attention),
-                  loop._token_logprobs(loop.reference, sequences, attention),
-                  loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
-                  loop._baselines(prompt_index))
-        case = dict(gen=(gen.tp_size, gen.dp_rank, gen.dp_size), reshard=layout.ledger.received("reshard"),
-                    tokens=greedy.response_ids.numpy(), scores=[t.numpy() for t in scores],
-                    scored_over_cp=layout.ledger.received("cp") > cp_bytes)
-        if not pack:
-            case["update"] = loop.update({k: v.clone() for k, v in batch.items()}, 0)
-            fresh = dataclasses.replace(layout, ledger=CommLedger())
-            case["weights"] = {k: v.clone().numpy()
-                               for k, v in gather_full_state_dict(loop.actor[0], _config(), fresh).items()}
-        record = loop.iteration()
-        case["record"] = {k: v for k, v in record.items() if not k.endswith("_s") and k != "seconds"}
-        out[pack] = case
-    # a reward function that answers with its rank: each cp rank scores its half of the rows, once
+    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, **ppo), layout=layout, models=_sharded(states, layout))
+    gen = loop.generation_layout
+    ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
+    greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
+    cp_bytes = layout.ledger.received("cp")
+    scores = (loop._token_logprobs(loop.actor, sequences, attention),
+              loop._token_logprobs(loop.reference, sequences, attention),
+              loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
+              loop._baselines(prompt_index))
+    case = dict(gen=(gen.tp_size, gen.dp_rank, gen.dp_size), reshard=layout.ledger.received("reshard"),
+                tokens=greedy.response_ids.numpy(), scores=[t.numpy() for t in scores],
+                scored_over_cp=layout.ledger.received("cp") > cp_bytes)
+    case["update"] = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    fresh = dataclasses.replace(layout, ledger=CommLedger())
+    case["weights"] = {k: v.clone().numpy() for k, v in gather_full_state_dict(loop.actor[0], _config(), fresh).items()}
+    record = loop.iteration()
+    case["record"] = {k: v for k, v in record.items()
+                      if not k.endswith("_s") and k != "seconds" and not k.startswith("resident_bytes")}
+    return case
+
+
+def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
+    """cp=2 (each sequence split over the 2 ranks), padded and packed rows (``_cp_case``); a reward function
+    scores each row once, on one of the cp ranks, and its failure on one rank raises on both."""
+    out = {pack: _cp_case(ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}"), states, prompts_greedy,
+                          scored, batch, pack_sequences=pack) for pack in (False, True)}
+    responses = scored[2]
     seen = []
 
-    def by_rank(prompt_index, responses, response_mask):
+    def by_rank(prompt_index, responses, response_mask):  # answers with its rank
         seen.append(prompt_index.tolist())
         return torch.full((len(prompt_index),), float(rank))
 
@@ -925,46 +926,76 @@ def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
     return out
 
 
-def test_context_parallel_ppo_matches_one_process():
+def _world4_cp(rank, world_size, states, prompts_greedy, scored, batch):
+    """cp=2 with tp=2 (sampling at generation_tp=1, offloading on) and with pp=2 (``_cp_case``)."""
+    return {name: _cp_case(ParallelLayout.build(dims, name=name), states, prompts_greedy, scored, batch, **ppo)
+            for name, dims, ppo in (("tp2cp2", ParallelDims(tp=2, cp=2), dict(generation_tp=1, offload=True)),
+                                    ("pp2cp2", ParallelDims(pp=2, cp=2), {}))}
+
+
+def _cp_reference():
+    """One process's rollout 0, scores, update and weights at the context-parallel tests' sequence length."""
     from engine.model.generation import SamplingParams, generate
     config = _ppo(max_new_tokens=CP_NEW_TOKENS)  # S = 8 + 8: 2 x cp = 4 chunks of 4 tokens
     states, loop, rollout, batch = _one_process(seed=6, config=config)
     prompts = _prompts(3, seed=13)
     ids, mask = left_pad_prompts(prompts, 8, PAD)
-    ref_tokens = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
+    tokens = generate(loop.actor[0], ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS])).response_ids
     scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
-    ref_scores = (rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.baselines)
-    ref_update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
-    ref_weights = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
-    results = run_distributed(_world2_cp, 2, states, prompts, scored, batch, timeout=300)
+    update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
+    weights = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
+    return dict(states=states, rollout=rollout, batch=batch, prompts=prompts, tokens=tokens, scored=scored,
+                update=update, weights=weights)
+
+
+def _check_cp_case(case, ref, name):
+    r = ref["rollout"]
+    assert torch.equal(torch.from_numpy(case["tokens"]), ref["tokens"]), name  # greedy on the generation copy
+    assert case["scored_over_cp"], name
+    want = (r.logprobs, r.ref_logprobs, r.values, r.scores, r.baselines)
+    for i, (got, expected) in enumerate(zip(case["scores"], want)):
+        got = torch.from_numpy(got)
+        if i < 3:  # per token: read where the response token is real (packed rows hold 0 at padding)
+            got, expected = got * r.response_mask, expected * r.response_mask
+        # fp32: attention over 2 chunks of the keys, TP partial sums, stage boundaries
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5, msg=lambda m: f"{name} {i}: {m}")
+    for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "actor_grad_norm",
+                "critic_grad_norm"):
+        # fp32: each cp rank sums the loss of its chunks, the gradients are summed over the cp group
+        assert case["update"][key] == pytest.approx(ref["update"][key], rel=1e-4, abs=1e-6), (name, key)
+    for k, w in case["weights"].items():
+        # Adam's first step, as in the pipeline test: a wrong gradient is off by ~lr = 1e-3
+        torch.testing.assert_close(torch.from_numpy(w), ref["weights"][k], rtol=1e-4, atol=5e-5,
+                                   msg=lambda m: f"{name} {k}: {m}")
+    assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
+
+
+def test_context_parallel_ppo_matches_one_process():
+    ref = _cp_reference()
+    results = run_distributed(_world2_cp, 2, ref["states"], ref["prompts"], ref["scored"], ref["batch"], timeout=300)
     for rank, r in enumerate(results):
         for pack in (False, True):
-            case = r[pack]
             # every rank samples: 2 replicas of one whole model, nothing resharded
-            assert case["gen"] == (1, rank, 2) and case["reshard"] == 0, pack
-            assert torch.equal(torch.from_numpy(case["tokens"]), ref_tokens), pack
-            assert case["scored_over_cp"], pack
-            for i, (got, want) in enumerate(zip(case["scores"], ref_scores)):
-                got = torch.from_numpy(got)
-                if i < 3:  # per token: read where the response token is real (packed rows hold 0 at padding)
-                    got, want = got * rollout.response_mask, want * rollout.response_mask
-                # fp32: attention over 2 chunks of the keys, another summation order
-                torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=lambda m: f"{pack} {i}: {m}")
-            assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
-            assert case["record"] == results[0][pack]["record"], pack  # the same rollout and metrics on both
-        update = r[False]["update"]
-        for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "actor_grad_norm",
-                    "critic_grad_norm"):
-            # fp32: each cp rank sums the loss of its chunks, the gradients are summed over the cp group
-            assert update[key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
-        for k, w in r[False]["weights"].items():
-            # Adam's first step, as in the pipeline test: a wrong gradient is off by ~lr = 1e-3
-            torch.testing.assert_close(torch.from_numpy(w), ref_weights[k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{k}: {m}")
+            assert r[pack]["gen"] == (1, rank, 2) and r[pack]["reshard"] == 0, pack
+            _check_cp_case(r[pack], ref, f"cp2 pack={pack}")
+            assert r[pack]["record"] == results[0][pack]["record"], pack  # the same rollout and metrics on both
         scores, seen = r["fn"]
         assert scores == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows 0-2 scored on cp rank 0, rows 3-4 on cp rank 1
         assert seen == [[0, 1, 2]] if rank == 0 else [[3, 4, 4]]  # 5 rows padded to 6 by repeating the last
     assert results[1]["failure"] == "KeyError: 'checker broke'"
     assert results[0]["failure"].startswith("RuntimeError: the reward function failed on a rank")
+
+
+def test_context_parallel_ppo_with_tp_and_pp_matches_one_process():
+    ref = _cp_reference()
+    results = run_distributed(_world4_cp, 4, ref["states"], ref["prompts"], ref["scored"], ref["batch"], timeout=480)
+    for r in results:
+        for name, case in r.items():
+            assert case["gen"][0] == 1 and case["gen"][2] == 4, name  # 4 whole-model sampling replicas
+            assert case["reshard"] > 0, name  # the other TP shard or the other stage's layers
+            _check_cp_case(case, ref, name)
+            assert case["record"] == results[0][name]["record"], name
+    assert sorted(r["tp2cp2"]["gen"][1] for r in results) == [0, 1, 2, 3]  # one sampling replica per rank
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -999,6 +1030,14 @@ def test_launcher_errors(tmp_path, capsys):
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
+    # context parallelism: the flag reaches the run, the world must hold the cp ranks, the sequences must split
+    run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--cp", "2", "--actor-from", "a",
+                                                                         "--reward-from", "b", "--max-new-tokens", "30"])))
+    assert run.cp == 2
+    with pytest.raises(ValueError, match=r"max_prompt_length \+ max_new_tokens = 62 must be divisible by 4"):
+        validate_rlhf_run(run, 2)
+    assert main(["--actor-from", "a", "--reward-from", "b", "--cp", "2"]) == 2
+    assert "world_size=1 is not divisible by tp=1 x pp=1 x cp=2" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--async-save"]) == 2
     assert "--async-save needs --save DIR" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--save", "s", "--keep-last", "0"]) == 2
