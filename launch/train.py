@@ -20,7 +20,8 @@ Modes (one Trainer, one objective each, ``engine.train.objectives``):
   rm        GLMForScalarHead, pairwise ranking loss + ``reward.l2_coef`` L2 penalty on the scores, with
             held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
             bucket-based length balancing (``data.balance_buckets``).
-  dpo       GLMForCausalLM, direct preference optimization (``dpo.beta``, ``dpo.label_smoothing``) against a
+  dpo       GLMForCausalLM, direct preference optimization (``dpo.beta``, ``dpo.label_smoothing``, ``dpo.loss_type``: DPO, IPO
+            or SLiC's hinge) against a
             frozen reference: the ``--init-from`` checkpoint (required), held on the same layout, whose
             log-probs of each batch's answers are computed before the step. Data: as rm; the answers are the
             tokens after each pair's prompt.
@@ -50,7 +51,7 @@ import yaml
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
-from engine.train.objectives import DPO_KEYS, DPOObjective, RewardObjective
+from engine.train.objectives import DPO_KEYS, DPO_LOSSES, DPOObjective, RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
 from launch.runtime import Processes, close_after_error, error, exit_process
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
     p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
     p.add_argument("--dpo-beta", type=float, help="dpo: strength of the KL constraint to the reference (default 0.1)")
+    p.add_argument("--dpo-loss", choices=DPO_LOSSES, help="dpo: sigmoid (DPO, default), ipo or hinge (SLiC)")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -276,6 +278,7 @@ _FLAG_TARGETS = {
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
     "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"), "dpo_beta": ("dpo", "beta"),
+    "dpo_loss": ("dpo", "loss_type"),
 }
 
 

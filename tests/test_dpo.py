@@ -72,13 +72,24 @@ def test_dpo_loss_by_hand():
     smooth, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=0.5, label_smoothing=0.2)
     want = [0.8 * math.log1p(math.exp(-m)) + 0.2 * math.log1p(math.exp(m)) for m in (0.75, -0.5)]
     torch.testing.assert_close(smooth, torch.tensor(want))
+    # IPO: (h - 1 / (2 beta))^2 on the log-ratio margin h = 1.5, -1 (beta = 0.5: the target margin is 1)
+    ipo, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=0.5, loss_type="ipo")
+    torch.testing.assert_close(ipo, torch.tensor([0.25, 4.0]))
+    # SLiC's hinge: max(0, 1 - beta h) = max(0, 0.25), max(0, 1.5)
+    hinge, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=0.5, loss_type="hinge")
+    torch.testing.assert_close(hinge, torch.tensor([0.25, 1.5]))
+    hinge, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=2.0, loss_type="hinge")
+    torch.testing.assert_close(hinge, torch.tensor([0.0, 3.0]))  # a margin past 1 / beta costs nothing
     for kwargs, needle in [(dict(beta=0.0), "dpo.beta=0.0 must be > 0"),
-                           (dict(label_smoothing=0.5), r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)")]:
+                           (dict(label_smoothing=0.5), r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
+                           (dict(loss_type="kto"), r"dpo.loss_type='kto' must be one of \('sigmoid', 'ipo', 'hinge'\)"),
+                           (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing=0.1 is conservative DPO")]:
         with pytest.raises(ValueError, match=needle):
             DPOObjective(**kwargs)
 
 
-def test_objective_loss_and_gradients_match_fp64_autograd():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_objective_loss_and_gradients_match_fp64_autograd(loss_type):
     """Through model_inputs: logits at the answer positions only; the summed answer log-probs minus the
     reference's, the loss and stats, and the logits' gradient equal fp64 torch (log_softmax, gather)."""
     batch = _pairs(3, seed=1)
@@ -87,7 +98,7 @@ def test_objective_loss_and_gradients_match_fp64_autograd():
                                                -torch.rand(3, SEQ, generator=g), torch.zeros(()))
     batch["ref_rejected_logprobs"] = torch.where(batch["rejected_labels"] != IGNORE_INDEX,
                                                  -torch.rand(3, SEQ, generator=g), torch.zeros(()))
-    objective = DPOObjective(beta=0.3, label_smoothing=0.1)
+    objective = DPOObjective(beta=0.3, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, loss_type=loss_type)
     mb = objective.model_inputs(batch)
     labels = mb["labels"]
     assert mb["output_index"].tolist() == torch.nonzero((labels != IGNORE_INDEX).flatten()).flatten().tolist()
@@ -100,7 +111,8 @@ def test_objective_loss_and_gradients_match_fp64_autograd():
     sums = torch.zeros(6, dtype=torch.float64).index_add(0, rows, token)
     ref = mb["ref_logprobs"].double().sum(1)
     margin = 0.3 * ((sums[:3] - ref[:3]) - (sums[3:] - ref[3:]))
-    expected = (-0.9 * torch.nn.functional.logsigmoid(margin) - 0.1 * torch.nn.functional.logsigmoid(-margin)).sum()
+    expected = {"sigmoid": -0.9 * torch.nn.functional.logsigmoid(margin) - 0.1 * torch.nn.functional.logsigmoid(-margin),
+                "ipo": (margin / 0.3 - 1 / 0.6) ** 2, "hinge": torch.relu(1 - margin)}[loss_type].sum()
     expected.backward()
     # fp32 math on fp64 inputs: ~1e-7 relative
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -189,7 +201,8 @@ def test_reference_logprobs_and_steps_on_tp_pp_dp_match_one_process():
 # ---- launcher --------------------------------------------------------------------------------------------
 def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     """launch.train --mode dpo from a (random) SFT checkpoint on the built-in preference pairs: the first step's
-    loss is exactly log 2 (fp32 and bf16: the reference computes in the policy's dtype); the second step's
+    loss is exactly log 2 (fp32; bf16 with --dpo-loss ipo: exactly IPO's 1 / (2 beta)^2, the reference computing in
+    the policy's dtype); the second step's
     margins scale with --dpo-beta (Adam's first step does not depend on the gradient's scale) and are not 0 (the
     reference stays frozen); resuming against another reference is refused; --init-from is required, cp refused,
     and a seq_length that cuts every answer off is refused."""
@@ -222,9 +235,10 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     assert abs(second["margin"]) > 1e-4 and 0 <= second["eval_accuracy"] <= 1
     _, (_, doubled) = run("beta4", "--dpo-beta", "0.4")
     assert doubled["margin"] == pytest.approx(2 * second["margin"], rel=1e-2)
-    proc, (bf16, _) = run("bf16", "--mixed-precision", "bf16")
+    # bf16 with IPO's loss: margins exactly 0 at the first step give (0 - 1 / (2 x 0.1))^2 = 25
+    proc, (bf16, _) = run("bf16", "--mixed-precision", "bf16", "--dpo-loss", "ipo")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert bf16["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert bf16["loss"] == pytest.approx(25.0, abs=1e-4)
     proc, _ = run("resumed", "--load", str(tmp_path / "ck"), "--train-steps", "3", "--init-from", str(tmp_path / "ck"))
     assert proc.returncode == 2 and "a dpo run against another reference than --init-from" in proc.stderr
     proc, _ = run("cut", "--seq-length", "8")

@@ -63,6 +63,15 @@ segment ids (no attention across sequences) and per-sequence positions; scoring 
 at its token's place, and the update's Trainer takes the packed mini-batch's row count
 (``TrainConfig.variable_rows``).
 
+Context parallelism (a layout with cp > 1, for long responses): scoring and the updates split every
+sequence over the cp ranks of a replica (2 of 2 cp chunks each, ``engine.parallel.context_parallel``;
+``forward_rows`` gathers the per-token outputs back into whole rows, the Trainer sums each rank's chunks'
+loss and averages gradients over dp x cp). Sampling decodes whole sequences with a KV cache, so it runs on
+a cp = 1 generation copy of the actor (``reshard`` is always on; at tp_g = tp and pp = 1 no bytes move),
+and the cp ranks of a replica, being replicas of its weights, each sample their own share of its rows and
+all-gather them (``_over_cp``), as a reward function's scoring does: sampling has dp x cp x tp / tp_g
+replicas (x pp).
+
 The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
@@ -433,7 +442,7 @@ def _chunks(model) -> list[torch.nn.Module]:
 
 
 class PPOLoop:
-    """PPO on one TP x PP x DP layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
+    """PPO on one TP x PP x DP (x CP) layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
     ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank; at pp = 1
     the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and
     ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone).
@@ -587,8 +596,9 @@ class PPOLoop:
         stage to every rank of the PP group ("pp" traffic). ``extra``: more ``[n, ...]`` tensors split
         with the rows (the micro-batch dict carries them to ``output_fn``). ``outputs_at``: bool
         ``[n, S]``, the positions whose head output ``output_fn`` reads; the head then computes only
-        those (``[k, ...]``, flat positions in ``mb["output_index"]``). ``mb["next_ids"]``: the token after
-        each position (0 after the last), the target whose log-prob a position's logits give.
+        those (``[k, ...]``, flat positions in ``mb["output_index"]``; the flags stay in ``mb["outputs_at"]``).
+        ``mb["next_ids"]``: the token after each position (0 after the last), the target whose log-prob a
+        position's logits give.
 
         Under context parallelism (cp > 1) every cp rank of the replica forwards its 2 chunks of each row
         (``ContextParallel.split`` of every ``[n, S]`` tensor, positions counted over whole rows first), so

@@ -208,22 +208,38 @@ class RewardObjective:
 
 DPO_KEYS = PAIR_KEYS + ("chosen_labels", "rejected_labels")
 DPO_REFERENCE_KEYS = ("ref_chosen_logprobs", "ref_rejected_logprobs")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO's loss per pair: with the implicit rewards ``r = beta (log pi(y|x) - log pi_ref(y|x))``,
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss per pair of DPO or a sibling, on the pair's log-ratio margin ``h = (log pi - log pi_ref)(y_c)
+    - (log pi - log pi_ref)(y_r)``, with the implicit rewards ``r = beta (log pi(y|x) - log pi_ref(y|x))``:
 
-        loss = -(1 - eps) log sigmoid(r_c - r_r) - eps log sigmoid(r_r - r_c)
+        sigmoid  DPO (Rafailov 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+                 (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels)
+        ipo      IPO (Azar 2023): (h - 1 / (2 beta))^2, which stops pushing once the margin reaches
+                 1 / (2 beta) instead of driving it to infinity on deterministic preferences
+        hinge    SLiC-HF's calibration loss (Zhao 2023): max(0, 1 - beta h)
 
-    (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels). chosen, rejected:
-    ``[b]`` summed log-ratios ``log pi - log pi_ref`` of the chosen / rejected answers (carrying the policy's
-    gradient). Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
+    chosen, rejected: ``[b]`` log-ratios ``log pi - log pi_ref`` summed over the chosen / rejected answer's
+    tokens (carrying the policy's gradient; IPO too takes sums, as in its paper, where TRL averages per
+    token). Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
     _check_pair(chosen, rejected)
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"dpo loss_type={loss_type!r} must be one of {DPO_LOSSES}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing} is conservative DPO, for loss_type sigmoid only "
+                         f"(got {loss_type!r})")
     rc = beta * chosen.float()
     rr = beta * rejected.float()
     margin = rc - rr
-    loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    if loss_type == "ipo":
+        loss = (margin / beta - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = torch.relu(1.0 - margin)
+    else:
+        loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss, rc.detach(), rr.detach()
 
 
@@ -241,7 +257,9 @@ class DPOObjective:
     beta: float = 0.1
     """Strength of the KL constraint to the reference (larger: stay closer)."""
     label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative DPO); 0: plain DPO."""
+    """Probability that a preference label is flipped (conservative DPO, loss_type sigmoid); 0: plain DPO."""
+    loss_type: str = "sigmoid"
+    """``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC): ``dpo_loss``."""
     name = "dpo"
     batch_keys = DPO_KEYS + DPO_REFERENCE_KEYS
     optional_keys = ()
@@ -254,6 +272,11 @@ class DPOObjective:
             raise ValueError(f"dpo.beta={self.beta} must be > 0 and finite")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.loss_type not in DPO_LOSSES:
+            raise ValueError(f"dpo.loss_type={self.loss_type!r} must be one of {DPO_LOSSES}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} is conservative DPO: it needs loss_type "
+                             f"sigmoid, not {self.loss_type!r}")
 
     def normalizer(self, batch: dict) -> int:
         return int(batch["chosen_input_ids"].shape[0])
@@ -309,11 +332,11 @@ class DPOObjective:
         ratio = self.token_logprobs(logits, mb, layout, backend) - mb["ref_logprobs"].reshape(-1)[index].float()
         sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, ratio)
         b = sums.shape[0] // 2
-        loss, rc, rr = dpo_loss(sums[:b], sums[b:], self.beta, self.label_smoothing)
+        loss, rc, rr = dpo_loss(sums[:b], sums[b:], self.beta, self.label_smoothing, self.loss_type)
         stats = [preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(), rr.sum()]
         return loss.sum(), stats
 
 
-__all__ = ["DPOObjective", "DPO_KEYS", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
+__all__ = ["DPOObjective", "DPO_KEYS", "DPO_LOSSES", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
            "RewardObjective", "dpo_loss",
            "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]
