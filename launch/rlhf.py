@@ -1,7 +1,8 @@
 """RLHF with PPO (ChatGLM-RLHF recipe): actor, critic, reference and reward models on the same ranks.
 
     python -m launch.rlhf --config configs/runs/ppo.yaml --actor-from SFT_CKPT --reward-from RM_CKPT \\
-        [--critic-from CKPT] [--tp T] [--pp P] [--vpp V] [--cp C] [--iterations N] [--log-dir DIR] [--save DIR] [--ptx-coef C]
+        [--critic-from CKPT] [--tp T] [--pp P] [--vpp V] [--cp C] [--sequence-parallel] [--iterations N]
+        [--log-dir DIR] [--save DIR] [--ptx-coef C]
     torchrun --nproc-per-node N -m launch.rlhf ...          # dp = world_size / (tp pp cp)
 
 The actor and the reference start from ``--actor-from`` (an SFT checkpoint of ``launch.train``, any
@@ -107,6 +108,9 @@ class RLHFRun:
     cp: int = 1
     """Context-parallel degree: every sequence split over cp ranks for scoring and the updates; sampling
     and per-row work (reward functions) split the rows over them instead."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (tp > 1): the residual stream split over the TP ranks for scoring and
+    the updates (sampling runs on a copy without it)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actor_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     actor_lr: LRConfig = field(default_factory=lambda: PPO_LR)
@@ -124,8 +128,8 @@ class RLHFRun:
         return run_dict(self)
 
 
-SECTIONS = {"model", "tp", "pp", "vpp", "cp", "ppo", "actor_optim", "actor_lr", "critic_optim", "critic_lr", "data",
-            "reward", "checkpoint", "log_dir", "log_samples"}
+SECTIONS = {"model", "tp", "pp", "vpp", "cp", "sequence_parallel", "ppo", "actor_optim", "actor_lr", "critic_optim",
+            "critic_lr", "data", "reward", "checkpoint", "log_dir", "log_samples"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
@@ -134,6 +138,7 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
     raw, base = read_run_file(path, SECTIONS, overrides)
     return RLHFRun(model=model_from_spec(raw.get("model", "tiny"), base), tp=int(raw.get("tp", 1)),
                    pp=int(raw.get("pp", 1)), vpp=int(raw.get("vpp", 1)), cp=int(raw.get("cp", 1)),
+                   sequence_parallel=raw.get("sequence_parallel", False),
                    ppo=config_section(PPOConfig, raw.get("ppo"), "ppo"),
                    actor_optim=config_section(OptimizerConfig, raw.get("actor_optim"), "actor_optim"),
                    actor_lr=config_section(LRConfig, raw.get("actor_lr"), "actor_lr") if raw.get("actor_lr") else PPO_LR,
@@ -149,7 +154,9 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
     dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None, cp=run.cp).validate(world_size, run.model)
-    run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp, run.cp)
+    if not isinstance(run.sequence_parallel, bool):
+        raise ValueError(f"sequence_parallel={run.sequence_parallel!r} must be true or false")
+    run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp, run.cp, run.sequence_parallel)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
     p.add_argument("--cp", type=int, help="context parallel: split each prompt + response sequence over C ranks for "
                    "scoring and the updates (max_prompt_length + max_new_tokens divisible by 2 C)")
+    p.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="split the residual stream over the TP ranks for scoring and the updates (tp > 1)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--rollout-prompts", type=int)
     p.add_argument("--samples-per-prompt", type=int)
@@ -306,7 +315,7 @@ def cli_overrides(args) -> dict:
     for flag, name in (("reward_fn", "function"), ("reward_workers", "workers"), ("reward_url", "url")):
         if getattr(args, flag) is not None:
             out.setdefault("reward", {})[name] = getattr(args, flag)
-    for name in ("tp", "pp", "vpp", "cp", "log_dir", "model", "log_samples"):
+    for name in ("tp", "pp", "vpp", "cp", "sequence_parallel", "log_dir", "model", "log_samples"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -411,7 +420,8 @@ def print_eval(stats: dict) -> None:
 def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, allow_missing=()):
     from engine.parallel.pipeline import build_model_chunks
     from engine.train.checkpoint import load_model_weights
-    chunks = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed)
+    chunks = build_model_chunks(run.model, layout, model_cls=model_cls, seed=run.ppo.seed,
+                                sequence_parallel=run.sequence_parallel)
     load_model_weights(path, chunks, layout, run.model, tokenizer_fingerprint=fingerprint, allow_missing=allow_missing)
     return [chunk.to(device) for chunk in chunks]
 
@@ -495,7 +505,8 @@ def train_ppo(run: RLHFRun) -> int:
                   + (f", reward function {run.reward.function}" if run.reward.function else "")
                   + (f", reward service {run.reward.url}" if run.reward.url else "")
                   + f"), tp={layout.tp_size} "
-                  f"pp={layout.pp_size} vpp={layout.vpp_size} cp={layout.cp_size} dp={layout.dp_size}, "
+                  f"pp={layout.pp_size} vpp={layout.vpp_size} cp={layout.cp_size} dp={layout.dp_size}"
+                  f"{' sequence-parallel' if loop.sequence_parallel else ''}, "  # as the models were built
                   f"{len(loop.prompts)} prompts"
                   + (f" + {len(loop.eval_prompts)} held out" if loop.eval_prompts else "")
                   + (f" ({loop.dropped_prompts} longer than max_prompt_length left out)" if loop.dropped_prompts else "")

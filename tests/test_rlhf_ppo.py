@@ -567,14 +567,14 @@ def _one_process(seed: int, config=None):
     return states, loop, rollout, batch
 
 
-def _sharded(states, layout) -> list:
+def _sharded(states, layout, sequence_parallel: bool = False) -> list:
     """Actor, critic, reference and reward built for ``layout`` from full state dicts (a model, or the
     rank's chunks when vpp > 1)."""
     from engine.parallel.pipeline import build_model_chunks
     from engine.parallel.sharding import load_full_into
     models = []
     for cls, state in zip((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead), states):
-        chunks = build_model_chunks(_config(), layout, model_cls=cls, seed=None)
+        chunks = build_model_chunks(_config(), layout, model_cls=cls, seed=None, sequence_parallel=sequence_parallel)
         for chunk in chunks:
             load_full_into(chunk, state, layout)
         models.append(chunks[0] if len(chunks) == 1 else chunks)
@@ -865,15 +865,16 @@ def test_interleaved_pipeline_ppo_matches_one_process():
             assert r["update"][key] == pytest.approx(ref_update[key], rel=1e-4, abs=1e-6), key
 
 
-def _cp_case(layout, states, prompts_greedy, scored, batch, **ppo) -> dict:
-    """One context-parallel layout: sampling on its cp = 1 generation copy, scoring of fixed sequences, the
-    reference baselines, one update on a fixed batch (its losses and the actor's weights after it) and a
-    full iteration."""
+def _cp_case(layout, states, prompts_greedy, scored, batch, sequence_parallel=False, **ppo) -> dict:
+    """One context- or sequence-parallel layout: sampling on its generation copy (cp = 1, no sequence
+    parallel), scoring of fixed sequences, the reference baselines, one update on a fixed batch (its losses
+    and the actor's weights after it) and a full iteration."""
     from engine.model.generation import SamplingParams, generate
     from engine.parallel.comm import CommLedger
     from engine.parallel.sharding import gather_full_state_dict
     sequences, attention, responses, prompt_index = scored
-    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, **ppo), layout=layout, models=_sharded(states, layout))
+    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, **ppo), layout=layout,
+                 models=_sharded(states, layout, sequence_parallel))
     gen = loop.generation_layout
     ids, mask = left_pad_prompts(prompts_greedy, 8, PAD)
     greedy = generate(loop.generation_model(), ids, mask, SamplingParams(max_new_tokens=6, eos_token_id=[EOS]))
@@ -883,6 +884,7 @@ def _cp_case(layout, states, prompts_greedy, scored, batch, **ppo) -> dict:
               loop._values(loop.critic, sequences, attention), loop._scores(loop.reward, sequences, attention),
               loop._baselines(prompt_index))
     case = dict(gen=(gen.tp_size, gen.dp_rank, gen.dp_size), reshard=layout.ledger.received("reshard"),
+                sp=(loop.sequence_parallel, loop.actor_trainer.train.sequence_parallel),
                 tokens=greedy.response_ids.numpy(), scores=[t.numpy() for t in scores],
                 scored_over_cp=layout.ledger.received("cp") > cp_bytes)
     case["update"] = loop.update({k: v.clone() for k, v in batch.items()}, 0)
@@ -927,10 +929,21 @@ def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
 
 
 def _world4_cp(rank, world_size, states, prompts_greedy, scored, batch):
-    """cp=2 with tp=2 (sampling at generation_tp=1, offloading on) and with pp=2 (``_cp_case``)."""
-    return {name: _cp_case(ParallelLayout.build(dims, name=name), states, prompts_greedy, scored, batch, **ppo)
-            for name, dims, ppo in (("tp2cp2", ParallelDims(tp=2, cp=2), dict(generation_tp=1, offload=True)),
-                                    ("pp2cp2", ParallelDims(pp=2, cp=2), {}))}
+    """cp=2 with tp=2 and sequence parallel (sampling at generation_tp=1, offloading on), cp=2 with pp=2, and
+    sequence parallel on tp=2 x dp=2 (``_cp_case``)."""
+    cases = (("tp2cp2_sp", ParallelDims(tp=2, cp=2), dict(sequence_parallel=True, generation_tp=1, offload=True)),
+             ("pp2cp2", ParallelDims(pp=2, cp=2), {}),
+             ("tp2dp2_sp", ParallelDims(tp=2, dp=2), dict(sequence_parallel=True, pack_sequences=True)))
+    out = {name: _cp_case(ParallelLayout.build(dims, name=name), states, prompts_greedy, scored, batch, **kw)
+           for name, dims, kw in cases}
+    layout = ParallelLayout.build(ParallelDims(tp=2, dp=2), name="mixed")
+    actor, _, reference, reward = _sharded(states, layout, sequence_parallel=True)
+    critic = _sharded(states, layout)[1]
+    with pytest.raises(ValueError, match=r"the models disagree on sequence parallelism \(\{'actor': True, 'critic': "
+                                         r"False, 'reference': True, 'reward': True\}\)"):
+        PPOLoop(_ppo(max_new_tokens=CP_NEW_TOKENS), _config(), layout, actor, critic, reference, reward, _prompts(),
+                [EOS], PAD)
+    return out
 
 
 def _cp_reference():
@@ -951,7 +964,8 @@ def _cp_reference():
 def _check_cp_case(case, ref, name):
     r = ref["rollout"]
     assert torch.equal(torch.from_numpy(case["tokens"]), ref["tokens"]), name  # greedy on the generation copy
-    assert case["scored_over_cp"], name
+    assert case["scored_over_cp"] == ("cp" in name), name
+    assert case["sp"] == (name.endswith("_sp"),) * 2, name
     want = (r.logprobs, r.ref_logprobs, r.values, r.scores, r.baselines)
     for i, (got, expected) in enumerate(zip(case["scores"], want)):
         got = torch.from_numpy(got)
@@ -986,16 +1000,18 @@ def test_context_parallel_ppo_matches_one_process():
     assert results[0]["failure"].startswith("RuntimeError: the reward function failed on a rank")
 
 
-def test_context_parallel_ppo_with_tp_and_pp_matches_one_process():
+def test_context_and_sequence_parallel_ppo_with_tp_pp_dp_match_one_process():
     ref = _cp_reference()
     results = run_distributed(_world4_cp, 4, ref["states"], ref["prompts"], ref["scored"], ref["batch"], timeout=480)
     for r in results:
         for name, case in r.items():
-            assert case["gen"][0] == 1 and case["gen"][2] == 4, name  # 4 whole-model sampling replicas
-            assert case["reshard"] > 0, name  # the other TP shard or the other stage's layers
+            if name == "tp2dp2_sp":  # sampling at tp 2 on a copy without sequence parallel: no bytes moved
+                assert case["gen"][::2] == (2, 2) and case["reshard"] == 0, name
+            else:  # 4 whole-model sampling replicas, each gathering the other TP shard or the other stage's layers
+                assert case["gen"][::2] == (1, 4) and case["reshard"] > 0, name
             _check_cp_case(case, ref, name)
             assert case["record"] == results[0][name]["record"], name
-    assert sorted(r["tp2cp2"]["gen"][1] for r in results) == [0, 1, 2, 3]  # one sampling replica per rank
+    assert sorted(r["tp2cp2_sp"]["gen"][1] for r in results) == [0, 1, 2, 3]  # one sampling replica per rank
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -1030,6 +1046,13 @@ def test_launcher_errors(tmp_path, capsys):
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
+    # sequence parallel: the flag reaches the run, the sequence must split over tp
+    run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--sequence-parallel", "--tp", "2",
+                                                                         "--max-new-tokens", "31"])))
+    assert run.sequence_parallel is True and load_rlhf_run(None).sequence_parallel is False
+    with pytest.raises(ValueError, match=r"sequence parallel splits each rank's 63 tokens \(max_prompt_length \+ "
+                                         r"max_new_tokens\) over tp=2: they must be divisible by tp"):
+        run.ppo.validate(1, 2, sequence_parallel=True)
     # context parallelism: the flag reaches the run, the world must hold the cp ranks, the sequences must split
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--cp", "2", "--actor-from", "a",
                                                                          "--reward-from", "b", "--max-new-tokens", "30"])))
@@ -1109,6 +1132,13 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["actor"]
     (line,) = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= line["update_rows"] <= 4  # packed: at most the mini-batch's 4 rows
+    # tp=2 with sequence parallelism: the models are built with it (the loop reads it from their spec)
+    sp = cmd[:]
+    sp[sp.index("--pp")], sp[sp.index("--iterations") + 1] = "--tp", "1"
+    sp[sp.index("--log-dir") + 1], sp[sp.index("--save") + 1] = str(tmp_path / "sp"), str(tmp_path / "s")
+    proc = subprocess.run(sp + ["--sequence-parallel"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tp=2 pp=1 vpp=1 cp=1 dp=1 sequence-parallel" in proc.stdout
 
 
 def test_keep_last_waits_for_every_model_and_load_takes_a_whole_save(tmp_path, monkeypatch):

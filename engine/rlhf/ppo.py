@@ -264,15 +264,19 @@ class PPOConfig:
     def rollout_rows(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
-    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1, cp: int = 1) -> int:
-        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` x ``cp`` training layout: dp at pp = cp = 1 without
-        resharding, else world / tp_g (``ParallelLayout.for_generation``)."""
+    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1, cp: int = 1,
+                            sequence_parallel: bool = False) -> int:
+        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` x ``cp`` training layout: dp when the training chunks
+        sample (no resharding: pp = cp = 1, no sequence parallel), else world / tp_g
+        (``ParallelLayout.for_generation``)."""
         tp_g = self.generation_tp or tp
-        return dp if (tp_g == tp and pp == 1 and cp == 1) else dp * cp * tp * pp // tp_g
+        in_place = tp_g == tp and pp == 1 and cp == 1 and not (sequence_parallel and tp > 1)
+        return dp if in_place else dp * cp * tp * pp // tp_g
 
-    def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1) -> "PPOConfig":
+    def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1,
+                 sequence_parallel: bool = False) -> "PPOConfig":
         """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` x ``cp`` ranks
-        with ``vpp`` virtual stages each."""
+        with ``vpp`` virtual stages each (``sequence_parallel``: the models split the sequence over TP)."""
         problems = []
         ints = ("iterations", "rollout_prompts", "samples_per_prompt", "max_prompt_length", "max_new_tokens",
                 "ppo_epochs", "mini_batch_size", "micro_batch_size")
@@ -295,7 +299,7 @@ class PPOConfig:
             problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
                             "layout regroups the training TP shards)")
         if not problems:
-            replicas = self.generation_replicas(dp, tp, pp, cp)  # a multiple of dp
+            replicas = self.generation_replicas(dp, tp, pp, cp, sequence_parallel)  # a multiple of dp
             if self.rollout_rows % replicas:
                 who = (f"dp={dp}" if replicas == dp else
                        f"the {replicas} sampling replicas of generation_tp={self.generation_tp or tp} at pp={pp}"
@@ -317,6 +321,11 @@ class PPOConfig:
                 problems.append(f"context parallelism (cp={cp}) splits every sequence into 2 x cp = {2 * cp} equal "
                                 f"chunks: max_prompt_length + max_new_tokens = "
                                 f"{self.max_prompt_length + self.max_new_tokens} must be divisible by {2 * cp}")
+            S = self.max_prompt_length + self.max_new_tokens
+            if sequence_parallel and tp > 1 and (S // cp) % tp:
+                problems.append(f"sequence parallel splits each rank's {S // cp} tokens (max_prompt_length + "
+                                f"max_new_tokens{f' / cp={cp}' if cp > 1 else ''}) over tp={tp}: they must be "
+                                "divisible by tp")
         if self.advantage_estimator not in ESTIMATORS:
             problems.append(f"advantage_estimator={self.advantage_estimator!r} must be one of {ESTIMATORS}")
         elif self.advantage_estimator not in ("gae", "reinforce++") and self.samples_per_prompt < 2:
@@ -463,15 +472,26 @@ class PPOLoop:
                  actor_lr: Optional[LRConfig] = None, critic_lr: Optional[LRConfig] = None,
                  ptx_batches: Optional[Callable[[int], dict]] = None, reward_fn: Optional[Callable] = None,
                  reward_source: Optional[str] = None, eval_prompts: Sequence[Sequence[int]] = ()):
-        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size, layout.cp_size)
+        # sequence parallel is how the models were built (their spec); every model must agree
+        built_sp = {name: _chunks(m)[-1].spec.gather_sequence is not None
+                    for name, m in (("actor", actor), ("critic", critic), ("reference", reference), ("reward", reward))
+                    if m is not None}
+        if len(set(built_sp.values())) > 1:
+            raise ValueError(f"the models disagree on sequence parallelism ({built_sp}): build all of them with the same "
+                             "sequence_parallel")
+        self.sequence_parallel = built_sp["actor"]
+        self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size, layout.cp_size,
+                                      self.sequence_parallel)
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         # The cp ranks of a DP replica hold the same weights: for sampling (and anything else done per row) they
         # are replicas of their own, the gradient layout's dp x cp ranks.
         self.replicas = layout.gradient_layout
-        # generation needs every layer on the rank: pp > 1 always reshards (at tp_g = tp: over PP only); so does
-        # cp > 1, whose training chunks expect split sequences (the copy samples whole ones; no bytes move at
-        # tp_g = tp and pp = 1)
-        self.reshard = tp_g < layout.tp_size or layout.pp_size > 1 or layout.cp_size > 1
+        # The training chunks decode only when each holds every layer (pp = 1) and whole sequences (cp = 1, no
+        # sequence parallel: a one-token decoding step cannot be split). Otherwise the actor (and the reference,
+        # for its answers) samples on a generation copy (at tp_g = tp and pp = 1 no bytes move: the copy's
+        # tensors are the training shards).
+        self.chunks_decode = layout.pp_size == 1 and layout.cp_size == 1 and not self.sequence_parallel
+        self.reshard = tp_g < layout.tp_size or not self.chunks_decode
         if self.reshard:
             validate_generation_dims(tp_g, layout.world_size, model_config)
         # built once (creating process groups is collective and slow); ranks regrouped for the fewest bytes
@@ -532,7 +552,7 @@ class PPOLoop:
         actor_steps = (config.iterations - config.critic_warmup) * per_iteration  # the actor waits out the warm-up
         train = TrainConfig(global_batch_size=config.mini_batch_size, micro_batch_size=config.micro_batch_size,
                             seq_length=self.seq_length, train_steps=steps, seed=config.seed,
-                            variable_rows=config.pack_sequences)
+                            variable_rows=config.pack_sequences, sequence_parallel=self.sequence_parallel)
         self.actor_trainer = Trainer(self.actor, build_optimizer(self.actor, layout, actor_optim, actor_lr.lr),
                                      layout, model_config, train, LRSchedule(actor_lr, actor_steps),
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
@@ -633,7 +653,8 @@ class PPOLoop:
                                                      mb.get("position_ids"), mb.get("segment_ids"),
                                                      mb.get("output_index")), mb) for mb in micro])
             return out if cp is None else cp.gather_tokens(out)
-        shape = activation_shape(mbs, S // layout.cp_size, self.model_config.hidden_size, layout.tp_size, False)
+        shape = activation_shape(mbs, S // layout.cp_size, self.model_config.hidden_size, layout.tp_size,
+                                 self.sequence_parallel)
         result = run_schedule(chunks, layout, micro, shape, forward_only=True, output_fn=output_fn, timed=False)
         if layout.is_last_stage:
             out = torch.cat(result.outputs)
@@ -826,7 +847,7 @@ class PPOLoop:
         c = self.config
         params = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
                                           pad_token_id=self.pad_id)
-        if self.layout.pp_size > 1 or self.layout.cp_size > 1 or (name == "actor" and self.reshard):
+        if not self.chunks_decode or (name == "actor" and self.reshard):
             resp, resp_mask = self._generate_split(name, ids, mask, params, phase)
         else:
             self._resident(phase, name)
