@@ -24,6 +24,9 @@ PPO epochs / update time; update rows: rows per optimizer step (fewer with ``--p
 the device bytes each phase held (weights, optimizer state, gradient buffers, the generation copy:
 ``resident_bytes_<phase>``, measured from the tensors' storages; the KV cache and activations are not in it),
 with ``--offload`` holding only what the phase uses.
+"act MiB": the peak of what autograd held for backward during one more (untimed) update, actor and critic
+(``SavedActivationMeter``: activations, parameters excluded; device-independent), which context and
+sequence parallelism (``--sequence-parallel``, layouts with tp > 1) divide.
 ``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
 peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
@@ -54,8 +57,10 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
     layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp, cp=cp))
     device = torch.device(args.device)
     critic_free = args.advantage_estimator != "gae"
+    sp = args.sequence_parallel and tp > 1
     models = [None if (i == 1 and critic_free) else
-              [chunk.to(device) for chunk in build_model_chunks(config, layout, model_cls=cls, seed=i)]
+              [chunk.to(device) for chunk in build_model_chunks(config, layout, model_cls=cls, seed=i,
+                                                                sequence_parallel=sp)]
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
@@ -73,6 +78,12 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
                    pad_id=0, actor_optim=optim,
                    critic_optim=optim, actor_lr=LRConfig(lr=1e-6, min_lr=1e-7), critic_lr=LRConfig(lr=1e-6, min_lr=1e-7))
     records = [loop.iteration() for _ in range(args.iterations)][1:]
+    # one more update of the last rollout, untimed, for the activation memory of the actor's and critic's steps
+    from engine.train.metrics import SavedActivationMeter
+    batch, _ = loop.advantages(loop.last_rollout)
+    trained = [p for chunks in (loop.actor, loop.critic) for chunk in chunks for p in chunk.parameters()]
+    with SavedActivationMeter(exclude=trained) as meter:
+        loop.update(batch, args.iterations)
     keys = ("generate_s", "score_s", "gather_s", "train_s", "seconds", "response_length",
             *(f"resident_bytes_{phase}" for phase in PHASES))
     keys += tuple(f"peak_memory_{phase}" for phase in PHASES if f"peak_memory_{phase}" in records[0])
@@ -85,6 +96,8 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
         * ppo.ppo_epochs / out["train_s"]
     out["reshard_bytes_per_iteration"] = layout.ledger.received("reshard") / args.iterations
     out["host_bytes"] = loop.offloader.host_bytes()  # the offloaded copies' arenas (page-locked on CUDA)
+    out["peak_saved_activation_bytes_update"] = meter.peak
+    out["sequence_parallel"] = sp
     return out
 
 
@@ -109,6 +122,7 @@ def main(argv=None) -> int:
                    help="cuda: one process on the GPU per layout (layouts must be 1,1)")
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
     p.add_argument("--pack", action="store_true", help="PPOConfig.pack_sequences: packed update rows")
+    p.add_argument("--sequence-parallel", action="store_true", help="layouts with tp > 1: sequence parallel models")
     from engine.rlhf.ppo import ESTIMATORS
     p.add_argument("--advantage-estimator", choices=ESTIMATORS, default="gae",
                    help="gae: with a critic; the others: critic-free")
@@ -120,12 +134,14 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device here")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
-          f"{args.dtype}{', offload' if args.offload else ''}, {args.advantage_estimator}; "
+          f"{args.dtype}{', offload' if args.offload else ''}{', sequence parallel' if args.sequence_parallel else ''}, "
+          f"{args.advantage_estimator}; "
           f"median of {args.iterations - 1} iterations; "
           "resident MiB on rank 0")
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'cp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
               f"{'iter s':>7}  "
-              f"{'gen tok/s':>9}  {'train tok/s':>11}  {'rows':>5}  {'resident MiB gen/score/update':>29}")
+              f"{'gen tok/s':>9}  {'train tok/s':>11}  {'rows':>5}  {'resident MiB gen/score/update':>29}  "
+              f"{'act MiB':>7}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
@@ -144,7 +160,8 @@ def main(argv=None) -> int:
         peaks = "/".join(f"{r[f'peak_memory_{phase}'] / 2**20:.0f}" for phase in PHASES if f"peak_memory_{phase}" in r)
         print(f"{tp:>3}{pp:>3}{dp:>3}{cp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
               f"{r['train_s']:>9.2f}  {r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  "
-              f"{r['trained_tokens_per_s']:>11.0f}  {r.get('update_rows', 0):>5.1f}  {resident:>29}"
+              f"{r['trained_tokens_per_s']:>11.0f}  {r.get('update_rows', 0):>5.1f}  {resident:>29}  "
+              f"{r['peak_saved_activation_bytes_update'] / 2**20:>7.2f}"
               + (f"  peak MiB {peaks}" if peaks else ""),
               flush=True)
         out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "cp": cp, "generation_tp": gen_tp or tp, **r})

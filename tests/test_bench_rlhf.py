@@ -16,7 +16,8 @@ def test_rlhf_benchmark_reports_every_phase(tmp_path, offload):
                 + (["--offload", "--pack", "--min-prompt-length", "2", "--stop-tokens", "400"] if offload else [])) == 0
     (layout,) = json.loads(out.read_text())["layouts"]
     assert (layout["tp"], layout["dp"], layout["cp"]) == (1, 1, 2 if offload else 1)
-    for key in ("generate_s", "score_s", "train_s", "seconds", "generated_tokens_per_s", "trained_tokens_per_s"):
+    for key in ("generate_s", "score_s", "train_s", "seconds", "generated_tokens_per_s", "trained_tokens_per_s",
+                "peak_saved_activation_bytes_update"):
         assert layout[key] > 0, key
     assert 1 <= layout["response_length"] <= 4
     assert 1 <= layout["update_rows"] <= 4 if offload else layout["update_rows"] == 4  # packed rows: at most 4
