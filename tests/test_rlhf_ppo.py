@@ -893,6 +893,7 @@ def _cp_case(layout, states, prompts_greedy, scored, batch, sequence_parallel=Fa
     record = loop.iteration()
     case["record"] = {k: v for k, v in record.items()
                       if not k.endswith("_s") and k != "seconds" and not k.startswith("resident_bytes")}
+    case["sequences"] = loop.last_rollout.sequences.numpy()  # the global rollout: the same on every rank
     return case
 
 
@@ -901,6 +902,15 @@ def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
     scores each row once, on one of the cp ranks, and its failure on one rank raises on both."""
     out = {pack: _cp_case(ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}"), states, prompts_greedy,
                           scored, batch, pack_sequences=pack) for pack in (False, True)}
+    # top_k = 1 makes sampling deterministic: a whole iteration is then comparable with one process's
+    layout = ParallelLayout.build(ParallelDims(cp=2), name="cp2_topk1")
+    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, top_k=1), layout=layout, models=_sharded(states, layout))
+    out["top_k1"] = (loop.iteration(), loop.last_rollout.sequences.numpy())
+    # one prompt, 4 samples: each cp rank samples 2 of them with its own seed, so the group has 4 answers
+    layout = ParallelLayout.build(ParallelDims(cp=2), name="cp2_group")
+    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, rollout_prompts=1, samples_per_prompt=4), layout=layout,
+                 models=_sharded(states, layout))
+    out["group"] = loop.rollout(0)[0].responses.numpy()
     responses = scored[2]
     seen = []
 
@@ -957,8 +967,11 @@ def _cp_reference():
     scored = (rollout.sequences, rollout.attention_mask, rollout.responses, rollout.prompt_index)
     update = loop.update({k: v.clone() for k, v in batch.items()}, 0)
     weights = {k: v.clone() for k, v in loop.actor[0].state_dict().items()}
+    deterministic = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, top_k=1),
+                          models=[copy.deepcopy(m) for m in _models(seed=6)])
+    top_k1 = (deterministic.iteration(), deterministic.last_rollout.sequences)
     return dict(states=states, rollout=rollout, batch=batch, prompts=prompts, tokens=tokens, scored=scored,
-                update=update, weights=weights)
+                update=update, weights=weights, top_k1=top_k1)
 
 
 def _check_cp_case(case, ref, name):
@@ -993,6 +1006,13 @@ def test_context_parallel_ppo_matches_one_process():
             assert r[pack]["gen"] == (1, rank, 2) and r[pack]["reshard"] == 0, pack
             _check_cp_case(r[pack], ref, f"cp2 pack={pack}")
             assert r[pack]["record"] == results[0][pack]["record"], pack  # the same rollout and metrics on both
+            assert (r[pack]["sequences"] == results[0][pack]["sequences"]).all(), pack
+        record, sequences = r["top_k1"]
+        assert torch.equal(torch.from_numpy(sequences), ref["top_k1"][1])
+        for key in ("reward", "kl", "response_length", "policy_loss", "value_loss", "approx_kl", "entropy"):
+            # fp32, as above
+            assert record[key] == pytest.approx(ref["top_k1"][0][key], rel=1e-4, abs=1e-6), key
+        assert len({tuple(row) for row in r["group"].tolist()}) == 4  # no two cp ranks drew the same noise
         scores, seen = r["fn"]
         assert scores == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows 0-2 scored on cp rank 0, rows 3-4 on cp rank 1
         assert seen == [[0, 1, 2]] if rank == 0 else [[3, 4, 4]]  # 5 rows padded to 6 by repeating the last

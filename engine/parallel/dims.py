@@ -418,8 +418,9 @@ class ParallelLayout:
         if not _positive_int(tp) or train.tp_size % tp != 0:
             raise ValueError(f"generation tp={tp} must be a positive divisor of the training tp={train.tp_size}")
         if train.cp_size > 1:
-            raise ValueError(f"the RLHF generation layout does not support context parallelism (training cp="
-                             f"{train.cp_size}); train the actor with cp=1 (PPO sequences are prompt + response)")
+            raise ValueError(f"the RLHF generation layout decodes whole sequences (training cp={train.cp_size}): build it "
+                             "from the training layout's gradient_layout, whose dp x cp ranks are the sampling replicas "
+                             "(as PPOLoop does)")
         if tp == train.tp_size and train.pp_size == 1:
             return train
         f, pp, world = train.tp_size // tp, train.pp_size, train.world_size

@@ -1,5 +1,5 @@
 """PPO with the ChatGLM-RLHF recipe (arXiv 2404.00934): actor, critic, reference and reward models
-co-located on the same ranks of one TP x PP x DP layout.
+co-located on the same ranks of one TP x PP x DP (x CP) layout.
 
 One iteration (``PPOLoop.iteration``):
 
@@ -13,7 +13,8 @@ One iteration (``PPOLoop.iteration``):
               a rule-based reward function's (``engine.rlhf.rewards``; their sum when both); the reference
               baseline r(x, y_ref) of each prompt (y_ref: the reference model's greedy response),
               computed once per prompt and cached
-    gather    the scored slices are all-gathered over DP ("rollout" traffic): every rank holds the
+    gather    the scored slices are all-gathered over DP (under cp > 1 the rows were first gathered over
+              the cp ranks; "rollout" traffic): every rank holds the
               global rollout, so filtering, advantages and whitening need no further reduction
     advantage score - baseline (``reference_baseline``); prompts whose k responses score alike are
               dropped (``min_reward_spread``); per-token reward -kl_coef * KL(actor || reference) with
@@ -40,20 +41,23 @@ functions of the prompt-draw counter (saved), so a resumed run continues exactly
 layout). A run resumed with another reward or another prompt list recomputes the cached baselines, with a
 warning (another reward also restarts the score statistics).
 
-``generation_tp=tp_g`` (a divisor of the training tp) or pp > 1 reshards the actor for the rollout onto
+``generation_tp=tp_g`` (a divisor of the training tp), pp > 1, cp > 1 or sequence-parallel models reshard
+the actor for the rollout onto
 the generation layout (``ParallelLayout.for_generation``: tp_g-way TP, no pipeline, world / tp_g
 replicas): each rank gathers the shards of its tp / tp_g neighbouring training TP ranks of every stage
 (``sharding.reshard_for_generation``, "reshard" traffic: the analytic minimum M (1/tp_g - 1/(tp pp));
 tp_g = 1: the whole actor on every rank, no per-token communication), each generation replica samples
-its own slice of the rollout, and the copy is dropped before scoring. Under pp > 1 the reference model's
-greedy baseline responses are sampled the same way, on a resharded copy of the reference.
+its own slice of the rollout, and the copy is dropped before scoring. When the training chunks cannot decode
+(pp > 1, cp > 1, sequence parallel) the reference model's greedy baseline responses are sampled the same
+way, on a resharded copy of the reference.
 
 ``offload=True`` keeps every model and optimizer state that the current phase does not use in host
 memory (``engine.rlhf.offload``): sampling holds only the actor's generation copy (the training copy
 leaves once resharded, before the KV cache is allocated; without resharding, the actor's weights);
 scoring one model at a time; each update one model with its optimizer state (the actor's steps run
-before the critic's). At tp_g = tp under pp > 1 this stage's part of the generation copy is the
-training copy itself (shared, not duplicated), so it stays while sampling. Every phase records the
+before the critic's). At tp_g = tp when resharding (pp > 1, cp > 1, sequence parallel) the rank's own
+part of the generation copy is the training copy itself (shared, not duplicated), so it stays while
+sampling. Every phase records the
 device bytes of what it holds (``resident_bytes_<phase>``, measured from the tensors' storages) and,
 on CUDA, the allocator's peak (``peak_memory_<phase>``).
 
@@ -135,8 +139,8 @@ class PPOConfig:
     set; the ratio still starts at 1."""
     generation_tp: Optional[int] = None
     """TP degree tp_g the actor generates with, a divisor of the training tp: None (or the training tp)
-    samples on the training layout when pp = 1 (under pp > 1 the stages' layers are gathered at tp_g =
-    tp); a smaller tp_g reshards the actor for the rollout (an all-gather over
+    samples on the training layout when pp = cp = 1 without sequence parallel (otherwise on a copy, the
+    stages' layers gathered under pp > 1, at tp_g = tp); a smaller tp_g reshards the actor for the rollout (an all-gather over
     tp / tp_g neighbouring training TP ranks, freed after sampling) so world / tp_g replicas each sample
     a slice of the rollout with tp_g-way per-token communication (none at tp_g = 1). The trade: (tp/tp_g
     - 1) x the local actor bytes received per iteration and a tp/tp_g times larger actor copy during
@@ -462,7 +466,8 @@ class PPOLoop:
     ``reward_fn(prompt_index [n], responses [n, T], response_mask [n, T]) -> [n]`` (``rewards.FunctionReward``;
     prompt_index into ``prompts``, then ``eval_prompts``: held-out prompt j is ``len(prompts) + j``): a
     rule-based score, added to the reward model's when both are given; it runs on one rank of each
-    model-parallel group, whose other ranks receive its scores. ``reward_source``: what the reward is (e.g.
+    model-parallel group, whose other ranks receive its scores (under cp > 1 each cp rank's group scores 1/cp
+    of the replica's rows). ``reward_source``: what the reward is (e.g.
     the checkpoint and function names), saved with the reference baselines; a run resumed with another
     reward recomputes them and restarts the score statistics. ``eval_prompts``: held-out prompts for ``evaluate``."""
 
@@ -828,7 +833,7 @@ class PPOLoop:
     def _baselines(self, prompt_index: torch.Tensor) -> torch.Tensor:
         """r(x, y_ref) per row: the score (``_rewards``: reward model and/or function) of the reference model's
         greedy response to the row's prompt, computed once per prompt (cached). Collective over the
-        model-parallel group (the ranks of one training DP replica hold the same rows)."""
+        model-parallel group and the cp group (the ranks of one training DP replica hold the same rows)."""
         c = self.config
         todo = sorted({int(i) for i in prompt_index.tolist()} - set(self._baseline_cache))
         if todo:
@@ -842,8 +847,8 @@ class PPOLoop:
         """Scores ``[n]`` (``_rewards``) and lengths ``[n]`` of the responses of model ``name`` ("actor" or
         "reference") to this DP replica's left-padded prompts ``ids`` / ``mask`` ``[n, P]`` (``origin``: their
         numbering for the reward function), greedy unless ``params`` says otherwise. Sampled like the rollout:
-        on the generation layout when the actor is resharded for it, and always under pp > 1 (no stage holds
-        every layer)."""
+        on the generation layout when the actor is resharded for it, and always when the training chunks
+        cannot decode (pp > 1: no stage holds every layer; cp > 1 or sequence parallel: split sequences)."""
         c = self.config
         params = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
                                           pad_token_id=self.pad_id)
