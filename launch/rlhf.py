@@ -11,8 +11,9 @@ layout), the reward model from ``--reward-from`` (an rm checkpoint), the critic 
 head). ``--reward-fn module:function`` (or ``file.py:function``) scores responses with a Python function of
 (prompt, response, record) instead of a reward model, or on top of one (the scores add up;
 ``engine.rlhf.rewards``, e.g. ``engine.rlhf.rewards:math_answer``). Prompts: ``data.prompts`` (JSONL, one
-``{"prompt": str, ...}`` per line, encoded with the chat template; the whole record reaches the reward
-function) or the built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
+``{"prompt": str, ["system": str,] ...}`` or conversation ``{"messages": [{"role", "content"}, ...], ...}`` per
+line (``read_prompts``), encoded with the chat template; the whole record reaches the reward function) or the
+built-in questions (``engine.data.builtin``). PPO-ptx data (``ppo.ptx_coef > 0``): ``data.ptx_path``
 (a chat indexed dataset) or the built-in conversations. Rank 0 appends one JSON line per iteration to
 ``DIR/metrics.jsonl`` (reward, reward_vs_reference, kl, policy/value losses, clipfrac, ...). ``--save DIR
 [--save-interval N]`` writes actor and critic checkpoints (``DIR/actor``, ``DIR/critic``, with optimizer
@@ -48,8 +49,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "
 @dataclass(frozen=True)
 class RLHFData:
     prompts: Optional[str] = None
-    """JSONL of ``{"prompt": str, ...}`` lines (the whole record reaches a reward function); None: the built-in
-    questions."""
+    """JSONL, one prompt per line (``read_prompts``: a question, with an optional system message, or a
+    conversation; the whole record reaches a reward function); None: the built-in questions."""
     ptx_path: Optional[str] = None
     """Chat indexed dataset for PPO-ptx; None: the built-in conversations."""
     eval_prompts: Optional[str] = None
@@ -338,8 +339,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # ---- data --------------------------------------------------------------------------------------
 def read_prompts(path: str) -> list[dict]:
-    """The records of a JSONL file, each ``{"prompt": str, ...}`` (other fields are kept for the reward
-    function); a bad line raises naming file:line."""
+    """The records of a JSONL file (other fields are kept for the reward function), each one of:
+
+        {"prompt": "question", ["system": "system message"], ...}      one user turn
+        {"prompt": [{"role": ..., "content": ...}, ...], ...}          a conversation (also as "messages")
+
+    A conversation (roles system, user, assistant, observation) must end with a user or observation turn:
+    the actor answers it as the assistant. A bad line raises naming file:line."""
     prompts = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -349,12 +355,66 @@ def read_prompts(path: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-                raise ValueError(f"{path}:{n}: expected {{\"prompt\": non-empty string}}")
+            problem = _prompt_problem(record)
+            if problem:
+                raise ValueError(f"{path}:{n}: {problem}")
             prompts.append(record)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+_PROMPT_FORMS = ('expected {"prompt": non-empty string} or a conversation {"prompt" (or "messages"): [{"role", '
+                 '"content"}, ...]}')
+
+
+def _conversation(record: dict) -> Optional[list]:
+    """The record's message list, or None when its prompt is a string."""
+    messages = record.get("messages", record.get("prompt"))
+    return messages if isinstance(messages, list) else None
+
+
+def _prompt_problem(record) -> Optional[str]:
+    if not isinstance(record, dict):
+        return _PROMPT_FORMS
+    if "prompt" in record and "messages" in record:
+        return 'give "prompt" or "messages", not both'
+    messages = _conversation(record)
+    if messages is None:
+        if not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            return _PROMPT_FORMS
+        if not isinstance(record.get("system", ""), str):
+            return f'"system" must be a string, got {type(record["system"]).__name__}'
+        return None
+    if "system" in record:
+        return 'a conversation carries its system message as its first turn ({"role": "system", ...}), not "system"'
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return _PROMPT_FORMS
+    roles = [m.get("role") for m in messages]
+    unknown = [r for r in roles if r not in ("system", "user", "assistant", "observation")]
+    if unknown:
+        return f"unknown role {unknown[0]!r} (system, user, assistant or observation)"
+    if roles[-1] not in ("user", "observation"):
+        return f"the conversation ends with a {roles[-1]} turn; it must end with the user (or observation) turn to answer"
+    return None
+
+
+def prompt_ids(record: dict, tokenizer) -> list[int]:
+    """The generation prompt of a ``read_prompts`` record: the chat template up to ``<|assistant|>``."""
+    messages = _conversation(record)
+    if messages is None:
+        return tokenizer.encode_prompt(record["prompt"], system=record.get("system"))
+    return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def prompt_text(record: dict) -> str:
+    """What a reward function receives as the prompt: the question, or a conversation's last user turn (the
+    whole conversation is in the record)."""
+    messages = _conversation(record)
+    if messages is None:
+        return record["prompt"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
 
 
 def _ptx_batches(run: RLHFRun, tokenizer, seq_length: int, rank: int, procs):
@@ -448,13 +508,13 @@ def train_ppo(run: RLHFRun) -> int:
             else:
                 from engine.data.builtin import builtin_prompts
                 records = [{"prompt": t} for t in builtin_prompts()]
-            items = [(r, tokenizer.encode_prompt(r["prompt"])) for r in records]  # each prompt encoded once
+            items = [(r, prompt_ids(r, tokenizer)) for r in records]  # each prompt encoded once
             items, held = split_eval(items, run.data, c.seed, [len(ids) <= c.max_prompt_length for _, ids in items])
             if run.data.eval_prompts:
-                held = [(r, tokenizer.encode_prompt(r["prompt"])) for r in read_prompts(run.data.eval_prompts)]
+                held = [(r, prompt_ids(r, tokenizer)) for r in read_prompts(run.data.eval_prompts)]
             records, prompts = [r for r, _ in items], [ids for _, ids in items]
             eval_records, eval_prompts = [r for r, _ in held], [ids for _, ids in held]
-            texts, eval_texts = [r["prompt"] for r in records], [r["prompt"] for r in eval_records]
+            texts, eval_texts = [prompt_text(r) for r in records], [prompt_text(r) for r in eval_records]
             reward_fn = None
             if run.reward.function:  # numbering: the training prompts, then the held-out ones (PPOLoop)
                 from engine.rlhf.rewards import FunctionReward, load_reward_fn

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -583,8 +584,12 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     assert "give data.eval_prompts or data.eval_fraction, not both" in capsys.readouterr().err
 
     root, env = _tiny_sft(tmp_path)
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "points": i}) + "\n"
-                                                    for i in range(5)))
+    # prompts 3 and 4 are conversations (an earlier exchange before the question)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "points": i} if i < 3 else
+                                                               {"messages": history + [{"role": "user", "content":
+                                                                                        f"What is {i} + 1?"}],
+                                                                "points": i}) + "\n" for i in range(5)))
     (tmp_path / "points.py").write_text("def points(prompt, response, sample):\n"
                                         "    assert prompt.startswith('What is')\n"
                                         "    return sample['points']\n")
@@ -615,6 +620,39 @@ def test_launcher_with_a_reward_function_and_no_reward_model(tmp_path, capsys):
     for s in samples:  # the decoded prompt is one of the training questions, scored by its points
         (i,) = [i for i in range(5) if f"What is {i} + 1?" in s["prompt"]]
         assert s["score"] == i and 0 <= s["response_tokens"] <= 4 and isinstance(s["response"], str)
+
+
+def test_prompt_records_questions_system_messages_and_conversations(tmp_path):
+    """read_prompts takes a question (with an optional system message) or a conversation ending in a user turn;
+    prompt_ids is the chat template up to the assistant tag; prompt_text is what a reward function receives (the
+    last user turn); malformed records name file:line and what is wrong."""
+    from engine.data.tokenizer import default_tokenizer
+    from launch.rlhf import prompt_ids, prompt_text, read_prompts
+    tokenizer = default_tokenizer()
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2?"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        {"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Why?", "system": "Answer in French."},
+        {"messages": history, "answer": "4"}, {"prompt": history[1:2]})) + "\n")
+    one, system, chat, verl = read_prompts(str(path))
+    assert prompt_ids(one, tokenizer) == tokenizer.encode_prompt("What is 1 + 1?")
+    assert prompt_ids(system, tokenizer) == tokenizer.encode_prompt("Why?", system="Answer in French.")
+    assert prompt_ids(chat, tokenizer) == tokenizer.encode_chat(history, add_generation_prompt=True)[0]
+    assert prompt_ids(verl, tokenizer) == tokenizer.encode_prompt("Hi")
+    assert tokenizer.decode(prompt_ids(chat, tokenizer)).count("Hello") == 1  # the history is in the prompt
+    assert [prompt_text(r) for r in (one, system, chat, verl)] == ["What is 1 + 1?", "Why?", "What is 2 + 2?", "Hi"]
+    bad = [({"messages": history[:3]}, "the conversation ends with a assistant turn; it must end with the user"),
+           ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+           ({"messages": [{"role": "user"}]}, 'expected {"prompt": non-empty string} or a conversation'),
+           ({"messages": []}, "expected"), ({"prompt": ""}, "expected"), ({"prompt": "x", "system": 3},
+                                                                        '"system" must be a string'),
+           ({"prompt": "x", "messages": history}, 'give "prompt" or "messages", not both'),
+           ({"messages": history, "system": "s"}, "a conversation carries its system message as its first turn")]
+    for record, needle in bad:
+        path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"p.jsonl:2: {needle}")):
+            read_prompts(str(path))
 
 
 def test_launcher_with_a_reward_service(tmp_path, capsys):
