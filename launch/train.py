@@ -21,7 +21,7 @@ Modes (one Trainer, one objective each, ``engine.train.objectives``):
             held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
             bucket-based length balancing (``data.balance_buckets``).
   dpo       GLMForCausalLM, direct preference optimization (``dpo.beta``, ``dpo.label_smoothing``, ``dpo.loss_type``: DPO, IPO
-            or SLiC's hinge) against a
+            or SLiC's hinge; ``simpo``: SimPO, reference-free, ``dpo.gamma``) against a
             frozen reference: the ``--init-from`` checkpoint (required), held on the same layout, whose
             log-probs of each batch's answers are computed before the step. Data: as rm; the answers are the
             tokens after each pair's prompt.
@@ -51,7 +51,7 @@ import yaml
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
-from engine.train.objectives import DPO_KEYS, DPO_LOSSES, DPOObjective, RewardObjective
+from engine.train.objectives import DPO_KEYS, PREFERENCE_LOSSES, DPOObjective, RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
 from launch.runtime import Processes, close_after_error, error, exit_process
 
@@ -173,8 +173,8 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
         raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; {run.mode} scores whole "
                          "sequences (use cp=1)")
     if run.mode == "dpo" and not run.checkpoint.init_from:
-        raise ValueError("mode dpo needs --init-from DIR: the SFT checkpoint that is both the starting policy and the "
-                         "frozen reference")
+        raise ValueError("mode dpo needs --init-from DIR: the SFT checkpoint that is the starting policy and (but for "
+                         "simpo) the frozen reference")
     run.lr.validate(run.train.train_steps)
     if run.optim.mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"optim.mixed_precision={run.optim.mixed_precision!r} must be fp32 or bf16")
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
     p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
     p.add_argument("--dpo-beta", type=float, help="dpo: strength of the KL constraint to the reference (default 0.1)")
-    p.add_argument("--dpo-loss", choices=DPO_LOSSES, help="dpo: sigmoid (DPO, default), ipo or hinge (SLiC)")
+    p.add_argument("--dpo-loss", choices=PREFERENCE_LOSSES,
+                   help="dpo: sigmoid (DPO, default), ipo, hinge (SLiC) or simpo (SimPO: no reference model)")
+    p.add_argument("--dpo-gamma", type=float, help="dpo with --dpo-loss simpo: the target reward margin")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -278,7 +280,7 @@ _FLAG_TARGETS = {
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
     "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"), "dpo_beta": ("dpo", "beta"),
-    "dpo_loss": ("dpo", "loss_type"),
+    "dpo_loss": ("dpo", "loss_type"), "dpo_gamma": ("dpo", "gamma"),
 }
 
 
@@ -487,7 +489,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         except CheckpointError as e:
             return _error(str(e))
         reference, reference_id = None, None
-        if run.mode == "dpo":  # the frozen reference: the --init-from weights on the same layout
+        if run.mode == "dpo" and run.dpo.uses_reference:  # the frozen reference: --init-from, on the same layout
             from engine.train.checkpoint import checkpoint_fingerprint, load_model_weights
             reference = build(GLMForCausalLM)
             try:
@@ -534,6 +536,10 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
             elif ck.init_from:
                 print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
+            if run.mode == "dpo":
+                print(f"{PROG}: {run.dpo.loss_type} loss, beta {run.dpo.beta}, "
+                      + ("frozen reference from --init-from" if reference is not None else "no reference model"),
+                      flush=True)
             if data.left_out:
                 print(f"{PROG}: {data.left_out} preference pairs left out: seq_length={run.train.seq_length} cuts off "
                       "an answer entirely", flush=True)

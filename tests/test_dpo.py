@@ -19,7 +19,7 @@ from engine.config import GLMConfig
 from engine.model.glm import GLMForCausalLM
 from engine.parallel import ParallelDims, ParallelLayout
 from engine.train.lr import LRConfig, LRSchedule
-from engine.train.objectives import IGNORE_INDEX, DPOObjective, dpo_loss
+from engine.train.objectives import IGNORE_INDEX, DPOObjective, dpo_loss, simpo_loss
 from engine.train.step import OptimizerConfig, TrainConfig, Trainer, build_optimizer
 from tests._dist import run_distributed
 
@@ -80,15 +80,24 @@ def test_dpo_loss_by_hand():
     torch.testing.assert_close(hinge, torch.tensor([0.25, 1.5]))
     hinge, _, _ = dpo_loss(chosen - ref_c, rejected - ref_r, beta=2.0, loss_type="hinge")
     torch.testing.assert_close(hinge, torch.tensor([0.0, 3.0]))  # a margin past 1 / beta costs nothing
+    # SimPO: -log sigmoid(beta (mean_c - mean_r) - gamma) on mean log-probs, no reference
+    simpo, rc, rr = simpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), beta=2.0, gamma=0.5)
+    torch.testing.assert_close(simpo, torch.tensor([math.log1p(math.exp(-0.5)), math.log1p(math.exp(2.5))]))
+    assert rc.tolist() == [-2.0, -4.0] and rr.tolist() == [-3.0, -2.0]
+    assert not DPOObjective(loss_type="simpo").uses_reference and DPOObjective(loss_type="ipo").uses_reference
+    assert "ref_chosen_logprobs" not in DPOObjective(loss_type="simpo").batch_keys
     for kwargs, needle in [(dict(beta=0.0), "dpo.beta=0.0 must be > 0"),
+                           (dict(gamma=1.0), "dpo.gamma=1.0 is SimPO's target margin"),
+                           (dict(gamma=-1.0, loss_type="simpo"), "dpo.gamma=-1.0 is SimPO's target margin"),
                            (dict(label_smoothing=0.5), r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
-                           (dict(loss_type="kto"), r"dpo.loss_type='kto' must be one of \('sigmoid', 'ipo', 'hinge'\)"),
+                           (dict(loss_type="kto"),
+                            r"dpo.loss_type='kto' must be one of \('sigmoid', 'ipo', 'hinge', 'simpo'\)"),
                            (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing=0.1 is conservative DPO")]:
         with pytest.raises(ValueError, match=needle):
             DPOObjective(**kwargs)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
 def test_objective_loss_and_gradients_match_fp64_autograd(loss_type):
     """Through model_inputs: logits at the answer positions only; the summed answer log-probs minus the
     reference's, the loss and stats, and the logits' gradient equal fp64 torch (log_softmax, gather)."""
@@ -98,7 +107,10 @@ def test_objective_loss_and_gradients_match_fp64_autograd(loss_type):
                                                -torch.rand(3, SEQ, generator=g), torch.zeros(()))
     batch["ref_rejected_logprobs"] = torch.where(batch["rejected_labels"] != IGNORE_INDEX,
                                                  -torch.rand(3, SEQ, generator=g), torch.zeros(()))
-    objective = DPOObjective(beta=0.3, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, loss_type=loss_type)
+    objective = DPOObjective(beta=0.3, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, loss_type=loss_type,
+                             gamma=0.2 if loss_type == "simpo" else 0.0)
+    if loss_type == "simpo":  # reference-free: the batch carries no reference log-probs
+        batch = {k: v for k, v in batch.items() if not k.startswith("ref_")}
     mb = objective.model_inputs(batch)
     labels = mb["labels"]
     assert mb["output_index"].tolist() == torch.nonzero((labels != IGNORE_INDEX).flatten()).flatten().tolist()
@@ -109,10 +121,15 @@ def test_objective_loss_and_gradients_match_fp64_autograd(loss_type):
     token = torch.log_softmax(ref_logits, -1).gather(1, labels.flatten()[mb["output_index"]][:, None])[:, 0]
     rows = mb["output_index"] // SEQ
     sums = torch.zeros(6, dtype=torch.float64).index_add(0, rows, token)
-    ref = mb["ref_logprobs"].double().sum(1)
-    margin = 0.3 * ((sums[:3] - ref[:3]) - (sums[3:] - ref[3:]))
+    if loss_type == "simpo":  # mean log-prob per answer token, no reference
+        means = sums / (labels != IGNORE_INDEX).sum(1)
+        margin = 0.3 * (means[:3] - means[3:])
+    else:
+        ref = mb["ref_logprobs"].double().sum(1)
+        margin = 0.3 * ((sums[:3] - ref[:3]) - (sums[3:] - ref[3:]))
     expected = {"sigmoid": -0.9 * torch.nn.functional.logsigmoid(margin) - 0.1 * torch.nn.functional.logsigmoid(-margin),
-                "ipo": (margin / 0.3 - 1 / 0.6) ** 2, "hinge": torch.relu(1 - margin)}[loss_type].sum()
+                "ipo": (margin / 0.3 - 1 / 0.6) ** 2, "hinge": torch.relu(1 - margin),
+                "simpo": -torch.nn.functional.logsigmoid(margin - 0.2)}[loss_type].sum()
     expected.backward()
     # fp32 math on fp64 inputs: ~1e-7 relative
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -230,7 +247,7 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
 
     proc, (first, second) = run("beta2", "--dpo-beta", "0.2", "--save", str(tmp_path / "ck"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "dpo GLMForCausalLM" in proc.stdout
+    assert "dpo GLMForCausalLM" in proc.stdout and "sigmoid loss, beta 0.2, frozen reference from --init-from" in proc.stdout
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0  # margins exactly 0
     assert abs(second["margin"]) > 1e-4 and 0 <= second["eval_accuracy"] <= 1
     _, (_, doubled) = run("beta4", "--dpo-beta", "0.4")
@@ -241,6 +258,11 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     assert bf16["loss"] == pytest.approx(25.0, abs=1e-4)
     proc, _ = run("resumed", "--load", str(tmp_path / "ck"), "--train-steps", "3", "--init-from", str(tmp_path / "ck"))
     assert proc.returncode == 2 and "a dpo run against another reference than --init-from" in proc.stderr
+    # SimPO: no reference model is built; its first step is not log 2 (the rewards are mean log-probs, not 0)
+    proc, (first, _) = run("simpo", "--dpo-loss", "simpo", "--dpo-beta", "2.0", "--dpo-gamma", "1.0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "simpo loss, beta 2.0, no reference model" in proc.stdout
+    assert math.isfinite(first["loss"]) and abs(first["loss"] - math.log(2)) > 1e-3 and abs(first["margin"]) > 1e-3
     proc, _ = run("cut", "--seq-length", "8")
     assert proc.returncode == 2 and "seq_length=8 cuts off an answer of every training pair" in proc.stderr
 

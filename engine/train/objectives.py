@@ -209,6 +209,7 @@ class RewardObjective:
 DPO_KEYS = PAIR_KEYS + ("chosen_labels", "rejected_labels")
 DPO_REFERENCE_KEYS = ("ref_chosen_logprobs", "ref_rejected_logprobs")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+PREFERENCE_LOSSES = DPO_LOSSES + ("simpo",)  # DPOObjective.loss_type
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
@@ -243,6 +244,22 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_sm
     return loss, rc.detach(), rr.detach()
 
 
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO's loss per pair (Meng 2024): no reference model; the implicit reward is the policy's average
+    log-probability per answer token, ``r = beta / |y| log pi(y|x)``, and the chosen answer must win by the
+    target margin ``gamma``:
+
+        loss = -log sigmoid(r_c - r_r - gamma)
+
+    chosen, rejected: ``[b]`` mean log-probs of the chosen / rejected answers' tokens (carrying the policy's
+    gradient). Returns ``(loss [b], r_c [b], r_r [b])``, fp32, the rewards detached."""
+    _check_pair(chosen, rejected)
+    rc = beta * chosen.float()
+    rr = beta * rejected.float()
+    return -F.logsigmoid(rc - rr - gamma), rc.detach(), rr.detach()
+
+
 @dataclass(frozen=True)
 class DPOObjective:
     """DPO (``dpo_loss``) summed over the pairs of a micro-batch. Chosen and rejected rows go through ONE
@@ -250,7 +267,8 @@ class DPOObjective:
     answer (``chosen_labels`` / ``rejected_labels`` != -100: the prompt is not scored), vocab-parallel
     under TP. The batch carries the frozen reference's log-probs of the same tokens at the same positions
     (``ref_chosen_logprobs`` / ``ref_rejected_logprobs`` ``[B, S]``, 0 elsewhere: ``launch.train`` computes
-    them with the reference model before each step).
+    them with the reference model before each step), except under ``loss_type="simpo"`` (``simpo_loss``),
+    which needs no reference model.
 
     Stats (means over pairs): accuracy (r_c > r_r), margin (r_c - r_r), chosen_reward, rejected_reward."""
 
@@ -259,9 +277,10 @@ class DPOObjective:
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative DPO, loss_type sigmoid); 0: plain DPO."""
     loss_type: str = "sigmoid"
-    """``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC): ``dpo_loss``."""
+    """``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC): ``dpo_loss``; ``simpo``: ``simpo_loss``, reference-free."""
+    gamma: float = 0.0
+    """simpo: the target reward margin (the SimPO paper uses gamma / beta of about 0.5, beta 2 to 2.5)."""
     name = "dpo"
-    batch_keys = DPO_KEYS + DPO_REFERENCE_KEYS
     optional_keys = ()
     rows_per_sample = 2
     context_parallel = False  # sums over each answer's tokens
@@ -272,11 +291,23 @@ class DPOObjective:
             raise ValueError(f"dpo.beta={self.beta} must be > 0 and finite")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.loss_type not in DPO_LOSSES:
-            raise ValueError(f"dpo.loss_type={self.loss_type!r} must be one of {DPO_LOSSES}")
+        if self.loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"dpo.loss_type={self.loss_type!r} must be one of {PREFERENCE_LOSSES}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"dpo.label_smoothing={self.label_smoothing} is conservative DPO: it needs loss_type "
                              f"sigmoid, not {self.loss_type!r}")
+        if not 0 <= self.gamma < float("inf") or (self.gamma and self.loss_type != "simpo"):
+            raise ValueError(f"dpo.gamma={self.gamma} is SimPO's target margin: >= 0 and finite, with loss_type "
+                             f"simpo (got {self.loss_type!r})")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with a frozen reference model (all but SimPO)."""
+        return self.loss_type != "simpo"
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return DPO_KEYS + DPO_REFERENCE_KEYS * self.uses_reference
 
     def normalizer(self, batch: dict) -> int:
         return int(batch["chosen_input_ids"].shape[0])
@@ -290,10 +321,12 @@ class DPOObjective:
             b = ids.shape[0] // 2
             raise ValueError(f"preference pair {i % b}: its {'chosen' if i < b else 'rejected'} answer has no token "
                              "to score (empty, or cut off by seq_length)")
-        return {**mb, "input_ids": ids, "labels": labels,
-                "attention_mask": torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]]),
-                "ref_logprobs": torch.cat([mb["ref_chosen_logprobs"], mb["ref_rejected_logprobs"]]),
-                "output_index": head_positions(labels != IGNORE_INDEX)}
+        out = {**mb, "input_ids": ids, "labels": labels,
+               "attention_mask": torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]]),
+               "output_index": head_positions(labels != IGNORE_INDEX)}
+        if self.uses_reference:
+            out["ref_logprobs"] = torch.cat([mb["ref_chosen_logprobs"], mb["ref_rejected_logprobs"]])
+        return out
 
     @staticmethod
     def token_logprobs(logits: torch.Tensor, mb: dict, layout, backend: str) -> torch.Tensor:
@@ -328,15 +361,22 @@ class DPOObjective:
     def loss_and_stats(self, logits, mb, layout, backend):
         index = mb["output_index"]
         rows = index // mb["labels"].shape[1]
-        # log pi - log pi_ref per token, then summed per answer: identical forwards give margins of exactly 0
-        ratio = self.token_logprobs(logits, mb, layout, backend) - mb["ref_logprobs"].reshape(-1)[index].float()
-        sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, ratio)
+        per_token = self.token_logprobs(logits, mb, layout, backend)
+        if self.uses_reference:
+            # log pi - log pi_ref per token, then summed per answer: identical forwards give margins of exactly 0
+            per_token = per_token - mb["ref_logprobs"].reshape(-1)[index].float()
+        sums = torch.zeros(mb["labels"].shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows,
+                                                                                                       per_token)
         b = sums.shape[0] // 2
-        loss, rc, rr = dpo_loss(sums[:b], sums[b:], self.beta, self.label_smoothing, self.loss_type)
+        if self.uses_reference:
+            loss, rc, rr = dpo_loss(sums[:b], sums[b:], self.beta, self.label_smoothing, self.loss_type)
+        else:  # SimPO: the mean log-prob of each answer's tokens
+            means = sums / (mb["labels"] != IGNORE_INDEX).sum(1).clamp(min=1)
+            loss, rc, rr = simpo_loss(means[:b], means[b:], self.beta, self.gamma)
         stats = [preference_accuracy(rc, rr) * b, (rc - rr).sum(), rc.sum(), rr.sum()]
         return loss.sum(), stats
 
 
-__all__ = ["DPOObjective", "DPO_KEYS", "DPO_LOSSES", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
+__all__ = ["DPOObjective", "DPO_KEYS", "DPO_LOSSES", "PREFERENCE_LOSSES", "simpo_loss", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
            "RewardObjective", "dpo_loss",
            "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]
