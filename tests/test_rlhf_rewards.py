@@ -522,6 +522,19 @@ def _world2_reward_fn(rank, world_size, states):
         loop.rollout(0)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
+    # on dp=2 it fails in replica 0 only: replica 1 raises too instead of waiting in the rollout's all-gather; in
+    # evaluate() as well (the same flag), with a reward model and the failing function together
+    layout = ParallelLayout.build(ParallelDims(dp=2), name="failing_dp")
+    for phase in ("rollout", "evaluate"):
+        actor, _, reference, reward = _sharded(states, layout)
+        loop = PPOLoop(_ppo(advantage_estimator="grpo"), _config(), layout, actor, None, reference, reward, prompts,
+                       [EOS], PAD, OPTIM, OPTIM, LR, LR, reward_fn=_function_reward(prompts + _prompts(5, seed=3),
+                                                                                    _fails_on_rank_0),
+                       eval_prompts=_prompts(5, seed=3))
+        try:
+            loop.rollout(0) if phase == "rollout" else loop.evaluate()
+        except Exception as e:
+            out[f"dp_{phase}_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -554,6 +567,10 @@ def test_function_scores_are_computed_once_per_model_parallel_group():
     assert "ConnectionError: sandbox unreachable" in results[0]["error"]
     assert results[1]["error"] == ("RuntimeError: the reward function failed on a rank that scores this rank's rows "
                                    "(rank 0; its error is in that rank's output)")
+    for phase in ("rollout", "evaluate"):
+        assert "ConnectionError: sandbox unreachable" in results[0][f"dp_{phase}_error"], phase
+        assert results[1][f"dp_{phase}_error"] == ("RuntimeError: scoring failed on another DP replica (its error is in "
+                                                   "that replica's output); every replica stops with it"), phase
 
 
 # ---- launch.rlhf -------------------------------------------------------------------------------------------

@@ -798,6 +798,26 @@ class PPOLoop:
                                "rank's output)")
         return message[:, 0]
 
+    def _replicas_agree(self, fn: Callable):
+        """``fn()``, this DP replica's reward scoring (which runs user code: a reward function, a service), then
+        a failure flag all-reduced over the DP group ("rollout" traffic): when ``fn`` raised on any replica,
+        every rank raises (the failing ones their own error) instead of the other replicas waiting in the
+        next DP collective for ranks that left it. ``fn`` raises on every rank of a replica or on none
+        (``_rule_scores`` makes sure of it)."""
+        error, out = None, None
+        try:
+            out = fn()
+        except Exception as e:
+            error = e
+        failed = torch.tensor([float(error is not None)], device=self.device)
+        comm.all_reduce(failed, self.layout.dp_group, self.layout.ledger, "rollout", op=torch.distributed.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError("scoring failed on another DP replica (its error is in that replica's output); every "
+                               "replica stops with it")
+        return out
+
     def _over_cp(self, fn: Callable, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``fn(*rows)`` (a tuple of ``[n, ...]`` tensors) for this DP replica's rows ``[n, ...]``. Under context
         parallelism the replica's cp ranks hold the same rows and each applies ``fn`` to a contiguous 1/cp of
@@ -1002,10 +1022,15 @@ class PPOLoop:
         if self.uses_critic:
             self._resident("score", "critic")
             values = self._values(self.critic, sequences, attention, packed)
-        scores, parts = self._rewards(self.prompt_source[mine], sequences, attention, responses, response_mask, packed)
+
+        def rewards() -> tuple:
+            scores, parts = self._rewards(self.prompt_source[mine], sequences, attention, responses, response_mask,
+                                          packed)
+            baselines = self._baselines(mine).to(self.device) if c.uses_reference_baseline else None
+            return scores, parts, baselines
+        scores, parts, baselines = self._replicas_agree(rewards)
         for model in (*self.actor, *self.critic):
             model.train()
-        baselines = self._baselines(mine).to(self.device) if c.uses_reference_baseline else None
         t2 = time.perf_counter()
         peaks["score"] = peak_memory(self.device)
 
@@ -1096,7 +1121,8 @@ class PPOLoop:
             mine = prompts[torch.arange(per * layout.dp_size).clamp(max=m - 1)][layout.dp_rank * per:
                                                                                 (layout.dp_rank + 1) * per]
             ids, mask = left_pad_prompts([self.eval_prompts[int(i)] for i in mine], c.max_prompt_length, self.pad_id)
-            out = self._answer_scores(name, ids, mask, self.eval_source[mine], "eval", params)
+            out = self._replicas_agree(lambda: self._answer_scores(name, ids, mask, self.eval_source[mine], "eval",
+                                                                   params))
             return [comm.all_gather(t.float().contiguous(), 0, layout.dp_group, layout.ledger, "rollout")[:m]
                     for t in out]
 
