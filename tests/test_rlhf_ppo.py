@@ -1241,3 +1241,14 @@ def test_save_and_resume_continue_exactly(tmp_path):
     save_checkpoint(tmp_path / "weights" / "critic", 1, [critic], None, ParallelLayout.single(), _config())
     with pytest.raises(CheckpointError, match="holds no optimizer state"):
         other.load(tmp_path / "weights")
+
+
+def test_rollout_moves_between_devices_but_its_prompt_index():
+    """Rollout.to moves every tensor, the score parts included, but the prompt index (into the host prompt list)."""
+    from engine.rlhf.ppo import Rollout
+    r = Rollout(*[torch.zeros(2, 3)] * 9, prompt_index=torch.tensor([0, 1]), score_parts={"reward_model": torch.ones(2)})
+    moved = r.to("meta")
+    assert all(getattr(moved, f.name).device.type == "meta" for f in dataclasses.fields(Rollout)
+               if f.name not in ("prompt_index", "score_parts"))
+    assert moved.prompt_index is r.prompt_index and moved.score_parts["reward_model"].device.type == "meta"
+    assert r.to("cpu").sequences is r.sequences  # already there: no copy

@@ -313,10 +313,15 @@ def _length_if_even_prompt(prompt, response, sample) -> float:
     return float(len(response.split())) if sample["bonus"] % 20 == 0 else 0.0
 
 
-def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path):
+def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path, monkeypatch):
     """sampling_rounds: rollouts of the next prompts until rollout_prompts of them pass the spread filter; the
-    iteration's rollout holds the first passing groups, in draw order, exactly as sampled and scored; the
-    draw counter is saved and resumed."""
+    iteration's rollout holds the first passing groups, in draw order, exactly as sampled and scored; each
+    finished round waits in host memory and only the picked rows return to the device; the draw counter is
+    saved and resumed."""
+    from engine.rlhf.ppo import Rollout
+    moves = []
+    real_to = Rollout.to
+    monkeypatch.setattr(Rollout, "to", lambda self, device: (moves.append(str(device)), real_to(self, device))[1])
     from engine.rlhf.core import reward_spread_filter
     prompts = _prompts(24, seed=5)
     config = _ppo(advantage_estimator="grpo", rollout_prompts=4, samples_per_prompt=2, mini_batch_size=8,
@@ -334,6 +339,7 @@ def test_dynamic_sampling_draws_until_enough_prompts_pass(tmp_path):
     first.rollout = lambda draw: (lambda out: (rounds_times.append(out[1]), out)[1])(one_round(draw))
     rollout, times = first.dynamic_rollout()
     del first.rollout
+    assert moves == ["cpu"] * times["sampling_rounds"] + [str(first.device)]  # every round offloaded, one back
     for key in ("generate_s", "score_s", "reward_fn_s"):  # summed over the rounds
         assert times[key] == pytest.approx(sum(t[key] for t in rounds_times))
     rounds = times["sampling_rounds"]

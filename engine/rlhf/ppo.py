@@ -426,6 +426,13 @@ class Rollout:
     prompt_index: torch.Tensor
     score_parts: dict = field(default_factory=dict)
 
+    def to(self, device) -> "Rollout":
+        """This rollout with its tensors on ``device`` (``prompt_index``, an index into the host prompt list,
+        stays where it is); the tensors themselves where they are there already."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "score_parts"}
+        fields = {k: v if k == "prompt_index" else v.to(device) for k, v in fields.items()}
+        return Rollout(**fields, score_parts={k: v.to(device) for k, v in self.score_parts.items()})
+
 
 def left_pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> left-padded ``([n, length] ids, [n, length] mask)``."""
@@ -1065,7 +1072,8 @@ class PPOLoop:
                 peaks[phase] = max(peaks.get(phase, 0), held)
             for k, v in t.items():
                 times[k] = max(times.get(k, 0), v) if k.startswith("peak_memory") else times.get(k, 0) + v
-            rollouts.append(r)
+            # finished rounds wait in host memory: the device holds one round's rollout, not sampling_rounds of them
+            rollouts.append(r.to("cpu") if c.sampling_rounds > 1 else r)
             ok = torch.ones(c.rollout_prompts, dtype=torch.bool)
             if c.min_reward_spread > 0:
                 ok = reward_spread_filter(r.scores.view(c.rollout_prompts, c.samples_per_prompt),
@@ -1077,17 +1085,17 @@ class PPOLoop:
         passing = torch.cat(passing)
         times.update(sampling_rounds=len(rollouts), passing_fraction=passing.float().mean().item())
         if len(rollouts) == 1:
-            return rollouts[0], times
+            return rollouts[0].to(self.device), times
         # passing groups first (draw order), then the others; the first rollout_prompts groups make the rollout
         order = torch.cat([torch.nonzero(passing).flatten(), torch.nonzero(~passing).flatten()])[:c.rollout_prompts]
         rows = (order[:, None] * c.samples_per_prompt + torch.arange(c.samples_per_prompt)).flatten()
 
         def pick(per_round) -> torch.Tensor:
-            joined = torch.cat(list(per_round))
-            return joined[rows.to(joined.device)]
+            return torch.cat(list(per_round))[rows]
         names = [f.name for f in dataclasses.fields(Rollout) if f.name != "score_parts"]
         parts = {k: pick(r.score_parts[k] for r in rollouts) for k in rollouts[0].score_parts}
-        return Rollout(**{name: pick(getattr(r, name) for r in rollouts) for name in names}, score_parts=parts), times
+        picked = Rollout(**{name: pick(getattr(r, name) for r in rollouts) for name in names}, score_parts=parts)
+        return picked.to(self.device), times
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
