@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpo-loss", choices=PREFERENCE_LOSSES,
                    help="dpo: sigmoid (DPO, default), ipo, hinge (SLiC) or simpo (SimPO: no reference model)")
     p.add_argument("--dpo-gamma", type=float, help="dpo with --dpo-loss simpo: the target reward margin")
+    p.add_argument("--offload-reference", action="store_true", default=None,
+                   help="dpo: keep the frozen reference in host memory between its forwards")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -280,7 +282,7 @@ _FLAG_TARGETS = {
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
     "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"), "dpo_beta": ("dpo", "beta"),
-    "dpo_loss": ("dpo", "loss_type"), "dpo_gamma": ("dpo", "gamma"),
+    "dpo_loss": ("dpo", "loss_type"), "dpo_gamma": ("dpo", "gamma"), "offload_reference": ("dpo", "offload_reference"),
 }
 
 
@@ -503,12 +505,23 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                           objective)
         for chunk in reference or ():  # in the policy's compute dtype (bf16 under mixed precision), no gradients
             chunk.to(trainer.dtype).eval().requires_grad_(False)
+        offloader = None
+        if reference is not None and run.dpo.offload_reference:
+            from engine.rlhf.offload import Offloader
+            offloader = Offloader(trainer.device)
+            offloader.add_model("reference", reference)
+            offloader.ensure()  # to host memory until the first batch needs it
 
         def with_reference(batch: dict) -> dict:
             """dpo: the batch with the reference's log-probs of its answers (other modes: as it is)."""
             if reference is None:
                 return batch
-            return {**batch, **run.dpo.reference_logprobs(trainer, reference, batch)}
+            if offloader is not None:
+                offloader.ensure("reference")
+            out = {**batch, **run.dpo.reference_logprobs(trainer, reference, batch)}
+            if offloader is not None:
+                offloader.ensure()  # back to host memory while the policy trains
+            return out
         held_out = [with_reference(b) for b in data.held_out]  # fixed batches: scored by the reference once
         if resume:
             try:
@@ -538,8 +551,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
             if run.mode == "dpo":
                 print(f"{PROG}: {run.dpo.loss_type} loss, beta {run.dpo.beta}, "
-                      + ("frozen reference from --init-from" if reference is not None else "no reference model"),
-                      flush=True)
+                      + ("frozen reference from --init-from" if reference is not None else "no reference model")
+                      + (", in host memory between its forwards" if offloader is not None else ""), flush=True)
             if data.left_out:
                 print(f"{PROG}: {data.left_out} preference pairs left out: seq_length={run.train.seq_length} cuts off "
                       "an answer entirely", flush=True)

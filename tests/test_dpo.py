@@ -88,6 +88,7 @@ def test_dpo_loss_by_hand():
     assert "ref_chosen_logprobs" not in DPOObjective(loss_type="simpo").batch_keys
     for kwargs, needle in [(dict(beta=0.0), "dpo.beta=0.0 must be > 0"),
                            (dict(gamma=1.0), "dpo.gamma=1.0 is SimPO's target margin"),
+                           (dict(loss_type="simpo", offload_reference=True), "needs a reference"),
                            (dict(gamma=-1.0, loss_type="simpo"), "dpo.gamma=-1.0 is SimPO's target margin"),
                            (dict(label_smoothing=0.5), r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
                            (dict(loss_type="kto"),
@@ -250,6 +251,13 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     assert "dpo GLMForCausalLM" in proc.stdout and "sigmoid loss, beta 0.2, frozen reference from --init-from" in proc.stdout
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0  # margins exactly 0
     assert abs(second["margin"]) > 1e-4 and 0 <= second["eval_accuracy"] <= 1
+    # the reference in host memory between its forwards: the same numbers
+    proc, offloaded = run("offload", "--dpo-beta", "0.2", "--offload-reference")
+    assert "frozen reference from --init-from, in host memory between its forwards" in proc.stdout
+    numbers = ("loss", "grad_norm", "accuracy", "margin", "chosen_reward", "rejected_reward", "eval_loss",
+               "eval_accuracy")
+    for got, want in zip(offloaded, (first, second)):
+        assert {k: got.get(k) for k in numbers} == {k: want.get(k) for k in numbers}
     _, (_, doubled) = run("beta4", "--dpo-beta", "0.4")
     assert doubled["margin"] == pytest.approx(2 * second["margin"], rel=1e-2)
     # bf16 with IPO's loss: margins exactly 0 at the first step give (0 - 1 / (2 x 0.1))^2 = 25

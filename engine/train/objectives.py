@@ -280,6 +280,10 @@ class DPOObjective:
     """``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC): ``dpo_loss``; ``simpo``: ``simpo_loss``, reference-free."""
     gamma: float = 0.0
     """simpo: the target reward margin (the SimPO paper uses gamma / beta of about 0.5, beta 2 to 2.5)."""
+    offload_reference: bool = False
+    """``launch.train``: keep the frozen reference in host memory between its forwards (brought in for each
+    batch's log-probs, then sent back: a copy of its weights each way per step for one model less on the
+    device while the policy trains)."""
     name = "dpo"
     optional_keys = ()
     rows_per_sample = 2
@@ -296,6 +300,9 @@ class DPOObjective:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"dpo.label_smoothing={self.label_smoothing} is conservative DPO: it needs loss_type "
                              f"sigmoid, not {self.loss_type!r}")
+        if not isinstance(self.offload_reference, bool) or (self.offload_reference and not self.uses_reference):
+            raise ValueError(f"dpo.offload_reference={self.offload_reference!r} must be true or false, and needs a "
+                             f"reference (loss_type {self.loss_type!r})")
         if not 0 <= self.gamma < float("inf") or (self.gamma and self.loss_type != "simpo"):
             raise ValueError(f"dpo.gamma={self.gamma} is SimPO's target margin: >= 0 and finite, with loss_type "
                              f"simpo (got {self.loss_type!r})")
