@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -574,8 +575,12 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         t = run.train
         try:
             while trainer.steps_done < t.train_steps:
-                metrics = trainer.train_step(with_reference(data.train(trainer.steps_done)))
-                extra = {}
+                started = time.perf_counter()
+                batch = with_reference(data.train(trainer.steps_done))
+                reference_s = time.perf_counter() - started
+                metrics = trainer.train_step(batch)
+                # dpo: the reference's forward (and its offload round trip), which tokens_per_s does not time
+                extra = {"reference_s": reference_s} if reference is not None else {}
                 done = trainer.steps_done
                 if held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
                     extra.update({f"eval_{k}": v for k, v in trainer.evaluate(held_out).items()})

@@ -251,6 +251,7 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     assert "dpo GLMForCausalLM" in proc.stdout and "sigmoid loss, beta 0.2, frozen reference from --init-from" in proc.stdout
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["accuracy"] == 0.0  # margins exactly 0
     assert abs(second["margin"]) > 1e-4 and 0 <= second["eval_accuracy"] <= 1
+    assert first["reference_s"] > 0 and second["reference_s"] > 0  # the reference forward, outside tokens_per_s
     # the reference in host memory between its forwards: the same numbers
     proc, offloaded = run("offload", "--dpo-beta", "0.2", "--offload-reference")
     assert "frozen reference from --init-from, in host memory between its forwards" in proc.stdout
@@ -271,6 +272,7 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "simpo loss, beta 2.0, no reference model" in proc.stdout
     assert math.isfinite(first["loss"]) and abs(first["loss"] - math.log(2)) > 1e-3 and abs(first["margin"]) > 1e-3
+    assert "reference_s" not in first
     proc, _ = run("cut", "--seq-length", "8")
     assert proc.returncode == 2 and "seq_length=8 cuts off an answer of every training pair" in proc.stderr
 
