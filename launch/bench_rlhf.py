@@ -26,7 +26,7 @@ the device bytes each phase held (weights, optimizer state, gradient buffers, th
 with ``--offload`` holding only what the phase uses.
 "act MiB": the peak of what autograd held for backward during one more (untimed) update, actor and critic
 (``SavedActivationMeter``: activations, parameters excluded; device-independent), which context and
-sequence parallelism (``--sequence-parallel``, layouts with tp > 1) divide.
+sequence parallelism (``--sequence-parallel``, layouts with tp > 1) reduce.
 ``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
 peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
@@ -81,6 +81,10 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
     # one more update of the last rollout, untimed, for the activation memory of the actor's and critic's steps
     from engine.train.metrics import SavedActivationMeter
     batch, _ = loop.advantages(loop.last_rollout)
+    # every model resident and offloading paused for it: an onload re-points the parameters at new storages,
+    # which the meter would then count as activations
+    loop.offloader.ensure_all()
+    loop.offloader.enabled = False
     trained = [p for chunks in (loop.actor, loop.critic) for chunk in chunks for p in chunk.parameters()]
     with SavedActivationMeter(exclude=trained) as meter:
         loop.update(batch, args.iterations)

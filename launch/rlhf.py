@@ -383,13 +383,17 @@ def _prompt_problem(record) -> Optional[str]:
     if messages is None:
         if not isinstance(record.get("prompt"), str) or not record["prompt"]:
             return _PROMPT_FORMS
-        if not isinstance(record.get("system", ""), str):
+        if not isinstance(record.get("system") or "", str):
             return f'"system" must be a string, got {type(record["system"]).__name__}'
         return None
     if "system" in record:
         return 'a conversation carries its system message as its first turn ({"role": "system", ...}), not "system"'
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         return _PROMPT_FORMS
+    if not all(isinstance(m.get("metadata", ""), str) for m in messages):
+        return '"metadata" of a message must be a string (ChatGLM3 writes it on the role line, e.g. a tool name)'
+    if not messages[-1]["content"]:
+        return "the last turn's content is empty: there is nothing to answer"
     roles = [m.get("role") for m in messages]
     unknown = [r for r in roles if r not in ("system", "user", "assistant", "observation")]
     if unknown:
@@ -403,7 +407,7 @@ def prompt_ids(record: dict, tokenizer) -> list[int]:
     """The generation prompt of a ``read_prompts`` record: the chat template up to ``<|assistant|>``."""
     messages = _conversation(record)
     if messages is None:
-        return tokenizer.encode_prompt(record["prompt"], system=record.get("system"))
+        return tokenizer.encode_prompt(record["prompt"], system=record.get("system") or None)  # "" or null: none
     return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
 
 

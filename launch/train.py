@@ -100,7 +100,8 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Start from the model weights of this checkpoint directory when there is nothing to resume
     (no optimizer state; a reward model takes an LM checkpoint's trunk and keeps a fresh value head). For
-    dpo it is also the frozen reference, on every run, resumes included (it must be the same checkpoint)."""
+    dpo with a reference (every loss but simpo) it is also the frozen reference, on every run, resumes
+    included (it must be the same checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class RunConfig:
     reward: RewardObjective = field(default_factory=RewardObjective)
     """rm: the loss options (``l2_coef``)."""
     dpo: DPOObjective = field(default_factory=DPOObjective)
-    """dpo: the loss options (``beta``, ``label_smoothing``)."""
+    """dpo: the loss and its options (``loss_type``, ``beta``, ``label_smoothing``, ``gamma``, ``offload_reference``)."""
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
@@ -173,9 +174,9 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     if dims.cp > 1 and run.mode in ("rm", "dpo"):
         raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; {run.mode} scores whole "
                          "sequences (use cp=1)")
-    if run.mode == "dpo" and not run.checkpoint.init_from:
+    if run.mode == "dpo" and not run.checkpoint.init_from and (run.dpo.uses_reference or not run.checkpoint.load):
         raise ValueError("mode dpo needs --init-from DIR: the SFT checkpoint that is the starting policy and (but for "
-                         "simpo) the frozen reference")
+                         "simpo, which needs it only to start) the frozen reference")
     run.lr.validate(run.train.train_steps)
     if run.optim.mixed_precision not in ("fp32", "bf16"):
         raise ValueError(f"optim.mixed_precision={run.optim.mixed_precision!r} must be fp32 or bf16")
@@ -530,6 +531,12 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                                         tokenizer_fingerprint=data.tokenizer_fingerprint)
                 if extra.get("mode", run.mode) != run.mode:
                     raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
+                # dpo checkpoints from before the loss variants were all sigmoid DPO against a reference
+                saved_loss = extra.get("dpo_loss", "sigmoid") if run.mode == "dpo" else None
+                if saved_loss is not None and saved_loss != run.dpo.loss_type:
+                    raise CheckpointError(f"--load {ck.load} is a dpo run with loss_type {saved_loss}; this run asks for "
+                                          f"{run.dpo.loss_type} (to change the loss, start a new run with --init-from "
+                                          "that checkpoint)")
                 if reference_id is not None and extra.get("reference", reference_id) != reference_id:
                     raise CheckpointError(f"--load {ck.load} is a dpo run against another reference than --init-from "
                                           f"{ck.init_from} (checkpoint fingerprints {extra['reference']} vs "
@@ -563,7 +570,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         def save() -> None:
             (saver.save if saver is not None else save_checkpoint)(
                 ck.save, trainer.steps_done, chunks, optimizer, layout, run.model,
-                extra_state={"mode": run.mode, **({"reference": reference_id} if reference_id else {})},
+                extra_state={"mode": run.mode, **({"dpo_loss": run.dpo.loss_type} if run.mode == "dpo" else {}),
+                             **({"reference": reference_id} if reference_id else {})},
                 keep_last=ck.keep_last, tokenizer_fingerprint=data.tokenizer_fingerprint)
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token

@@ -268,11 +268,20 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     proc, _ = run("resumed", "--load", str(tmp_path / "ck"), "--train-steps", "3", "--init-from", str(tmp_path / "ck"))
     assert proc.returncode == 2 and "a dpo run against another reference than --init-from" in proc.stderr
     # SimPO: no reference model is built; its first step is not log 2 (the rewards are mean log-probs, not 0)
-    proc, (first, _) = run("simpo", "--dpo-loss", "simpo", "--dpo-beta", "2.0", "--dpo-gamma", "1.0")
+    proc, (first, _) = run("simpo", "--dpo-loss", "simpo", "--dpo-beta", "2.0", "--dpo-gamma", "1.0", "--save",
+                           str(tmp_path / "simpo_ck"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "simpo loss, beta 2.0, no reference model" in proc.stdout
     assert math.isfinite(first["loss"]) and abs(first["loss"] - math.log(2)) > 1e-3 and abs(first["margin"]) > 1e-3
     assert "reference_s" not in first
+    # a resume keeps the loss: a simpo checkpoint does not continue as DPO (nor would DPO's as simpo)
+    proc, _ = run("simpo_as_dpo", "--load", str(tmp_path / "simpo_ck"), "--train-steps", "3")
+    assert proc.returncode == 2 and "is a dpo run with loss_type simpo; this run asks for sigmoid" in proc.stderr
+    # simpo needs --init-from only to start (no reference): a resume may leave it out, DPO's may not
+    resume = {"checkpoint": {"load": str(tmp_path / "simpo_ck"), "init_from": None}}
+    validate_run(load_run_config(preset, {**resume, "dpo": {"loss_type": "simpo", "beta": 2.0}}), 1)
+    with pytest.raises(ValueError, match="mode dpo needs --init-from DIR"):
+        validate_run(load_run_config(preset, resume), 1)
     proc, _ = run("cut", "--seq-length", "8")
     assert proc.returncode == 2 and "seq_length=8 cuts off an answer of every training pair" in proc.stderr
 

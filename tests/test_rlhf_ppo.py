@@ -940,10 +940,11 @@ def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
 
 def _world4_cp(rank, world_size, states, prompts_greedy, scored, batch):
     """cp=2 with tp=2 and sequence parallel (sampling at generation_tp=1, offloading on), cp=2 with pp=2, and
-    sequence parallel on tp=2 x dp=2 (``_cp_case``)."""
+    sequence parallel on tp=2 x dp=2 and on tp=2 x pp=2 (stages exchange [b, s / tp, h]) (``_cp_case``)."""
     cases = (("tp2cp2_sp", ParallelDims(tp=2, cp=2), dict(sequence_parallel=True, generation_tp=1, offload=True)),
              ("pp2cp2", ParallelDims(pp=2, cp=2), {}),
-             ("tp2dp2_sp", ParallelDims(tp=2, dp=2), dict(sequence_parallel=True, pack_sequences=True)))
+             ("tp2dp2_sp", ParallelDims(tp=2, dp=2), dict(sequence_parallel=True, pack_sequences=True)),
+             ("tp2pp2_sp", ParallelDims(tp=2, pp=2), dict(sequence_parallel=True)))
     out = {name: _cp_case(ParallelLayout.build(dims, name=name), states, prompts_greedy, scored, batch, **kw)
            for name, dims, kw in cases}
     layout = ParallelLayout.build(ParallelDims(tp=2, dp=2), name="mixed")
@@ -1027,6 +1028,8 @@ def test_context_and_sequence_parallel_ppo_with_tp_pp_dp_match_one_process():
         for name, case in r.items():
             if name == "tp2dp2_sp":  # sampling at tp 2 on a copy without sequence parallel: no bytes moved
                 assert case["gen"][::2] == (2, 2) and case["reshard"] == 0, name
+            elif name == "tp2pp2_sp":  # at tp 2, each rank gathering the other stage's layers
+                assert case["gen"][::2] == (2, 2) and case["reshard"] > 0, name
             else:  # 4 whole-model sampling replicas, each gathering the other TP shard or the other stage's layers
                 assert case["gen"][::2] == (1, 4) and case["reshard"] > 0, name
             _check_cp_case(case, ref, name)

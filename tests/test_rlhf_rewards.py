@@ -657,8 +657,9 @@ def test_prompt_records_questions_system_messages_and_conversations(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (
         {"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Why?", "system": "Answer in French."},
-        {"messages": history, "answer": "4"}, {"prompt": history[1:2]})) + "\n")
-    one, system, chat, verl = read_prompts(str(path))
+        {"messages": history, "answer": "4"}, {"prompt": history[1:2]}, {"prompt": "Hi", "system": ""})) + "\n")
+    one, system, chat, verl, empty_system = read_prompts(str(path))
+    assert prompt_ids(empty_system, tokenizer) == tokenizer.encode_prompt("Hi")  # "" (or null): no system message
     assert prompt_ids(one, tokenizer) == tokenizer.encode_prompt("What is 1 + 1?")
     assert prompt_ids(system, tokenizer) == tokenizer.encode_prompt("Why?", system="Answer in French.")
     assert prompt_ids(chat, tokenizer) == tokenizer.encode_chat(history, add_generation_prompt=True)[0]
@@ -671,7 +672,9 @@ def test_prompt_records_questions_system_messages_and_conversations(tmp_path):
            ({"messages": []}, "expected"), ({"prompt": ""}, "expected"), ({"prompt": "x", "system": 3},
                                                                         '"system" must be a string'),
            ({"prompt": "x", "messages": history}, 'give "prompt" or "messages", not both'),
-           ({"messages": history, "system": "s"}, "a conversation carries its system message as its first turn")]
+           ({"messages": history, "system": "s"}, "a conversation carries its system message as its first turn"),
+           ({"messages": [{"role": "user", "content": "Hi", "metadata": None}]}, '"metadata" of a message must be'),
+           ({"messages": [{"role": "user", "content": ""}]}, "the last turn's content is empty")]
     for record, needle in bad:
         path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(record) + "\n")
         with pytest.raises(ValueError, match=re.escape(f"p.jsonl:2: {needle}")):

@@ -219,8 +219,8 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, label_sm
 
         sigmoid  DPO (Rafailov 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
                  (eps = ``label_smoothing``: the conservative DPO of Mitchell 2023 for noisy labels)
-        ipo      IPO (Azar 2023): (h - 1 / (2 beta))^2, which stops pushing once the margin reaches
-                 1 / (2 beta) instead of driving it to infinity on deterministic preferences
+        ipo      IPO (Azar 2023): (h - 1 / (2 beta))^2, which pulls the margin toward 1 / (2 beta) (from
+                 either side) instead of driving it to infinity on deterministic preferences
         hinge    SLiC-HF's calibration loss (Zhao 2023): max(0, 1 - beta h)
 
     chosen, rejected: ``[b]`` log-ratios ``log pi - log pi_ref`` summed over the chosen / rejected answer's
@@ -273,13 +273,14 @@ class DPOObjective:
     Stats (means over pairs): accuracy (r_c > r_r), margin (r_c - r_r), chosen_reward, rejected_reward."""
 
     beta: float = 0.1
-    """Strength of the KL constraint to the reference (larger: stay closer)."""
+    """Strength of the KL constraint to the reference (larger: stay closer); for simpo the scale of the mean
+    log-prob rewards, which must be far larger than DPO's (about 2: at 0.1 the loss stays near log 2)."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative DPO, loss_type sigmoid); 0: plain DPO."""
     loss_type: str = "sigmoid"
     """``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC): ``dpo_loss``; ``simpo``: ``simpo_loss``, reference-free."""
     gamma: float = 0.0
-    """simpo: the target reward margin (the SimPO paper uses gamma / beta of about 0.5, beta 2 to 2.5)."""
+    """simpo: the target reward margin (in reward units, like beta x a mean log-prob; tuned with beta)."""
     offload_reference: bool = False
     """``launch.train``: keep the frozen reference in host memory between its forwards (brought in for each
     batch's log-probs, then sent back: a copy of its weights each way per step for one model less on the
