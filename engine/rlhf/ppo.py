@@ -140,8 +140,8 @@ class PPOConfig:
     generation_tp: Optional[int] = None
     """TP degree tp_g the actor generates with, a divisor of the training tp: None (or the training tp)
     samples on the training layout when pp = cp = 1 without sequence parallel (otherwise on a copy, the
-    stages' layers gathered under pp > 1, at tp_g = tp); a smaller tp_g reshards the actor for the rollout (an all-gather over
-    tp / tp_g neighbouring training TP ranks, freed after sampling) so world / tp_g replicas each sample
+    stages' layers gathered under pp > 1, at tp_g = tp); a smaller tp_g reshards the actor for the rollout
+    (an all-gather over tp / tp_g neighbouring training TP ranks, freed after sampling) so world / tp_g replicas each sample
     a slice of the rollout with tp_g-way per-token communication (none at tp_g = 1). The trade: (tp/tp_g
     - 1) x the local actor bytes received per iteration and a tp/tp_g times larger actor copy during
     generation, for fewer per-token collectives and more sampling replicas."""
