@@ -155,8 +155,9 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
     """Every check that needs no process group: ValueError naming each problem. Returns the dims."""
     from engine.parallel import ParallelDims
     dims = ParallelDims(tp=run.tp, pp=run.pp, vpp=run.vpp, dp=None, cp=run.cp).validate(world_size, run.model)
-    if not isinstance(run.sequence_parallel, bool):
-        raise ValueError(f"sequence_parallel={run.sequence_parallel!r} must be true or false")
+    if not isinstance(run.sequence_parallel, bool) or (run.sequence_parallel and run.tp == 1):
+        raise ValueError(f"sequence_parallel={run.sequence_parallel!r} must be true or false, and true needs tp > 1 "
+                         f"(it splits the sequence over the TP ranks; tp={run.tp})")
     run.ppo.validate(dims.dp, run.tp, run.pp, run.vpp, run.cp, run.sequence_parallel)
     if run.ppo.generation_tp is not None and run.ppo.generation_tp < run.tp:
         from engine.rlhf.ppo import validate_generation_dims
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
     p.add_argument("--cp", type=int, help="context parallel: split each prompt + response sequence over C ranks for "
                    "scoring and the updates (max_prompt_length + max_new_tokens divisible by 2 C)")
-    p.add_argument("--sequence-parallel", action="store_true", default=None,
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="split the residual stream over the TP ranks for scoring and the updates (tp > 1)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--rollout-prompts", type=int)

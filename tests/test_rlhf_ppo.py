@@ -1073,6 +1073,10 @@ def test_launcher_errors(tmp_path, capsys):
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--sequence-parallel", "--tp", "2",
                                                                          "--max-new-tokens", "31"])))
     assert run.sequence_parallel is True and load_rlhf_run(None).sequence_parallel is False
+    off = build_parser().parse_args(["--no-sequence-parallel"])
+    assert load_rlhf_run(None, {"sequence_parallel": True, **cli_overrides(off)}).sequence_parallel is False
+    assert main(["--actor-from", "a", "--reward-from", "b", "--sequence-parallel"]) == 2
+    assert "true needs tp > 1 (it splits the sequence over the TP ranks; tp=1)" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"sequence parallel splits each rank's 63 tokens \(max_prompt_length \+ "
                                          r"max_new_tokens\) over tp=2: they must be divisible by tp"):
         run.ppo.validate(1, 2, sequence_parallel=True)
