@@ -82,7 +82,8 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
     from engine.train.metrics import SavedActivationMeter
     batch, _ = loop.advantages(loop.last_rollout)
     # every model resident and offloading paused for it: an onload re-points the parameters at new storages,
-    # which the meter would then count as activations
+    # which the meter would then count as activations (so with --offload this update needs the memory of a run
+    # without it)
     loop.offloader.ensure_all()
     loop.offloader.enabled = False
     trained = [p for chunks in (loop.actor, loop.critic) for chunk in chunks for p in chunk.parameters()]

@@ -384,10 +384,10 @@ def _prompt_problem(record) -> Optional[str]:
     if messages is None:
         if not isinstance(record.get("prompt"), str) or not record["prompt"]:
             return _PROMPT_FORMS
-        if not isinstance(record.get("system") or "", str):
+        if not isinstance(record.get("system", ""), (str, type(None))):
             return f'"system" must be a string, got {type(record["system"]).__name__}'
         return None
-    if "system" in record:
+    if record.get("system") is not None:
         return 'a conversation carries its system message as its first turn ({"role": "system", ...}), not "system"'
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         return _PROMPT_FORMS

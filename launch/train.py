@@ -213,6 +213,31 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     return dims
 
 
+def check_resumed(extra: dict, run: RunConfig, reference_id: Optional[str]) -> None:
+    """CheckpointError unless the run saved in ``checkpoint.load`` (its ``extra`` state) continues as ``run``:
+    the same mode; for dpo the same loss type and, with a reference, the same reference checkpoint
+    (``reference_id``: the fingerprint of ``--init-from``)."""
+    from engine.train.checkpoint import CheckpointError
+    ck = run.checkpoint
+    if extra.get("mode", run.mode) != run.mode:
+        raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
+    if run.mode != "dpo":
+        return
+    saved_loss = extra.get("dpo_loss")
+    if saved_loss is not None and saved_loss != run.dpo.loss_type:
+        raise CheckpointError(f"--load {ck.load} is a dpo run with loss_type {saved_loss}; this run asks for "
+                              f"{run.dpo.loss_type} (to change the loss, start a new run with --init-from that "
+                              "checkpoint)")
+    # older dpo checkpoints did not save their loss, but all of them trained against a reference
+    if saved_loss is None and "reference" in extra and not run.dpo.uses_reference:
+        raise CheckpointError(f"--load {ck.load} is a dpo run against a reference; this run asks for "
+                              f"{run.dpo.loss_type}, which has none (start a new run with --init-from that checkpoint)")
+    if reference_id is not None and extra.get("reference", reference_id) != reference_id:
+        raise CheckpointError(f"--load {ck.load} is a dpo run against another reference than --init-from "
+                              f"{ck.init_from} (checkpoint fingerprints {extra['reference']} vs {reference_id}): "
+                              "resume with the SFT checkpoint it started from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpo-loss", choices=PREFERENCE_LOSSES,
                    help="dpo: sigmoid (DPO, default), ipo, hinge (SLiC) or simpo (SimPO: no reference model)")
     p.add_argument("--dpo-gamma", type=float, help="dpo with --dpo-loss simpo: the target reward margin")
-    p.add_argument("--offload-reference", action="store_true", default=None,
+    p.add_argument("--offload-reference", action=argparse.BooleanOptionalAction, default=None,
                    help="dpo: keep the frozen reference in host memory between its forwards")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
@@ -486,6 +511,8 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             resume = bool(ck.load) and latest_step(ck.load) is not None
             if ck.load and not resume and ck.load != ck.save:  # never a silent fresh start from a mistyped --load
                 return _error(f"--load {ck.load}: no checkpoint found there")
+            if run.mode == "dpo" and not resume and not ck.init_from:  # --load found nothing: this run starts
+                return _error("mode dpo needs --init-from DIR to start: the SFT checkpoint it trains from")
             if ck.init_from and not resume:
                 # before the optimizer exists: under ZeRO-1 / bf16 it copies the weights into its fp32
                 # master at construction, and a later load into the params alone would be undone by step()
@@ -529,18 +556,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             try:
                 extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model,
                                         tokenizer_fingerprint=data.tokenizer_fingerprint)
-                if extra.get("mode", run.mode) != run.mode:
-                    raise CheckpointError(f"--load {ck.load} holds a {extra['mode']} run; this run is {run.mode}")
-                # dpo checkpoints from before the loss variants were all sigmoid DPO against a reference
-                saved_loss = extra.get("dpo_loss", "sigmoid") if run.mode == "dpo" else None
-                if saved_loss is not None and saved_loss != run.dpo.loss_type:
-                    raise CheckpointError(f"--load {ck.load} is a dpo run with loss_type {saved_loss}; this run asks for "
-                                          f"{run.dpo.loss_type} (to change the loss, start a new run with --init-from "
-                                          "that checkpoint)")
-                if reference_id is not None and extra.get("reference", reference_id) != reference_id:
-                    raise CheckpointError(f"--load {ck.load} is a dpo run against another reference than --init-from "
-                                          f"{ck.init_from} (checkpoint fingerprints {extra['reference']} vs "
-                                          f"{reference_id}): resume with the SFT checkpoint it started from")
+                check_resumed(extra, run, reference_id)
             except CheckpointError as e:
                 return _error(str(e))
             trainer.steps_done = extra["step"]  # the data order is a function of the step
@@ -583,8 +599,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         t = run.train
         try:
             while trainer.steps_done < t.train_steps:
+                batch = data.train(trainer.steps_done)
                 started = time.perf_counter()
-                batch = with_reference(data.train(trainer.steps_done))
+                batch = with_reference(batch)
                 reference_s = time.perf_counter() - started
                 metrics = trainer.train_step(batch)
                 # dpo: the reference's forward (and its offload round trip), which tokens_per_s does not time

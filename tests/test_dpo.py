@@ -282,9 +282,38 @@ def test_launcher_runs_dpo_from_an_sft_checkpoint(tmp_path, capsys):
     validate_run(load_run_config(preset, {**resume, "dpo": {"loss_type": "simpo", "beta": 2.0}}), 1)
     with pytest.raises(ValueError, match="mode dpo needs --init-from DIR"):
         validate_run(load_run_config(preset, resume), 1)
+    # ... but when --load finds nothing (the --load D --save D pattern) a simpo run without --init-from is refused
+    # rather than trained from random weights
+    fresh = [sys.executable, "-m", "launch.train", "--config", preset, "--model", str(tmp_path / "model.yaml"),
+             "--train-steps", "1", "--seq-length", "64", "--dpo-loss", "simpo", "--dpo-beta", "2", "--log-dir",
+             str(tmp_path / "fresh"), "--load", str(tmp_path / "empty"), "--save", str(tmp_path / "empty")]
+    proc = subprocess.run(fresh, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "mode dpo needs --init-from DIR to start" in proc.stderr, proc.stderr
     proc, _ = run("cut", "--seq-length", "8")
     assert proc.returncode == 2 and "seq_length=8 cuts off an answer of every training pair" in proc.stderr
 
+
+
+def test_resume_checks_the_mode_the_loss_and_the_reference():
+    """check_resumed: a dpo checkpoint continues with its own loss type and reference; one from before the loss
+    was saved (a reference, no dpo_loss) resumes with any loss that has a reference, not as simpo."""
+    from engine.train.checkpoint import CheckpointError
+    from launch.train import check_resumed, load_run_config
+    preset = str(Path(__file__).resolve().parent.parent / "configs" / "runs" / "dpo.yaml")
+
+    def run(loss: str):
+        return load_run_config(preset, {"checkpoint": {"load": "ck", "init_from": "sft"}, "dpo": {"loss_type": loss}})
+    check_resumed({"mode": "dpo", "dpo_loss": "ipo", "reference": "a"}, run("ipo"), "a")
+    check_resumed({"mode": "dpo", "dpo_loss": "simpo"}, run("simpo"), None)
+    for loss in ("sigmoid", "ipo", "hinge"):  # an older checkpoint: its loss is unknown, its reference is checked
+        check_resumed({"mode": "dpo", "reference": "a"}, run(loss), "a")
+    for extra, loss, ref, needle in [
+            ({"mode": "sft"}, "sigmoid", "a", "holds a sft run; this run is dpo"),
+            ({"mode": "dpo", "dpo_loss": "ipo", "reference": "a"}, "sigmoid", "a", "loss_type ipo; this run asks for sigmoid"),
+            ({"mode": "dpo", "reference": "a"}, "simpo", None, "is a dpo run against a reference; this run asks for simpo"),
+            ({"mode": "dpo", "dpo_loss": "sigmoid", "reference": "a"}, "sigmoid", "b", "against another reference")]:
+        with pytest.raises(CheckpointError, match=needle):
+            check_resumed(extra, run(loss), ref)
 
 def test_answers_fit_counts_pairs_with_an_answer_token_in_the_window():
     from engine.data.builtin import builtin_dataset

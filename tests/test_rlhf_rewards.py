@@ -669,7 +669,7 @@ def test_prompt_records_questions_system_messages_and_conversations(tmp_path):
     bad = [({"messages": history[:3]}, "the conversation ends with a assistant turn; it must end with the user"),
            ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
            ({"messages": [{"role": "user"}]}, 'expected {"prompt": non-empty string} or a conversation'),
-           ({"messages": []}, "expected"), ({"prompt": ""}, "expected"), ({"prompt": "x", "system": 3},
+           ({"messages": []}, "expected"), ({"prompt": ""}, "expected"), ({"prompt": "x", "system": False},
                                                                         '"system" must be a string'),
            ({"prompt": "x", "messages": history}, 'give "prompt" or "messages", not both'),
            ({"messages": history, "system": "s"}, "a conversation carries its system message as its first turn"),
