@@ -385,6 +385,6 @@ class DPOObjective:
         return loss.sum(), stats
 
 
-__all__ = ["DPOObjective", "DPO_KEYS", "DPO_LOSSES", "PREFERENCE_LOSSES", "simpo_loss", "DPO_REFERENCE_KEYS", "LanguageModelObjective", "Objective", "PAIR_KEYS",
-           "RewardObjective", "dpo_loss",
-           "pairwise_ranking_loss", "preference_accuracy", "record_vocab_parallel_loss", "reward_l2_penalty"]
+__all__ = ["DPO_KEYS", "dpo_loss", "DPO_LOSSES", "DPO_REFERENCE_KEYS", "DPOObjective", "LanguageModelObjective",
+           "Objective", "PAIR_KEYS", "pairwise_ranking_loss", "preference_accuracy", "PREFERENCE_LOSSES",
+           "record_vocab_parallel_loss", "reward_l2_penalty", "RewardObjective", "simpo_loss"]
