@@ -395,10 +395,11 @@ def _prompt_problem(record) -> Optional[str]:
         return '"metadata" of a message must be a string (ChatGLM3 writes it on the role line, e.g. a tool name)'
     if not messages[-1]["content"]:
         return "the last turn's content is empty: there is nothing to answer"
+    from engine.data.tokenizer import ROLES  # the chat template's roles
     roles = [m.get("role") for m in messages]
-    unknown = [r for r in roles if r not in ("system", "user", "assistant", "observation")]
+    unknown = [r for r in roles if r not in ROLES]
     if unknown:
-        return f"unknown role {unknown[0]!r} (system, user, assistant or observation)"
+        return f"unknown role {unknown[0]!r} ({', '.join(ROLES[:-1])} or {ROLES[-1]})"
     if roles[-1] not in ("user", "observation"):
         return f"the conversation ends with a {roles[-1]} turn; it must end with the user (or observation) turn to answer"
     return None

@@ -21,9 +21,9 @@ Modes (one Trainer, one objective each, ``engine.train.objectives``):
             held-out accuracy. Data: a preference indexed dataset or the built-in pairs; optional
             bucket-based length balancing (``data.balance_buckets``).
   dpo       GLMForCausalLM, direct preference optimization (``dpo.beta``, ``dpo.label_smoothing``, ``dpo.loss_type``: DPO, IPO
-            or SLiC's hinge; ``simpo``: SimPO, reference-free, ``dpo.gamma``) against a
-            frozen reference: the ``--init-from`` checkpoint (required), held on the same layout, whose
-            log-probs of each batch's answers are computed before the step. Data: as rm; the answers are the
+            or SLiC's hinge) against a frozen reference: the ``--init-from`` checkpoint (required), held on
+            the same layout, whose log-probs of each batch's answers are computed before the step; or
+            SimPO (``dpo.loss_type: simpo``, ``dpo.gamma``), with no reference. Data: as rm; the answers are the
             tokens after each pair's prompt.
 Held-out evaluation: ``data.eval_path`` or ``data.eval_fraction`` of the data, every
 ``train.eval_interval`` steps and after the last one. ``--init-from DIR`` starts from another run's
