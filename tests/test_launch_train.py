@@ -77,6 +77,7 @@ def test_single_process_without_torchrun(tmp_path):
     (["--cp", "2"], "world_size=1 is not divisible by tp=1 x pp=1 x cp=2"),
     (["--cp", "2", "--seq-length", "30"], "seq_length=30 divisible by 2 x cp = 4"),
     (["--async-save"], "--async-save needs --save DIR"),
+    (["--sequence-parallel"], "sequence_parallel=True needs tp > 1"),
     (["--pack-pairs"], "reward.pack packs preference pairs: mode rm with pp=1 (got mode pretrain"),
 ])
 def test_bad_configuration_exits_2_with_clear_message(args, needle, capsys):

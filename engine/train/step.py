@@ -94,7 +94,11 @@ class TrainConfig:
             if dims.cp > 1 and self.seq_length % (2 * dims.cp) != 0:
                 problems.append(f"context parallelism needs seq_length={self.seq_length} divisible by 2 x cp = "
                                 f"{2 * dims.cp} (each rank holds 2 of 2 cp equal chunks)")
-            if self.sequence_parallel and dims.tp > 1 and (self.seq_length // dims.cp) % dims.tp != 0:
+            if self.sequence_parallel and dims.tp == 1:
+                # Megatron turns it off with a warning; a run that asked for it should know it has no TP to split over
+                problems.append("sequence_parallel=True needs tp > 1 (it splits the residual stream over the TP "
+                                "ranks): set tp or drop sequence_parallel")
+            elif self.sequence_parallel and (self.seq_length // dims.cp) % dims.tp != 0:
                 problems.append(f"sequence_parallel needs seq_length={self.seq_length}"
                                 f"{f' / cp={dims.cp}' if dims.cp > 1 else ''} divisible by tp={dims.tp}")
         if not isinstance(self.train_steps, int) or self.train_steps < 0:

@@ -52,6 +52,9 @@ def test_bad_context_parallel_input_is_refused():
     with pytest.raises(ValueError, match="seq_length=36 / cp=2 divisible by tp=4"):
         TrainConfig(global_batch_size=2, seq_length=36, sequence_parallel=True).validate(
             ParallelDims(tp=4, cp=2, dp=None), CONFIG, 8)
+    with pytest.raises(ValueError, match=r"sequence_parallel=True needs tp > 1"):
+        TrainConfig(global_batch_size=2, seq_length=36, sequence_parallel=True).validate(
+            ParallelDims(cp=2, dp=None), CONFIG, 2)
     with pytest.raises(ValueError, match=r"tp=1 x pp=1 x cp=2 x dp=2 = 4 != world_size=2"):
         ParallelDims(cp=2, dp=2).validate(2)
     # the checks that come before any collective, on a model built for cp = 2
