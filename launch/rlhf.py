@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
-from engine.rlhf.core import LOSS_AGG_MODES
+from engine.rlhf.core import LOSS_AGG_MODES, POLICY_LOSSES
 from engine.rlhf.ppo import ESTIMATORS, PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-loss-coef", type=float,
                    help="> 0: a KL(actor || reference) term (ppo.kl_loss_kind, default k3) in the actor's loss")
     p.add_argument("--ptx-coef", type=float)
+    p.add_argument("--policy-loss", choices=POLICY_LOSSES, help="the actor's surrogate: ppo (per-token clip, "
+                   "default), gspo (per-response ratio and clip) or cispo (clipped, detached importance weight)")
+    p.add_argument("--clip-eps", type=float, help="clip range of the policy ratio: [1 - clip_eps, 1 + clip_eps_high] "
+                   "(default 0.2; GSPO's paper: 3e-4 and 4e-4)")
     p.add_argument("--clip-eps-high", type=float, help="upper clip range of the policy ratio (clip-higher; default "
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
@@ -296,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
-              "generation_tp", "offload", "advantage_estimator", "pack_sequences", "clip_eps_high", "dual_clip",
+              "generation_tp", "offload", "advantage_estimator", "pack_sequences", "policy_loss", "clip_eps",
+              "clip_eps_high", "dual_clip",
               "loss_agg_mode", "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
               "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std",
               "generation_batch_size")

@@ -15,8 +15,8 @@ import torch
 
 from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
                               kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
-                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, shape_rewards,
-                              value_loss)
+                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, sequence_mean,
+                              shape_rewards, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -329,6 +329,115 @@ def test_policy_loss_options_and_weights_match_the_reference_with_gradients():
     assert 0 < stats["dual_clipfrac"].item() < stats["clipfrac"].item() < 1  # every regime is exercised
 
 
+def test_sequence_mean_rows_packed_and_split_over_ranks():
+    mask = _prefix_mask(LENGTHS, T)
+    x = _rand(50, 6, T)
+    x[~mask] = float("nan")  # padding never reaches a result
+    means = sequence_mean(x.float(), mask)
+    for i, n in enumerate(LENGTHS):
+        row = [float(x[i, j]) for j in range(n)]
+        expected = [sum(row) / n] * n + [0.0] * (T - n) if n else [0.0] * T
+        _close(means[i], expected)
+    assert not means.requires_grad
+    # packed: two sequences per row, ids (row, segment) -> 2 row + segment; row 0 holds only padding
+    segment = (torch.arange(T)[None] >= 4).long().expand(6, T)
+    index = 2 * torch.arange(6)[:, None] + segment
+    packed = sequence_mean(x.float(), mask, index, 12)
+    for i, n in enumerate(LENGTHS):
+        for part in (range(0, min(n, 4)), range(4, n)):
+            vals = [float(x[i, j]) for j in part]
+            for j in part:
+                assert packed[i, j].item() == pytest.approx(sum(vals) / len(vals), rel=1e-5, abs=1e-6)
+    assert (packed[~mask] == 0).all()
+    # the tokens of each sequence split over two "ranks" (as context parallelism splits rows): each half's
+    # totals summed by the hook give the whole sequence's means on either half
+    halves = (torch.arange(T) % 3 == 0, torch.arange(T) % 3 != 0)
+    totals = {}
+
+    def keep(t):
+        totals["other"] = t.clone()
+
+    sequence_mean(x[:, halves[1]].float(), mask[:, halves[1]], index[:, halves[1]], 12, keep)
+
+    def add_other(t):
+        t += totals["other"]
+
+    first = sequence_mean(x[:, halves[0]].float(), mask[:, halves[0]], index[:, halves[0]], 12, add_other)
+    torch.testing.assert_close(first, packed[:, halves[0]], **FP32)
+
+
+def _gspo_reference(lp, old, adv, mask, eps, eps_high, per_sequence: bool):
+    """GSPO's sequence objective in fp64, written per sequence: s_i = exp(mean_t log(pi / pi_old)),
+    L_i = -min(s_i A_i, clip(s_i) A_i); each token of sequence i contributes L_i to a token mean
+    (``per_sequence``: a mean over sequences instead, GSPO's normalisation)."""
+    terms, weights = [], []
+    for i in range(lp.shape[0]):
+        n = int(mask[i].sum())
+        if n == 0:
+            continue
+        s = torch.exp((lp[i, :n] - old[i, :n]).mean())
+        a = adv[i, 0]
+        terms.append(-torch.min(s * a, torch.clamp(s, 1 - eps, 1 + eps_high) * a))
+        weights.append(1.0 if per_sequence else n)
+    return sum(t * w for t, w in zip(terms, weights)) / sum(weights)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_token_with_one_advantage_per_sequence_is_the_sequence_objective(mode):
+    """Loss and gradient equal GSPO's per-sequence formula (an fp64 autograd reference through the sequence
+    ratio itself), with sequences inside and outside the clip range."""
+    mask = _prefix_mask(LENGTHS, T)
+    old = _rand(60, 6, T) - 2.0
+    # sequence log-ratios ~ shift (noise 0.05 / sqrt(n)): rows 1, 2 and 4 move out of the clip range in the
+    # direction their advantage pushes (clipped), rows 3 and 5 stay inside
+    lp = old + _rand(61, 6, T, scale=0.05) + torch.tensor([0.0, 0.3, -0.2, 0.01, 0.15, -0.01])[:, None]
+    adv = (_rand(62, 6, 1).abs() * torch.tensor([[1.0], [1.0], [-1.0], [1.0], [1.0], [-1.0]])).expand(6, T).contiguous()
+    eps, eps_high = 0.05, 0.08
+    lp32 = lp.float().requires_grad_()
+    seq = sequence_mean(lp32.detach() - old.float(), mask)
+    weights = None if mode == "token-mean" else loss_token_weights(mask, mode)
+    loss, stats = ppo_policy_loss(lp32, old.float(), adv.float(), mask, eps, clip_eps_high=eps_high, weights=weights,
+                                  mode="gspo", sequence_log_ratio=seq)
+    loss.backward()
+    lp64 = lp.clone().requires_grad_()
+    ref = _gspo_reference(lp64, old, adv, mask, eps, eps_high, per_sequence=mode != "token-mean")
+    ref.backward()
+    _close(loss, ref.detach())
+    _close(lp32.grad, lp64.grad)
+    assert 0 < stats["clipfrac"].item() < 1  # clipped and unclipped sequences
+    n = mask.sum()
+    ratio = sum(float(torch.exp((lp[i, :k] - old[i, :k]).mean())) * k for i, k in enumerate(LENGTHS) if k) / n
+    assert stats["ratio_mean"].item() == pytest.approx(float(ratio), rel=1e-5)  # the sequences' ratios
+    # approx_kl stays the per-token k3 of each token's own ratio
+    r = torch.exp(lp - old)[mask]
+    assert stats["approx_kl"].item() == pytest.approx(float((r - 1 - r.log()).mean()), rel=1e-4)
+    # not the token-level loss: PPO clips the tokens of rows 3 and 5 whose own ratio left the range, which GSPO
+    # keeps (their sequence's ratio is inside)
+    token = lp.float().requires_grad_()
+    ppo_policy_loss(token, old.float(), adv.float(), mask, eps, clip_eps_high=eps_high, weights=weights)[0].backward()
+    assert (token.grad - lp32.grad).abs().max() > 1e-3
+
+
+def test_cispo_by_hand_every_token_keeps_its_gradient():
+    # weights clip(r, 0.8, 1.28): below / inside / above / far above, with both signs of A
+    ratios = [0.5, 1.0, 1.5, 3.0, 1.1]
+    advs = [1.0, -1.0, 2.0, -1.0, 0.5]
+    w = [0.8, 1.0, 1.28, 1.28, 1.1]
+    old = torch.tensor([[-1.0, -2.0, -3.0, -0.7, -1.2]])
+    new = (old + torch.tensor([ratios]).log()).requires_grad_()
+    loss, stats = ppo_policy_loss(new, old, torch.tensor([advs]), torch.ones(1, 5), clip_eps=0.2, clip_eps_high=0.28,
+                                  mode="cispo")
+    assert loss.item() == pytest.approx(sum(-a * x for a, x in zip(advs, w)) / 5, rel=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(3 / 5)  # truncated weights: 0.5, 1.5, 3.0
+    assert stats["ratio_mean"].item() == pytest.approx(sum(ratios) / 5, rel=1e-6)
+    loss.backward()
+    # -w A grad log p for every token, the truncated ones too (PPO gives 1.5 with A > 0 no gradient)
+    torch.testing.assert_close(new.grad, torch.tensor([[-a * x / 5 for a, x in zip(advs, w)]]), **FP32)
+    ppo, _ = ppo_policy_loss(new.detach().requires_grad_(), old, torch.tensor([advs]), torch.ones(1, 5),
+                             clip_eps=0.2, clip_eps_high=0.28)
+    assert ppo.item() != pytest.approx(loss.item())
+
+
 def _aggregate_reference(losses, mask, mode, max_length):
     """The aggregation modes written out: python loops, fp64."""
     rows = [[float(losses[i, j]) for j in range(mask.shape[1]) if mask[i, j]] for i in range(mask.shape[0])]
@@ -599,6 +708,17 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, clip_eps_high=-0.1), r"clip_eps_high must be > 0"),
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, dual_clip=1.0), r"dual_clip must be 0 \(off\) or > 1"),
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, weights=torch.ones(3)), r"weights has shape \(3,\)"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="grpo"), r"policy loss mode must be one of \('ppo'"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="gspo"), r"mode 'gspo' needs sequence_log_ratio"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, sequence_log_ratio=_x23), r"only gspo takes it \(mode 'ppo'"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="gspo", sequence_log_ratio=torch.zeros(3, 2)),
+     r"sequence_log_ratio has shape \(3, 2\)"),
+    (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="cispo", dual_clip=3.0), r"cispo already bounds"),
+    (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3), 2), r"sequence_index must be an integer tensor"),
+    (lambda: sequence_mean(_x23, _m23, torch.full((2, 3), 2), 2), r"outside \[0, num_sequences=2\).*max 2"),
+    (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3, dtype=torch.long), 0), r"num_sequences must be a positive"),
+    (lambda: sequence_mean(_x23, _m23, num_sequences=2), r"without sequence_index the rows are the sequences"),
+    (lambda: sequence_mean(_x23, _m23, torch.zeros(3, 2, dtype=torch.long), 2), r"sequence_index has shape \(3, 2\)"),
     (lambda: kl_penalty(_x23, _x23, _m23, weights=torch.ones(2, 2)), r"weights has shape \(2, 2\)"),
     (lambda: loss_token_weights(_m23, "sum"), r"loss aggregation mode must be one of"),
     (lambda: loss_token_weights(_m23, "seq-mean-token-sum-norm"), r"max_length must be a positive integer"),

@@ -150,6 +150,42 @@ def test_packed_update_equals_the_padded_update():
     _compare(packed, padded)
 
 
+def off_policy(batch: dict, seed: int = 5) -> dict:
+    """A copy of a PPO batch whose old log-probs lie off the current policy: per-token noise and a per-row
+    shift, as if sampled some steps back. The first update step then has ratios far from 1 whose sequence
+    means differ per response (GSPO), and importance weights past the clip range (CISPO)."""
+    out = {k: v.clone() for k, v in batch.items()}
+    g = torch.Generator().manual_seed(seed)
+    old = out["old_logprobs"]
+    out["old_logprobs"] = old + 0.2 * torch.randn(old.shape, generator=g) + 0.3 * torch.randn(old.shape[0], 1,
+                                                                                              generator=g)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["gspo", "cispo"])
+def test_gspo_and_cispo_packed_updates_equal_the_padded_ones(mode):
+    """GSPO's per-response ratios from packed rows (two responses share a row: a ratio taken over the row
+    would mix them) and CISPO's weights: the padded update's losses and weights; and not PPO's."""
+    config = _ppo(max_prompt_length=16, policy_loss=mode, clip_eps=0.1)
+    states, padded_loop, _, batch = _one_process(seed=4, config=config)
+    batch = off_policy(batch)
+
+    def updated(loop):
+        return (loop.update({k: v.clone() for k, v in batch.items()}, 0),
+                {name: {k: v.clone() for k, v in getattr(loop, name)[0].state_dict().items()}
+                 for name in ("actor", "critic")})
+
+    def fresh(**kw):
+        return _loop(dataclasses.replace(config, **kw), models=_models(seed=4))
+
+    padded = updated(padded_loop)
+    packed = updated(fresh(pack_sequences=True))
+    assert packed[0]["update_rows"] < padded[0]["update_rows"]  # rows were shared
+    _compare(packed, padded)
+    ppo = updated(fresh(policy_loss="ppo"))[0]
+    assert abs(ppo["policy_loss"] - padded[0]["policy_loss"]) > 1e-3, (mode, ppo, padded[0])
+
+
 def _dp2_packed_update(rank, world_size, states, batch):
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     layout = ParallelLayout.build(ParallelDims(dp=2))

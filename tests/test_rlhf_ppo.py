@@ -499,6 +499,8 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(critic_warmup=1, advantage_estimator="grpo"), "critic_warmup=1 warms up the critic: advantage_estimator="
                                                         "'grpo' has none"),
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
+    (dict(policy_loss="grpo"), r"policy_loss='grpo' must be one of \('ppo', 'gspo', 'cispo'\)"),
+    (dict(policy_loss="cispo", dual_clip=3.0), "dual_clip=3.0 caps PPO's clipped surrogate"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
                                          r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),
     (dict(advantage_estimator="reinforce++-baseline", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
@@ -897,11 +899,25 @@ def _cp_case(layout, states, prompts_greedy, scored, batch, sequence_parallel=Fa
     return case
 
 
+def _gspo_update(layout, states, batch, **ppo) -> tuple[dict, dict]:
+    """One GSPO update on an off-policy batch (``test_rlhf_packing.off_policy``): its metrics and the actor's
+    full weights after it."""
+    from engine.parallel.sharding import gather_full_state_dict
+    from tests.test_rlhf_packing import off_policy
+    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, policy_loss="gspo", clip_eps=0.1, **ppo), layout=layout,
+                 models=_sharded(states, layout))
+    update = loop.update(off_policy(batch), 0)
+    return update, {k: v.clone().numpy() for k, v in gather_full_state_dict(loop.actor[0], _config(), layout).items()}
+
+
 def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
     """cp=2 (each sequence split over the 2 ranks), padded and packed rows (``_cp_case``); a reward function
     scores each row once, on one of the cp ranks, and its failure on one rank raises on both."""
     out = {pack: _cp_case(ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}"), states, prompts_greedy,
                           scored, batch, pack_sequences=pack) for pack in (False, True)}
+    # GSPO: each response's ratio needs the log-probs of both cp ranks' tokens (and packed: of its segment only)
+    out["gspo"] = _gspo_update(ParallelLayout.build(ParallelDims(cp=2), name="cp2_gspo"), states, batch,
+                               pack_sequences=True)
     # top_k = 1 makes sampling deterministic: a whole iteration is then comparable with one process's
     layout = ParallelLayout.build(ParallelDims(cp=2), name="cp2_topk1")
     loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, top_k=1), layout=layout, models=_sharded(states, layout))
@@ -972,7 +988,8 @@ def _cp_reference():
                           models=[copy.deepcopy(m) for m in _models(seed=6)])
     top_k1 = (deterministic.iteration(), deterministic.last_rollout.sequences)
     return dict(states=states, rollout=rollout, batch=batch, prompts=prompts, tokens=tokens, scored=scored,
-                update=update, weights=weights, top_k1=top_k1)
+                update=update, weights=weights, top_k1=top_k1,
+                gspo=_gspo_update(ParallelLayout.single(), states, batch))
 
 
 def _check_cp_case(case, ref, name):
@@ -1017,6 +1034,12 @@ def test_context_parallel_ppo_matches_one_process():
         scores, seen = r["fn"]
         assert scores == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows 0-2 scored on cp rank 0, rows 3-4 on cp rank 1
         assert seen == [[0, 1, 2]] if rank == 0 else [[3, 4, 4]]  # 5 rows padded to 6 by repeating the last
+        update, weights = r["gspo"]
+        for key in ("policy_loss", "approx_kl", "clipfrac", "actor_grad_norm"):  # fp32, as in _check_cp_case
+            assert update[key] == pytest.approx(ref["gspo"][0][key], rel=1e-4, abs=1e-6), key
+        for k, w in weights.items():
+            torch.testing.assert_close(torch.from_numpy(w), torch.from_numpy(ref["gspo"][1][k]), rtol=1e-4, atol=5e-5)
+        assert 0 < update["clipfrac"] < 1  # clipped and unclipped responses
     assert results[1]["failure"] == "KeyError: 'checker broke'"
     assert results[0]["failure"].startswith("RuntimeError: the reward function failed on a rank")
 
@@ -1053,13 +1076,16 @@ def test_launcher_errors(tmp_path, capsys):
     assert "--critic-from c: advantage_estimator='rloo' trains no critic" in capsys.readouterr().err
     assert main(["--actor-from", "a", "--reward-from", "b", "--dual-clip", "0.5"]) == 2
     assert "dual_clip=0.5 must be 0 (off) or > 1" in capsys.readouterr().err
+    assert main(["--actor-from", "a", "--reward-from", "b", "--policy-loss", "cispo", "--dual-clip", "3"]) == 2
+    assert "dual_clip=3.0 caps PPO's clipped surrogate; policy_loss=cispo" in capsys.readouterr().err
     from launch.rlhf import build_parser, cli_overrides
     flags = ["--loss-agg-mode", "seq-mean-token-sum-norm", "--dual-clip", "3", "--clip-eps-high", "0.28",
              "--entropy-coef", "0.01", "--eval-interval", "5", "--overlong-buffer", "4", "--mask-truncated",
              "--min-reward-spread", "0.2", "--sampling-rounds", "3", "--critic-warmup", "2",
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
              "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std",
-             "--eval-samples", "4", "--eval-temperature", "0.7", "--generation-batch-size", "16"]
+             "--eval-samples", "4", "--eval-temperature", "0.7", "--generation-batch-size", "16",
+             "--policy-loss", "gspo", "--clip-eps", "3e-4"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -1069,6 +1095,7 @@ def test_launcher_errors(tmp_path, capsys):
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
+    assert (run.ppo.policy_loss, run.ppo.clip_eps) == ("gspo", 3e-4) and load_rlhf_run(None).ppo.policy_loss == "ppo"
     # sequence parallel: the flag reaches the run, the sequence must split over tp
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--sequence-parallel", "--tp", "2",
                                                                          "--max-new-tokens", "31"])))

@@ -24,7 +24,9 @@ k = sampled responses per prompt):
     shape_rewards               -kl_coef * KL per token + the sequence score at the last token
     adaptive_kl_coef            the KL coefficient's proportional controller toward a target KL
     gae_advantages              generalized advantage estimation and returns
-    ppo_policy_loss, value_loss clipped PPO surrogate (asymmetric and dual clipping) and clipped value loss
+    ppo_policy_loss, value_loss clipped PPO surrogate (asymmetric and dual clipping; GSPO's sequence ratio,
+                                CISPO's clipped importance weight) and clipped value loss
+    sequence_mean               each token's mean over its sequence (GSPO's sequence log-ratio)
     loss_token_weights          per-token weights giving the sequence-level loss aggregations
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
     reward_spread_filter        drop prompts whose k rewards are alike (ChatGLM-RLHF)
@@ -41,6 +43,7 @@ import torch
 
 KL_KINDS = ("k1", "k2", "k3")
 REDUCTIONS = ("mean", "sum")
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SPREAD_STATISTICS = ("range", "std")
 GROUP_ESTIMATORS = ("grpo", "rloo")
@@ -331,15 +334,64 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
 # ---- losses -----------------------------------------------------------------------------------------
 
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor, sequence_index: torch.Tensor | None = None,
+                  num_sequences: int | None = None, all_reduce=None) -> torch.Tensor:
+    """Each token's mean of ``x`` over the masked tokens of its sequence, broadcast back to the token:
+    ``[b, t]`` fp32, detached, 0 outside the mask (and for a sequence with no masked token). GSPO's
+    sequence log-ratio is ``sequence_mean(logprobs - old_logprobs, mask)``.
+
+    x, mask: ``[b, t]``. sequence_index: optional ``[b, t]`` integer id in ``[0, num_sequences)`` of each
+    token's sequence, read where the mask is set (default: the row, for rows that hold one sequence each;
+    packed rows hold several). all_reduce: optional in-place sum of a ``[2, num_sequences]`` fp64 tensor
+    (each sequence's token sum and count) over the processes that hold the other tokens of the same
+    sequences, e.g. context-parallel ranks; without it this call must see every token of a sequence."""
+    _check_dim("x", x, 2, "[b, t]")
+    m = _bool_mask(mask, x, "x")
+    if sequence_index is None:
+        if num_sequences is not None:
+            raise ValueError("num_sequences is the range of sequence_index; without sequence_index the rows are "
+                             "the sequences")
+        sequence_index, num_sequences = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x), x.shape[0]
+    else:
+        _check_same_shape("x", x, sequence_index=sequence_index)
+        if sequence_index.dtype.is_floating_point or sequence_index.dtype == torch.bool:
+            raise ValueError(f"sequence_index must be an integer tensor, got {sequence_index.dtype}")
+        if not isinstance(num_sequences, int) or isinstance(num_sequences, bool) or num_sequences < 1:
+            raise ValueError(f"num_sequences must be a positive integer (the range of sequence_index), got "
+                             f"{num_sequences!r}")
+        ids = sequence_index[m]
+        if ids.numel() and not bool(((ids >= 0) & (ids < num_sequences)).all()):
+            raise ValueError(f"sequence_index holds ids outside [0, num_sequences={num_sequences}) on masked tokens "
+                             f"(min {int(ids.min())}, max {int(ids.max())})")
+    index = torch.where(m, sequence_index.long(), torch.zeros((), dtype=torch.long, device=x.device)).reshape(-1)
+    totals = torch.zeros(2, num_sequences, dtype=torch.float64, device=x.device)  # fp64: long sequences, exact sums
+    totals[0].index_add_(0, index, _masked_fp32(x.detach(), m).double().reshape(-1))
+    totals[1].index_add_(0, index, m.double().reshape(-1))
+    if all_reduce is not None:
+        all_reduce(totals)
+    means = (totals[0] / totals[1].clamp(min=1)).float()
+    return torch.where(m, means[index].view_as(x), torch.zeros((), dtype=torch.float32, device=x.device))
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float = 0.2, reduction: str = "mean",
                     clip_eps_high: float | None = None, dual_clip: float = 0.0,
-                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO surrogate, per token:
+                    weights: torch.Tensor | None = None, mode: str = "ppo",
+                    sequence_log_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy surrogate of the PPO family, per token (``mode``):
 
-        ratio = exp(logprobs - old_logprobs)
-        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
-        loss  = min(loss, -c * A)   where A < 0, when dual_clip = c > 1
+        ppo    ratio = exp(logprobs - old_logprobs)
+               loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+               loss  = min(loss, -c * A)   where A < 0, when dual_clip = c > 1
+        gspo   as ppo, with ratio = exp(sg[s] + logprobs - sg[logprobs]): the value is the sequence's
+               ratio exp(s), s = ``sequence_log_ratio`` (its mean token log-ratio, ``sequence_mean``), and
+               the gradient flows through each token's own log-prob. GSPO-token (Zheng et al. 2025); with
+               one advantage per sequence and the seq-mean-token-mean aggregation it is GSPO's sequence
+               objective, clipped per sequence (the paper's clip range is tiny: 3e-4 / 4e-4).
+        cispo  loss = -sg[clip(ratio, 1 - eps, 1 + eps_high)] * A * exp(logprobs - sg[logprobs]): the value is
+               the truncated importance weight times -A and every token keeps the gradient -w A grad log p,
+               however far its ratio moved (MiniMax-M1's CISPO; clipping the weight, not the update, keeps
+               the rare tokens PPO's clip would silence). No dual clip.
 
     ``clip_eps_high`` (default ``clip_eps``): a larger upper bound lets unlikely tokens with positive
     advantage gain more per step (DAPO's clip-higher, against entropy collapse). ``dual_clip`` (0: off;
@@ -354,32 +406,62 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     none); "sum" = masked sum, so that a caller can divide by a global token count across
     micro-batches and ranks.
 
+    logprobs: ``[b, t]`` under the current policy (carries the gradient); old_logprobs, advantages:
+    ``[b, t]`` from the rollout, treated as constants (detached here); mask: ``[b, t]`` bool or 0/1
+    (any pattern); sequence_log_ratio (gspo only, required there): ``[b, t]``, constant. reduction:
+    "mean" = mean over all masked tokens of the batch (0 when there are none); "sum" = masked sum, so
+    that a caller can divide by a global token count across micro-batches and ranks.
+
     Returns ``(loss, stats)``: loss a 0-dim fp32 tensor; stats detached 0-dim fp32 tensors reduced
     exactly like the loss (token means for "mean", token sums for "sum"; divide by the same count):
-        clipfrac       tokens where the clipped term is strictly the active one (their gradient is 0)
+        clipfrac       ppo, gspo: tokens where the clipped term is strictly the active one (gradient 0);
+                       cispo: tokens whose importance weight was truncated (they keep a gradient)
         dual_clipfrac  (dual_clip only) tokens where the cap -c A is strictly the active one (gradient 0)
-        approx_kl      k3 estimate of KL(pi_old || pi) from the rollout samples: ratio - 1 - log(ratio)
-        ratio_mean     the probability ratio"""
+        approx_kl      k3 estimate of KL(pi_old || pi) from the rollout samples, from each token's own
+                       ratio r: r - 1 - log(r)
+        ratio_mean     the ratio the loss used (gspo: the sequence's)"""
     _check_dim("logprobs", logprobs, 2, "[b, t]")
     _check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages)
     if weights is not None:
         _check_same_shape("logprobs", logprobs, weights=weights)
+    if mode not in POLICY_LOSSES:
+        raise ValueError(f"policy loss mode must be one of {POLICY_LOSSES}, got {mode!r}")
+    if (mode == "gspo") != (sequence_log_ratio is not None):
+        raise ValueError("mode 'gspo' needs sequence_log_ratio (core.sequence_mean of the token log-ratios), and "
+                         f"only gspo takes it (mode {mode!r}, sequence_log_ratio "
+                         f"{'given' if sequence_log_ratio is not None else 'None'})")
+    if sequence_log_ratio is not None:
+        _check_same_shape("logprobs", logprobs, sequence_log_ratio=sequence_log_ratio)
     m = _bool_mask(mask, logprobs, "logprobs")
     clip_eps = _check_clip_eps("clip_eps", clip_eps)
     clip_high = clip_eps if clip_eps_high is None else _check_clip_eps("clip_eps_high", clip_eps_high)
     dual_clip = _finite_number("dual_clip", dual_clip)
     if dual_clip != 0 and dual_clip <= 1:
         raise ValueError(f"dual_clip must be 0 (off) or > 1 (the cap -c A of negative advantages), got {dual_clip}")
+    if dual_clip != 0 and mode == "cispo":
+        raise ValueError("dual_clip caps PPO's clipped surrogate; cispo already bounds every token's weight: use "
+                         "dual_clip=0")
     _check_reduction(reduction)
     # clamped to [-20, 20] (as verl does): a ratio of e^20 is already far outside any clip range, and exp
     # of a larger one overflows to inf, whose backward is 0 * inf = nan even where the loss does not use it
-    log_ratio = (_masked_fp32(logprobs, m) - _masked_fp32(old_logprobs.detach(), m)).clamp(-20.0, 20.0)
+    lp = _masked_fp32(logprobs, m)
+    token_log_ratio = (lp - _masked_fp32(old_logprobs.detach(), m)).clamp(-20.0, 20.0)
+    if mode == "gspo":  # value: the sequence's log-ratio; gradient: this token's log-prob
+        log_ratio = (lp - lp.detach() + _masked_fp32(sequence_log_ratio.detach(), m)).clamp(-20.0, 20.0)
+    else:
+        log_ratio = token_log_ratio
     adv = _masked_fp32(advantages.detach(), m)
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
     stats = {}
+    if mode == "cispo":
+        weight = ratio.detach().clamp(1.0 - clip_eps, 1.0 + clip_high)
+        per_token = -adv * weight * torch.exp(lp - lp.detach())  # exp(.) is 1 with gradient grad log p
+        truncated = (weight != ratio.detach()).float()
+    else:
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_high)
+        per_token = torch.maximum(unclipped, clipped)
+        truncated = (clipped > unclipped).float()
     if dual_clip:
         cap = -adv * dual_clip
         capped = (adv < 0) & (per_token > cap)
@@ -387,10 +469,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         stats["dual_clipfrac"] = _reduce(capped.float(), m, reduction).detach()
     loss = _reduce(per_token, m, reduction, weights)
     with torch.no_grad():
-        stats.update(clipfrac=_reduce((clipped > unclipped).float(), m, reduction),
+        stats.update(clipfrac=_reduce(truncated, m, reduction),
                      # pi_old sampled the tokens, so KL(pi_old || pi) is the k3 of (pi_old, pi):
                      # expm1(log_ratio) - log_ratio = ratio - 1 - log(ratio) >= 0
-                     approx_kl=_reduce(kl_estimate(torch.zeros_like(log_ratio), log_ratio, "k3"), m, reduction),
+                     approx_kl=_reduce(kl_estimate(torch.zeros_like(token_log_ratio), token_log_ratio.detach(), "k3"),
+                                       m, reduction),
                      ratio_mean=_reduce(ratio, m, reduction))
     return loss, stats
 
@@ -626,7 +709,8 @@ class RunningMoments:
         self._count, self._mean, self._m2 = count, mean, m2
 
 
-__all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "REDUCTIONS", "SPREAD_STATISTICS", "RunningMoments", "gae_advantages",
-           "group_advantages", "kl_estimate", "kl_penalty",
-           "masked_mean", "masked_sum", "masked_var", "masked_whiten", "ppo_policy_loss", "reference_baseline",
-           "reward_spread_filter", "shape_rewards", "value_loss"]
+__all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS", "SPREAD_STATISTICS",
+           "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages", "kl_estimate", "kl_penalty",
+           "loss_token_weights", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "overlong_penalty",
+           "ppo_policy_loss", "reference_baseline", "reward_spread_filter", "sequence_mean", "shape_rewards",
+           "value_loss"]

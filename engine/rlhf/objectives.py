@@ -19,7 +19,8 @@ import torch
 
 import kernels
 from engine.model.glm import head_positions
-from engine.rlhf.core import kl_penalty, ppo_policy_loss, value_loss
+from engine.parallel import comm
+from engine.rlhf.core import kl_penalty, ppo_policy_loss, sequence_mean, value_loss
 from engine.train.objectives import IGNORE_INDEX, record_vocab_parallel_loss
 
 
@@ -41,6 +42,26 @@ def _tokens(batch: dict) -> int:
     return n
 
 
+def _sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, mb: dict,
+                        layout) -> torch.Tensor:
+    """GSPO's mean log(pi / pi_old) of each output token's sequence ``[1, n]``. A sequence is a row of the
+    micro-batch, or with packing a (row, segment) pair. Under context parallelism the other cp ranks hold
+    the rest of the same rows (the micro-batch's rows are the same rows on every cp rank), so the
+    per-sequence sums are all-reduced over cp: every rank then weighs its tokens by the whole sequence's
+    ratio."""
+    rows, length = mb["labels"].shape
+    span = length * layout.cp_size  # a whole row's tokens: segment ids are below it
+    index = mb["output_index"] // length * span
+    if "segment_ids" in mb:
+        index = index + _at_outputs(mb, "segment_ids")[0].clamp(min=0)  # -1 only on padding, never trained
+
+    def over_cp(totals: torch.Tensor) -> None:
+        comm.all_reduce(totals, layout.cp_group, layout.ledger, "cp")
+
+    return sequence_mean(logprobs.detach() - old_logprobs, mask, index[None], rows * span,
+                         over_cp if layout.cp_size > 1 else None)
+
+
 @dataclass(frozen=True)
 class PolicyObjective:
     """Clipped PPO surrogate of the actor, summed over response tokens (``core.ppo_policy_loss``), plus
@@ -53,7 +74,8 @@ class PolicyObjective:
     ``core.ppo_policy_loss``. ``weighted``: the batch carries ``token_weights`` (``core.loss_token_weights``
     of the global mini-batch), which scale each token's policy and KL loss: a sequence-level aggregation.
     ``entropy_coef``: an entropy bonus, minus this weight times the summed (weighted) entropy of the tempered
-    distribution at the trained tokens."""
+    distribution at the trained tokens. ``mode``: ``core.POLICY_LOSSES``; gspo's sequence ratios are
+    computed per micro-batch (``_sequence_log_ratio``), so they hold for packed rows and under cp."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
@@ -63,6 +85,7 @@ class PolicyObjective:
     dual_clip: float = 0.0
     weighted: bool = False
     entropy_coef: float = 0.0
+    mode: str = "ppo"
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
@@ -96,9 +119,13 @@ class PolicyObjective:
         logprobs, entropy = kernels.token_logprobs(logits[None], labels.clamp(min=0), group=group,
                                                    return_entropy=True, backend=backend)
         weights = _at_outputs(mb, "token_weights") if self.weighted else None
-        loss, stats = ppo_policy_loss(logprobs, _at_outputs(mb, "old_logprobs"), _at_outputs(mb, "advantages"), mask,
+        old_logprobs = _at_outputs(mb, "old_logprobs")
+        sequence_log_ratio = (_sequence_log_ratio(logprobs, old_logprobs, mask, mb, layout) if self.mode == "gspo"
+                              else None)
+        loss, stats = ppo_policy_loss(logprobs, old_logprobs, _at_outputs(mb, "advantages"), mask,
                                       self.clip_eps, reduction="sum", clip_eps_high=self.clip_eps_high,
-                                      dual_clip=self.dual_clip, weights=weights)
+                                      dual_clip=self.dual_clip, weights=weights, mode=self.mode,
+                                      sequence_log_ratio=sequence_log_ratio)
         entropy_sum = torch.where(mask, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
         out = [stats["clipfrac"], stats["approx_kl"], entropy_sum.detach().sum()]
         if self.entropy_coef > 0:  # a bonus: higher entropy lowers the loss (keeps the policy exploring)

@@ -99,9 +99,9 @@ from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, RunningMoments, adaptive_kl_coef, gae_advantages,
-                              group_advantages, kl_estimate, loss_token_weights, masked_mean, masked_whiten,
-                              overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards)
+from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments, adaptive_kl_coef,
+                              gae_advantages, group_advantages, kl_estimate, loss_token_weights, masked_mean,
+                              masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.batches import pack_padded_rows
@@ -163,8 +163,13 @@ class PPOConfig:
     left/right-padded row each, for the scoring forwards (the whole rollout) and each update mini-batch: the same
     log-probs, values, scores, losses and gradients for less padding compute. micro_batch_size and
     score_micro_batch_size then count packed rows; a step takes as many as its mini-batch needs."""
+    policy_loss: str = "ppo"
+    """The actor's surrogate (``core.ppo_policy_loss``): "ppo" (each token's ratio clipped), "gspo" (GSPO: each
+    response's ratio, the geometric mean of its tokens', clipped per response; the paper uses clip ranges of
+    3e-4 / 4e-4 and seq-mean-token-mean) or "cispo" (MiniMax-M1's CISPO: the importance weight is clipped and
+    detached, so every token keeps a gradient; no dual_clip)."""
     clip_eps: float = 0.2
-    """The policy ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]."""
+    """The policy ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (cispo: its importance weight)."""
     clip_eps_high: Optional[float] = None
     """Upper clip range (None: clip_eps). Larger than clip_eps: DAPO's clip-higher (e.g. 0.28 with 0.2), so
     unlikely tokens with a positive advantage can gain more per step."""
@@ -385,6 +390,11 @@ class PPOConfig:
         if not (self.dual_clip == 0 or 1 < self.dual_clip < math.inf):
             problems.append(f"dual_clip={self.dual_clip} must be 0 (off) or > 1 (the cap -c A on negative advantages; "
                             "3 is usual)")
+        if self.policy_loss not in POLICY_LOSSES:
+            problems.append(f"policy_loss={self.policy_loss!r} must be one of {POLICY_LOSSES}")
+        elif self.policy_loss == "cispo" and self.dual_clip:
+            problems.append(f"dual_clip={self.dual_clip} caps PPO's clipped surrogate; policy_loss=cispo already bounds "
+                            "each token's weight: set dual_clip 0")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             problems.append(f"loss_agg_mode={self.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip_eps > 0 and self.value_clip_eps > 0):
@@ -570,7 +580,7 @@ class PPOLoop:
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
                                                      config.kl_loss_kind, config.clip_eps_high, config.dual_clip,
                                                      weighted=config.loss_agg_mode != "token-mean",
-                                                     entropy_coef=config.entropy_coef))
+                                                     entropy_coef=config.entropy_coef, mode=config.policy_loss))
         self.critic_trainer = None
         if self.uses_critic:
             self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
