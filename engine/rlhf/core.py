@@ -402,12 +402,6 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
     logprobs: ``[b, t]`` under the current policy (carries the gradient); old_logprobs, advantages:
     ``[b, t]`` from the rollout, treated as constants (detached here); mask: ``[b, t]`` bool or 0/1
-    (any pattern). reduction: "mean" = mean over all masked tokens of the batch (0 when there are
-    none); "sum" = masked sum, so that a caller can divide by a global token count across
-    micro-batches and ranks.
-
-    logprobs: ``[b, t]`` under the current policy (carries the gradient); old_logprobs, advantages:
-    ``[b, t]`` from the rollout, treated as constants (detached here); mask: ``[b, t]`` bool or 0/1
     (any pattern); sequence_log_ratio (gspo only, required there): ``[b, t]``, constant. reduction:
     "mean" = mean over all masked tokens of the batch (0 when there are none); "sum" = masked sum, so
     that a caller can divide by a global token count across micro-batches and ranks.
