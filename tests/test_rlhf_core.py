@@ -330,20 +330,22 @@ def test_policy_loss_options_and_weights_match_the_reference_with_gradients():
 
 
 def test_sequence_mean_rows_packed_and_split_over_ranks():
-    mask = _prefix_mask(LENGTHS, T)
+    # row 0 holds tokens: padding goes to sequence id 0 internally, so it must stay out of that sequence's sums
+    lengths = [5, 0, 1, 13, 7, 12]
+    mask = _prefix_mask(lengths, T)
     x = _rand(50, 6, T)
     x[~mask] = float("nan")  # padding never reaches a result
     means = sequence_mean(x.float(), mask)
-    for i, n in enumerate(LENGTHS):
+    for i, n in enumerate(lengths):
         row = [float(x[i, j]) for j in range(n)]
         expected = [sum(row) / n] * n + [0.0] * (T - n) if n else [0.0] * T
         _close(means[i], expected)
     assert not means.requires_grad
-    # packed: two sequences per row, ids (row, segment) -> 2 row + segment; row 0 holds only padding
+    # packed: two sequences per row, ids (row, segment) -> 2 row + segment; row 1 holds only padding
     segment = (torch.arange(T)[None] >= 4).long().expand(6, T)
     index = 2 * torch.arange(6)[:, None] + segment
     packed = sequence_mean(x.float(), mask, index, 12)
-    for i, n in enumerate(LENGTHS):
+    for i, n in enumerate(lengths):
         for part in (range(0, min(n, 4)), range(4, n)):
             vals = [float(x[i, j]) for j in part]
             for j in part:

@@ -501,6 +501,10 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(loss_agg_mode="seq-mean"), "loss_agg_mode='seq-mean' must be one of"),
     (dict(policy_loss="grpo"), r"policy_loss='grpo' must be one of \('ppo', 'gspo', 'cispo'\)"),
     (dict(policy_loss="cispo", dual_clip=3.0), "dual_clip=3.0 caps PPO's clipped surrogate"),
+    (dict(clip_eps=math.inf), r"clip_eps=inf must be > 0 and finite"),
+    (dict(clip_eps=0.0), r"clip_eps=0.0 must be > 0 and finite"),
+    (dict(gamma=1.5), r"gamma=1.5 and lam=0.95 must be in \[0, 1\]"),
+    (dict(value_clip_eps=-1.0), r"value_clip_eps=-1.0 must be > 0 and finite"),
     (dict(advantage_estimator="vtrace"), r"advantage_estimator='vtrace' must be one of \('gae', 'grpo', 'rloo', "
                                          r"'reinforce\+\+', 'reinforce\+\+-baseline'\)"),
     (dict(advantage_estimator="reinforce++-baseline", samples_per_prompt=1, mini_batch_size=4, rollout_prompts=4),
@@ -899,25 +903,32 @@ def _cp_case(layout, states, prompts_greedy, scored, batch, sequence_parallel=Fa
     return case
 
 
+# GSPO under cp: prompts left-padded to 26 + 6 new tokens = 4 chunks of 8; every response token is predicted
+# in chunk 3 (positions 25-30), which cp rank 0 holds, so rank 1 holds none of them, unless packed (rows of
+# 2-3 responses, split over both ranks)
+GSPO_CP = dict(max_prompt_length=26, max_new_tokens=6)
+
+
 def _gspo_update(layout, states, batch, **ppo) -> tuple[dict, dict]:
     """One GSPO update on an off-policy batch (``test_rlhf_packing.off_policy``): its metrics and the actor's
     full weights after it."""
     from engine.parallel.sharding import gather_full_state_dict
     from tests.test_rlhf_packing import off_policy
-    loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, policy_loss="gspo", clip_eps=0.1, **ppo), layout=layout,
+    loop = _loop(_ppo(**GSPO_CP, policy_loss="gspo", clip_eps=0.1, **ppo), layout=layout,
                  models=_sharded(states, layout))
     update = loop.update(off_policy(batch), 0)
     return update, {k: v.clone().numpy() for k, v in gather_full_state_dict(loop.actor[0], _config(), layout).items()}
 
 
-def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch):
+def _world2_cp(rank, world_size, states, prompts_greedy, scored, batch, gspo_batch):
     """cp=2 (each sequence split over the 2 ranks), padded and packed rows (``_cp_case``); a reward function
     scores each row once, on one of the cp ranks, and its failure on one rank raises on both."""
     out = {pack: _cp_case(ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_{pack}"), states, prompts_greedy,
                           scored, batch, pack_sequences=pack) for pack in (False, True)}
-    # GSPO: each response's ratio needs the log-probs of both cp ranks' tokens (and packed: of its segment only)
-    out["gspo"] = _gspo_update(ParallelLayout.build(ParallelDims(cp=2), name="cp2_gspo"), states, batch,
-                               pack_sequences=True)
+    # GSPO: each response's ratio needs the log-probs of both cp ranks' tokens (packed: of its segment only);
+    # padded, rank 1 holds no response token but must still join each micro-batch's all-reduce
+    out["gspo"] = {pack: _gspo_update(ParallelLayout.build(ParallelDims(cp=2), name=f"cp2_gspo_{pack}"), states,
+                                      gspo_batch, pack_sequences=pack) for pack in (False, True)}
     # top_k = 1 makes sampling deterministic: a whole iteration is then comparable with one process's
     layout = ParallelLayout.build(ParallelDims(cp=2), name="cp2_topk1")
     loop = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, top_k=1), layout=layout, models=_sharded(states, layout))
@@ -987,9 +998,10 @@ def _cp_reference():
     deterministic = _loop(_ppo(max_new_tokens=CP_NEW_TOKENS, top_k=1),
                           models=[copy.deepcopy(m) for m in _models(seed=6)])
     top_k1 = (deterministic.iteration(), deterministic.last_rollout.sequences)
+    gspo_batch = _one_process(seed=6, config=_ppo(**GSPO_CP))[3]
     return dict(states=states, rollout=rollout, batch=batch, prompts=prompts, tokens=tokens, scored=scored,
-                update=update, weights=weights, top_k1=top_k1,
-                gspo=_gspo_update(ParallelLayout.single(), states, batch))
+                update=update, weights=weights, top_k1=top_k1, gspo_batch=gspo_batch,
+                gspo=_gspo_update(ParallelLayout.single(), states, gspo_batch))
 
 
 def _check_cp_case(case, ref, name):
@@ -1017,7 +1029,8 @@ def _check_cp_case(case, ref, name):
 
 def test_context_parallel_ppo_matches_one_process():
     ref = _cp_reference()
-    results = run_distributed(_world2_cp, 2, ref["states"], ref["prompts"], ref["scored"], ref["batch"], timeout=300)
+    results = run_distributed(_world2_cp, 2, ref["states"], ref["prompts"], ref["scored"], ref["batch"],
+                              ref["gspo_batch"], timeout=300)
     for rank, r in enumerate(results):
         for pack in (False, True):
             # every rank samples: 2 replicas of one whole model, nothing resharded
@@ -1034,12 +1047,13 @@ def test_context_parallel_ppo_matches_one_process():
         scores, seen = r["fn"]
         assert scores == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows 0-2 scored on cp rank 0, rows 3-4 on cp rank 1
         assert seen == [[0, 1, 2]] if rank == 0 else [[3, 4, 4]]  # 5 rows padded to 6 by repeating the last
-        update, weights = r["gspo"]
-        for key in ("policy_loss", "approx_kl", "clipfrac", "actor_grad_norm"):  # fp32, as in _check_cp_case
-            assert update[key] == pytest.approx(ref["gspo"][0][key], rel=1e-4, abs=1e-6), key
-        for k, w in weights.items():
-            torch.testing.assert_close(torch.from_numpy(w), torch.from_numpy(ref["gspo"][1][k]), rtol=1e-4, atol=5e-5)
-        assert 0 < update["clipfrac"] < 1  # clipped and unclipped responses
+        for pack, (update, weights) in r["gspo"].items():
+            for key in ("policy_loss", "approx_kl", "clipfrac", "actor_grad_norm"):  # fp32, as in _check_cp_case
+                assert update[key] == pytest.approx(ref["gspo"][0][key], rel=1e-4, abs=1e-6), (pack, key)
+            for k, w in weights.items():
+                torch.testing.assert_close(torch.from_numpy(w), torch.from_numpy(ref["gspo"][1][k]), rtol=1e-4,
+                                           atol=5e-5)
+            assert 0 < update["clipfrac"] < 1  # clipped and unclipped responses
     assert results[1]["failure"] == "KeyError: 'checker broke'"
     assert results[0]["failure"].startswith("RuntimeError: the reward function failed on a rank")
 

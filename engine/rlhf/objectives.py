@@ -7,8 +7,10 @@ it: response token j sits at sequence position ``P + j`` and is predicted by the
 by the critic, "the state before token j") at position ``P + j - 1``. ``labels`` carries the
 response token there and ``-100`` elsewhere (prompt, padding, filtered-out rows), so the mask of
 every loss is ``labels != -100`` and N (the normalizer) is the number of response tokens that
-train in the global batch. Nothing reads another position, so under context parallelism each cp rank
-sums the loss of its own chunks of the rows (``Trainer`` splits every ``[G, S]`` tensor alike).
+train in the global batch. Under context parallelism each cp rank sums the loss of its own chunks of
+the rows (``Trainer`` splits every ``[G, S]`` tensor alike): a token's loss reads its own position only,
+except GSPO's, which also reads its response's mean log-ratio; every cp rank all-reduces those per-response
+sums for every micro-batch, also when it holds none of the response tokens (``_sequence_log_ratio``).
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ class PolicyObjective:
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
-    context_parallel = True  # every quantity sits at the position that predicts its token: a per-token sum
+    context_parallel = True  # a per-token sum (gspo: after a per-response all-reduce over cp, _sequence_log_ratio)
 
     @property
     def batch_keys(self) -> tuple[str, ...]:

@@ -397,9 +397,13 @@ class PPOConfig:
                             "each token's weight: set dual_clip 0")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             problems.append(f"loss_agg_mode={self.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip_eps > 0 and self.value_clip_eps > 0):
-            problems.append(f"gamma={self.gamma} and lam={self.lam} must be in [0, 1], clip_eps={self.clip_eps} "
-                            f"and value_clip_eps={self.value_clip_eps} > 0")
+        if not 0 < self.clip_eps < math.inf:
+            problems.append(f"clip_eps={self.clip_eps} must be > 0 and finite (the ratio's range [1 - clip_eps, "
+                            "1 + clip_eps_high])")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            problems.append(f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]")
+        if not 0 < self.value_clip_eps < math.inf:
+            problems.append(f"value_clip_eps={self.value_clip_eps} must be > 0 and finite")
         if problems:
             raise ValueError("invalid PPO configuration: " + "; ".join(problems))
         return self
