@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default), gspo (per-response ratio and clip) or cispo (clipped, detached importance weight)")
     p.add_argument("--clip-eps", type=float, help="clip range of the policy ratio: [1 - clip_eps, 1 + clip_eps_high] "
                    "(default 0.2; GSPO's paper: 3e-4 and 4e-4)")
+    p.add_argument("--rollout-is-cap", type=float, help=">= 1 (e.g. 2): weight each token's policy loss by "
+                   "min(pi_train / pi_sampler, cap), truncated importance sampling against the sampling copy's "
+                   "rounding (0: off)")
     p.add_argument("--clip-eps-high", type=float, help="upper clip range of the policy ratio (clip-higher; default "
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
@@ -301,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "policy_loss", "clip_eps",
-              "clip_eps_high", "dual_clip",
+              "clip_eps_high", "dual_clip", "rollout_is_cap",
               "loss_agg_mode", "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
               "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std",
               "generation_batch_size")

@@ -16,7 +16,7 @@ import torch
 from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
                               kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
                               overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, sequence_mean,
-                              shape_rewards, value_loss)
+                              shape_rewards, truncated_importance_weights, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -440,6 +440,19 @@ def test_cispo_by_hand_every_token_keeps_its_gradient():
     assert ppo.item() != pytest.approx(loss.item())
 
 
+def test_truncated_importance_weights_by_hand():
+    # pi_train / pi_sampler: 0.5, 1, 3, e^30 (its exp would overflow fp32 without the clamp); masked out: nan
+    train = torch.tensor([[-1.0, -2.0, -0.5, 0.0, float("nan")]])
+    sampler = train - torch.tensor([[math.log(0.5), 0.0, math.log(3.0), 30.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    weights, truncated = truncated_importance_weights(train, sampler, mask, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 1.0, 2.0, 2.0, 0.0]]), **FP32)
+    assert truncated.tolist() == [[False, False, True, True, False]] and not weights.requires_grad
+    weights, truncated = truncated_importance_weights(train.requires_grad_(), sampler, mask, cap=1.0)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 1.0, 1.0, 1.0, 0.0]]), **FP32)
+    assert not weights.requires_grad  # a constant weight of the loss
+
+
 def _aggregate_reference(losses, mask, mode, max_length):
     """The aggregation modes written out: python loops, fp64."""
     rows = [[float(losses[i, j]) for j in range(mask.shape[1]) if mask[i, j]] for i in range(mask.shape[0])]
@@ -717,6 +730,9 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
      r"sequence_log_ratio has shape \(3, 2\)"),
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="cispo", dual_clip=3.0), r"cispo already bounds"),
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3), 2), r"sequence_index must be an integer tensor"),
+    (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=0.5), r"cap must be >= 1"),
+    (lambda: truncated_importance_weights(_x23, torch.zeros(3, 2), _m23, cap=2), r"sampler_logprobs has shape \(3, 2\)"),
+    (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=float("inf")), r"cap must be a finite number"),
     (lambda: sequence_mean(_x23, _m23, torch.full((2, 3), 2), 2), r"outside \[0, num_sequences=2\).*max 2"),
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3, dtype=torch.long), 0), r"num_sequences must be a positive"),
     (lambda: sequence_mean(_x23, _m23, num_sequences=2), r"without sequence_index the rows are the sequences"),

@@ -89,6 +89,53 @@ def test_rollout_logprobs_match_the_training_forward_and_the_first_ratio_is_one(
     assert update["policy_loss"] == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_sampler_logprobs_match_the_training_forward_and_a_stale_sampling_copy_shows(monkeypatch):
+    """The sampling copy's log-probs of its tokens (KV-cache decoding) equal the training forward's; a copy
+    whose weights differ from the trained ones (stale or wrongly synchronised) shows in the metrics."""
+    # many stop tokens: responses of several lengths, so that the padding after them is checked too
+    loop = PPOLoop(_ppo(iterations=1), _config(), ParallelLayout.single(), *_models(), _prompts(), list(range(2, 24)),
+                   PAD, OPTIM, OPTIM, LR, LR)
+    rollout, _ = loop.rollout(0)
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.sampler_logprobs[mask], rollout.logprobs[mask], rtol=0, atol=1e-5)  # fp32
+    assert (rollout.sampler_logprobs[~mask] == 0).all() and mask.any() and not mask.all()
+    _, stats = loop.advantages(rollout)
+    assert stats["rollout_logprob_diff_max"] < 1e-4 and stats["rollout_kl"] < 1e-8
+    assert "rollout_is_truncated" not in stats  # no correction asked for
+    stale = copy.deepcopy(loop.actor[0])
+    with torch.no_grad():
+        for p in stale.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    sample = loop._generate_rows
+    monkeypatch.setattr(loop, "_generate_rows", lambda model, *args: sample(stale, *args))
+    _, stats = loop.advantages(loop.rollout(1)[0])
+    assert stats["rollout_logprob_diff_max"] > 0.05 and stats["rollout_kl"] > 1e-4, stats
+
+
+@pytest.mark.parametrize("cap,weight", [(3.0, 2.0), (1.5, 1.5)])
+def test_truncated_importance_weights_scale_the_policy_loss_only(cap, weight):
+    """A sampler that gave every token half the training forward's probability: each token's policy loss is
+    weighted by min(2, cap), so the actor's loss and gradient norm scale by that factor and nothing else
+    changes (one mini-batch holding the rollout, the same starting weights)."""
+    # advantages not whitened: whitened ones sum to 0 over the batch, and so would the loss at ratio 1
+    config = _ppo(rollout_is_cap=cap, iterations=1, mini_batch_size=8, whiten_advantages=False)
+    states, loop, rollout, _ = _one_process(seed=3, config=config)
+    half = dataclasses.replace(rollout, sampler_logprobs=rollout.logprobs - math.log(2))
+    batch, stats = loop.advantages(half)
+    trained = batch["labels"] != -100
+    assert torch.allclose(batch["rollout_is_weights"][trained], torch.tensor(weight), rtol=1e-5)
+    assert (batch["rollout_is_weights"][~trained] == 0).all()
+    assert stats["rollout_is_truncated"] == (1.0 if weight < 2 else 0.0)
+    plain = _loop(dataclasses.replace(config, rollout_is_cap=0.0), models=_models(seed=3))
+    plain_batch, _ = plain.advantages(half)
+    assert "rollout_is_weights" not in plain_batch
+    a, b = loop.update(batch, 0), plain.update(plain_batch, 0)
+    assert a["policy_loss"] == pytest.approx(weight * b["policy_loss"], rel=1e-5)
+    assert a["actor_grad_norm"] == pytest.approx(weight * b["actor_grad_norm"], rel=1e-5)
+    for key in ("value_loss", "entropy", "approx_kl", "clipfrac", "critic_grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_loss_aggregation_modes_in_the_update(mode):
     """One mini-batch holding the whole rollout, ratio 1: the actor's loss is the mode's aggregate of -A over
@@ -502,6 +549,7 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(policy_loss="grpo"), r"policy_loss='grpo' must be one of \('ppo', 'gspo', 'cispo'\)"),
     (dict(policy_loss="cispo", dual_clip=3.0), "dual_clip=3.0 caps PPO's clipped surrogate"),
     (dict(clip_eps=math.inf), r"clip_eps=inf must be > 0 and finite"),
+    (dict(rollout_is_cap=0.5), r"rollout_is_cap=0.5 must be 0 \(off\) or >= 1 and finite"),
     (dict(clip_eps=0.0), r"clip_eps=0.0 must be > 0 and finite"),
     (dict(gamma=1.5), r"gamma=1.5 and lam=0.95 must be in \[0, 1\]"),
     (dict(value_clip_eps=-1.0), r"value_clip_eps=-1.0 must be > 0 and finite"),
@@ -1025,6 +1073,9 @@ def _check_cp_case(case, ref, name):
         torch.testing.assert_close(torch.from_numpy(w), ref["weights"][k], rtol=1e-4, atol=5e-5,
                                    msg=lambda m: f"{name} {k}: {m}")
     assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
+    # the sampling copy (resharded, cp = 1, no sequence parallel, KV cache) gives its tokens the training
+    # forward's log-probs: fp32 rounding only (a wrongly resharded weight is off by O(0.1))
+    assert case["record"]["rollout_logprob_diff_max"] < 1e-4 and case["record"]["rollout_kl"] < 1e-8, name
 
 
 def test_context_parallel_ppo_matches_one_process():
@@ -1099,7 +1150,7 @@ def test_launcher_errors(tmp_path, capsys):
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
              "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std",
              "--eval-samples", "4", "--eval-temperature", "0.7", "--generation-batch-size", "16",
-             "--policy-loss", "gspo", "--clip-eps", "3e-4"]
+             "--policy-loss", "gspo", "--clip-eps", "3e-4", "--rollout-is-cap", "2"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -1109,7 +1160,8 @@ def test_launcher_errors(tmp_path, capsys):
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
-    assert (run.ppo.policy_loss, run.ppo.clip_eps) == ("gspo", 3e-4) and load_rlhf_run(None).ppo.policy_loss == "ppo"
+    assert (run.ppo.policy_loss, run.ppo.clip_eps, run.ppo.rollout_is_cap) == ("gspo", 3e-4, 2.0)
+    assert load_rlhf_run(None).ppo.policy_loss == "ppo" and load_rlhf_run(None).ppo.rollout_is_cap == 0
     # sequence parallel: the flag reaches the run, the sequence must split over tp
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--sequence-parallel", "--tp", "2",
                                                                          "--max-new-tokens", "31"])))
@@ -1294,7 +1346,8 @@ def test_save_and_resume_continue_exactly(tmp_path):
 def test_rollout_moves_between_devices_but_its_prompt_index():
     """Rollout.to moves every tensor, the score parts included, but the prompt index (into the host prompt list)."""
     from engine.rlhf.ppo import Rollout
-    r = Rollout(*[torch.zeros(2, 3)] * 9, prompt_index=torch.tensor([0, 1]), score_parts={"reward_model": torch.ones(2)})
+    r = Rollout(*[torch.zeros(2, 3)] * 9, prompt_index=torch.tensor([0, 1]), sampler_logprobs=torch.zeros(2, 3),
+                score_parts={"reward_model": torch.ones(2)})
     moved = r.to("meta")
     assert all(getattr(moved, f.name).device.type == "meta" for f in dataclasses.fields(Rollout)
                if f.name not in ("prompt_index", "score_parts"))

@@ -27,6 +27,7 @@ k = sampled responses per prompt):
     ppo_policy_loss, value_loss clipped PPO surrogate (asymmetric and dual clipping; GSPO's sequence ratio,
                                 CISPO's clipped importance weight) and clipped value loss
     sequence_mean               each token's mean over its sequence (GSPO's sequence log-ratio)
+    truncated_importance_weights  pi_train / pi_sampler per token, capped (TIS: sampler/trainer mismatch)
     loss_token_weights          per-token weights giving the sequence-level loss aggregations
     reference_baseline          r(x, y) - r(x, y_ref)            (ChatGLM-RLHF)
     reward_spread_filter        drop prompts whose k rewards are alike (ChatGLM-RLHF)
@@ -373,6 +374,30 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor, sequence_index: torch.Ten
     return torch.where(m, means[index].view_as(x), torch.zeros((), dtype=torch.float32, device=x.device))
 
 
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS) weights ``min(exp(logprobs - sampler_logprobs), cap)`` ``[b, t]``
+    (fp32, detached, 0 outside the mask), and which tokens the cap truncated ``[b, t]`` bool.
+
+    The rollout's tokens were drawn by a sampling copy of the actor (another layout, a KV cache, other
+    kernels) whose probabilities ``sampler_logprobs`` differ from those of the training forward,
+    ``logprobs``: the policy gradient then estimates the sampler's objective, not the trained policy's.
+    Weighting each token's loss by the ratio corrects it; the cap bounds the variance a rare token with a
+    tiny sampler probability would add (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"). logprobs, sampler_logprobs, mask: ``[b, t]``; cap: >= 1."""
+    _check_dim("logprobs", logprobs, 2, "[b, t]")
+    _check_same_shape("logprobs", logprobs, sampler_logprobs=sampler_logprobs)
+    m = _bool_mask(mask, logprobs, "logprobs")
+    cap = _finite_number("cap", cap)
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1 (a cap below 1 would scale every token's loss down), got {cap}")
+    with torch.no_grad():
+        # clamped like the policy ratio: exp of a log-ratio above 20 is far past any cap and may overflow
+        ratio = torch.exp((_masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)).clamp(-20.0, 20.0))
+        truncated = m & (ratio > cap)
+        return torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device)), truncated
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_eps: float = 0.2, reduction: str = "mean",
                     clip_eps_high: float | None = None, dual_clip: float = 0.0,
@@ -707,4 +732,4 @@ __all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "R
            "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages", "kl_estimate", "kl_penalty",
            "loss_token_weights", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "overlong_penalty",
            "ppo_policy_loss", "reference_baseline", "reward_spread_filter", "sequence_mean", "shape_rewards",
-           "value_loss"]
+           "truncated_importance_weights", "value_loss"]

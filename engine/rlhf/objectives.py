@@ -77,7 +77,9 @@ class PolicyObjective:
     of the global mini-batch), which scale each token's policy and KL loss: a sequence-level aggregation.
     ``entropy_coef``: an entropy bonus, minus this weight times the summed (weighted) entropy of the tempered
     distribution at the trained tokens. ``mode``: ``core.POLICY_LOSSES``; gspo's sequence ratios are
-    computed per micro-batch (``_sequence_log_ratio``), so they hold for packed rows and under cp."""
+    computed per micro-batch (``_sequence_log_ratio``), so they hold for packed rows and under cp.
+    ``rollout_is``: the batch carries ``rollout_is_weights`` (``core.truncated_importance_weights``), which
+    scale each token's policy loss (not the entropy bonus or the KL term)."""
 
     clip_eps: float = 0.2
     temperature: float = 1.0
@@ -88,6 +90,7 @@ class PolicyObjective:
     weighted: bool = False
     entropy_coef: float = 0.0
     mode: str = "ppo"
+    rollout_is: bool = False
     name = "policy"
     optional_keys = ("position_ids", "segment_ids")  # packed sequences (PPOConfig.pack_sequences)
     rows_per_sample = 1
@@ -96,7 +99,8 @@ class PolicyObjective:
     @property
     def batch_keys(self) -> tuple[str, ...]:
         keys = ("input_ids", "attention_mask", "labels", "old_logprobs", "advantages")
-        return keys + ("ref_logprobs",) * (self.kl_coef > 0) + ("token_weights",) * self.weighted
+        return (keys + ("ref_logprobs",) * (self.kl_coef > 0) + ("token_weights",) * self.weighted
+                + ("rollout_is_weights",) * self.rollout_is)
 
     @property
     def stat_names(self) -> tuple[str, ...]:
@@ -121,12 +125,16 @@ class PolicyObjective:
         logprobs, entropy = kernels.token_logprobs(logits[None], labels.clamp(min=0), group=group,
                                                    return_entropy=True, backend=backend)
         weights = _at_outputs(mb, "token_weights") if self.weighted else None
+        policy_weights = weights
+        if self.rollout_is:  # a correction of the policy gradient's sampling distribution: on that loss only
+            is_weights = _at_outputs(mb, "rollout_is_weights")
+            policy_weights = is_weights if weights is None else weights * is_weights
         old_logprobs = _at_outputs(mb, "old_logprobs")
         sequence_log_ratio = (_sequence_log_ratio(logprobs, old_logprobs, mask, mb, layout) if self.mode == "gspo"
                               else None)
         loss, stats = ppo_policy_loss(logprobs, old_logprobs, _at_outputs(mb, "advantages"), mask,
                                       self.clip_eps, reduction="sum", clip_eps_high=self.clip_eps_high,
-                                      dual_clip=self.dual_clip, weights=weights, mode=self.mode,
+                                      dual_clip=self.dual_clip, weights=policy_weights, mode=self.mode,
                                       sequence_log_ratio=sequence_log_ratio)
         entropy_sum = torch.where(mask, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
         out = [stats["clipfrac"], stats["approx_kl"], entropy_sum.detach().sum()]

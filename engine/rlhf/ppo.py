@@ -101,7 +101,8 @@ from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
 from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments, adaptive_kl_coef,
                               gae_advantages, group_advantages, kl_estimate, loss_token_weights, masked_mean,
-                              masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards)
+                              masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards,
+                              truncated_importance_weights)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.batches import pack_padded_rows
@@ -176,6 +177,12 @@ class PPOConfig:
     dual_clip: float = 0.0
     """0: off; c > 1 (usually 3): dual-clip PPO, the loss of a negative-advantage token capped at -c A, so a
     ratio far above 1 cannot make an unbounded step (``core.ppo_policy_loss``)."""
+    rollout_is_cap: float = 0.0
+    """0: off. >= 1 (e.g. 2): truncated importance sampling, each token's policy loss weighted by
+    min(pi_train / pi_sampler, cap), the training forward's probability of the token over the sampling copy's
+    (``core.truncated_importance_weights``), so the update follows the trained policy even where the sampling
+    copy (another layout, a KV cache) rounds differently. ``rollout_logprob_diff_max`` and ``rollout_kl`` in
+    the metrics measure that difference whether or not this corrects for it."""
     loss_agg_mode: str = "token-mean"
     """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
@@ -395,6 +402,9 @@ class PPOConfig:
         elif self.policy_loss == "cispo" and self.dual_clip:
             problems.append(f"dual_clip={self.dual_clip} caps PPO's clipped surrogate; policy_loss=cispo already bounds "
                             "each token's weight: set dual_clip 0")
+        if not (self.rollout_is_cap == 0 or 1 <= self.rollout_is_cap < math.inf):
+            problems.append(f"rollout_is_cap={self.rollout_is_cap} must be 0 (off) or >= 1 and finite (the cap of "
+                            "the weights pi_train / pi_sampler; 2 is usual)")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             problems.append(f"loss_agg_mode={self.loss_agg_mode!r} must be one of {LOSS_AGG_MODES}")
         if not 0 < self.clip_eps < math.inf:
@@ -424,7 +434,9 @@ class Rollout:
 
     R rows = rollout_prompts x samples_per_prompt, S = P + T. ``sequences``/``attention_mask`` ``[R, S]``;
     ``responses``/``response_mask``, ``logprobs``, ``ref_logprobs``, ``values`` ``[R, T]``; ``scores``,
-    ``baselines`` ``[R]`` (fp32); ``prompt_index`` ``[R]`` into the prompt list. ``score_parts``: with both a
+    ``baselines`` ``[R]`` (fp32); ``prompt_index`` ``[R]`` into the prompt list. ``sampler_logprobs`` ``[R, T]``:
+    the log-probs the sampling copy gave its tokens (``logprobs`` are the training layout's, recomputed; the
+    two differ by the kernels' and layouts' rounding only). ``score_parts``: with both a
     reward model and a reward function, each one's ``[R]`` part of ``scores`` ("reward_model",
     "reward_function"); empty otherwise."""
 
@@ -438,6 +450,7 @@ class Rollout:
     scores: torch.Tensor
     baselines: torch.Tensor
     prompt_index: torch.Tensor
+    sampler_logprobs: torch.Tensor
     score_parts: dict = field(default_factory=dict)
 
     def to(self, device) -> "Rollout":
@@ -584,7 +597,8 @@ class PPOLoop:
                                      PolicyObjective(config.clip_eps, config.temperature, config.kl_loss_coef,
                                                      config.kl_loss_kind, config.clip_eps_high, config.dual_clip,
                                                      weighted=config.loss_agg_mode != "token-mean",
-                                                     entropy_coef=config.entropy_coef, mode=config.policy_loss))
+                                                     entropy_coef=config.entropy_coef, mode=config.policy_loss,
+                                                     rollout_is=config.rollout_is_cap > 0))
         self.critic_trainer = None
         if self.uses_critic:
             self.critic_trainer = Trainer(self.critic, build_optimizer(self.critic, layout, critic_optim, critic_lr.lr),
@@ -894,10 +908,10 @@ class PPOLoop:
         params = params or SamplingParams(max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_ids,
                                           pad_token_id=self.pad_id)
         if not self.chunks_decode or (name == "actor" and self.reshard):
-            resp, resp_mask = self._generate_split(name, ids, mask, params, phase)
+            resp, resp_mask, _ = self._generate_split(name, ids, mask, params, phase)
         else:
             self._resident(phase, name)
-            resp, resp_mask = self._generate_rows(getattr(self, name)[0], ids, mask, params)
+            resp, resp_mask, _ = self._generate_rows(getattr(self, name)[0], ids, mask, params)
         seq = torch.cat([ids.to(self.device), resp], 1)
         seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
         scores, _ = self._rewards(origin, seq, seq_mask, resp, resp_mask, phase=phase)
@@ -939,8 +953,8 @@ class PPOLoop:
         return model.eval().requires_grad_(False)
 
     def _generate_split(self, name: str, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
-                        phase: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Responses ``[n, T]`` and masks to the left-padded prompts ``ids``/``mask`` ``[n, P]`` of this
+                        phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Responses ``[n, T]``, masks and the sampler's log-probs to the left-padded prompts ``ids``/``mask`` ``[n, P]`` of this
         rank's training DP replica, sampled on the generation layout: the replica's k = f pp generation
         replicas (f = tp / tp_g) each sample a contiguous slice (the list padded to a multiple of k by
         repeating the last prompt), and an all-gather over the PP group, then over the TP subgroup of
@@ -953,12 +967,12 @@ class PPOLoop:
         self._resident(phase, name)  # resharding reads the training shards
         model = self.generation_model(getattr(self, name))
         self._resident(phase, extra=list(model.parameters()))
-        responses, response_mask = self._over_cp(lambda i, m: self._sample_slice(model, i, m, params), ids, mask)
+        out = self._over_cp(lambda i, m: self._sample_slice(model, i, m, params), ids, mask)
         del model  # the resharded copy lives only while sampling
-        return responses, response_mask
+        return out
 
     def _sample_slice(self, model, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, ...]:
         """``_generate_split``'s sampling of the rows ``ids`` / ``mask`` ``[n, P]`` of one (dp x cp) replica by
         its k generation replicas, put back in order."""
         layout, gen = self.replicas, self.generation_layout
@@ -969,23 +983,22 @@ class PPOLoop:
         pad = per * k - n
         if pad:
             ids, mask = torch.cat([ids, ids[-1:].expand(pad, -1)]), torch.cat([mask, mask[-1:].expand(pad, -1)])
-        responses, response_mask = self._generate_rows(model, ids[q * per:(q + 1) * per], mask[q * per:(q + 1) * per],
-                                                       params)
+        sampled = self._generate_rows(model, ids[q * per:(q + 1) * per], mask[q * per:(q + 1) * per], params)
         siblings, _ = layout.tp_subgroup(f)
         gathered = []
-        for t in (responses, response_mask):
+        for t in sampled:
             t = comm.all_gather(t.contiguous(), 0, layout.pp_group, layout.ledger, "rollout")
             gathered.append(comm.all_gather(t.contiguous(), 0, siblings, layout.ledger, "rollout")[:n])
-        return gathered[0], gathered[1]
+        return tuple(gathered)
 
     def _generate_rows(self, model, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Responses and masks ``[n, T]`` (on the device) of ``model`` to the left-padded prompts ``ids`` / ``mask``
-        ``[n, P]``, generated ``generation_batch_size`` rows at a time (all at once when 0), so the KV cache
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Responses, masks and the sampler's log-probs ``[n, T]`` (on the device; fp32, 0 after a row's end) of
+        ``model`` to the left-padded prompts ``ids`` / ``mask`` ``[n, P]``, generated ``generation_batch_size`` rows at a time (all at once when 0), so the KV cache
         holds at most that many rows. Chunk j > 0 samples with a seed derived from (``params.seed``, j): one
         chunk is exactly the unchunked call, and the samples are deterministic for a given chunk size."""
         size = self.config.generation_batch_size or ids.shape[0]
-        responses, masks = [], []
+        responses, masks, logprobs = [], [], []
         for j, start in enumerate(range(0, ids.shape[0], size)):
             chunk = params
             if j and params.seed is not None:
@@ -995,7 +1008,8 @@ class PPOLoop:
             r, m = self._pad_response(out.response_ids, out.response_mask)
             responses.append(r)
             masks.append(m)
-        return torch.cat(responses), torch.cat(masks)
+            logprobs.append(torch.nn.functional.pad(out.logprobs.float(), (0, r.shape[1] - out.logprobs.shape[1])))
+        return torch.cat(responses), torch.cat(masks), torch.cat(logprobs)
 
     def _pad_response(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.config.max_new_tokens
@@ -1019,12 +1033,14 @@ class PPOLoop:
         if self.reshard:  # sampled on the generation layout, returned for this DP replica's rows
             # one seed per (draw, generation replica), shared by its TP ranks
             seed = int(np.random.default_rng([c.seed, draw, self.generation_layout.dp_rank, 1]).integers(2**62))
-            responses, response_mask = self._generate_split("actor", ids, pmask, self._sampling(seed), "generate")
+            responses, response_mask, sampler_logprobs = self._generate_split("actor", ids, pmask, self._sampling(seed),
+                                                                              "generate")
         else:
             # one seed per (draw, DP replica): the TP ranks of a replica draw the same tokens
             seed = int(np.random.default_rng([c.seed, draw, layout.dp_rank]).integers(2**62))
             self._resident("generate", "actor")
-            responses, response_mask = self._generate_rows(self.actor[0], ids, pmask, self._sampling(seed))
+            responses, response_mask, sampler_logprobs = self._generate_rows(self.actor[0], ids, pmask,
+                                                                             self._sampling(seed))
         prompt_ids, prompt_mask = ids.to(self.device), pmask.to(self.device)
         sequences = torch.cat([prompt_ids, responses], 1)
         attention = torch.cat([prompt_mask, response_mask], 1)
@@ -1063,7 +1079,7 @@ class PPOLoop:
         scores = gather(scores)
         baselines = gather(baselines) if baselines is not None else torch.zeros_like(scores)
         rollout = Rollout(gather(sequences), gather(attention), gather(responses), gather(response_mask),
-                          logprobs, gather(ref_logprobs), values, scores, baselines, rows,
+                          logprobs, gather(ref_logprobs), values, scores, baselines, rows, gather(sampler_logprobs),
                           {k: gather(v) for k, v in parts.items()})
         times = {"generate_s": t1 - t0, "score_s": t2 - t1, "gather_s": time.perf_counter() - t2}
         if self.reward_fn is not None:  # part of score_s (rank 0's, as every metric)
@@ -1230,12 +1246,22 @@ class PPOLoop:
         if c.kl_loss_coef > 0:
             batch["ref_logprobs"] = align(r.ref_logprobs * mask, P, 0.0)
         all_tokens = r.response_mask.bool()
+        # the sampling copy's log-probs against the training forward's, over every sampled token: a resharding
+        # or kernel bug shows here first (fp32: rounding only, ~1e-6)
+        diff = torch.where(all_tokens, r.logprobs - r.sampler_logprobs, torch.zeros((), device=all_tokens.device))
+        mismatch = {"rollout_logprob_diff_max": diff.abs().max().item() if all_tokens.any() else 0.0,
+                    "rollout_kl": (masked_mean(kl_estimate(r.sampler_logprobs, r.logprobs, "k3"), all_tokens).item()
+                                   if all_tokens.any() else 0.0)}
+        if c.rollout_is_cap > 0:
+            weights, truncated = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap)
+            batch["rollout_is_weights"] = align(weights, P, 0.0)
+            mismatch["rollout_is_truncated"] = (truncated.sum() / mask.sum().clamp(min=1)).item()
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
         stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
                  "kept_fraction": keep.float().mean().item(), "kl_coef": self.kl_coef,
                  "truncated_fraction": truncated.float().mean().item(),
-                 "trained_fraction": (mask.any(1)).float().mean().item()}
+                 "trained_fraction": (mask.any(1)).float().mean().item(), **mismatch}
         if c.overlong_buffer:
             stats["overlong_penalty"] = length_penalty.mean().item()
         stats.update({name: part.mean().item() for name, part in r.score_parts.items()})
