@@ -136,6 +136,42 @@ def test_truncated_importance_weights_scale_the_policy_loss_only(cap, weight):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", ["ppo", "gspo", "cispo"])
+def test_truncated_importance_weights_per_token_with_every_loss_term(agg, mode):
+    """Sampler log-probs off by noise (weights 0.x-2, some capped), an entropy bonus and a KL-loss term against a
+    reference unlike the actor, each aggregation kind and policy loss: at ratio 1 the weights change the
+    policy term alone, by sum_t w_agg (w_is - 1) (-A) / N (the entropy and KL terms cancel in the difference)."""
+    from engine.rlhf.core import loss_token_weights
+    config = _ppo(rollout_is_cap=2.0, iterations=1, mini_batch_size=8, whiten_advantages=False, entropy_coef=0.05,
+                  kl_loss_coef=0.2, loss_agg_mode=agg, policy_loss=mode)
+
+    def models():
+        actor, critic, reference, reward = _models(seed=3)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        return actor, critic, reference, reward
+
+    loop = _loop(config, models=models())
+    rollout, _ = loop.rollout(0)
+    noise = 0.7 * torch.randn(rollout.logprobs.shape, generator=torch.Generator().manual_seed(0))
+    noisy = dataclasses.replace(rollout, sampler_logprobs=rollout.logprobs + noise)
+    batch, stats = loop.advantages(noisy)
+    trained = batch["labels"] != -100
+    w = align(torch.exp(-noise).clamp(max=2.0), config.max_prompt_length, 0.0)
+    torch.testing.assert_close(batch["rollout_is_weights"][trained], w[trained])
+    assert w[trained].std() > 0.1 and 0 < stats["rollout_is_truncated"] < 1  # varied, some capped
+    plain = _loop(dataclasses.replace(config, rollout_is_cap=0.0), models=models())
+    plain_batch, plain_stats = plain.advantages(noisy)
+    assert stats["truncated_fraction"] == plain_stats["truncated_fraction"]  # responses cut off: not the cap
+    a, b = loop.update(batch, 0), plain.update(plain_batch, 0)
+    agg_w = loss_token_weights(trained, agg, config.max_new_tokens) if agg != "token-mean" else trained.float()
+    expected = ((agg_w * (w - 1) * -batch["advantages"])[trained].sum() / trained.sum()).item()
+    assert a["policy_loss"] - b["policy_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-6) and a["ref_kl"] == pytest.approx(b["ref_kl"], rel=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_loss_aggregation_modes_in_the_update(mode):
     """One mini-batch holding the whole rollout, ratio 1: the actor's loss is the mode's aggregate of -A over
@@ -659,7 +695,8 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
         out[name] = (update, {k: v.clone().numpy() for k, v in full.items()})  # tp=1: views of live params
         if name == "dp2":
             record = loop.iteration()
-            out["dp2_iteration"] = (record["ppo_steps"], layout.ledger.bytes("rollout") > 0)
+            out["dp2_iteration"] = (record["ppo_steps"], layout.ledger.bytes("rollout") > 0,
+                                    record["rollout_logprob_diff_max"] < 1e-4)
     # generation_tp=1 on a tp=2 training layout: the resharded actor is the whole model (greedy decoding
     # equals one process), the all-gather moves what the analytic count says, and an iteration runs
     layout = ParallelLayout.build(ParallelDims(tp=2), name="tp2_gen1")
@@ -671,7 +708,7 @@ def _world2(rank, world_size, states, prompts_greedy, batch):
     received = layout.ledger.received("reshard")
     record = loop.iteration()
     out["gen1"] = (greedy.response_ids.numpy(), received, local_bytes, record["ppo_steps"],
-                   layout.ledger.received("reshard") == 2 * received)
+                   layout.ledger.received("reshard") == 2 * received and record["rollout_logprob_diff_max"] < 1e-4)
     return out
 
 
@@ -696,7 +733,7 @@ def test_tp2_and_dp2_match_one_process():
             for name, w in weights.items():
                 torch.testing.assert_close(torch.from_numpy(w), ref_weights[name], rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{case} {name}: {m}")
-        assert r["dp2_iteration"] == (2, True)
+        assert r["dp2_iteration"] == (2, True, True)  # sampler and trainer log-probs agree (fp32)
         tokens, received, local_bytes, steps, once_per_iteration = r["gen1"]
         assert torch.equal(torch.from_numpy(tokens), ref_gen.response_ids)
         full_bytes = sum(t.numel() * t.element_size() for k, t in ref_weights.items() if not k.endswith("norm.weight"))
@@ -877,6 +914,8 @@ def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
                 torch.testing.assert_close(torch.from_numpy(w), ref_weights[k], rtol=1e-4, atol=5e-5,
                                            msg=lambda m: f"{name} {k}: {m}")
             assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
+            # sampled on the generation copy (gathered over PP and TP siblings): the trainer's log-probs, fp32
+            assert case["record"]["rollout_logprob_diff_max"] < 1e-4, name
             if name != "tp2pp2":  # offloading: while sampling the device holds the generation copy alone
                 # (pp2dp2, tp_g = tp: this stage's part of it is the actor's flat buffer, padded to a multiple of dp)
                 assert 0 <= case["resident_generate"] - (case["received"] + case["own"]) <= 4 * (case["dp"] - 1), name
@@ -1073,8 +1112,8 @@ def _check_cp_case(case, ref, name):
         torch.testing.assert_close(torch.from_numpy(w), ref["weights"][k], rtol=1e-4, atol=5e-5,
                                    msg=lambda m: f"{name} {k}: {m}")
     assert case["record"]["ppo_steps"] == 2 and case["record"]["response_length"] > 0
-    # the sampling copy (resharded, cp = 1, no sequence parallel, KV cache) gives its tokens the training
-    # forward's log-probs: fp32 rounding only (a wrongly resharded weight is off by O(0.1))
+    # the sampling copy (cp = 1, no sequence parallel, KV cache; resharded where tp_g < tp or pp > 1) gives its
+    # tokens the training forward's log-probs: fp32 rounding only (a wrongly resharded weight is off by O(0.1))
     assert case["record"]["rollout_logprob_diff_max"] < 1e-4 and case["record"]["rollout_kl"] < 1e-8, name
 
 

@@ -392,7 +392,7 @@ def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch
     if cap < 1:
         raise ValueError(f"cap must be >= 1 (a cap below 1 would scale every token's loss down), got {cap}")
     with torch.no_grad():
-        # clamped like the policy ratio: exp of a log-ratio above 20 is far past any cap and may overflow
+        # clamped like the policy ratio: a log-ratio above 20 is far past any cap (exp overflows fp32 past ~88)
         ratio = torch.exp((_masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)).clamp(-20.0, 20.0))
         truncated = m & (ratio > cap)
         return torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device)), truncated

@@ -182,7 +182,9 @@ class PPOConfig:
     min(pi_train / pi_sampler, cap), the training forward's probability of the token over the sampling copy's
     (``core.truncated_importance_weights``), so the update follows the trained policy even where the sampling
     copy (another layout, a KV cache) rounds differently. ``rollout_logprob_diff_max`` and ``rollout_kl`` in
-    the metrics measure that difference whether or not this corrects for it."""
+    the metrics measure that difference whether or not this corrects for it. Both sides are the tempered
+    distribution before top-k / top-p filtering (as ``generate`` reports it): neither the metrics nor the
+    weights account for that truncation, only for numeric and layout differences."""
     loss_agg_mode: str = "token-mean"
     """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
@@ -1253,9 +1255,10 @@ class PPOLoop:
                     "rollout_kl": (masked_mean(kl_estimate(r.sampler_logprobs, r.logprobs, "k3"), all_tokens).item()
                                    if all_tokens.any() else 0.0)}
         if c.rollout_is_cap > 0:
-            weights, truncated = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap)
+            # (not "truncated": that name holds the responses cut off at max_new_tokens)
+            weights, capped = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap)
             batch["rollout_is_weights"] = align(weights, P, 0.0)
-            mismatch["rollout_is_truncated"] = (truncated.sum() / mask.sum().clamp(min=1)).item()
+            mismatch["rollout_is_truncated"] = (capped.sum() / mask.sum().clamp(min=1)).item()
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
         stats = {"reward": r.scores.mean().item(), "kl": seq_kl.mean().item(),
                  "response_length": all_tokens.sum(1).float().mean().item(),
