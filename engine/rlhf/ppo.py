@@ -5,7 +5,8 @@ One iteration (``PPOLoop.iteration``):
 
     rollout   each DP replica (its TP group) samples ``samples_per_prompt`` responses for its slice of
               ``rollout_prompts`` prompts with the actor's KV cache (TP ranks gather the vocab-sharded
-              logits and draw the same token)
+              logits and draw the same token), keeping the log-prob it gave each token (compared with the
+              scoring forward's in the metrics; ``rollout_is_cap`` weights the policy loss by their ratio)
     score     on the same slice, no grad, in micro-batches of ``score_micro_batch_size`` rows (under
               pp > 1 with the forward-only pipeline schedule, results broadcast from the last stage):
               actor log-probs (the behaviour policy, recomputed by a full forward so they match the
