@@ -607,15 +607,12 @@ def test_generation_layout_config_errors():
         validate_generation_dims(3, 6, _config())
     with pytest.raises(ValueError, match="generation_tp=3 must divide the training tp=4"):
         _ppo(generation_tp=3).validate(1, 4)
-    # 8 rows, dp=2 x tp=4 -> generation_tp=1: 8 replicas fine; rows 6 (3 prompts x 2) over 8 replicas not
-    _ppo(generation_tp=1).validate(2, 4)
-    with pytest.raises(ValueError, match="divisible by the 8 sampling replicas of generation_tp=1"):
-        _ppo(generation_tp=1, rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(2, 4)
-    with pytest.raises(ValueError, match="divisible by dp=4: each samples"):
+    # the rows split evenly over dp; the sampling replicas of a DP replica pad its slice (rows 6 over the 8
+    # replicas of dp=2 x tp=4 at generation_tp=1, or over the 4 of pp=4, test_uneven_sampling_slices_*)
+    _ppo(generation_tp=1, rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(2, 4)
+    _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(1, 1, 4)
+    with pytest.raises(ValueError, match="= 6 must be divisible by dp=4: each DP replica samples and scores"):
         _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(4)
-    # pp > 1 always samples on the generation layout: world / tp_g replicas (dp 1 x tp 1 x pp 4 -> 4)
-    with pytest.raises(ValueError, match="divisible by the 4 sampling replicas of generation_tp=1 at pp=4"):
-        _ppo(rollout_prompts=3, mini_batch_size=2, micro_batch_size=1).validate(1, 1, 4)
     # the generation layout's row order relies on PP ranks in ascending global-rank order (checked first)
     single = ParallelLayout.single()
     odd = dataclasses.replace(single, dims=dataclasses.replace(single.dims, pp=2), pp_ranks=(1, 0))
@@ -927,6 +924,31 @@ def test_pipeline_layouts_reshard_score_and_update_like_one_process(tmp_path):
     assert resumed.iterations_done == 1
     for k, w in results[0]["tp2pp2"]["after"].items():
         assert torch.equal(resumed.actor[0].state_dict()[k], torch.from_numpy(w)), k
+
+
+def _world2_uneven(rank, world_size, states):
+    """3 rows over the 2 sampling replicas of pp=2 (the slice padded by repeating the last row), deterministic
+    sampling (top_k = 1): the rollout and an iteration."""
+    layout = ParallelLayout.build(ParallelDims(pp=2), name="pp2_uneven")
+    loop = _loop(_UNEVEN, layout=layout, models=_sharded(states, layout))
+    record = loop.iteration()
+    return loop.last_rollout.sequences.numpy(), loop.last_rollout.sampler_logprobs.numpy(), record
+
+
+_UNEVEN = _ppo(top_k=1, rollout_prompts=3, samples_per_prompt=1, mini_batch_size=3, micro_batch_size=1, iterations=1)
+
+
+def test_uneven_sampling_slices_match_one_process():
+    """A rollout whose rows do not divide over the sampling replicas: the same responses as one process."""
+    states, loop, _, _ = _one_process(seed=8, config=_UNEVEN)
+    record = loop.iteration()
+    for sequences, sampler_logprobs, got in run_distributed(_world2_uneven, 2, states, timeout=240):
+        assert torch.equal(torch.from_numpy(sequences), loop.last_rollout.sequences)
+        torch.testing.assert_close(torch.from_numpy(sampler_logprobs), loop.last_rollout.sampler_logprobs, rtol=0,
+                                   atol=1e-5)  # fp32, another layout
+        for key in ("reward", "policy_loss", "value_loss"):
+            assert got[key] == pytest.approx(record[key], rel=1e-4, abs=1e-6), key
+        assert got["rollout_logprob_diff_max"] < 1e-4
 
 
 def _world2_interleaved(rank, world_size, states, scored, batch):

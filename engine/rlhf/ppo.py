@@ -283,15 +283,6 @@ class PPOConfig:
     def rollout_rows(self) -> int:
         return self.rollout_prompts * self.samples_per_prompt
 
-    def generation_replicas(self, dp: int, tp: int = 1, pp: int = 1, cp: int = 1,
-                            sequence_parallel: bool = False) -> int:
-        """Sampling replicas of a ``dp`` x ``tp`` x ``pp`` x ``cp`` training layout: dp when the training chunks
-        sample (no resharding: pp = cp = 1, no sequence parallel), else world / tp_g
-        (``ParallelLayout.for_generation``)."""
-        tp_g = self.generation_tp or tp
-        in_place = tp_g == tp and pp == 1 and cp == 1 and not (sequence_parallel and tp > 1)
-        return dp if in_place else dp * cp * tp * pp // tp_g
-
     def validate(self, dp: int, tp: int = 1, pp: int = 1, vpp: int = 1, cp: int = 1,
                  sequence_parallel: bool = False) -> "PPOConfig":
         """ValueError naming every problem, for a training layout of ``dp`` x ``tp`` x ``pp`` x ``cp`` ranks
@@ -318,13 +309,11 @@ class PPOConfig:
             problems.append(f"generation_tp={self.generation_tp} must divide the training tp={tp} (the generation "
                             "layout regroups the training TP shards)")
         if not problems:
-            replicas = self.generation_replicas(dp, tp, pp, cp, sequence_parallel)  # a multiple of dp
-            if self.rollout_rows % replicas:
-                who = (f"dp={dp}" if replicas == dp else
-                       f"the {replicas} sampling replicas of generation_tp={self.generation_tp or tp} at pp={pp}"
-                       f"{f' and cp={cp}' if cp > 1 else ''} (world / generation_tp)")
+            # each DP replica scores an equal slice; the sampling replicas within it (its cp ranks, and the
+            # generation replicas of a resharded actor) take equal slices of it padded by repeating the last row
+            if self.rollout_rows % dp:
                 problems.append(f"rollout_prompts x samples_per_prompt = {self.rollout_rows} must be divisible by "
-                                f"{who}: each samples an equal slice")
+                                f"dp={dp}: each DP replica samples and scores an equal slice")
             if self.rollout_rows % self.mini_batch_size:
                 problems.append(f"mini_batch_size={self.mini_batch_size} must divide rollout_prompts x "
                                 f"samples_per_prompt = {self.rollout_rows}")
