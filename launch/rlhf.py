@@ -304,9 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "policy_loss", "clip_eps",
-              "clip_eps_high", "dual_clip", "rollout_is_cap",
-              "loss_agg_mode", "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
-              "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std",
+              "clip_eps_high", "dual_clip", "rollout_is_cap", "loss_agg_mode", "eval_interval", "eval_samples",
+              "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated", "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std",
               "generation_batch_size")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 

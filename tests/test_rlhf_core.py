@@ -15,8 +15,8 @@ import torch
 
 from engine.rlhf.core import (LOSS_AGG_MODES, RunningMoments, gae_advantages, group_advantages, kl_estimate,
                               kl_penalty, loss_token_weights, masked_mean, masked_sum, masked_var, masked_whiten,
-                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter, sequence_mean,
-                              shape_rewards, truncated_importance_weights, value_loss)
+                              overlong_penalty, ppo_policy_loss, reference_baseline, reward_spread_filter,
+                              sequence_mean, shape_rewards, truncated_importance_weights, value_loss)
 
 FP32 = dict(rtol=1e-5, atol=1e-5)  # see module doc
 
@@ -731,7 +731,8 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="cispo", dual_clip=3.0), r"cispo already bounds"),
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3), 2), r"sequence_index must be an integer tensor"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=0.5), r"cap must be >= 1"),
-    (lambda: truncated_importance_weights(_x23, torch.zeros(3, 2), _m23, cap=2), r"sampler_logprobs has shape \(3, 2\)"),
+    (lambda: truncated_importance_weights(_x23, torch.zeros(3, 2), _m23, cap=2),
+     r"sampler_logprobs has shape \(3, 2\)"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=float("inf")), r"cap must be a finite number"),
     (lambda: sequence_mean(_x23, _m23, torch.full((2, 3), 2), 2), r"outside \[0, num_sequences=2\).*max 2"),
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3, dtype=torch.long), 0), r"num_sequences must be a positive"),

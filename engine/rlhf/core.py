@@ -395,7 +395,8 @@ def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch
         # clamped like the policy ratio: a log-ratio above 20 is far past any cap (exp overflows fp32 past ~88)
         ratio = torch.exp((_masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)).clamp(-20.0, 20.0))
         truncated = m & (ratio > cap)
-        return torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device)), truncated
+        weights = torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device))
+        return weights, truncated
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -392,8 +392,8 @@ class PPOConfig:
         if self.policy_loss not in POLICY_LOSSES:
             problems.append(f"policy_loss={self.policy_loss!r} must be one of {POLICY_LOSSES}")
         elif self.policy_loss == "cispo" and self.dual_clip:
-            problems.append(f"dual_clip={self.dual_clip} caps PPO's clipped surrogate; policy_loss=cispo already bounds "
-                            "each token's weight: set dual_clip 0")
+            problems.append(f"dual_clip={self.dual_clip} caps PPO's clipped surrogate; policy_loss=cispo already "
+                            "bounds each token's weight: set dual_clip 0")
         if not (self.rollout_is_cap == 0 or 1 <= self.rollout_is_cap < math.inf):
             problems.append(f"rollout_is_cap={self.rollout_is_cap} must be 0 (off) or >= 1 and finite (the cap of "
                             "the weights pi_train / pi_sampler; 2 is usual)")
@@ -946,8 +946,8 @@ class PPOLoop:
 
     def _generate_split(self, name: str, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                         phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Responses ``[n, T]``, masks and the sampler's log-probs to the left-padded prompts ``ids``/``mask`` ``[n, P]`` of this
-        rank's training DP replica, sampled on the generation layout: the replica's k = f pp generation
+        """Responses ``[n, T]``, masks and the sampler's log-probs to the left-padded prompts ``ids``/``mask``
+        ``[n, P]`` of this rank's training DP replica, sampled on the generation layout: the replica's k = f pp generation
         replicas (f = tp / tp_g) each sample a contiguous slice (the list padded to a multiple of k by
         repeating the last prompt), and an all-gather over the PP group, then over the TP subgroup of
         size f, puts the slices back in order (``ParallelLayout.for_generation``; "rollout" traffic).
@@ -986,8 +986,8 @@ class PPOLoop:
     def _generate_rows(self, model, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Responses, masks and the sampler's log-probs ``[n, T]`` (on the device; fp32, 0 after a row's end) of
-        ``model`` to the left-padded prompts ``ids`` / ``mask`` ``[n, P]``, generated ``generation_batch_size`` rows at a time (all at once when 0), so the KV cache
-        holds at most that many rows. Chunk j > 0 samples with a seed derived from (``params.seed``, j): one
+        ``model`` to the left-padded prompts ``ids`` / ``mask`` ``[n, P]``, generated ``generation_batch_size``
+        rows at a time (all at once when 0), so the KV cache holds at most that many rows. Chunk j > 0 samples with a seed derived from (``params.seed``, j): one
         chunk is exactly the unchunked call, and the samples are deterministic for a given chunk size."""
         size = self.config.generation_batch_size or ids.shape[0]
         responses, masks, logprobs = [], [], []
