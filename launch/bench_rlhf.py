@@ -26,7 +26,10 @@ the device bytes each phase held (weights, optimizer state, gradient buffers, th
 with ``--offload`` holding only what the phase uses.
 "act MiB": the peak of what autograd held for backward during one more (untimed) update, actor and critic
 (``SavedActivationMeter``: activations, parameters excluded; device-independent), which context and
-sequence parallelism (``--sequence-parallel``, layouts with tp > 1) reduce.
+sequence parallelism (``--sequence-parallel``, layouts with tp > 1) reduce. "dlogp max": the largest
+|log p_train - log p_sampler| of a sampled token over the timed iterations (``rollout_logprob_diff_max``;
+``rollout_kl`` in the JSON): rounding only in fp32, in bf16 the sampler/trainer gap that
+``--rollout-is-cap`` corrects (on GPU: the Triton decoding path against the training kernels).
 ``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
 peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
@@ -102,6 +105,10 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
     out["reshard_bytes_per_iteration"] = layout.ledger.received("reshard") / args.iterations
     out["host_bytes"] = loop.offloader.host_bytes()  # the offloaded copies' arenas (page-locked on CUDA)
     out["peak_saved_activation_bytes_update"] = meter.peak
+    # the sampling copy's log-probs against the training forward's, over every timed iteration: rounding only in
+    # fp32; in bf16 the gap TIS (--rollout-is-cap) would correct
+    out["rollout_logprob_diff_max"] = max(r["rollout_logprob_diff_max"] for r in records)
+    out["rollout_kl"] = statistics.median(r["rollout_kl"] for r in records)
     out["sequence_parallel"] = sp
     return out
 
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'cp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "
               f"{'iter s':>7}  "
               f"{'gen tok/s':>9}  {'train tok/s':>11}  {'rows':>5}  {'resident MiB gen/score/update':>29}  "
-              f"{'act MiB':>7}")
+              f"{'act MiB':>7}  {'dlogp max':>9}")
     print(f"{header}\n{'-' * len(header)}")
     out = {"args": vars(args), "layouts": []}
     for item in args.layouts.split():
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
         print(f"{tp:>3}{pp:>3}{dp:>3}{cp:>3}{gen_tp or tp:>4}  {r['generate_s']:>10.2f}  {r['score_s']:>8.2f}  "
               f"{r['train_s']:>9.2f}  {r['seconds']:>7.2f}  {r['generated_tokens_per_s']:>9.0f}  "
               f"{r['trained_tokens_per_s']:>11.0f}  {r.get('update_rows', 0):>5.1f}  {resident:>29}  "
-              f"{r['peak_saved_activation_bytes_update'] / 2**20:>7.2f}"
+              f"{r['peak_saved_activation_bytes_update'] / 2**20:>7.2f}  {r['rollout_logprob_diff_max']:>9.1e}"
               + (f"  peak MiB {peaks}" if peaks else ""),
               flush=True)
         out["layouts"].append({"tp": tp, "pp": pp, "dp": dp, "cp": cp, "generation_tp": gen_tp or tp, **r})

@@ -23,6 +23,8 @@ def test_rlhf_benchmark_reports_every_phase(tmp_path, offload):
     # activations of a 12-token update are a few MiB (4.7 at cp = 1); one model's weights (tiny: 29 MiB) counted
     # among them, as an onload under offloading once made the meter do, would exceed this
     assert layout["peak_saved_activation_bytes_update"] < 16 * 2**20
+    # fp32: the sampling copy (KV cache; cp = 1 under cp) and the training forward agree to rounding
+    assert 0 <= layout["rollout_logprob_diff_max"] < 1e-4 and 0 <= layout["rollout_kl"] < 1e-8
     assert 1 <= layout["update_rows"] <= 4 if offload else layout["update_rows"] == 4  # packed rows: at most 4
     # offloading: host arenas exist, and sampling holds less than the update (the actor alone vs the actor
     # with its optimizer); without it every phase holds everything and nothing is in host memory
