@@ -167,7 +167,7 @@ def test_gspo_and_cispo_packed_updates_equal_the_padded_ones(mode):
     """GSPO's per-response ratios from packed rows (two responses share a row: a ratio taken over the row
     would mix them) and CISPO's weights: the padded update's losses and weights; and not PPO's."""
     config = _ppo(max_prompt_length=16, policy_loss=mode, clip_eps=0.1)
-    states, padded_loop, _, batch = _one_process(seed=4, config=config)
+    _, padded_loop, _, batch = _one_process(seed=4, config=config)
     batch = off_policy(batch)
 
     def updated(loop):
