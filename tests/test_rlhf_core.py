@@ -453,6 +453,24 @@ def test_truncated_importance_weights_by_hand():
     assert not weights.requires_grad  # a constant weight of the loss
 
 
+def test_sequence_and_geometric_importance_weights_by_hand():
+    # two responses of 3 and 2 tokens (and padding): token ratios (2, 0.5, 1.5) and (1.2, 0.9)
+    ratios = torch.tensor([[2.0, 0.5, 1.5, 1.0], [1.2, 0.9, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    train = torch.full((2, 4), -1.0)
+    sampler = train - ratios.log()
+    weights, truncated = truncated_importance_weights(train, sampler, mask, cap=2.0, level="sequence")
+    seq = [2.0 * 0.5 * 1.5, 1.2 * 0.9]  # the responses' probability ratios: 1.5, 1.08
+    torch.testing.assert_close(weights, torch.tensor([[seq[0]] * 3 + [0.0], [seq[1]] * 2 + [0.0] * 2]), **FP32)
+    assert not truncated.any()
+    weights, truncated = truncated_importance_weights(train, sampler, mask, cap=1.2, level="geometric")
+    geo = [1.5 ** (1 / 3), 1.08 ** 0.5]  # 1.145, 1.039
+    torch.testing.assert_close(weights, torch.tensor([[geo[0]] * 3 + [0.0], [geo[1]] * 2 + [0.0] * 2]), **FP32)
+    weights, truncated = truncated_importance_weights(train, sampler, mask, cap=1.1, level="geometric")
+    assert truncated.tolist() == [[True] * 3 + [False], [False] * 4]  # the first response's 1.145 > 1.1
+    torch.testing.assert_close(weights[0, :3], torch.full((3,), 1.1), **FP32)
+
+
 def _aggregate_reference(losses, mask, mode, max_length):
     """The aggregation modes written out: python loops, fp64."""
     rows = [[float(losses[i, j]) for j in range(mask.shape[1]) if mask[i, j]] for i in range(mask.shape[0])]
@@ -731,6 +749,7 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: ppo_policy_loss(_x23, _x23, _x23, _m23, mode="cispo", dual_clip=3.0), r"cispo already bounds"),
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3), 2), r"sequence_index must be an integer tensor"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=0.5), r"cap must be >= 1"),
+    (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=2, level="row"), r"level must be one of \('token'"),
     (lambda: truncated_importance_weights(_x23, torch.zeros(3, 2), _m23, cap=2),
      r"sampler_logprobs has shape \(3, 2\)"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=float("inf")), r"cap must be a finite number"),

@@ -45,6 +45,7 @@ import torch
 KL_KINDS = ("k1", "k2", "k3")
 REDUCTIONS = ("mean", "sum")
 POLICY_LOSSES = ("ppo", "gspo", "cispo")
+IS_LEVELS = ("token", "sequence", "geometric")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SPREAD_STATISTICS = ("range", "std")
 GROUP_ESTIMATORS = ("grpo", "rloo")
@@ -375,9 +376,15 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor, sequence_index: torch.Ten
 
 
 def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
-                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated importance sampling (TIS) weights ``min(exp(logprobs - sampler_logprobs), cap)`` ``[b, t]``
-    (fp32, detached, 0 outside the mask), and which tokens the cap truncated ``[b, t]`` bool.
+                                 cap: float, level: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS) weights ``min(ratio, cap)`` ``[b, t]`` (fp32, detached, 0 outside the
+    mask), and which tokens the cap truncated ``[b, t]`` bool. ``level`` picks the ratio (rows are responses):
+
+        token       exp(logprobs - sampler_logprobs) of each token
+        sequence    the response's probability ratio, exp(sum over its tokens), on each of its tokens: the
+                    unbiased correction of a response-level objective, with a variance that grows with length
+        geometric   exp(mean over its tokens): the geometric mean of the token ratios (GSPO's per-response
+                    ratio), on each of its tokens
 
     The rollout's tokens were drawn by a sampling copy of the actor (another layout, a KV cache, other
     kernels) whose probabilities ``sampler_logprobs`` differ from those of the training forward,
@@ -391,9 +398,16 @@ def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch
     cap = _finite_number("cap", cap)
     if cap < 1:
         raise ValueError(f"cap must be >= 1 (a cap below 1 would scale every token's loss down), got {cap}")
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance sampling level must be one of {IS_LEVELS}, got {level!r}")
     with torch.no_grad():
+        log_ratio = _masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)
+        if level == "sequence":
+            log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
+        elif level == "geometric":
+            log_ratio = (log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
         # clamped like the policy ratio: a log-ratio above 20 is far past any cap (exp overflows fp32 past ~88)
-        ratio = torch.exp((_masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)).clamp(-20.0, 20.0))
+        ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
         truncated = m & (ratio > cap)
         weights = torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device))
         return weights, truncated
@@ -729,7 +743,7 @@ class RunningMoments:
         self._count, self._mean, self._m2 = count, mean, m2
 
 
-__all__ = ["GROUP_ESTIMATORS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS", "SPREAD_STATISTICS",
+__all__ = ["GROUP_ESTIMATORS", "IS_LEVELS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS", "SPREAD_STATISTICS",
            "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages", "kl_estimate", "kl_penalty",
            "loss_token_weights", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "overlong_penalty",
            "ppo_policy_loss", "reference_baseline", "reward_spread_filter", "sequence_mean", "shape_rewards",

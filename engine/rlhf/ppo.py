@@ -100,7 +100,7 @@ from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (GROUP_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments, adaptive_kl_coef,
+from engine.rlhf.core import (GROUP_ESTIMATORS, IS_LEVELS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments, adaptive_kl_coef,
                               gae_advantages, group_advantages, kl_estimate, loss_token_weights, masked_mean,
                               masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards,
                               truncated_importance_weights)
@@ -186,6 +186,10 @@ class PPOConfig:
     the metrics measure that difference whether or not this corrects for it. Both sides are the tempered
     distribution before top-k / top-p filtering (as ``generate`` reports it): neither the metrics nor the
     weights account for that truncation, only for numeric and layout differences."""
+    rollout_is_level: str = "token"
+    """Which ratio the rollout_is_cap weights take (``core.IS_LEVELS``): "token" (each token's own),
+    "sequence" (the response's probability ratio, on each of its tokens) or "geometric" (the geometric mean of
+    its token ratios: the per-response ratio GSPO clips)."""
     loss_agg_mode: str = "token-mean"
     """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
@@ -394,6 +398,8 @@ class PPOConfig:
         elif self.policy_loss == "cispo" and self.dual_clip:
             problems.append(f"dual_clip={self.dual_clip} caps PPO's clipped surrogate; policy_loss=cispo already "
                             "bounds each token's weight: set dual_clip 0")
+        if self.rollout_is_level not in IS_LEVELS:
+            problems.append(f"rollout_is_level={self.rollout_is_level!r} must be one of {IS_LEVELS}")
         if not (self.rollout_is_cap == 0 or 1 <= self.rollout_is_cap < math.inf):
             problems.append(f"rollout_is_cap={self.rollout_is_cap} must be 0 (off) or >= 1 and finite (the cap of "
                             "the weights pi_train / pi_sampler; 2 is usual)")
@@ -1246,7 +1252,8 @@ class PPOLoop:
                                    if all_tokens.any() else 0.0)}
         if c.rollout_is_cap > 0:
             # (not "truncated": that name holds the responses cut off at max_new_tokens)
-            weights, capped = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap)
+            weights, capped = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap,
+                                                           c.rollout_is_level)
             batch["rollout_is_weights"] = align(weights, P, 0.0)
             mismatch["rollout_is_truncated"] = (capped.sum() / mask.sum().clamp(min=1)).item()
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
