@@ -100,10 +100,10 @@ from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (GROUP_ESTIMATORS, IS_LEVELS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments, adaptive_kl_coef,
-                              gae_advantages, group_advantages, kl_estimate, loss_token_weights, masked_mean,
-                              masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter, shape_rewards,
-                              truncated_importance_weights)
+from engine.rlhf.core import (GROUP_ESTIMATORS, IS_LEVELS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments,
+                              adaptive_kl_coef, gae_advantages, group_advantages, kl_estimate, loss_token_weights,
+                              masked_mean, masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter,
+                              shape_rewards, truncated_importance_weights)
 from engine.rlhf.objectives import PolicyObjective, ValueObjective
 from engine.rlhf.offload import Offloader
 from engine.train.batches import pack_padded_rows
@@ -953,8 +953,8 @@ class PPOLoop:
     def _generate_split(self, name: str, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
                         phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Responses ``[n, T]``, masks and the sampler's log-probs to the left-padded prompts ``ids``/``mask``
-        ``[n, P]`` of this rank's training DP replica, sampled on the generation layout: the replica's k = f pp generation
-        replicas (f = tp / tp_g) each sample a contiguous slice (the list padded to a multiple of k by
+        ``[n, P]`` of this rank's training DP replica, sampled on the generation layout: the replica's k = f pp
+        generation replicas (f = tp / tp_g) each sample a contiguous slice (the list padded to a multiple of k by
         repeating the last prompt), and an all-gather over the PP group, then over the TP subgroup of
         size f, puts the slices back in order (``ParallelLayout.for_generation``; "rollout" traffic).
         ``name``: the model ("actor" or "reference") whose generation copy (``generation_model``) samples;
@@ -993,8 +993,9 @@ class PPOLoop:
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Responses, masks and the sampler's log-probs ``[n, T]`` (on the device; fp32, 0 after a row's end) of
         ``model`` to the left-padded prompts ``ids`` / ``mask`` ``[n, P]``, generated ``generation_batch_size``
-        rows at a time (all at once when 0), so the KV cache holds at most that many rows. Chunk j > 0 samples with a seed derived from (``params.seed``, j): one
-        chunk is exactly the unchunked call, and the samples are deterministic for a given chunk size."""
+        rows at a time (all at once when 0), so the KV cache holds at most that many rows. Chunk j > 0 samples
+        with a seed derived from (``params.seed``, j): one chunk is exactly the unchunked call, and the samples
+        are deterministic for a given chunk size."""
         size = self.config.generation_batch_size or ids.shape[0]
         responses, masks, logprobs = [], [], []
         for j, start in enumerate(range(0, ids.shape[0], size)):
