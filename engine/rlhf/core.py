@@ -744,7 +744,7 @@ class RunningMoments:
 
 
 __all__ = ["GROUP_ESTIMATORS", "IS_LEVELS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS",
-           "SPREAD_STATISTICS", "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages", "kl_estimate", "kl_penalty",
-           "loss_token_weights", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "overlong_penalty",
-           "ppo_policy_loss", "reference_baseline", "reward_spread_filter", "sequence_mean", "shape_rewards",
-           "truncated_importance_weights", "value_loss"]
+           "SPREAD_STATISTICS", "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages",
+           "kl_estimate", "kl_penalty", "loss_token_weights", "masked_mean", "masked_sum", "masked_var",
+           "masked_whiten", "overlong_penalty", "ppo_policy_loss", "reference_baseline", "reward_spread_filter",
+           "sequence_mean", "shape_rewards", "truncated_importance_weights", "value_loss"]
