@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
-from engine.rlhf.core import IS_LEVELS, LOSS_AGG_MODES, POLICY_LOSSES
+from engine.rlhf.core import IS_LEVELS, IS_MODES, LOSS_AGG_MODES, POLICY_LOSSES
 from engine.rlhf.ppo import ESTIMATORS, PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rounding (0: off)")
     p.add_argument("--rollout-is-level", choices=IS_LEVELS, help="the ratio --rollout-is-cap weights take: each "
                    "token's (default), the response's (sequence) or the geometric mean of its tokens' (geometric)")
+    p.add_argument("--rollout-is-mode", choices=IS_MODES, help="truncate: cap the ratio at --rollout-is-cap "
+                   "(default); mask: drop the tokens whose ratio is outside [1 / cap, cap]")
     p.add_argument("--clip-eps-high", type=float, help="upper clip range of the policy ratio (clip-higher; default "
                    "clip_eps)")
     p.add_argument("--dual-clip", type=float, help="c > 1: cap the loss of negative-advantage tokens at -c A "
@@ -306,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 _PPO_FLAGS = ("iterations", "rollout_prompts", "samples_per_prompt", "mini_batch_size", "micro_batch_size",
               "max_new_tokens", "kl_coef", "kl_target", "kl_horizon", "kl_loss_coef", "ptx_coef", "seed",
               "generation_tp", "offload", "advantage_estimator", "pack_sequences", "policy_loss", "clip_eps",
-              "clip_eps_high", "dual_clip", "rollout_is_cap", "rollout_is_level", "loss_agg_mode", "eval_interval",
-              "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
+              "clip_eps_high", "dual_clip", "rollout_is_cap", "rollout_is_level", "rollout_is_mode", "loss_agg_mode",
+              "eval_interval", "eval_samples", "eval_temperature", "entropy_coef", "overlong_buffer", "mask_truncated",
               "min_reward_spread", "sampling_rounds", "critic_warmup", "grpo_normalize_std", "generation_batch_size")
 _CKPT_FLAGS = ("actor_from", "reward_from", "critic_from", "save", "save_interval", "load", "keep_last", "async_save")
 

@@ -471,6 +471,21 @@ def test_sequence_and_geometric_importance_weights_by_hand():
     torch.testing.assert_close(weights[0, :3], torch.full((3,), 1.1), **FP32)
 
 
+def test_masked_importance_weights_drop_what_leaves_the_band():
+    # token ratios 2, 0.5, 1.5, 0.6 | 1.2, 0.9; cap 1.6: the band is [0.625, 1.6]
+    ratios = torch.tensor([[2.0, 0.5, 1.5, 0.6], [1.2, 0.9, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    train = torch.full((2, 4), -1.0)
+    sampler = train - ratios.log()
+    weights, dropped = truncated_importance_weights(train, sampler, mask, cap=1.6, mode="mask")
+    torch.testing.assert_close(weights, torch.tensor([[0.0, 0.0, 1.5, 0.0], [1.2, 0.9, 0.0, 0.0]]), **FP32)
+    assert dropped.tolist() == [[True, True, False, True], [False, False, False, False]]
+    # per response (geometric): 0.9^(1/4) ~ 0.974 inside [1 / 1.03, 1.03] = [0.971, 1.03], 1.08^(1/2) ~ 1.039 not
+    weights, dropped = truncated_importance_weights(train, sampler, mask, cap=1.03, level="geometric", mode="mask")
+    torch.testing.assert_close(weights[0], torch.full((4,), 0.9 ** 0.25), **FP32)
+    assert (weights[1] == 0).all() and dropped.tolist() == [[False] * 4, [True, True, False, False]]
+
+
 def _aggregate_reference(losses, mask, mode, max_length):
     """The aggregation modes written out: python loops, fp64."""
     rows = [[float(losses[i, j]) for j in range(mask.shape[1]) if mask[i, j]] for i in range(mask.shape[0])]
@@ -750,6 +765,7 @@ _bad_prefix = torch.tensor([[1, 0, 1], [1, 1, 0]])
     (lambda: sequence_mean(_x23, _m23, torch.zeros(2, 3), 2), r"sequence_index must be an integer tensor"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=0.5), r"cap must be >= 1"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=2, level="row"), r"level must be one of \('token'"),
+    (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=2, mode="clip"), r"mode must be one of \('truncate'"),
     (lambda: truncated_importance_weights(_x23, torch.zeros(3, 2), _m23, cap=2),
      r"sampler_logprobs has shape \(3, 2\)"),
     (lambda: truncated_importance_weights(_x23, _x23, _m23, cap=float("inf")), r"cap must be a finite number"),

@@ -112,15 +112,17 @@ def test_sampler_logprobs_match_the_training_forward_and_a_stale_sampling_copy_s
     assert stats["rollout_logprob_diff_max"] > 0.05 and stats["rollout_kl"] > 1e-4, stats
 
 
-@pytest.mark.parametrize("cap,level,weight,capped", [(3.0, "token", 2.0, 0.0), (1.5, "token", 1.5, 1.0),
-                                                     (3.0, "geometric", 2.0, 0.0), (3.0, "sequence", 3.0, 1.0)])
-def test_truncated_importance_weights_scale_the_policy_loss_only(cap, level, weight, capped):
+@pytest.mark.parametrize("cap,level,mode,weight,capped", [
+    (3.0, "token", "truncate", 2.0, 0.0), (1.5, "token", "truncate", 1.5, 1.0),
+    (3.0, "geometric", "truncate", 2.0, 0.0), (3.0, "sequence", "truncate", 3.0, 1.0),
+    (3.0, "token", "mask", 2.0, 0.0), (1.5, "token", "mask", 0.0, 1.0)])  # mask: 2 outside [1/1.5, 1.5] trains nothing
+def test_truncated_importance_weights_scale_the_policy_loss_only(cap, level, mode, weight, capped):
     """A sampler that gave every token half the training forward's probability: each token's policy loss is
     weighted by min(ratio, cap), 2 per token and per geometric mean, 2^6 per (6-token) response, so the actor's
     loss and gradient norm scale by that factor and nothing else changes (one mini-batch holding the rollout,
     the same starting weights)."""
     # advantages not whitened: whitened ones sum to 0 over the batch, and so would the loss at ratio 1
-    config = _ppo(rollout_is_cap=cap, rollout_is_level=level, iterations=1, mini_batch_size=8,
+    config = _ppo(rollout_is_cap=cap, rollout_is_level=level, rollout_is_mode=mode, iterations=1, mini_batch_size=8,
                   whiten_advantages=False)
     states, loop, rollout, _ = _one_process(seed=3, config=config)
     half = dataclasses.replace(rollout, sampler_logprobs=rollout.logprobs - math.log(2))
@@ -591,6 +593,7 @@ def test_kl_loss_term_in_the_policy_objective():
     (dict(clip_eps=math.inf), r"clip_eps=inf must be > 0 and finite"),
     (dict(rollout_is_cap=0.5), r"rollout_is_cap=0.5 must be 0 \(off\) or >= 1 and finite"),
     (dict(rollout_is_level="row"), r"rollout_is_level='row' must be one of \('token', 'sequence', 'geometric'\)"),
+    (dict(rollout_is_mode="clip"), r"rollout_is_mode='clip' must be one of \('truncate', 'mask'\)"),
     (dict(clip_eps=0.0), r"clip_eps=0.0 must be > 0 and finite"),
     (dict(gamma=1.5), r"gamma=1.5 and lam=0.95 must be in \[0, 1\]"),
     (dict(value_clip_eps=-1.0), r"value_clip_eps=-1.0 must be > 0 and finite"),
@@ -1216,7 +1219,8 @@ def test_launcher_errors(tmp_path, capsys):
              "--advantage-estimator", "reinforce++", "--log-samples", "7", "--eval-fraction", "0.1",
              "--reward-fn", "m:f", "--reward-workers", "4", "--prompts", "p.jsonl", "--no-grpo-normalize-std",
              "--eval-samples", "4", "--eval-temperature", "0.7", "--generation-batch-size", "16",
-             "--policy-loss", "gspo", "--clip-eps", "3e-4", "--rollout-is-cap", "2", "--rollout-is-level", "geometric"]
+             "--policy-loss", "gspo", "--clip-eps", "3e-4", "--rollout-is-cap", "2", "--rollout-is-level", "geometric",
+             "--rollout-is-mode", "mask"]
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(flags)))
     ppo = run.ppo
     assert (ppo.loss_agg_mode, ppo.dual_clip, ppo.clip_eps_high) == ("seq-mean-token-sum-norm", 3.0, 0.28)
@@ -1226,8 +1230,8 @@ def test_launcher_errors(tmp_path, capsys):
     assert (run.log_samples, run.data.eval_fraction, run.reward.function, run.reward.workers) == (7, 0.1, "m:f", 4)
     assert run.data.prompts == "p.jsonl" and run.ppo.grpo_normalize_std is False
     assert (run.ppo.eval_samples, run.ppo.eval_temperature, run.ppo.generation_batch_size) == (4, 0.7, 16)
-    assert (run.ppo.policy_loss, run.ppo.clip_eps, run.ppo.rollout_is_cap, run.ppo.rollout_is_level) == (
-        "gspo", 3e-4, 2.0, "geometric")
+    assert (run.ppo.policy_loss, run.ppo.clip_eps, run.ppo.rollout_is_cap, run.ppo.rollout_is_level,
+            run.ppo.rollout_is_mode) == ("gspo", 3e-4, 2.0, "geometric", "mask")
     assert load_rlhf_run(None).ppo.policy_loss == "ppo" and load_rlhf_run(None).ppo.rollout_is_cap == 0
     # sequence parallel: the flag reaches the run, the sequence must split over tp
     run = load_rlhf_run(None, cli_overrides(build_parser().parse_args(["--sequence-parallel", "--tp", "2",

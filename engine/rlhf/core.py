@@ -46,6 +46,7 @@ KL_KINDS = ("k1", "k2", "k3")
 REDUCTIONS = ("mean", "sum")
 POLICY_LOSSES = ("ppo", "gspo", "cispo")
 IS_LEVELS = ("token", "sequence", "geometric")
+IS_MODES = ("truncate", "mask")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SPREAD_STATISTICS = ("range", "std")
 GROUP_ESTIMATORS = ("grpo", "rloo")
@@ -376,9 +377,12 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor, sequence_index: torch.Ten
 
 
 def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
-                                 cap: float, level: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+                                 cap: float, level: str = "token", mode: str = "truncate"
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated importance sampling (TIS) weights ``min(ratio, cap)`` ``[b, t]`` (fp32, detached, 0 outside the
-    mask), and which tokens the cap truncated ``[b, t]`` bool. ``level`` picks the ratio (rows are responses):
+    mask), and which tokens the cap acted on ``[b, t]`` bool. ``mode="mask"`` (masked importance sampling)
+    instead keeps the ratio inside ``[1 / cap, cap]`` and gives 0 to the tokens outside it, which then train
+    nothing. ``level`` picks the ratio (rows are responses):
 
         token       exp(logprobs - sampler_logprobs) of each token
         sequence    the response's probability ratio, exp(sum over its tokens), on each of its tokens: the
@@ -400,6 +404,8 @@ def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch
         raise ValueError(f"cap must be >= 1 (a cap below 1 would scale every token's loss down), got {cap}")
     if level not in IS_LEVELS:
         raise ValueError(f"importance sampling level must be one of {IS_LEVELS}, got {level!r}")
+    if mode not in IS_MODES:
+        raise ValueError(f"importance sampling mode must be one of {IS_MODES}, got {mode!r}")
     with torch.no_grad():
         log_ratio = _masked_fp32(logprobs, m) - _masked_fp32(sampler_logprobs, m)
         if level == "sequence":
@@ -408,9 +414,12 @@ def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch
             log_ratio = (log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
         # clamped like the policy ratio: a log-ratio above 20 is far past any cap (exp overflows fp32 past ~88)
         ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+        zero = torch.zeros((), dtype=torch.float32, device=ratio.device)
+        if mode == "mask":
+            outside = m & ((ratio > cap) | (ratio < 1.0 / cap))
+            return torch.where(m & ~outside, ratio, zero), outside
         truncated = m & (ratio > cap)
-        weights = torch.where(m, ratio.clamp(max=cap), torch.zeros((), dtype=torch.float32, device=ratio.device))
-        return weights, truncated
+        return torch.where(m, ratio.clamp(max=cap), zero), truncated
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -743,7 +752,7 @@ class RunningMoments:
         self._count, self._mean, self._m2 = count, mean, m2
 
 
-__all__ = ["GROUP_ESTIMATORS", "IS_LEVELS", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS",
+__all__ = ["GROUP_ESTIMATORS", "IS_LEVELS", "IS_MODES", "KL_KINDS", "LOSS_AGG_MODES", "POLICY_LOSSES", "REDUCTIONS",
            "SPREAD_STATISTICS", "RunningMoments", "adaptive_kl_coef", "gae_advantages", "group_advantages",
            "kl_estimate", "kl_penalty", "loss_token_weights", "masked_mean", "masked_sum", "masked_var",
            "masked_whiten", "overlong_penalty", "ppo_policy_loss", "reference_baseline", "reward_spread_filter",

@@ -100,7 +100,7 @@ from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
-from engine.rlhf.core import (GROUP_ESTIMATORS, IS_LEVELS, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments,
+from engine.rlhf.core import (GROUP_ESTIMATORS, IS_LEVELS, IS_MODES, LOSS_AGG_MODES, POLICY_LOSSES, RunningMoments,
                               adaptive_kl_coef, gae_advantages, group_advantages, kl_estimate, loss_token_weights,
                               masked_mean, masked_whiten, overlong_penalty, reference_baseline, reward_spread_filter,
                               shape_rewards, truncated_importance_weights)
@@ -190,6 +190,11 @@ class PPOConfig:
     """Which ratio the rollout_is_cap weights take (``core.IS_LEVELS``): "token" (each token's own),
     "sequence" (the response's probability ratio, on each of its tokens) or "geometric" (the geometric mean of
     its token ratios: the per-response ratio GSPO clips)."""
+    rollout_is_mode: str = "truncate"
+    """What rollout_is_cap does to a ratio (``core.IS_MODES``): "truncate" caps it at the cap; "mask" (masked
+    importance sampling) keeps ratios in [1 / cap, cap] and drops the tokens (or, at the sequence and
+    geometric levels, responses) outside, which then train nothing. ``rollout_is_truncated`` in the metrics
+    counts the tokens it acted on."""
     loss_agg_mode: str = "token-mean"
     """How the policy loss (and the kl_loss term) of a mini-batch averages over tokens and responses
     (``core.loss_token_weights``): "token-mean" (every token alike), "seq-mean-token-mean" (every response
@@ -400,6 +405,8 @@ class PPOConfig:
                             "bounds each token's weight: set dual_clip 0")
         if self.rollout_is_level not in IS_LEVELS:
             problems.append(f"rollout_is_level={self.rollout_is_level!r} must be one of {IS_LEVELS}")
+        if self.rollout_is_mode not in IS_MODES:
+            problems.append(f"rollout_is_mode={self.rollout_is_mode!r} must be one of {IS_MODES}")
         if not (self.rollout_is_cap == 0 or 1 <= self.rollout_is_cap < math.inf):
             problems.append(f"rollout_is_cap={self.rollout_is_cap} must be 0 (off) or >= 1 and finite (the cap of "
                             "the weights pi_train / pi_sampler; 2 is usual)")
@@ -1254,7 +1261,7 @@ class PPOLoop:
         if c.rollout_is_cap > 0:
             # (not "truncated": that name holds the responses cut off at max_new_tokens)
             weights, capped = truncated_importance_weights(r.logprobs, r.sampler_logprobs, mask, c.rollout_is_cap,
-                                                           c.rollout_is_level)
+                                                           c.rollout_is_level, c.rollout_is_mode)
             batch["rollout_is_weights"] = align(weights, P, 0.0)
             mismatch["rollout_is_truncated"] = (capped.sum() / mask.sum().clamp(min=1)).item()
         seq_kl = (kl_estimate(r.logprobs, r.ref_logprobs, "k1") * all_tokens).sum(1)  # KL of each response
