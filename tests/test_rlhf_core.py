@@ -453,12 +453,16 @@ def test_truncated_importance_weights_by_hand():
     assert not weights.requires_grad  # a constant weight of the loss
 
 
+def _ratio_inputs(ratios: list, lengths: list) -> tuple:
+    """Training and sampler log-probs whose token ratios are ``ratios``, and the mask of responses of ``lengths``."""
+    r = torch.tensor(ratios)
+    train = torch.full_like(r, -1.0)
+    return train, train - r.log(), _prefix_mask(lengths, r.shape[1])
+
+
 def test_sequence_and_geometric_importance_weights_by_hand():
     # two responses of 3 and 2 tokens (and padding): token ratios (2, 0.5, 1.5) and (1.2, 0.9)
-    ratios = torch.tensor([[2.0, 0.5, 1.5, 1.0], [1.2, 0.9, 1.0, 1.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    train = torch.full((2, 4), -1.0)
-    sampler = train - ratios.log()
+    train, sampler, mask = _ratio_inputs([[2.0, 0.5, 1.5, 1.0], [1.2, 0.9, 1.0, 1.0]], [3, 2])
     weights, truncated = truncated_importance_weights(train, sampler, mask, cap=2.0, level="sequence")
     seq = [2.0 * 0.5 * 1.5, 1.2 * 0.9]  # the responses' probability ratios: 1.5, 1.08
     torch.testing.assert_close(weights, torch.tensor([[seq[0]] * 3 + [0.0], [seq[1]] * 2 + [0.0] * 2]), **FP32)
@@ -473,10 +477,7 @@ def test_sequence_and_geometric_importance_weights_by_hand():
 
 def test_masked_importance_weights_drop_what_leaves_the_band():
     # token ratios 2, 0.5, 1.5, 0.6 | 1.2, 0.9; cap 1.6: the band is [0.625, 1.6]
-    ratios = torch.tensor([[2.0, 0.5, 1.5, 0.6], [1.2, 0.9, 1.0, 1.0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    train = torch.full((2, 4), -1.0)
-    sampler = train - ratios.log()
+    train, sampler, mask = _ratio_inputs([[2.0, 0.5, 1.5, 0.6], [1.2, 0.9, 1.0, 1.0]], [4, 2])
     weights, dropped = truncated_importance_weights(train, sampler, mask, cap=1.6, mode="mask")
     torch.testing.assert_close(weights, torch.tensor([[0.0, 0.0, 1.5, 0.0], [1.2, 0.9, 0.0, 0.0]]), **FP32)
     assert dropped.tolist() == [[True, True, False, True], [False, False, False, False]]
