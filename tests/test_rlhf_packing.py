@@ -20,7 +20,7 @@ from engine.train.batches import pack_padded_rows
 from engine.train.objectives import IGNORE_INDEX
 from engine.train.step import TrainConfig
 from tests._dist import run_distributed
-from tests.test_rlhf_ppo import _config, _loop, _models, _one_process, _ppo
+from tests.test_rlhf_ppo import _config, _loop, _models, _one_process, _ppo, off_policy
 
 
 def test_pack_padded_rows_moves_each_sequence_intact():
@@ -148,18 +148,6 @@ def test_packed_update_equals_the_padded_update():
     packed = _updated(_loop(_ppo(iterations=1, max_prompt_length=16, pack_sequences=True), models=_models(seed=2)))
     assert packed[0]["reward"] == pytest.approx(padded[0]["reward"], rel=1e-5)  # the same rollout, scored packed
     _compare(packed, padded)
-
-
-def off_policy(batch: dict, seed: int = 5) -> dict:
-    """A copy of a PPO batch whose old log-probs lie off the current policy: per-token noise and a per-row
-    shift, as if sampled some steps back. The first update step then has ratios far from 1 whose sequence
-    means differ per response (GSPO), and importance weights past the clip range (CISPO)."""
-    out = {k: v.clone() for k, v in batch.items()}
-    g = torch.Generator().manual_seed(seed)
-    old = out["old_logprobs"]
-    out["old_logprobs"] = old + 0.2 * torch.randn(old.shape, generator=g) + 0.3 * torch.randn(old.shape[0], 1,
-                                                                                              generator=g)
-    return out
 
 
 @pytest.mark.parametrize("mode", ["gspo", "cispo"])

@@ -662,6 +662,18 @@ def _one_process(seed: int, config=None):
     return states, loop, rollout, batch
 
 
+def off_policy(batch: dict, seed: int = 5) -> dict:
+    """A copy of a PPO batch whose old log-probs lie off the current policy: per-token noise and a per-row
+    shift, as if sampled some steps back. The first update step then has ratios far from 1 whose sequence
+    means differ per response (GSPO), and importance weights past the clip range (CISPO)."""
+    out = {k: v.clone() for k, v in batch.items()}
+    g = torch.Generator().manual_seed(seed)
+    old = out["old_logprobs"]
+    out["old_logprobs"] = old + 0.2 * torch.randn(old.shape, generator=g) + 0.3 * torch.randn(old.shape[0], 1,
+                                                                                              generator=g)
+    return out
+
+
 def _sharded(states, layout, sequence_parallel: bool = False) -> list:
     """Actor, critic, reference and reward built for ``layout`` from full state dicts (a model, or the
     rank's chunks when vpp > 1)."""
@@ -1027,10 +1039,9 @@ GSPO_CP = dict(max_prompt_length=26, max_new_tokens=6)
 
 
 def _gspo_update(layout, states, batch, **ppo) -> tuple[dict, dict]:
-    """One GSPO update on an off-policy batch (``test_rlhf_packing.off_policy``): its metrics and the actor's
+    """One GSPO update on an off-policy batch (``off_policy``): its metrics and the actor's
     full weights after it."""
     from engine.parallel.sharding import gather_full_state_dict
-    from tests.test_rlhf_packing import off_policy
     loop = _loop(_ppo(**GSPO_CP, policy_loss="gspo", clip_eps=0.1, **ppo), layout=layout,
                  models=_sharded(states, layout))
     update = loop.update(off_policy(batch), 0)
