@@ -41,6 +41,18 @@ def at_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 
+class Linear(nn.Linear):
+    """The single-process projection: ``nn.Linear`` that can hold a LoRA adapter (``engine.model.lora``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + self.lora(x) if self.lora is not None and self.lora.enabled else y
+
+
 class OutputLinear(nn.Linear):
     """The single-process output layer: ``forward(x [..., in], index=None)``; with ``index`` only those
     rows (``at_positions``): ``[n, out]``, as ``ColumnParallelLinear`` does under tensor parallelism."""
@@ -50,7 +62,7 @@ class OutputLinear(nn.Linear):
 
 
 def plain_linear(in_features: int, out_features: int, bias: bool, role: str) -> nn.Module:
-    return (OutputLinear if role == "output" else nn.Linear)(in_features, out_features, bias=bias)
+    return (OutputLinear if role == "output" else Linear)(in_features, out_features, bias=bias)
 
 
 def plain_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:

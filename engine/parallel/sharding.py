@@ -12,6 +12,9 @@ Tensor-parallel rules (tp ranks, rank r; hq query heads, g KV groups, d head dim
     layers.i.mlp.gate_up.weight             rows [gate_r | up_r], each [r f/tp, (r+1) f/tp) of its half
     layers.i.mlp.down.weight                columns [r f/tp, (r+1) f/tp)
     *norm.weight, value_head.*              replicated
+    <qkv|gate_up>.lora.A, <dense|down>.lora.B   replicated (LoRA factors, engine/model/lora.py)
+    <qkv|gate_up>.lora.B                    rows, as the projection's weight
+    <dense|down>.lora.A                     columns, as the projection's weight
 
 Pipeline: a stage holds ``layers.i.*`` for its layer indices, ``embedding.*`` on the first chunk,
 ``final_norm.*`` / ``output_layer.*`` / ``value_head.*`` on the last.
@@ -67,6 +70,14 @@ def _role(name: str) -> str:
     rest = m.group(2) if m else name
     if name in _VOCAB_ROWS:
         return "vocab"
+    if ".lora." in rest:  # an adapter factor: B shares its projection's output rows, A its input columns
+        projection, factor = rest.rsplit(".lora.", 1)
+        column = {"attention.qkv": "qkv", "mlp.gate_up": "gate_up"}.get(projection)
+        if projection not in ("attention.qkv", "mlp.gate_up", "attention.dense", "mlp.down") or factor not in ("A", "B"):
+            raise ValueError(f"no tensor-parallel rule for state-dict entry {name!r}")
+        if factor == "A":
+            return "replicated" if column else "columns"
+        return column or "replicated"
     if rest.startswith("attention.qkv."):
         return "qkv"
     if rest == "attention.dense.weight" or rest == "mlp.down.weight":

@@ -12,6 +12,8 @@ Parameter attributes (read by the optimizer and grad-norm code; see ``mark_param
                          over TP (counted once).
     sequence_parallel    True: replicated over TP but each rank's gradient covers only its sequence
                          chunk, so the gradients must be all-reduced over TP (``sync_sequence_parallel_grads``).
+                         Also the LoRA factor a TP layer holds whole (``mark_lora``): each rank's gradient
+                         covers only its shard's share.
     tp_duplicate_rows    (start, stop) rows that another TP rank also holds (a replicated KV head, on
                          every rank of its replica group but the first): excluded from the grad norm.
 
@@ -62,6 +64,7 @@ class ColumnParallelLinear(nn.Module):
                                    if local_out_features is None else local_out_features)
         self.weight = _mark(nn.Parameter(torch.empty(self.local_out_features, in_features)), True)
         self.bias = _mark(nn.Parameter(torch.zeros(self.local_out_features)), True) if bias else None
+        self.lora = None  # engine.model.lora.add_lora: A [r, in] whole, B [out/tp, r]
         nn.init.normal_(self.weight, 0.0, 0.02)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,6 +72,8 @@ class ColumnParallelLinear(nn.Module):
         if index is not None:  # after the sequence gather: index counts positions of the whole sequence
             x = at_positions(x, index)
         y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora(x)
         return gather_from_tp(y, self.layout) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -87,7 +92,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(config.hidden_size, config.qkv_size, config.qkv_bias, layout, sequence_parallel,
                          local_out_features=local_rows)
         self.q_rows = config.num_attention_heads // tp * config.kv_channels
-        replicas = kv_replication(config, tp)
+        self.replicas = replicas = kv_replication(config, tp)
         if replicas > 1:
             group, ranks = layout.tp_subgroup(replicas)
             hook = _replicated_kv_grad_hook(self.q_rows, group, layout.ledger)
@@ -96,6 +101,21 @@ class QKVParallelLinear(ColumnParallelLinear):
                     p.register_hook(hook)
                     if layout.rank != ranks[0]:
                         p.tp_duplicate_rows = (self.q_rows, self.local_out_features)
+
+
+def mark_lora(module: ColumnParallelLinear | RowParallelLinear, adapter: nn.Module, column: bool) -> None:
+    """Mark a LoRA adapter of a TP layer: the factor sharded with the weight is ``tensor_parallel``; the
+    factor held whole gets partial gradients on each rank, summed over TP by the optimizer (marked
+    ``sequence_parallel``). A replicated KV head's rows of a qkv adapter's B are summed over the ranks
+    sharing it, as the weight's are."""
+    sharded, whole = (adapter.B, adapter.A) if column else (adapter.A, adapter.B)
+    _mark(sharded, True)
+    _mark(whole, False, True)
+    if isinstance(module, QKVParallelLinear) and module.replicas > 1:
+        group, ranks = module.layout.tp_subgroup(module.replicas)
+        adapter.B.register_hook(_replicated_kv_grad_hook(module.q_rows, group, module.layout.ledger))
+        if module.layout.rank != ranks[0]:
+            adapter.B.tp_duplicate_rows = (module.q_rows, module.local_out_features)
 
 
 def _replicated_kv_grad_hook(q_rows: int, group, ledger):
@@ -121,10 +141,13 @@ class RowParallelLinear(nn.Module):
         self.weight = _mark(nn.Parameter(torch.empty(out_features, self.local_in_features)), True)
         # The bias is added after the reduction: replicated; under SP each rank sees a sequence chunk.
         self.bias = _mark(nn.Parameter(torch.zeros(out_features)), False, sequence_parallel) if bias else None
+        self.lora = None  # engine.model.lora.add_lora: A [r, in/tp], B [out, r] whole
         nn.init.normal_(self.weight, 0.0, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        if self.lora is not None and self.lora.enabled:  # a partial product too: reduced with y
+            y = y + self.lora(x)
         y = reduce_scatter_to_sequence(y, self.layout) if self.sequence_parallel else reduce_from_tp(y, self.layout)
         return y + self.bias if self.bias is not None else y
 

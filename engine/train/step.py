@@ -141,15 +141,23 @@ class OptimizerConfig:
 
 
 def build_optimizer(chunks: Sequence[torch.nn.Module], layout, optim: OptimizerConfig, lr: float):
-    """A ``DistributedOptimizer`` over every chunk's parameters (clipping done in its ``step``), averaging
-    gradients and sharding state over ``layout.gradient_layout`` (dp x cp ranks)."""
+    """A ``DistributedOptimizer`` over every chunk's trainable parameters (clipping done in its ``step``),
+    averaging gradients and sharding state over ``layout.gradient_layout`` (dp x cp ranks). Frozen
+    parameters (a LoRA model's base weights) are stored in the optimizer's parameter dtype (bf16 under
+    mixed precision), as the trainable ones are: they have no fp32 master copy to keep."""
     from engine.optim import DistributedOptimizer
-    return DistributedOptimizer(chunk_named_parameters(chunks), layout, lr=lr, betas=tuple(optim.betas),
+    optimizer = DistributedOptimizer(chunk_named_parameters(chunks), layout, lr=lr, betas=tuple(optim.betas),
                                 eps=optim.eps, weight_decay=optim.weight_decay,
                                 use_distributed_optimizer=optim.use_distributed_optimizer,
                                 bucket_size_bytes=optim.bucket_size_bytes, mixed_precision=optim.mixed_precision,
                                 backend=optim.backend, max_grad_norm=optim.clip_grad or None,
                                 overlap_grad_reduce=optim.overlap_grad_reduce)
+    with torch.no_grad():
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(optimizer.param_dtype)
+    return optimizer
 
 
 class Trainer:

@@ -1,0 +1,262 @@
+"""LoRA adapters (engine/model/lora.py): numerics against an fp64 weight-space reference, the base model
+under ``lora_disabled``, merging, config errors, and every TP x PP x DP layout against one process.
+
+The reference writes the adapted projection the other way round from the engine: the engine adds
+``scale * (x A^T) B^T`` to the projection's output (inside the TP layers, before their reductions); the
+reference runs the plain model with each weight replaced by ``W + scale * B @ A`` (torch.func), with A
+and B as the differentiated leaves. In fp64 the two agree to rounding (~1e-15 relative), so the
+1e-9 tolerance only allows for summation order; a wrong scale, a factor applied transposed or a
+missing adapter is off by O(1).
+"""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import kernels
+from engine.config import GLMConfig
+from engine.model.glm import GLMForCausalLM
+from engine.model.lora import (LORA_TARGETS, LoRAConfig, add_lora, adapters, has_lora, lora_disabled, lora_shapes,
+                               merge_lora_)
+from engine.parallel import ParallelDims, ParallelLayout
+from engine.parallel.pipeline import build_model_chunks
+from engine.parallel.sharding import gather_full_state_dict, load_full_into
+from engine.train import LRConfig, LRSchedule, OptimizerConfig, TrainConfig, Trainer, build_optimizer
+from tests._dist import run_distributed
+
+LORA = LoRAConfig(rank=4, alpha=8.0)
+
+
+def _config(layers: int = 2) -> GLMConfig:
+    return GLMConfig.preset("tiny").replace(num_layers=layers)
+
+
+def _random_b(model, seed: int = 1) -> None:
+    """B starts at zero (the adapted model equals the base model); give it values so A's gradient and the
+    adapters' effect are not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters(model):
+            a.B.copy_(torch.randn(a.B.shape, generator=g, dtype=torch.float64) * 0.05)
+
+
+def _batch(config, rows=3, seq=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (rows, seq + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_adapters_match_fp64_weight_space_reference():
+    config = _config()
+    torch.manual_seed(0)
+    model = GLMForCausalLM(config).double()
+    base = copy.deepcopy(model)
+    trainable = add_lora(model, LORA, seed=3)
+    _random_b(model)
+    ids, labels = _batch(config)
+    loss = kernels.cross_entropy(model(ids), labels)
+    loss.backward()
+
+    # reference: W' = W + scale B A in the plain model, A and B the leaves
+    leaves = {}
+    weights = dict(base.named_parameters())
+    for name, module in model.named_modules():
+        if getattr(module, "lora", None) is not None:
+            a = module.lora.A.detach().clone().requires_grad_()
+            b = module.lora.B.detach().clone().requires_grad_()
+            leaves[name] = (a, b)
+            weights[name + ".weight"] = weights[name + ".weight"].detach() + LORA.scale * b @ a
+    ref_loss = kernels.cross_entropy(torch.func.functional_call(base, weights, (ids,)), labels)
+    ref_loss.backward()
+
+    assert len(leaves) == config.num_layers * len(LORA_TARGETS)
+    assert math.isclose(loss.item(), ref_loss.item(), rel_tol=1e-12)
+    for name, (a, b) in leaves.items():
+        lora = model.get_submodule(name).lora
+        for got, want in ((lora.A.grad, a.grad), (lora.B.grad, b.grad)):
+            assert want.abs().max() > 0
+            assert (got - want).abs().max() <= 1e-9 * want.abs().max(), name
+    # only the adapters train: the base weights are frozen and get no gradient
+    assert {id(p) for p in trainable} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora." not in n)
+
+
+def test_fresh_adapters_disabled_adapters_and_merging():
+    config = _config()
+    torch.manual_seed(0)
+    model = GLMForCausalLM(config)
+    ids, _ = _batch(config)
+    with torch.no_grad():
+        base_out = model(ids)
+        add_lora(model, LORA, seed=3)
+        assert torch.equal(model(ids), base_out)  # B = 0: the adapted model starts as the base model
+        _random_b(model)
+        adapted = model(ids)
+        assert (adapted - base_out).abs().max() > 1e-2
+        with lora_disabled(model):
+            assert torch.equal(model(ids), base_out)  # the reference model, without a copy
+        assert torch.equal(model(ids), adapted)  # adapters back on after the context
+        merged = merge_lora_(copy.deepcopy(model))
+        assert not has_lora(merged) and not any(".lora." in n for n, _ in merged.named_parameters())
+        # fp32: the merged weight is rounded once; outputs of size ~1 agree to a few ulps of the logits
+        assert (merged(ids) - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+
+
+def test_targets_subset_and_shapes():
+    config = _config()
+    model = GLMForCausalLM(config)
+    add_lora(model, LoRAConfig(rank=2, targets=("qkv", "down")), seed=0)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(lora_shapes(config, LoRAConfig(rank=2, targets=("qkv", "down"))))
+    assert {n.split(".")[3] for n in names} == {"qkv", "down"}
+    qkv = model.get_submodule("layers.0.attention.qkv").lora
+    assert qkv.A.shape == (2, config.hidden_size) and qkv.B.shape == (config.qkv_size, 2)
+    bound = 1 / math.sqrt(config.hidden_size)
+    assert qkv.A.abs().max() <= bound and qkv.A.std() > bound / 3 and torch.count_nonzero(qkv.B) == 0
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"rank": -1}, "rank=-1"), ({"rank": 1.5}, "rank=1.5"), ({"rank": 4, "alpha": 0}, "alpha=0"),
+    ({"rank": 4, "alpha": float("nan")}, "alpha=nan"), ({"rank": 4, "targets": ["qkv", "o_proj"]}, "targets"),
+    ({"rank": 4, "targets": ["qkv", "qkv"]}, "at most once"), ({"rank": 4, "targets": []}, "non-empty"),
+    ({"rank": 4, "targets": "qkv"}, "non-empty list"), ({"rank": 4, "dropout": 0.1}, "unknown lora keys"),
+])
+def test_config_errors(raw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig.from_dict(raw)
+
+
+def test_add_lora_errors():
+    model = GLMForCausalLM(_config())
+    with pytest.raises(ValueError, match="rank > 0"):
+        add_lora(model, LoRAConfig(rank=0))
+    add_lora(model, LORA)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        add_lora(model, LORA)
+
+
+# ---- every layout trains like one process ------------------------------------------------------------
+G, S, STEPS = 8, 16, 3
+LR = LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, style="cosine")
+OPT = dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=1.0)
+# name -> (tp, pp, dp, sequence_parallel, OptimizerConfig extras); tiny has 2 KV groups, so tp4 replicates them
+CASES = {"tp4_kv_sp": (4, 1, 1, True, {}), "tp2_pp2": (2, 2, 1, False, {}),
+         "tp2_dp2_zero_sp": (2, 1, 2, True, {"use_distributed_optimizer": True})}
+
+
+def _full_state(config) -> dict:
+    """Base weights and adapters (random B) of the full model, fp32."""
+    torch.manual_seed(0)
+    model = GLMForCausalLM(config)
+    add_lora(model, LORA, seed=5)
+    _random_b(model)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def _global_batches(config):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for step in range(STEPS + 1):
+        ids = torch.randint(0, config.vocab_size, (G, S + 1), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[0, :3 + step] = -100
+        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": labels})
+    return out
+
+
+def _single_process(config):
+    """torch.optim.AdamW on the adapters of one model: losses before each step, the first step's grads,
+    the final adapters."""
+    model = GLMForCausalLM(config)
+    add_lora(model, LORA)
+    model.load_state_dict(_full_state(config))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR.lr, betas=OPT["betas"], eps=OPT["eps"], weight_decay=OPT["weight_decay"],
+                            foreach=False)
+    schedule = LRSchedule(LR, STEPS)
+    losses, grads = [], None
+    for step, batch in enumerate(_global_batches(config)):
+        loss = kernels.cross_entropy(model(batch["input_ids"]), batch["labels"])
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        norm = torch.stack([p.grad.double().square().sum() for p in params]).sum().sqrt().item()
+        for p in params:
+            p.grad.mul_(min(1.0, OPT["clip_grad"] / (norm + 1e-6)))
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        opt.step()
+    return losses, grads, {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def _layout_case(layout, sp, extras, config):
+    train = TrainConfig(global_batch_size=G, micro_batch_size=1, seq_length=S, sequence_parallel=sp)
+    chunks = build_model_chunks(config, layout, sequence_parallel=sp)
+    add_lora(chunks, LORA, layout)
+    for chunk in chunks:
+        load_full_into(chunk, _full_state(config), layout)
+    trainer = Trainer(chunks, build_optimizer(chunks, layout, OptimizerConfig(**OPT, **extras), LR.lr), layout, config,
+                      train, LRSchedule(LR, STEPS))
+    grads = {}
+
+    def first_grads(t):
+        if grads:
+            return
+        local = {}
+        for chunk in t.chunks:
+            for name, p in chunk.named_parameters():
+                if p.requires_grad:
+                    g = p.main_grad.clone()
+                    if extras.get("use_distributed_optimizer"):  # ZeRO keeps its reduced shard only
+                        torch.distributed.all_reduce(g, group=layout.gradient_layout.dp_group)
+                    local[name] = g
+        grads.update(gather_full_state_dict(local, config, layout))
+
+    losses = [trainer.train_step(batch, on_grads=first_grads).loss for batch in _global_batches(config)]
+    local_state = {}
+    for chunk in chunks:
+        local_state.update(chunk.state_dict())
+    return {"losses": losses, "grads": grads, "state": gather_full_state_dict(local_state, config, layout)}
+
+
+def _layouts(rank, world_size):
+    config = _config()
+    out = {}
+    for name, (tp, pp, dp, sp, extras) in CASES.items():
+        layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp), name=name)
+        out[name] = _layout_case(layout, sp, extras, config)
+    return out
+
+
+def test_layouts_train_adapters_like_one_process():
+    """Tolerance (fp32): layouts change only summation order (TP partial sums of both factors, DP and
+    micro-batch accumulation), ~1e-7 relative per element; 1e-5 of each tensor's max for gradients,
+    1e-5 relative for the losses (as tests/parallel/test_layouts.py). Adam divides each gradient by its own
+    running scale, so for an element whose gradient is near zero a rounding-level gradient difference moves
+    its update (~lr = 3e-3) by a visible fraction: the final adapters must agree to lr / 10 absolute
+    (observed up to 3.2e-5), where a wrong update is off by ~lr. A factor's missing TP reduction, a wrong
+    shard or a missing replicated-KV sum is off by O(1) in the gradients and losses."""
+    config = _config()
+    ref_losses, ref_grads, ref_state = _single_process(config)
+    start = _full_state(config)
+    moved = [(ref_state[n] - start[n]).abs().max().item() for n in start if ".lora." in n]
+    assert min(moved) > 1e-3  # every adapter factor is updated (lr 3e-3 per Adam step)
+    results = run_distributed(_layouts, 4)
+    for name in CASES:
+        for rank, res in enumerate(results):
+            r = res[name]
+            assert set(r["grads"]) == set(ref_grads), (name, rank)
+            for n, g in r["grads"].items():
+                want = ref_grads[n]
+                assert want.abs().max() > 0 and (g - want).abs().max() <= 1e-5 * want.abs().max(), (name, rank, n)
+            for step, (got, want) in enumerate(zip(r["losses"], ref_losses)):
+                assert math.isclose(got, want, rel_tol=1e-5), (name, rank, step, r["losses"], ref_losses)
+            for n, t in r["state"].items():
+                if ".lora." in n:  # trained like the single process (Adam: ~lr-sized steps, see docstring)
+                    assert (t - ref_state[n]).abs().max() <= LR.lr / 10, (name, rank, n)
+                else:  # frozen: exactly the starting weights
+                    assert torch.equal(t, start[n]), (name, rank, n)
