@@ -7,7 +7,8 @@
 with num_labels=1 for a reward model) or an original THUDM ChatGLM2/3 / GLM-4 directory (model_type
 "chatglm"); nothing from the directory is executed. --checkpoint: an engine training checkpoint
 directory (``engine.train.checkpoint``, any tp/pp/dp layout; the step named by its ``latest`` file, or
---step N), verified against its manifest and assembled in this process.
+--step N), verified against its manifest and assembled in this process; a LoRA run's adapters are
+folded into the weights they adapt (``W + alpha / r * B A``).
 --to hf (default) writes safetensors + config.json that ``transformers.GlmForCausalLM.from_pretrained``
 loads, or for a scalar-head model (GLMForScalarHead: reward model / critic) what
 ``transformers.GlmForSequenceClassification.from_pretrained`` loads (``model.*`` + ``score.weight``);
@@ -65,12 +66,16 @@ def convert_checkpoint(checkpoint_dir: str, output_dir: str, step: Optional[int]
     from engine.model.hf_adapter import expected_shapes
     from engine.train.checkpoint import CheckpointError, read_full_model_state, read_manifest
     classes = {c.__name__: c for c in (GLMForCausalLM, GLMForScalarHead)}
-    model_class = read_manifest(checkpoint_dir, step).get("model_class")
+    manifest = read_manifest(checkpoint_dir, step)
+    model_class = manifest.get("model_class")
     if model_class not in classes:
         raise CheckpointError(f"{checkpoint_dir}: manifest model_class {model_class!r} is not one of {list(classes)}")
     value_head = model_class == "GLMForScalarHead"
     _check_target(value_head, to, checkpoint_dir)
     config, sd = read_full_model_state(checkpoint_dir, step)
+    if manifest.get("lora"):  # a LoRA run: export the adapted model, adapters folded into the weights
+        from engine.model.lora import merge_state_dict
+        sd = merge_state_dict(sd, manifest["lora"]["scale"])
     expected = expected_shapes(config, value_head)
     if set(sd) != set(expected):
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))

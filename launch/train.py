@@ -50,6 +50,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
+from engine.model.lora import LoRAConfig, add_lora, lora_disabled
 from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import DPO_KEYS, PREFERENCE_LOSSES, DPOObjective, RewardObjective
@@ -138,6 +139,9 @@ class RunConfig:
     """rm: the loss options (``l2_coef``)."""
     dpo: DPOObjective = field(default_factory=DPOObjective)
     """dpo: the loss and its options (``loss_type``, ``beta``, ``label_smoothing``, ``gamma``, ``offload_reference``)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (``rank`` > 0): train them (and an rm's value head) instead of the model's weights; dpo's
+    reference is then the model with its adapters off, no second copy."""
     log_dir: str = "runs/pretrain"
 
     def to_dict(self) -> dict:
@@ -145,7 +149,7 @@ class RunConfig:
 
 
 # ---- config parsing -------------------------------------------------------------------------------
-RUN_SECTIONS = {"model", "mode", "parallel", "train", "optim", "lr", "data", "checkpoint", "reward", "dpo",
+RUN_SECTIONS = {"model", "mode", "parallel", "train", "optim", "lr", "data", "checkpoint", "reward", "dpo", "lora",
                 "log_dir"}
 MODES = ("pretrain", "sft", "rm", "dpo")
 
@@ -165,6 +169,7 @@ def load_run_config(path: Optional[str | os.PathLike], overrides: Optional[dict]
                      checkpoint=config_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
                      reward=config_section(RewardObjective, raw.get("reward"), "reward"),
                      dpo=config_section(DPOObjective, raw.get("dpo"), "dpo"),
+                     lora=LoRAConfig.from_dict(raw.get("lora")),
                      log_dir=str(raw.get("log_dir", f"runs/{mode}")))
 
 
@@ -207,6 +212,9 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     if not isinstance(d.pack, bool) or (d.pack and run.mode != "sft"):
         raise ValueError(f"data.pack={d.pack!r} must be true or false and packs conversations: mode sft only "
                          "(a reward model packs its pairs with reward.pack, --pack-pairs)")
+    if run.lora.enabled and run.mode == "dpo" and run.dpo.offload_reference:
+        raise ValueError("dpo.offload_reference: a LoRA run has no reference copy to offload (its reference is the "
+                         "model with the adapters off); drop --offload-reference")
     if run.reward.pack and (run.mode != "rm" or run.parallel.pp > 1):
         raise ValueError(f"reward.pack packs preference pairs: mode rm with pp=1 (got mode {run.mode}, "
                          f"pp={run.parallel.pp}; pipeline stages exchange fixed-size micro-batches)")
@@ -251,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpo-gamma", type=float, help="dpo with --dpo-loss simpo: the target reward margin")
     p.add_argument("--offload-reference", action=argparse.BooleanOptionalAction, default=None,
                    help="dpo: keep the frozen reference in host memory between its forwards")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights (0: off)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA: adapters' outputs are scaled by alpha / rank (default 16)")
+    p.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")),
+                   help="LoRA: comma-separated projections to adapt (default qkv,dense,gate_up,down)")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vpp", type=int)
@@ -310,6 +322,7 @@ _FLAG_TARGETS = {
     "load": ("checkpoint", "load"), "keep_last": ("checkpoint", "keep_last"),
     "async_save": ("checkpoint", "async_save"), "pack_pairs": ("reward", "pack"), "dpo_beta": ("dpo", "beta"),
     "dpo_loss": ("dpo", "loss_type"), "dpo_gamma": ("dpo", "gamma"), "offload_reference": ("dpo", "offload_reference"),
+    "lora_rank": ("lora", "rank"), "lora_alpha": ("lora", "alpha"), "lora_targets": ("lora", "targets"),
 }
 
 
@@ -505,6 +518,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                                                               layers_per_stage=run.train.layers_per_stage,
                                                               seed=run.train.seed)]
         chunks = build(model_cls)
+        if run.lora.enabled:  # before any loading: init-from folds a checkpoint's adapters into the weights
+            add_lora(chunks, run.lora, layout, seed=run.train.seed,
+                     keep_trainable=("value_head.",) if run.mode == "rm" else ())
         ck = run.checkpoint
         try:
             # a damaged checkpoint raises CheckpointError here
@@ -522,10 +538,11 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
         reference, reference_id = None, None
         if run.mode == "dpo" and run.dpo.uses_reference:  # the frozen reference: --init-from, on the same layout
             from engine.train.checkpoint import checkpoint_fingerprint, load_model_weights
-            reference = build(GLMForCausalLM)
             try:
-                load_model_weights(ck.init_from, reference, layout, run.model,
-                                   tokenizer_fingerprint=data.tokenizer_fingerprint)
+                if not run.lora.enabled:  # with LoRA the reference is the policy's base model: no copy
+                    reference = build(GLMForCausalLM)
+                    load_model_weights(ck.init_from, reference, layout, run.model,
+                                       tokenizer_fingerprint=data.tokenizer_fingerprint)
                 reference_id = checkpoint_fingerprint(ck.init_from)  # saved with the run, checked on resume
             except CheckpointError as e:
                 return _error(str(e))
@@ -543,6 +560,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
 
         def with_reference(batch: dict) -> dict:
             """dpo: the batch with the reference's log-probs of its answers (other modes: as it is)."""
+            if reference_id is not None and reference is None:  # LoRA: the policy with its adapters off
+                with lora_disabled(chunks):
+                    return {**batch, **run.dpo.reference_logprobs(trainer, chunks, batch)}
             if reference is None:
                 return batch
             if offloader is not None:
@@ -569,13 +589,19 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                   f"({run.model.num_parameters() / 1e6:.1f}M params), "
                   f"tp={layout.tp_size} pp={layout.pp_size} vpp={layout.vpp_size} cp={layout.cp_size} "
                   f"dp={layout.dp_size}, {procs.backend}, device {device}", flush=True)
+            if run.lora.enabled:
+                n = sum(p.numel() for p in optimizer.params)
+                print(f"{PROG}: LoRA rank {run.lora.rank} alpha {run.lora.alpha:g} on {','.join(run.lora.targets)}: "
+                      f"{n / 1e6:.2f}M trainable parameters on this rank, the model's weights frozen", flush=True)
             if resume:
                 print(f"{PROG}: resumed from {ck.load} at step {trainer.steps_done}", flush=True)
             elif ck.init_from:
                 print(f"{PROG}: initialised from the weights in {ck.init_from}", flush=True)
             if run.mode == "dpo":
                 print(f"{PROG}: {run.dpo.loss_type} loss, beta {run.dpo.beta}, "
-                      + ("frozen reference from --init-from" if reference is not None else "no reference model")
+                      + ("frozen reference from --init-from" if reference is not None else
+                         "reference: the --init-from weights with the adapters off" if reference_id else
+                         "no reference model")
                       + (", in host memory between its forwards" if offloader is not None else ""), flush=True)
             if data.left_out:
                 print(f"{PROG}: {data.left_out} preference pairs left out: seq_length={run.train.seq_length} cuts off "

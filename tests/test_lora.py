@@ -18,12 +18,13 @@ import torch
 import kernels
 from engine.config import GLMConfig
 from engine.model.glm import GLMForCausalLM
-from engine.model.lora import (LORA_TARGETS, LoRAConfig, add_lora, adapters, has_lora, lora_disabled, lora_shapes,
-                               merge_lora_)
+from engine.model.lora import (LORA_TARGETS, LoRAConfig, add_lora, adapters, has_lora, lora_disabled, lora_record,
+                               lora_shapes, merge_lora_, merge_state_dict)
 from engine.parallel import ParallelDims, ParallelLayout
 from engine.parallel.pipeline import build_model_chunks
 from engine.parallel.sharding import gather_full_state_dict, load_full_into
 from engine.train import LRConfig, LRSchedule, OptimizerConfig, TrainConfig, Trainer, build_optimizer
+from engine.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from tests._dist import run_distributed
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -223,32 +224,63 @@ def _layout_case(layout, sp, extras, config):
     return {"losses": losses, "grads": grads, "state": gather_full_state_dict(local_state, config, layout)}
 
 
-def _layouts(rank, world_size):
+def _checkpoint_loads(layout, config, directory):
+    """A single-process LoRA checkpoint under ``layout``: resumed into adapted chunks (every tensor, adapters
+    resharded), and as init-from weights into plain chunks (adapters folded into the weights)."""
+    adapted = build_model_chunks(config, layout)
+    add_lora(adapted, LORA, layout, seed=99)  # other initial adapters: the load must replace them
+    load_checkpoint(directory, adapted, None, layout, config)
+    plain = build_model_chunks(config, layout)
+    load_model_weights(directory, plain, layout, config)
+    states = []
+    for chunks in (adapted, plain):
+        local = {}
+        for chunk in chunks:
+            local.update(chunk.state_dict())
+        states.append(gather_full_state_dict(local, config, layout))
+    return states
+
+
+def _layouts(rank, world_size, directory):
     config = _config()
     out = {}
     for name, (tp, pp, dp, sp, extras) in CASES.items():
         layout = ParallelLayout.build(ParallelDims(tp=tp, pp=pp, dp=dp), name=name)
         out[name] = _layout_case(layout, sp, extras, config)
+        out[name]["resumed"], out[name]["merged"] = _checkpoint_loads(layout, config, directory)
     return out
 
 
-def test_layouts_train_adapters_like_one_process():
+def test_layouts_train_adapters_like_one_process(tmp_path):
     """Tolerance (fp32): layouts change only summation order (TP partial sums of both factors, DP and
     micro-batch accumulation), ~1e-7 relative per element; 1e-5 of each tensor's max for gradients,
     1e-5 relative for the losses (as tests/parallel/test_layouts.py). Adam divides each gradient by its own
     running scale, so for an element whose gradient is near zero a rounding-level gradient difference moves
     its update (~lr = 3e-3) by a visible fraction: the final adapters must agree to lr / 10 absolute
     (observed up to 3.2e-5), where a wrong update is off by ~lr. A factor's missing TP reduction, a wrong
-    shard or a missing replicated-KV sum is off by O(1) in the gradients and losses."""
+    shard or a missing replicated-KV sum is off by O(1) in the gradients and losses.
+
+    Each layout also loads a single-process LoRA checkpoint: resumed, its adapters are resharded bitwise;
+    as init-from weights of a model without adapters, they are folded into the weights as
+    ``merge_state_dict`` folds them (the same fp32 arithmetic on the same shards: bitwise)."""
     config = _config()
     ref_losses, ref_grads, ref_state = _single_process(config)
     start = _full_state(config)
+    saved = GLMForCausalLM(config, init=False)
+    add_lora(saved, LORA)
+    saved.load_state_dict(start)
+    save_checkpoint(tmp_path / "ck", 1, saved, None, ParallelLayout.single(), config)
+    merged = merge_state_dict(start, LORA.scale)
+    assert set(merged) == {n for n in start if ".lora." not in n}
     moved = [(ref_state[n] - start[n]).abs().max().item() for n in start if ".lora." in n]
     assert min(moved) > 1e-3  # every adapter factor is updated (lr 3e-3 per Adam step)
-    results = run_distributed(_layouts, 4)
+    results = run_distributed(_layouts, 4, tmp_path / "ck")
     for name in CASES:
         for rank, res in enumerate(results):
             r = res[name]
+            assert r["resumed"].keys() == start.keys() and r["merged"].keys() == merged.keys()
+            assert all(torch.equal(r["resumed"][n], start[n]) for n in start), (name, rank)
+            assert all(torch.equal(r["merged"][n], merged[n]) for n in merged), (name, rank)
             assert set(r["grads"]) == set(ref_grads), (name, rank)
             for n, g in r["grads"].items():
                 want = ref_grads[n]
@@ -260,3 +292,99 @@ def test_layouts_train_adapters_like_one_process():
                     assert (t - ref_state[n]).abs().max() <= LR.lr / 10, (name, rank, n)
                 else:  # frozen: exactly the starting weights
                     assert torch.equal(t, start[n]), (name, rank, n)
+
+
+def test_checkpoint_records_the_adapters_and_a_resume_needs_the_same(tmp_path):
+    config = _config()
+    layout = ParallelLayout.single()
+    model = GLMForCausalLM(config)
+    add_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("qkv", "down")))
+    assert lora_record(model) == {"rank": 4, "scale": 2.0, "targets": ["down", "qkv"]}
+    save_checkpoint(tmp_path / "ck", 1, model, None, layout, config)
+    for other in (LoRAConfig(rank=2, targets=("qkv", "down")), LoRAConfig(rank=4, alpha=4.0, targets=("qkv", "down")),
+                  LoRAConfig(rank=4, alpha=8.0)):
+        fresh = GLMForCausalLM(config)
+        add_lora(fresh, other)
+        with pytest.raises(CheckpointError, match=r"saved with LoRA adapters \{'rank': 4, 'scale': 2.0, "
+                                                  r"'targets': \['down', 'qkv'\]\}, this model has"):
+            load_checkpoint(tmp_path / "ck", fresh, None, layout, config)
+    with pytest.raises(CheckpointError, match="this model has None"):
+        load_checkpoint(tmp_path / "ck", GLMForCausalLM(config), None, layout, config)
+
+
+def test_reward_model_keeps_its_value_head_trainable():
+    from engine.model.glm import GLMForScalarHead
+    model = GLMForScalarHead(_config())
+    trainable = add_lora(model, LORA, keep_trainable=("value_head.",))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "value_head.weight" in names and {id(p) for p in trainable} == {id(p) for p in model.parameters()
+                                                                          if p.requires_grad}
+    assert names - {"value_head.weight"} == set(lora_shapes(model.config, LORA))
+
+
+def test_merge_state_dict_refuses_half_an_adapter():
+    state = {"layers.0.mlp.down.weight": torch.zeros(4, 6), "layers.0.mlp.down.lora.A": torch.zeros(2, 6)}
+    with pytest.raises(ValueError, match="lacks layers.0.mlp.down.lora.B"):
+        merge_state_dict(state, 1.0)
+    with pytest.raises(ValueError, match="lora.B factor without its lora.A"):
+        merge_state_dict({"layers.0.mlp.down.weight": torch.zeros(4, 6), "layers.0.mlp.down.lora.B": torch.zeros(4, 2)},
+                         1.0)
+
+
+def test_launcher_sft_resume_export_and_dpo_with_adapters(tmp_path):
+    """launch.train with --lora-rank: an SFT run from a checkpoint trains only the adapters (the saved base
+    weights are the init-from ones, bitwise); 2 steps + a resumed third equal 3 straight steps bitwise (CPU,
+    same layout); a resume without the adapters is refused; launch.convert exports the adapted model
+    (adapters folded in); DPO from that LoRA checkpoint starts at exactly log 2 (fresh adapters: the policy
+    is its reference, which is the same model with the adapters off) and its margins then move."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from engine.train.checkpoint import read_full_model_state
+    from launch.convert import convert_checkpoint
+    root = Path(__file__).resolve().parent.parent
+    config = _config()
+    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "c0", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+
+    def run(name, mode, *flags):
+        cmd = [sys.executable, "-m", "launch.train", "--config", str(root / "configs" / "runs" / f"{mode}.yaml"),
+               "--model", str(tmp_path / "model.yaml"), "--seq-length", "64", "--global-batch-size", "4",
+               "--micro-batch-size", "2", "--eval-interval", "100", "--log-dir", str(tmp_path / name), *flags]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines() if proc.returncode == 0 else []
+        return proc, [json.loads(x) for x in lines if "loss" in json.loads(x)]
+
+    lora = ("--lora-rank", "4", "--lora-alpha", "8")
+    proc, straight = run("straight", "sft", "--init-from", str(tmp_path / "c0"), "--train-steps", "3", *lora)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LoRA rank 4 alpha 8 on qkv,dense,gate_up,down" in proc.stdout
+    proc, first = run("first", "sft", "--init-from", str(tmp_path / "c0"), "--train-steps", "2", "--save",
+                      str(tmp_path / "ck"), *lora)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc, second = run("second", "sft", "--load", str(tmp_path / "ck"), "--train-steps", "3", *lora)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout + proc.stderr
+    assert [d["loss"] for d in first + second] == [d["loss"] for d in straight]
+    proc, _ = run("plain", "sft", "--load", str(tmp_path / "ck"), "--train-steps", "3")
+    assert proc.returncode == 2 and "saved with LoRA adapters {'rank': 4, 'scale': 2.0" in proc.stderr, proc.stderr
+
+    _, base = read_full_model_state(tmp_path / "c0")
+    _, trained = read_full_model_state(tmp_path / "ck")
+    assert all(torch.equal(trained[n], base[n]) for n in base)  # frozen
+    assert all(trained[n].abs().max() > 0 for n in trained if n.endswith(".lora.B"))  # the adapters trained
+    out = convert_checkpoint(str(tmp_path / "ck"), str(tmp_path / "hf"))
+    exported = GLMForCausalLM.from_hf(out).state_dict()
+    merged = merge_state_dict(trained, 2.0)
+    assert exported.keys() == merged.keys() and all(torch.equal(exported[n], merged[n]) for n in merged)
+
+    proc, (d1, d2) = run("dpo", "dpo", "--init-from", str(tmp_path / "ck"), "--train-steps", "2", *lora)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reference: the --init-from weights with the adapters off" in proc.stdout
+    assert d1["loss"] == pytest.approx(math.log(2), abs=1e-6) and d1["margin"] == 0.0
+    assert abs(d2["margin"]) > 1e-6  # exactly 0 if the reference were the adapted policy itself
+    proc, _ = run("offload", "dpo", "--init-from", str(tmp_path / "ck"), "--offload-reference", *lora)
+    assert proc.returncode == 2 and "a LoRA run has no reference copy to offload" in proc.stderr, proc.stderr

@@ -83,6 +83,8 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, raw: Optional[dict]) -> "LoRAConfig":
         """From a run YAML's ``lora:`` section (or a checkpoint's record of it); unknown keys are errors."""
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"lora: expected a mapping of rank, alpha, targets, got {type(raw).__name__}")
         raw = dict(raw or {})
         unknown = sorted(set(raw) - {"rank", "alpha", "targets"})
         if unknown:
@@ -151,11 +153,14 @@ def _target(name: str, targets) -> Optional[str]:
 
 
 @torch.no_grad()
-def add_lora(model, lora: LoRAConfig, layout=None, seed: int = 0) -> list[nn.Parameter]:
-    """Freeze every parameter of ``model`` (a model or this rank's pipeline chunks) and give each targeted
-    projection an adapter, initialised layout-independently from ``seed`` (``full_lora_init``; ``layout``:
-    the model's ``ParallelLayout``, None for a single-process model). Returns the adapters' parameters
-    (the trainable ones). Call after ``mark_parameters`` (build_parallel_model / build_model_chunks)."""
+def add_lora(model, lora: LoRAConfig, layout=None, seed: int = 0, keep_trainable: tuple[str, ...] = ()
+             ) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` (a model or this rank's pipeline chunks) but those whose names
+    start with ``keep_trainable`` (e.g. ``("value_head.",)``: a reward model's or critic's fresh head) and
+    give each targeted projection an adapter, initialised layout-independently from ``seed``
+    (``full_lora_init``; ``layout``: the model's ``ParallelLayout``, None for a single-process model).
+    Returns the trainable parameters. Call after ``mark_parameters`` (build_parallel_model /
+    build_model_chunks)."""
     from engine.parallel.sharding import tp_slice
     from engine.parallel.tensor_parallel import mark_lora
     lora.validate()
@@ -166,7 +171,10 @@ def add_lora(model, lora: LoRAConfig, layout=None, seed: int = 0) -> list[nn.Par
     for chunk in _chunks(model):
         if any(isinstance(m, LoRAAdapter) for m in chunk.modules()):
             raise ValueError("the model already has LoRA adapters")
-        chunk.requires_grad_(False)
+        for name, p in chunk.named_parameters():
+            p.requires_grad_(name.startswith(keep_trainable))
+            if p.requires_grad:
+                trainable.append(p)
         shapes = lora_shapes(chunk.config, lora)
         for name, module in list(chunk.named_modules()):
             target = _target(name, lora.targets)
@@ -184,7 +192,7 @@ def add_lora(model, lora: LoRAConfig, layout=None, seed: int = 0) -> list[nn.Par
                 mark_lora(module, adapter, column=target in COLUMN_TARGETS)
             module.lora = adapter
             trainable += [adapter.A, adapter.B]
-    if not trainable:
+    if not any(isinstance(m, LoRAAdapter) for chunk in _chunks(model) for m in chunk.modules()):
         raise ValueError(f"no projection of the model matches lora targets {list(lora.targets)}")
     return trainable
 
@@ -195,6 +203,22 @@ def adapters(model) -> list[LoRAAdapter]:
 
 def has_lora(model) -> bool:
     return bool(adapters(model))
+
+
+def lora_record(model) -> Optional[dict]:
+    """What a checkpoint records of ``model``'s adapters (None without any): ``{"rank", "scale",
+    "targets"}``, checked when a run resumes and used to merge them when another run starts from it."""
+    found = {}
+    for chunk in _chunks(model):
+        for name, module in chunk.named_modules():
+            if isinstance(module, LoRAAdapter):
+                path = ".".join(name.split(".")[2:-1])  # layers.i.<path>.lora
+                target = next(t for t, p in LORA_TARGETS.items() if p == path)
+                found[target] = (module.A.shape[0], module.scale)
+    if not found:
+        return None
+    (rank, scale), = set(found.values())
+    return {"rank": rank, "scale": scale, "targets": sorted(found)}
 
 
 @contextlib.contextmanager
@@ -208,6 +232,23 @@ def lora_disabled(model) -> Iterator[None]:
     finally:
         for a in found:
             a.enabled = True
+
+
+def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A full (unsharded) state dict with its adapter factors folded into the weights they adapt
+    (``W + scale * B @ A`` in fp32, rounded once to W's dtype) and removed: what ``merge_lora_`` gives
+    a model, for a state dict (exporting a LoRA checkpoint)."""
+    out = {k: v for k, v in state.items() if ".lora." not in k}
+    for name in sorted(k for k in state if k.endswith(".lora.A")):
+        projection = name[:-len(".lora.A")]
+        if projection + ".lora.B" not in state or projection + ".weight" not in state:
+            raise ValueError(f"{name}: the state dict lacks {projection}.lora.B or {projection}.weight")
+        w = state[projection + ".weight"]
+        delta = scale * (state[projection + ".lora.B"].float() @ state[name].float())
+        out[projection + ".weight"] = (w.float() + delta).to(w.dtype)
+    if any(k.endswith(".lora.B") and k[:-1] + "A" not in state for k in state):
+        raise ValueError("the state dict holds a lora.B factor without its lora.A")
+    return out
 
 
 @torch.no_grad()
@@ -224,4 +265,4 @@ def merge_lora_(model) -> nn.Module:
 
 
 __all__ = ["COLUMN_TARGETS", "LORA_TARGETS", "LoRAAdapter", "LoRAConfig", "add_lora", "adapters", "full_lora_init",
-           "has_lora", "lora_disabled", "lora_shapes", "merge_lora_"]
+           "has_lora", "lora_disabled", "lora_record", "lora_shapes", "merge_lora_", "merge_state_dict"]

@@ -36,6 +36,12 @@ checked against the manifest's sha256 and unpickled with an allow-list of DCP me
 tensors are read by DCP with ``torch.load(weights_only=True)``; DCP byte items (which it would
 ``torch.load(weights_only=False)``) are refused. Manifest and RNG files are JSON.
 
+LoRA (``engine.model.lora``): adapter factors are tensors like any other (``<projection>.lora.A`` /
+``.B``, chunked along their projection's split dim), and the manifest records the adapters' rank, scale
+and targets. A resume needs the same adapters; ``load_model_weights`` (a new run starting from a
+checkpoint) folds a checkpoint's adapters into the projection weights it loads, so the new run starts
+from the adapted model (with fresh adapters of its own, if it has any).
+
 RNG: restored per rank when the layout (tp, pp, dp, vpp, cp, world size) equals the checkpoint's.
 After a layout change the per-rank streams have no counterpart, so they are left as the caller
 seeded them (a warning names both layouts); training is then reproducible but not bitwise equal to
@@ -67,6 +73,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import GLMConfig
+from engine.model.lora import lora_record
 from engine.parallel.sharding import _role, kv_heads_of_rank, kv_replication
 
 FORMAT = "glm-engine-checkpoint"
@@ -650,7 +657,7 @@ def _snapshot(directory: Path, step, model, optimizer, layout, config: GLMConfig
         torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
     _agree(error, layout, "checkpoint save (copying this rank's state)")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "config": config.to_dict(),
-                "layout": _layout_dict(layout), "model_class": _model_class(model),
+                "layout": _layout_dict(layout), "model_class": _model_class(model), "lora": lora_record(model),
                 "tokenizer_fingerprint": tokenizer_fingerprint, "optimizer": optim_meta,
                 "extra_state": json.loads(extra_json), "torch_version": torch.__version__,
                 "rng_files": [_rng_file(r) for r in range(layout.world_size)]}
@@ -998,6 +1005,11 @@ def _read_for_rank(directory: Path, step, model, optimizer, layout, config, toke
     saved_fp = manifest.get("tokenizer_fingerprint")
     if tokenizer_fingerprint is not None and saved_fp is not None and saved_fp != tokenizer_fingerprint:
         raise CheckpointError(f"{path} was saved with tokenizer {saved_fp}, this run uses {tokenizer_fingerprint}")
+    saved_lora, lora = manifest.get("lora"), lora_record(model)
+    if saved_lora != lora:
+        raise CheckpointError(f"{path} was saved with LoRA adapters {saved_lora}, this model has {lora}: resume with "
+                              "the same lora rank, alpha and targets (to start a new run from these weights, use "
+                              "init-from, which merges the saved adapters)")
     opt_states: dict = {}
     hyper = None
     if optimizer is not None:
@@ -1049,10 +1061,12 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
     is restored (no optimizer, step or RNG). The one checkpoint tensor a model may lack is an LM's
     ``output_layer`` when starting a scalar-head model (reward model / critic); any other tensor of
     the checkpoint that the (full) model has no place for is an error, never silently dropped. The
+    checkpoint's LoRA adapters are folded into the projection weights they adapt (``W + scale B A``, in
+    fp32); the model's own adapters, if any, are never loaded (a new run trains fresh ones). The
     model's parameters the checkpoint lacks keep their initial values and are returned; with
-    ``allow_missing`` (name prefixes, e.g. ``("value_head.",)``) any other missing parameter is an
-    error, raised on every rank together (under pipeline parallelism only some ranks hold a given
-    parameter). Collective over every rank of ``layout``; nothing changes unless every rank read
+    ``allow_missing`` (name prefixes, e.g. ``("value_head.",)``) any other missing parameter but an
+    adapter is an error, raised on every rank together (under pipeline parallelism only some ranks hold
+    a given parameter). Collective over every rank of ``layout``; nothing changes unless every rank read
     everything it needs."""
     directory = Path(directory)
     error, loaded = None, None
@@ -1071,20 +1085,28 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         saved = manifest["tensors"].get(MODEL_SPACE, {})
         from engine.model.hf_adapter import expected_shapes  # the full model's names, every pipeline stage
         scalar_head = _model_class(model) == "GLMForScalarHead"
-        unplaced = sorted(n for n in set(saved) - set(expected_shapes(config, value_head=scalar_head))
+        saved_adapters = {n for n in saved if ".lora." in n}
+        unplaced = sorted(n for n in set(saved) - saved_adapters - set(expected_shapes(config, value_head=scalar_head))
                           if not (scalar_head and n.startswith("output_layer.")))
         if unplaced:
             raise CheckpointError(f"{step_dir / MANIFEST} holds {unplaced[:5]}, which a {_model_class(model)} has no "
                                   "place for (a checkpoint of another model class or version)")
-        targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items() if n in saved}
+        targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items()
+                   if n in saved and ".lora." not in n}
         if not targets:
             raise CheckpointError(f"{step_dir / MANIFEST} holds none of this model's parameters")
         missing = sorted(set(params) - set(targets))
         if allow_missing is not None:
-            lacking = [n for n in missing if not n.startswith(tuple(allow_missing))]
+            lacking = [n for n in missing if not n.startswith(tuple(allow_missing)) and ".lora." not in n]
             if lacking:
                 raise CheckpointError(f"{step_dir / MANIFEST} lacks {lacking[:5]} of this {_model_class(model)}")
-        _read_needs(step_dir, manifest, [_Need(MODEL_SPACE, n, t, maps[n]) for n, t in targets.items()], verify)
+        needs = [_Need(MODEL_SPACE, n, t, maps[n]) for n, t in targets.items()]
+        deltas = _adapter_needs(step_dir, manifest, saved_adapters, targets, config, layout)
+        _read_needs(step_dir, manifest, needs + [need for pair in deltas.values() for need in pair], verify)
+        scale = manifest["lora"]["scale"] if deltas else None
+        for weight, (a, b) in deltas.items():  # fold the saved adapters in: W + scale B A
+            w = targets[weight]
+            w.copy_((w.float() + scale * (b.target.float() @ a.target.float())).to(w.dtype))
         loaded = (params, targets, missing)
     except Exception as e:
         error = _describe(e)
@@ -1094,6 +1116,32 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         for name, t in targets.items():
             params[name].copy_(t)
     return missing
+
+
+def _adapter_needs(step_dir: Path, manifest: dict, saved_adapters: set, targets: dict, config: GLMConfig,
+                   layout) -> dict[str, tuple[_Need, _Need]]:
+    """For each projection weight this rank loads that the checkpoint has an adapter for: the reads of
+    this rank's shards of its A and B (the low-rank factorisation of the weight's shard, see
+    ``engine.model.lora``), by weight name."""
+    record = manifest.get("lora")
+    if saved_adapters and not (isinstance(record, dict) and isinstance(record.get("scale"), (int, float))):
+        raise CheckpointError(f"{step_dir / MANIFEST} holds LoRA adapters but no record of their scale (corrupted?)")
+    deltas = {}
+    for a_name in sorted(n for n in saved_adapters if n.endswith(".lora.A")):
+        projection = a_name[:-len(".lora.A")]
+        weight, b_name = projection + ".weight", projection + ".lora.B"
+        if weight not in targets:  # another pipeline stage's layer
+            continue
+        if b_name not in saved_adapters:
+            raise CheckpointError(f"{step_dir / MANIFEST} holds {a_name} without {b_name}")
+        rank = manifest["tensors"][MODEL_SPACE][a_name]["shape"][0]
+        out_features, in_features = targets[weight].shape
+        pair = []
+        for name, shape in ((a_name, (rank, in_features)), (b_name, (out_features, rank))):
+            pair.append(_Need(MODEL_SPACE, name, torch.empty(shape, dtype=torch.float32),
+                              _tensor_map(name, shape, config, layout.tp_size, layout.tp_rank)))
+        deltas[weight] = tuple(pair)
+    return deltas
 
 
 def read_manifest(directory: Union[str, Path], step: Optional[int] = None) -> dict:
