@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from engine.config import GLMConfig, config_section, model_from_spec, read_run_file, run_dict
+from engine.model.lora import LoRAConfig, add_lora
 from engine.rlhf.core import IS_LEVELS, IS_MODES, LOSS_AGG_MODES, POLICY_LOSSES
 from engine.rlhf.ppo import ESTIMATORS, PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
@@ -120,6 +121,11 @@ class RLHFRun:
     data: RLHFData = field(default_factory=RLHFData)
     reward: RLHFReward = field(default_factory=RLHFReward)
     checkpoint: RLHFCheckpoints = field(default_factory=RLHFCheckpoints)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the actor (``rank`` > 0): only they train, and the reference is the actor with them off
+    (no reference copy is held)."""
+    critic_lora: bool = False
+    """With ``lora``: the critic trains the same kind of adapters (and its value head) instead of its weights."""
     log_dir: str = "runs/ppo"
     log_samples: int = 0
     """Rank 0 appends this many decoded rollout samples per iteration (prompt, response, score) to
@@ -130,7 +136,7 @@ class RLHFRun:
 
 
 SECTIONS = {"model", "tp", "pp", "vpp", "cp", "sequence_parallel", "ppo", "actor_optim", "actor_lr", "critic_optim",
-            "critic_lr", "data", "reward", "checkpoint", "log_dir", "log_samples"}
+            "critic_lr", "data", "reward", "checkpoint", "lora", "critic_lora", "log_dir", "log_samples"}
 
 
 def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
@@ -148,6 +154,7 @@ def load_rlhf_run(path, overrides: Optional[dict] = None) -> RLHFRun:
                    data=config_section(RLHFData, raw.get("data"), "data"),
                    reward=config_section(RLHFReward, raw.get("reward"), "reward"),
                    checkpoint=config_section(RLHFCheckpoints, raw.get("checkpoint"), "checkpoint"),
+                   lora=LoRAConfig.from_dict(raw.get("lora")), critic_lora=raw.get("critic_lora", False),
                    log_dir=str(raw.get("log_dir", "runs/ppo")), log_samples=raw.get("log_samples", 0))
 
 
@@ -163,6 +170,11 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
     ck = run.checkpoint
+    if not isinstance(run.critic_lora, bool) or (run.critic_lora and not run.lora.enabled):
+        raise ValueError(f"critic_lora={run.critic_lora!r} must be true or false, and true needs lora.rank > 0 "
+                         "(--lora-rank): the critic takes the actor's adapter settings")
+    if run.critic_lora and run.ppo.advantage_estimator != "gae":
+        raise ValueError(f"critic_lora: advantage_estimator={run.ppo.advantage_estimator!r} trains no critic")
     if not (isinstance(run.log_samples, int) and run.log_samples >= 0):
         raise ValueError(f"log_samples={run.log_samples!r} must be a non-negative integer (samples per iteration)")
     if not ck.actor_from or not (ck.reward_from or run.reward.function or run.reward.url):
@@ -215,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO run YAML (default: configs/runs/ppo.yaml)")
     p.add_argument("--model", help="model preset name or model YAML")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank on the actor instead of its weights; "
+                                                 "its reference is then the actor with them off (no copy)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA: adapters' outputs are scaled by alpha / rank (default 16)")
+    p.add_argument("--lora-targets", type=lambda v: tuple(v.split(",")),
+                   help="LoRA: comma-separated projections to adapt (default qkv,dense,gate_up,down)")
+    p.add_argument("--critic-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --lora-rank: the critic trains adapters (and its value head) too")
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int, help="pipeline stages of the training layout (sampling gathers every layer)")
     p.add_argument("--vpp", type=int, help="virtual pipeline stages per rank (interleaved schedule)")
@@ -328,7 +347,10 @@ def cli_overrides(args) -> dict:
     for flag, name in (("reward_fn", "function"), ("reward_workers", "workers"), ("reward_url", "url")):
         if getattr(args, flag) is not None:
             out.setdefault("reward", {})[name] = getattr(args, flag)
-    for name in ("tp", "pp", "vpp", "cp", "sequence_parallel", "log_dir", "model", "log_samples"):
+    for flag, name in (("lora_rank", "rank"), ("lora_alpha", "alpha"), ("lora_targets", "targets")):
+        if getattr(args, flag) is not None:
+            out.setdefault("lora", {})[name] = getattr(args, flag)
+    for name in ("tp", "pp", "vpp", "cp", "sequence_parallel", "log_dir", "model", "log_samples", "critic_lora"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
@@ -546,7 +568,11 @@ def train_ppo(run: RLHFRun) -> int:
             ptx = _ptx_batches(run, tokenizer, seq_length, rank, procs) if c.ptx_coef > 0 else None
             fingerprint = tokenizer.fingerprint()  # checkpoints trained on another tokenizer are refused
             actor = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
-            reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
+            if run.lora.enabled:  # the reference is the actor with its adapters off
+                add_lora(actor, run.lora, layout, seed=c.seed)
+                reference = None
+            else:
+                reference = _load(GLMForCausalLM, ck.actor_from, run, layout, device, fingerprint)
             reward = None
             if ck.reward_from:
                 reward = _load(GLMForScalarHead, ck.reward_from, run, layout, device, fingerprint)
@@ -554,6 +580,8 @@ def train_ppo(run: RLHFRun) -> int:
             if c.advantage_estimator == "gae":
                 critic = _load(GLMForScalarHead, ck.critic_from or ck.reward_from or ck.actor_from, run, layout, device,
                                fingerprint, allow_missing=("value_head.",))
+                if run.critic_lora:
+                    add_lora(critic, run.lora, layout, seed=c.seed + 1, keep_trainable=("value_head.",))
             loop = PPOLoop(c, run.model, layout, actor, critic, reference, reward, prompts, tokenizer.stop_ids,
                            tokenizer.pad_id, run.actor_optim, run.critic_optim, run.actor_lr, run.critic_lr,
                            ptx_batches=ptx, reward_fn=reward_fn,
@@ -578,7 +606,9 @@ def train_ppo(run: RLHFRun) -> int:
             (Path(run.log_dir) / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
             writer = MetricsWriter(run.log_dir)
             print(f"{PROG}: PPO ({c.advantage_estimator}) on {run.model.name} ({run.model.num_parameters() / 1e6:.1f}M "
-                  f"params per model, {2 + loop.uses_critic + bool(loop.reward)} models"
+                  f"params per model, {1 + (not loop.base_reference) + loop.uses_critic + bool(loop.reward)} models"
+                  + (f", LoRA rank {run.lora.rank} on the actor{' and critic' if run.critic_lora else ''} (reference: "
+                     "the actor with its adapters off)" if run.lora.enabled else "")
                   + (f", reward function {run.reward.function}" if run.reward.function else "")
                   + (f", reward service {run.reward.url}" if run.reward.url else "")
                   + f"), tp={layout.tp_size} "

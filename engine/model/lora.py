@@ -197,6 +197,16 @@ def add_lora(model, lora: LoRAConfig, layout=None, seed: int = 0, keep_trainable
     return trainable
 
 
+def attach_adapters(model: nn.Module, record: dict) -> None:
+    """Give ``model``'s projections named by ``record`` (``lora_record``: rank, scale, targets) empty adapters
+    (uninitialised, unmarked) for ``load_state_dict`` to fill: e.g. a generation copy built on the meta
+    device from resharded tensors. Call under the device the model was built on."""
+    for name, module in list(model.named_modules()):
+        if _target(name, record["targets"]) is not None:
+            out_features, in_features = module.weight.shape
+            module.lora = LoRAAdapter(in_features, out_features, record["rank"], record["scale"])
+
+
 def adapters(model) -> list[LoRAAdapter]:
     return [m for chunk in _chunks(model) for m in chunk.modules() if isinstance(m, LoRAAdapter)]
 
@@ -264,5 +274,5 @@ def merge_lora_(model) -> nn.Module:
     return model
 
 
-__all__ = ["COLUMN_TARGETS", "LORA_TARGETS", "LoRAAdapter", "LoRAConfig", "add_lora", "adapters", "full_lora_init",
-           "has_lora", "lora_disabled", "lora_record", "lora_shapes", "merge_lora_", "merge_state_dict"]
+__all__ = ["COLUMN_TARGETS", "LORA_TARGETS", "LoRAAdapter", "LoRAConfig", "add_lora", "adapters", "attach_adapters",
+           "full_lora_init", "has_lora", "lora_disabled", "lora_record", "lora_shapes", "merge_lora_", "merge_state_dict"]

@@ -81,6 +81,7 @@ The pure math lives in ``engine.rlhf.core``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -97,6 +98,7 @@ from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
 from engine.model.glm import default_positions, head_positions, last_token_index
 from engine.parallel import ParallelDims, ParallelLayout, comm
+from engine.model.lora import attach_adapters, has_lora, lora_disabled, lora_record
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
@@ -497,7 +499,11 @@ class PPOLoop:
     """PPO on one TP x PP x DP (x CP) layout (any vpp). ``actor``/``critic``: trainable ``GLMForCausalLM`` /
     ``GLMForScalarHead`` chunks built for ``layout`` (``pipeline.build_model_chunks``, vpp per rank; at pp = 1
     the one model may be passed as it is; ``critic=None`` with a group estimator); ``reference`` and
-    ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone).
+    ``reward``: frozen chunks of the same classes (``reward=None`` when ``reward_fn`` scores alone). An actor
+    with LoRA adapters (``engine.model.lora.add_lora``) may take ``reference=None``: its reference is then
+    itself with the adapters off (scoring, and the baseline answers), so no reference copy is held or
+    offloaded; its generation copy carries the adapters (not merged: at tp_g = tp the copy's tensors stay
+    the training ones).
     ``prompts``: token-id lists (chat prompts ending in the assistant tag). ``ptx_batches(step) ->
     {"input_ids", "labels"} [mini_batch_size, P + T]`` (SFT data; needed when ``ptx_coef > 0``).
     ``eos_ids``/``pad_id``: the tokenizer's stop and pad tokens.
@@ -520,6 +526,10 @@ class PPOLoop:
         built_sp = {name: _chunks(m)[-1].spec.gather_sequence is not None
                     for name, m in (("actor", actor), ("critic", critic), ("reference", reference), ("reward", reward))
                     if m is not None}
+        self.base_reference = reference is None  # the reference is the LoRA actor with its adapters off
+        if self.base_reference and not has_lora(actor):
+            raise ValueError("reference=None needs an actor with LoRA adapters (its reference is then the actor "
+                             "with them off); pass the reference model's chunks otherwise")
         if len(set(built_sp.values())) > 1:
             raise ValueError(f"the models disagree on sequence parallelism ({built_sp}): build all of them with the same "
                              "sequence_parallel")
@@ -551,7 +561,8 @@ class PPOLoop:
         if reward is None and reward_fn is None:
             raise ValueError("PPO needs a reward: a reward model, a reward function (reward_fn), or both")
         self.actor, self.critic = _chunks(actor), _chunks(critic) if self.uses_critic else []
-        self.reference, self.reward = _chunks(reference), _chunks(reward) if reward is not None else []
+        self.reference = self.actor if self.base_reference else _chunks(reference)
+        self.reward = _chunks(reward) if reward is not None else []
         self.reward_fn, self.reward_source = reward_fn, reward_source
         models = [("actor", self.actor), ("critic", self.critic), ("reference", self.reference),
                   ("reward", self.reward)]
@@ -561,7 +572,7 @@ class PPOLoop:
             if len(chunks) != layout.vpp_size:
                 raise ValueError(f"{name}: {len(chunks)} model chunks on this rank, the layout has vpp="
                                  f"{layout.vpp_size} (pipeline.build_model_chunks builds one per virtual stage)")
-        for frozen in (*self.reference, *self.reward):
+        for frozen in ((*self.reference, *self.reward) if not self.base_reference else self.reward):
             frozen.eval()
             for p in frozen.parameters():
                 p.requires_grad_(False)
@@ -616,7 +627,8 @@ class PPOLoop:
         self.offloader.add_model("actor", self.actor, self.actor_trainer.optimizer)
         if self.uses_critic:
             self.offloader.add_model("critic", self.critic, self.critic_trainer.optimizer)
-        self.offloader.add_model("reference", self.reference)
+        if not self.base_reference:
+            self.offloader.add_model("reference", self.reference)
         if self.reward:
             self.offloader.add_model("reward", self.reward)
         self._resident_peaks: dict[str, int] = {}  # phase -> the most device bytes it held (this iteration)
@@ -645,7 +657,10 @@ class PPOLoop:
 
     def _resident(self, phase: str, *groups: str, extra: Sequence[torch.Tensor] = ()) -> None:
         """Exactly ``groups`` on the device (``Offloader.ensure``; all of them when offloading is off), and
-        ``phase``'s ledger entry raised to the device bytes now held by them plus ``extra``."""
+        ``phase``'s ledger entry raised to the device bytes now held by them plus ``extra``. The reference of a
+        LoRA actor is the actor's group."""
+        if self.base_reference:
+            groups = tuple(dict.fromkeys("actor" if g == "reference" else g for g in groups))
         self.offloader.ensure(*groups)
         held = self.offloader.resident_bytes(extra)
         self._resident_peaks[phase] = max(self._resident_peaks.get(phase, 0), held)
@@ -916,11 +931,17 @@ class PPOLoop:
             resp, resp_mask, _ = self._generate_split(name, ids, mask, params, phase)
         else:
             self._resident(phase, name)
-            resp, resp_mask, _ = self._generate_rows(getattr(self, name)[0], ids, mask, params)
+            with self._as_model(name):
+                resp, resp_mask, _ = self._generate_rows(getattr(self, name)[0], ids, mask, params)
         seq = torch.cat([ids.to(self.device), resp], 1)
         seq_mask = torch.cat([mask.to(self.device), resp_mask], 1)
         scores, _ = self._rewards(origin, seq, seq_mask, resp, resp_mask, phase=phase)
         return scores, resp_mask.sum(1)
+
+    def _as_model(self, name: str):
+        """The context in which the training chunks of ``name`` compute as that model: for the reference of a
+        LoRA actor (``base_reference``), the actor with its adapters off."""
+        return lora_disabled(self.actor) if name == "reference" and self.base_reference else contextlib.nullcontext()
 
     def _sampling(self, seed: int) -> SamplingParams:
         c = self.config
@@ -928,18 +949,22 @@ class PPOLoop:
                               top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                               seed=seed)
 
-    def generation_model(self, chunks=None):
+    def generation_model(self, chunks=None, adapters: bool = True):
         """``chunks`` (default: the actor's) resharded to the generation layout: a ``GLMForCausalLM``
         with tp_g-way tensor parallelism and every layer (a plain whole model at tp_g = 1) built from
         ``sharding.reshard_for_generation`` of the training shards ("reshard" traffic in the layout's
-        ledger). The caller drops it after sampling."""
+        ledger), with the chunks' LoRA adapters, resharded like their weights, unless ``adapters`` is False
+        (the base model: a LoRA actor's reference; its adapters are not moved). The caller drops it after
+        sampling."""
         from engine.model.glm import GLMForCausalLM
         from engine.model.spec import ModelSpec
         from engine.parallel.sharding import reshard_for_generation
         from engine.parallel.tensor_parallel import tensor_parallel_spec
         chunks = self.actor if chunks is None else _chunks(chunks)
         gen = self.generation_layout
-        state = reshard_for_generation(chunks, self.model_config, self.replicas, gen)
+        record = lora_record(chunks) if adapters else None
+        local = {k: v for chunk in chunks for k, v in chunk.state_dict().items() if record or ".lora." not in k}
+        state = reshard_for_generation(local, self.model_config, self.replicas, gen)
         if self.layout.tp_size > gen.tp_size:
             # Only the replicated norms still share the training copy's flat buffers; own copies (a few
             # KB) let those buffers leave the device while sampling instead of being pinned by a view.
@@ -954,6 +979,8 @@ class PPOLoop:
         # Tensors still shared with the training model (at tp_g = tp, this stage's) are only read.
         with torch.device("meta"):
             model = GLMForCausalLM(self.model_config, spec, init=False)
+            if record:
+                attach_adapters(model, record)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
@@ -970,7 +997,7 @@ class PPOLoop:
         the replica's cp ranks first split the rows (``_over_cp``), each cp rank being k generation replicas."""
         layout, gen = self.replicas, self.generation_layout
         self._resident(phase, name)  # resharding reads the training shards
-        model = self.generation_model(getattr(self, name))
+        model = self.generation_model(getattr(self, name), adapters=not (name == "reference" and self.base_reference))
         self._resident(phase, extra=list(model.parameters()))
         out = self._over_cp(lambda i, m: self._sample_slice(model, i, m, params), ids, mask)
         del model  # the resharded copy lives only while sampling
@@ -1060,7 +1087,8 @@ class PPOLoop:
         self._resident("score", "actor")
         logprobs = self._token_logprobs(self.actor, sequences, attention, packed)
         self._resident("score", "reference")
-        ref_logprobs = self._token_logprobs(self.reference, sequences, attention, packed)
+        with self._as_model("reference"):
+            ref_logprobs = self._token_logprobs(self.reference, sequences, attention, packed)
         values = None  # no critic: zeros of the global shape after the gather (no traffic for them)
         if self.uses_critic:
             self._resident("score", "critic")
