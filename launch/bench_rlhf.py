@@ -3,7 +3,7 @@
     python -m launch.bench rlhf [--config tiny] [--layouts "1,1 2,1 2,1,1 1,2"] [--iterations 3]
                                 [--rollout-prompts 8] [--samples-per-prompt 2] [--prompt-length 32]
                                 [--max-new-tokens 32] [--mini-batch 8] [--micro-batch 2] [--json FILE]
-                                [--min-prompt-length N] [--stop-tokens K] [--pack]
+                                [--min-prompt-length N] [--stop-tokens K] [--pack] [--lora-rank R [--critic-lora]]
 
 Layouts are ``tp,dp[,generation_tp[,pp[,cp]]]`` (generation_tp < tp: the actor is resharded to that TP
 degree for sampling, 1 = a whole model per rank, ``PPOConfig.generation_tp``; pp > 1: pipeline stages for
@@ -30,6 +30,9 @@ sequence parallelism (``--sequence-parallel``, layouts with tp > 1) reduce. "dlo
 |log p_train - log p_sampler| of a sampled token over the timed iterations (``rollout_logprob_diff_max``;
 ``rollout_kl`` in the JSON): rounding only in fp32, in bf16 the sampler/trainer gap that
 ``--rollout-is-cap`` corrects (on GPU: the Triton decoding path against the training kernels).
+``--lora-rank R``: the actor trains LoRA adapters of rank R (``engine.model.lora``) and its reference is
+itself with them off, so no reference model is built (``--critic-lora``: the critic trains adapters too);
+the resident bytes show the reference's weights and the frozen weights' optimizer state gone.
 ``--device cuda`` runs each layout as one process on the GPU (tp = pp = dp = 1) and adds the allocator's
 peak per phase (``peak_memory_<phase>``, KV cache and activations included) to the JSON and the table.
 """
@@ -65,6 +68,13 @@ def _run(tp: int, dp: int, gen_tp, pp: int, cp: int, args) -> dict:
               [chunk.to(device) for chunk in build_model_chunks(config, layout, model_cls=cls, seed=i,
                                                                 sequence_parallel=sp)]
               for i, cls in enumerate((GLMForCausalLM, GLMForScalarHead, GLMForCausalLM, GLMForScalarHead))]
+    if args.lora_rank:  # the reference: the actor with its adapters off
+        from engine.model.lora import LoRAConfig, add_lora
+        lora = LoRAConfig(rank=args.lora_rank)
+        add_lora(models[0], lora, layout, seed=0)
+        models[2] = None
+        if args.critic_lora and models[1] is not None:
+            add_lora(models[1], lora, layout, seed=1, keep_trainable=("value_head.",))
     g = torch.Generator().manual_seed(0)
     n_prompts = args.rollout_prompts * args.iterations
     lengths = torch.randint(args.min_prompt_length or args.prompt_length, args.prompt_length + 1, (n_prompts,),
@@ -135,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--offload", action="store_true", help="PPOConfig.offload: idle models in host memory")
     p.add_argument("--pack", action="store_true", help="PPOConfig.pack_sequences: packed update rows")
     p.add_argument("--sequence-parallel", action="store_true", help="layouts with tp > 1: sequence parallel models")
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA actor of this rank, no reference model")
+    p.add_argument("--critic-lora", action="store_true", help="with --lora-rank: LoRA critic too")
     from engine.rlhf.ppo import ESTIMATORS
     p.add_argument("--advantage-estimator", choices=ESTIMATORS, default="gae",
                    help="gae: with a critic; the others: critic-free")
@@ -142,12 +154,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.iterations < 2:
         p.error("--iterations must be >= 2 (the first is a warm-up)")
+    if args.lora_rank < 0 or (args.critic_lora and not args.lora_rank):
+        p.error("--lora-rank must be >= 0, and --critic-lora needs --lora-rank")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "
           f"{args.prompt_length} + {args.max_new_tokens} new tokens, mini-batch {args.mini_batch}, "
           f"{args.dtype}{', offload' if args.offload else ''}{', sequence parallel' if args.sequence_parallel else ''}, "
-          f"{args.advantage_estimator}; "
+          f"{args.advantage_estimator}"
+          + (f", LoRA rank {args.lora_rank} actor{' and critic' if args.critic_lora else ''}" if args.lora_rank else "")
+          + "; "
           f"median of {args.iterations - 1} iterations; "
           "resident MiB on rank 0")
     header = (f"{'tp':>3}{'pp':>3}{'dp':>3}{'cp':>3}{'gen':>4}  {'generate s':>10}  {'score s':>8}  {'update s':>9}  "

@@ -33,3 +33,24 @@ def test_rlhf_benchmark_reports_every_phase(tmp_path, offload):
     else:
         assert layout["host_bytes"] == 0
         assert layout["resident_bytes_generate"] == layout["resident_bytes_update"]
+
+
+def test_rlhf_benchmark_with_lora_holds_no_reference_and_no_full_optimizer(tmp_path):
+    """--lora-rank --critic-lora: actor, critic and reward weights resident (three models, no reference copy)
+    plus the adapters' few optimizer bytes; full fine-tuning holds four models and optimizer state for two."""
+    from engine.config import GLMConfig
+    from engine.model.lora import LoRAConfig, lora_shapes
+    out = tmp_path / "rlhf.json"
+    assert main(["rlhf", "--layouts", "1,1", "--iterations", "2", "--rollout-prompts", "2", "--mini-batch", "4",
+                 "--max-new-tokens", "4", "--prompt-length", "8", "--lora-rank", "4", "--critic-lora",
+                 "--json", str(out)]) == 0
+    (layout,) = json.loads(out.read_text())["layouts"]
+    config = GLMConfig.preset("tiny")
+    lm = 4 * config.num_parameters()  # fp32 bytes
+    scalar = lm - 4 * config.vocab_size * config.hidden_size + 4 * config.hidden_size  # value head, no output layer
+    # above the three models: actor and critic adapters, each with its gradient and two Adam moments (fp32:
+    # 16 bytes a parameter), and the critic's value head's gradient and moments (12 bytes); no alignment padding
+    adapters = 2 * sum(a * b for a, b in lora_shapes(config, LoRAConfig(rank=4)).values())
+    expected = lm + 2 * scalar + 16 * adapters + 12 * config.hidden_size
+    assert layout["resident_bytes_update"] == expected
+    assert layout["rollout_logprob_diff_max"] < 1e-4  # the sampler runs the adapters as the trainer does
