@@ -58,7 +58,7 @@ setup(
         "pybind11>=2.10",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.46", "triton>=3.0", "matplotlib", "tensorboard"],
+        "test": ["pytest", "transformers>=4.46", "triton>=3.0", "matplotlib", "tensorboard", "peft"],
         "bench": ["transformers>=4.46", "triton>=3.0", "matplotlib", "tensorboard"],
     },
     ext_modules=[

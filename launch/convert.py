@@ -1,14 +1,16 @@
 """Convert GLM checkpoints between layouts.
 
     python -m launch.convert --input DIR --output DIR [--to hf|thudm] [--dtype fp32|bf16|fp16]
-    python -m launch.convert --checkpoint DIR [--step N] --output DIR [--to hf|thudm] [--dtype ...]
+    python -m launch.convert --checkpoint DIR [--step N] --output DIR [--to hf|thudm|peft] [--dtype ...]
 
 --input: a Hugging Face GLM directory (model_type "glm": GlmForCausalLM, or GlmForSequenceClassification
 with num_labels=1 for a reward model) or an original THUDM ChatGLM2/3 / GLM-4 directory (model_type
 "chatglm"); nothing from the directory is executed. --checkpoint: an engine training checkpoint
 directory (``engine.train.checkpoint``, any tp/pp/dp layout; the step named by its ``latest`` file, or
 --step N), verified against its manifest and assembled in this process; a LoRA run's adapters are
-folded into the weights they adapt (``W + alpha / r * B A``).
+folded into the weights they adapt (``W + alpha / r * B A``), unless --to peft: then DIR holds the frozen
+weights in the HF layout and DIR/adapter the adapters as a PEFT LoRA adapter (``peft.PeftModel.from_pretrained(
+GlmForCausalLM.from_pretrained(DIR), DIR/adapter)``; the fused qkv adapter becomes q/k/v adapters sharing A).
 --to hf (default) writes safetensors + config.json that ``transformers.GlmForCausalLM.from_pretrained``
 loads, or for a scalar-head model (GLMForScalarHead: reward model / critic) what
 ``transformers.GlmForSequenceClassification.from_pretrained`` loads (``model.*`` + ``score.weight``);
@@ -68,14 +70,21 @@ def convert_checkpoint(checkpoint_dir: str, output_dir: str, step: Optional[int]
     classes = {c.__name__: c for c in (GLMForCausalLM, GLMForScalarHead)}
     manifest = read_manifest(checkpoint_dir, step)
     model_class = manifest.get("model_class")
+    lora = manifest.get("lora")
+    if to == "peft" and (not lora or model_class != "GLMForCausalLM"):
+        raise CheckpointError(f"{checkpoint_dir}: --to peft exports LoRA adapters of a language model; this checkpoint "
+                              + ("holds none (use --to hf)" if not lora else f"is a {model_class}"))
     if model_class not in classes:
         raise CheckpointError(f"{checkpoint_dir}: manifest model_class {model_class!r} is not one of {list(classes)}")
     value_head = model_class == "GLMForScalarHead"
     _check_target(value_head, to, checkpoint_dir)
     config, sd = read_full_model_state(checkpoint_dir, step)
-    if manifest.get("lora"):  # a LoRA run: export the adapted model, adapters folded into the weights
+    adapters = None
+    if to == "peft":  # the frozen weights as they are, the adapters beside them
+        adapters, sd = sd, {k: v for k, v in sd.items() if ".lora." not in k}
+    elif lora:  # a LoRA run: export the adapted model, adapters folded into the weights
         from engine.model.lora import merge_state_dict
-        sd = merge_state_dict(sd, manifest["lora"]["scale"])
+        sd = merge_state_dict(sd, lora["scale"])
     expected = expected_shapes(config, value_head)
     if set(sd) != set(expected):
         extra, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
@@ -87,6 +96,12 @@ def convert_checkpoint(checkpoint_dir: str, output_dir: str, step: Optional[int]
     model.load_state_dict(sd, strict=True)
     if dtype:
         model = model.to(DTYPES[dtype])
+    if adapters is not None:
+        from engine.model.hf_adapter import save_peft_adapter
+        out = _write(model, output_dir, "hf")
+        adapters = {k: v.to(DTYPES[dtype]) if dtype else v for k, v in adapters.items()}
+        save_peft_adapter(adapters, config, lora["rank"], lora["scale"] * lora["rank"], out / "adapter", str(out))
+        return out
     return _write(model, output_dir, to)
 
 
@@ -98,11 +113,14 @@ def main(argv=None) -> int:
     source.add_argument("--checkpoint", help="engine training checkpoint directory to export")
     p.add_argument("--step", type=int, default=None, help="with --checkpoint: the step (default: latest)")
     p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--to", choices=["hf", "thudm"], default="hf")
+    p.add_argument("--to", choices=["hf", "thudm", "peft"], default="hf",
+                   help="peft (--checkpoint of a LoRA run): the frozen weights (hf) and DIR/adapter (PEFT LoRA)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     args = p.parse_args(argv)
     if args.step is not None and args.checkpoint is None:
         p.error("--step needs --checkpoint")
+    if args.to == "peft" and args.checkpoint is None:
+        p.error("--to peft exports the adapters of a LoRA training checkpoint: it needs --checkpoint")
     try:
         if args.checkpoint is not None:
             out = convert_checkpoint(args.checkpoint, args.output, args.step, args.to, args.dtype)

@@ -388,3 +388,38 @@ def test_launcher_sft_resume_export_and_dpo_with_adapters(tmp_path):
     assert abs(d2["margin"]) > 1e-6  # exactly 0 if the reference were the adapted policy itself
     proc, _ = run("offload", "dpo", "--init-from", str(tmp_path / "ck"), "--offload-reference", *lora)
     assert proc.returncode == 2 and "a LoRA run has no reference copy to offload" in proc.stderr, proc.stderr
+
+
+def test_peft_export_loads_into_transformers_with_the_same_logits(tmp_path):
+    """launch.convert --to peft: the frozen weights as a GlmForCausalLM directory and the adapters as a PEFT
+    LoRA adapter (q/k/v adapters from the fused one); peft.PeftModel on transformers.GlmForCausalLM gives the
+    adapted engine model's logits. fp32, another summation order (HF projects q, k, v separately and adds
+    the adapter in its own order): 1e-5 of the logits' scale, as tests/test_model_hf.py; a wrong split of B,
+    a missing module or a wrong scale is off by O(1) (the adapters move the logits by ~1 here)."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    from launch.convert import main as convert
+    config = GLMConfig(vocab_size=384, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
+                       num_kv_groups=2, pad_token_id=0, eos_token_id=[1])
+    torch.manual_seed(0)
+    model = GLMForCausalLM(config).eval()
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("qkv", "dense", "gate_up", "down"))
+    add_lora(model, lora, seed=2)
+    _random_b(model, seed=4)
+    ids = torch.randint(2, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ours = model(ids)
+        with lora_disabled(model):
+            assert (ours - model(ids)).abs().max() > 0.1  # the adapters matter
+    save_checkpoint(tmp_path / "ck", 1, model, None, ParallelLayout.single(), config)
+    assert convert(["--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "out"), "--to", "peft"]) == 0
+    base = transformers.GlmForCausalLM.from_pretrained(tmp_path / "out").eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    with torch.no_grad():
+        theirs = adapted(ids).logits
+    assert (theirs - ours).abs().max() <= 1e-5 * ours.abs().max()
+    # a checkpoint without adapters has nothing to export as PEFT; --to peft needs a checkpoint
+    save_checkpoint(tmp_path / "plain", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    assert convert(["--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "p"), "--to", "peft"]) == 2
+    with pytest.raises(SystemExit):
+        convert(["--input", str(tmp_path / "out"), "--output", str(tmp_path / "q"), "--to", "peft"])

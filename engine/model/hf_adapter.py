@@ -293,6 +293,53 @@ def load_hf(cls, path_or_model, spec=None, dtype: Optional[torch.dtype] = None):
     return model
 
 
+# LoRA adapters (engine/model/lora.py) as a PEFT adapter of GlmForCausalLM: the fused qkv adapter becomes one
+# adapter per q/k/v projection, each with the shared A and its rows of B (exact: q/k/v rows of B A)
+_PEFT_MODULES = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "attention.dense": ("self_attn.o_proj",), "mlp.gate_up": ("mlp.gate_up_proj",),
+                 "mlp.down": ("mlp.down_proj",)}
+_PEFT_PREFIX = "base_model.model."
+
+
+def engine_lora_to_peft(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
+    """The adapter factors of a full engine state dict (``layers.i.<projection>.lora.A/B``), by PEFT name
+    (``base_model.model.model.layers.i.self_attn.q_proj.lora_A.weight``); other tensors are left out."""
+    d, hq, hkv = config.kv_channels, config.num_attention_heads, config.num_kv_groups
+    out = {}
+    for k, t in sd.items():
+        if ".lora." not in k:
+            continue
+        _, i, rest = k.split(".", 2)
+        projection, factor = rest.rsplit(".lora.", 1)
+        modules = _PEFT_MODULES[projection]
+        parts = t.split([hq * d, hkv * d, hkv * d], dim=0) if factor == "B" and len(modules) == 3 else [t] * len(modules)
+        for module, part in zip(modules, parts):
+            out[_PEFT_PREFIX + _HF_LAYER.format(i=i) + f"{module}.lora_{factor}.weight"] = part.clone()  # own storage
+    return out
+
+
+def save_peft_adapter(sd: dict[str, torch.Tensor], config: GLMConfig, rank: int, alpha: float, directory,
+                      base_model: str = "") -> Path:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` that ``peft.PeftModel.from_pretrained(
+    GlmForCausalLM, directory)`` loads: the adapters of the full engine state dict ``sd`` (rank, alpha:
+    their ``LoRAConfig``; scale alpha / rank, PEFT's default scaling); ``base_model`` goes into the config's
+    ``base_model_name_or_path``."""
+    from safetensors.torch import save_file
+    tensors = engine_lora_to_peft(sd, config)
+    if not tensors:
+        raise ValueError("the state dict holds no LoRA adapters (layers.i.<projection>.lora.A / .B)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    modules = sorted({k.split(".")[-3] for k in tensors})  # q_proj, k_proj, ..., gate_up_proj
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+           "target_modules": modules, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "inference_mode": True, "base_model_name_or_path": base_model}
+    (directory / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
 def save_hf(model, directory, max_shard_bytes: int = 5 * 2**30) -> None:
     """safetensors + config.json loadable by ``transformers.GlmForCausalLM.from_pretrained``, or for a
     GLMForScalarHead by ``transformers.GlmForSequenceClassification.from_pretrained`` (num_labels=1)."""
