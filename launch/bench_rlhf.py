@@ -156,6 +156,8 @@ def main(argv=None) -> int:
         p.error("--iterations must be >= 2 (the first is a warm-up)")
     if args.lora_rank < 0 or (args.critic_lora and not args.lora_rank):
         p.error("--lora-rank must be >= 0, and --critic-lora needs --lora-rank")
+    if args.critic_lora and args.advantage_estimator != "gae":
+        p.error(f"--critic-lora: --advantage-estimator {args.advantage_estimator} trains no critic")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     print(f"PPO on {args.config}: {args.rollout_prompts} prompts x {args.samples_per_prompt} samples, prompt "

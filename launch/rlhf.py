@@ -365,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         run = load_rlhf_run(args.config, cli_overrides(args))
+        run.lora.check_flags(args.lora_alpha is not None, args.lora_targets is not None)
         validate_rlhf_run(run, world_size)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         return _error(str(e))

@@ -466,6 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         run = run_from_args(args)
+        run.lora.check_flags(args.lora_alpha is not None, args.lora_targets is not None)
         validate_run(run, world_size)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
         return _error(str(e))
@@ -571,7 +572,6 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             if offloader is not None:
                 offloader.ensure()  # back to host memory while the policy trains
             return out
-        held_out = [with_reference(b) for b in data.held_out]  # fixed batches: scored by the reference once
         if resume:
             try:
                 extra = load_checkpoint(ck.load, chunks, optimizer, layout, run.model,
@@ -580,6 +580,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
             except CheckpointError as e:
                 return _error(str(e))
             trainer.steps_done = extra["step"]  # the data order is a function of the step
+        # fixed batches, scored by the reference once: after a resume has loaded the weights (with LoRA the
+        # reference is the policy's frozen weights, which the checkpoint holds)
+        held_out = [with_reference(b) for b in data.held_out]
         writer = None
         if rank == 0:
             Path(run.log_dir).mkdir(parents=True, exist_ok=True)
@@ -618,8 +621,9 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
 
         from engine.train.observe import ProgressBar, TensorBoardLogger, flops_per_token
         # model FLOPs (what MFU counts) leave out activation recompute; hardware FLOPs (HFU) include it
-        flops = flops_per_token(run.model, run.train.seq_length, "none", lm_head=run.mode != "rm")
-        hw_flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute, lm_head=run.mode != "rm")
+        flops = flops_per_token(run.model, run.train.seq_length, "none", lm_head=run.mode != "rm", lora=run.lora)
+        hw_flops = flops_per_token(run.model, run.train.seq_length, run.train.recompute, lm_head=run.mode != "rm",
+                                   lora=run.lora)
         progress = ProgressBar(run.train.train_steps - trainer.steps_done, rank)
         board = TensorBoardLogger(Path(run.log_dir) / "tensorboard", rank)
         t = run.train
@@ -631,7 +635,7 @@ def train(run: RunConfig, peak_tflops: Optional[float] = None) -> int:
                 reference_s = time.perf_counter() - started
                 metrics = trainer.train_step(batch)
                 # dpo: the reference's forward (and its offload round trip), which tokens_per_s does not time
-                extra = {"reference_s": reference_s} if reference is not None else {}
+                extra = {"reference_s": reference_s} if reference_id is not None else {}
                 done = trainer.steps_done
                 if held_out and ((t.eval_interval and done % t.eval_interval == 0) or done == t.train_steps):
                     extra.update({f"eval_{k}": v for k, v in trainer.evaluate(held_out).items()})

@@ -54,3 +54,10 @@ def test_rlhf_benchmark_with_lora_holds_no_reference_and_no_full_optimizer(tmp_p
     expected = lm + 2 * scalar + 16 * adapters + 12 * config.hidden_size
     assert layout["resident_bytes_update"] == expected
     assert layout["rollout_logprob_diff_max"] < 1e-4  # the sampler runs the adapters as the trainer does
+
+
+def test_rlhf_benchmark_refuses_a_critic_lora_without_a_critic():
+    with pytest.raises(SystemExit):
+        main(["rlhf", "--lora-rank", "4", "--critic-lora", "--advantage-estimator", "grpo"])
+    with pytest.raises(SystemExit):
+        main(["rlhf", "--critic-lora"])

@@ -30,6 +30,15 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(c, 5, causal=True) == 3 * (3 * (1152 + 80) + 160)
     h = c.hidden_size  # a scalar head: 2 h FLOPs per token instead of 2 h V (160 here)
     assert flops_per_token(c, 5, lm_head=False) == 12288 - 3 * (160 - 2 * h)
+    # LoRA rank 2 on qkv and down: adapters 2 r (in + out) = 4 (8 + 16) + 4 (16 + 8) = 192 per layer; frozen
+    # weights and output layer take 2x (forward, input gradient), adapters and attention 3x
+    from engine.model.lora import LoRAConfig
+    lora = LoRAConfig(rank=2, targets=("qkv", "down"))
+    assert flops_per_token(c, 5, lora=lora) == 2 * (3 * 1152 + 160) + 3 * 3 * (192 + 160)
+    assert flops_per_token(c, 5, lora=lora, recompute="full") == 2 * (3 * 1152 + 160) + 4 * 3 * (192 + 160) + 3 * 1152
+    assert flops_per_token(c, 5, lora=lora, training=False) == 3 * (1152 + 192 + 160) + 160
+    assert flops_per_token(c, 5, lora=lora, lm_head=False) == 2 * 3 * 1152 + 3 * 2 * h + 3 * 3 * (192 + 160)
+    assert flops_per_token(c, 5, lora=LoRAConfig()) == 12288  # rank 0: no adapters
     assert mfu(1000.0, 12288.0, 1.2288e7 * 2, num_devices=1) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="recompute"):
         flops_per_token(c, 5, recompute="some")

@@ -93,8 +93,9 @@ def _world4(rank, world_size, states, prompts_greedy, scored, batch):
     from engine.parallel.sharding import gather_full_state_dict
     out = {}
     sequences, attention, prompt_index = scored
-    for name, tp_g in (("tp2pp2_gen1", 1), ("tp2pp2", None)):
-        layout = ParallelLayout.build(ParallelDims(tp=2, pp=2), name=name)
+    for name, dims, tp_g in (("tp2pp2_gen1", ParallelDims(tp=2, pp=2), 1), ("tp2pp2", ParallelDims(tp=2, pp=2), None),
+                             ("tp4_gen2", ParallelDims(tp=4), 2)):  # tp4: the 2 KV heads replicated over 2 ranks
+        layout = ParallelLayout.build(dims, name=name)
         actor, critic, reward = _sharded_lora(states, layout)
         loop = PPOLoop(_ppo(generation_tp=tp_g, offload=True), _config(), layout, actor, critic, None, reward,
                        _prompts(), [EOS], PAD, OPTIM, OPTIM, LR, LR)
@@ -115,8 +116,9 @@ def _world4(rank, world_size, states, prompts_greedy, scored, batch):
     return out
 
 
-def test_tp2_pp2_lora_ppo_matches_one_process():
-    """Greedy decoding on the generation copy (tp_g = 1: adapters resharded to whole ones; tp_g = 2), the
+def test_tp2_pp2_and_tp4_lora_ppo_match_one_process():
+    """tp2 x pp2 and tp4 (replicated KV heads, sampling at tp_g = 2): greedy decoding on the generation copy
+    (tp2 x pp2 at tp_g = 1: adapters resharded to whole ones; tp_g = 2), the
     reference's log-probs and its baseline answers (sampled on a copy without the adapters), one update on
     a fixed batch and a full iteration, against one process. Tolerances as
     test_rlhf_ppo.test_pipeline_layouts_reshard_score_and_update_like_one_process (fp32, another reduction

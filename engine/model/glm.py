@@ -349,6 +349,9 @@ class GLMForScalarHead(GLMTransformer):
     @classmethod
     def from_causal_lm(cls, lm: GLMForCausalLM) -> "GLMForScalarHead":
         """Critic/reward init from an LM: copy the trunk, fresh value head."""
+        if any(".lora." in name for name in lm.state_dict()):
+            raise ValueError("from_causal_lm: the language model has LoRA adapters; fold them into its weights first "
+                             "(engine.model.lora.merge_lora_ on a copy) or add adapters to the scalar-head model itself")
         model = cls(lm.config, lm.spec, lm.layer_indices, lm.pre_process, lm.post_process)
         missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
         heads = (["output_layer.weight"], ["value_head.weight"]) if lm.post_process else ([], [])  # not on earlier stages

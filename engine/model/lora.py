@@ -5,8 +5,8 @@ projection (``qkv``, ``dense``, ``gate_up``, ``down``) a trainable ``lora`` adap
 (uniform in +-1/sqrt(in), as PEFT's kaiming init) and ``B [out, r]`` (zeros, so the adapted model starts
 equal to the base model). Parameter names: ``layers.i.attention.qkv.lora.A`` / ``.lora.B``.
 
-Tensor parallelism needs no extra communication. An adapter is the low-rank factorisation of its
-projection's local shard, so ``B @ A`` always has the local weight's shape:
+Tensor parallelism adds no communication to the forward and backward passes. An adapter is the low-rank
+factorisation of its projection's local shard, so ``B @ A`` always has the local weight's shape:
 
     column-parallel (qkv, gate_up)  A [r, in] whole on every TP rank, B [out/tp, r] sharded like W's rows
                                     (per KV group for qkv, per half for gate_up)
@@ -15,7 +15,8 @@ projection's local shard, so ``B @ A`` always has the local weight's shape:
 
 The factor held whole on every TP rank gets only a partial gradient on each (column: its output rows'
 share; row: its input columns' share): it is marked ``sequence_parallel`` so the optimizer all-reduces
-its gradient over TP with the sequence-parallel ones (``tensor_parallel.mark_lora``).
+its gradient over TP with the sequence-parallel ones (``tensor_parallel.mark_lora``), once per step: r x
+(in + out) values per projection, next to nothing.
 
 Because the reference model of DPO or PPO is the base model, ``lora_disabled(model)`` runs the model
 without its adapters: no second copy of the weights. ``merge_lora_(model)`` folds ``scale * B @ A`` into
@@ -79,6 +80,12 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
+
+    def check_flags(self, alpha_given: bool, targets_given: bool) -> None:
+        """ValueError when a launcher's --lora-alpha / --lora-targets were given but no adapters are trained."""
+        if (alpha_given or targets_given) and not self.enabled:
+            raise ValueError("--lora-alpha / --lora-targets shape LoRA adapters, but lora.rank is 0 (no adapters): "
+                             "add --lora-rank R")
 
     @classmethod
     def from_dict(cls, raw: Optional[dict]) -> "LoRAConfig":
@@ -235,13 +242,14 @@ def lora_record(model) -> Optional[dict]:
 def lora_disabled(model) -> Iterator[None]:
     """Run ``model`` as its base model (adapters skipped): the frozen reference of DPO / PPO."""
     found = adapters(model)
+    before = [a.enabled for a in found]  # nested uses restore what they found
     for a in found:
         a.enabled = False
     try:
         yield
     finally:
-        for a in found:
-            a.enabled = True
+        for a, enabled in zip(found, before):
+            a.enabled = enabled
 
 
 def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

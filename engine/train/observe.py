@@ -29,9 +29,12 @@ RECOMPUTE = ("none", "full", "selective")
 
 
 def flops_per_token(config: GLMConfig, seq_length: int, recompute: str = "none", causal: bool = False,
-                    training: bool = True, lm_head: bool = True) -> float:
+                    training: bool = True, lm_head: bool = True, lora=None) -> float:
     """Model FLOPs per token of one training step (or one forward when ``training=False``);
-    ``lm_head=False`` for a scalar-head model (reward model / critic: an [h, 1] head instead of [h, V])."""
+    ``lm_head=False`` for a scalar-head model (reward model / critic: an [h, 1] head instead of [h, V]).
+    ``lora`` (a ``LoRAConfig`` with rank > 0): the weights are frozen, so a step computes their forward and
+    input gradient but no weight gradient (2x instead of 3x; a scalar head still trains), plus the adapters'
+    own matmuls (3x)."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} must be one of {RECOMPUTE}")
     if seq_length < 1:
@@ -42,11 +45,18 @@ def flops_per_token(config: GLMConfig, seq_length: int, recompute: str = "none",
     weights = 2 * (h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * f)
     attention = 2 * 2 * seq_length * hq * d * (0.5 if causal else 1.0)
     head = 2 * h * (V if lm_head else 1)
+    adapters = 0
+    if lora is not None and lora.enabled:  # 2 r (in + out) per adapted projection
+        sizes = {"qkv": h + (hq + 2 * hkv) * d, "dense": hq * d + h, "gate_up": h + 2 * f, "down": f + h}
+        adapters = 2 * lora.rank * sum(sizes[t] for t in lora.targets)
     if not training:
-        return float(L * (weights + attention) + head)
-    total = 3 * (L * (weights + attention) + head)
+        return float(L * (weights + adapters + attention) + head)
+    if adapters:  # a scalar head (reward model, critic) trains beside its adapters; an LM's output layer is frozen
+        total = 2 * L * weights + (2 if lm_head else 3) * head + 3 * L * (adapters + attention)
+    else:
+        total = 3 * (L * (weights + attention) + head)
     if recompute == "full":
-        total += L * (weights + attention)
+        total += L * (weights + adapters + attention)
     elif recompute == "selective":
         total += L * attention
     return float(total)
