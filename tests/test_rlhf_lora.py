@@ -158,23 +158,13 @@ def test_launcher_lora_actor_and_critic_save_and_resume(tmp_path):
     model's checkpoint over frozen base weights, a resume continues them and one without the adapters is
     refused; --critic-lora needs --lora-rank and a critic."""
     import json
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    from engine.config import GLMConfig
-    from engine.train.checkpoint import read_full_model_state, read_manifest, save_checkpoint
+    from engine.train.checkpoint import read_full_model_state, read_manifest
     from launch.rlhf import load_rlhf_run, validate_rlhf_run
-    root = Path(__file__).resolve().parent.parent
-    config = GLMConfig.preset("tiny").replace(num_layers=2)
-    (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "sft", 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
-    save_checkpoint(tmp_path / "rm", 1, GLMForScalarHead(config), None, ParallelLayout.single(), config)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    from tests.test_rlhf_ppo import launcher_setup
+    root, _, env = launcher_setup(tmp_path)
 
     def run(name, *flags):
         cmd = [sys.executable, "-m", "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--rollout-prompts", "2",

@@ -1276,15 +1276,14 @@ def test_launcher_errors(tmp_path, capsys):
         read_prompts(str(bad))
 
 
-def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
-    """launch.rlhf under torchrun (2 processes, pp=2: sampling on the actor gathered to every layer per rank)
-    from language-model and reward checkpoints; then a resume in one process."""
+def launcher_setup(tmp_path):
+    """For launch.rlhf subprocess tests: the repository root, the tiny 2-layer config (``tmp_path/model.yaml``),
+    random SFT and reward-model checkpoints in ``tmp_path/sft`` and ``tmp_path/rm``, and the environment of a
+    fresh (non-torchrun) process."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from engine.train.checkpoint import read_full_model_state, save_checkpoint
+    from engine.train.checkpoint import save_checkpoint
     root = Path(__file__).resolve().parent.parent
     config = GLMConfig.preset("tiny").replace(num_layers=2)
     (tmp_path / "model.yaml").write_text("preset: tiny\nnum_layers: 2\n")
@@ -1294,6 +1293,17 @@ def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return root, config, env
+
+
+def test_torchrun_pp2_ppo_iteration_writes_metrics_and_checkpoints(tmp_path):
+    """launch.rlhf under torchrun (2 processes, pp=2: sampling on the actor gathered to every layer per rank)
+    from language-model and reward checkpoints; then a resume in one process."""
+    import subprocess
+    import sys
+
+    from engine.train.checkpoint import read_full_model_state
+    root, config, env = launcher_setup(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "launch.rlhf", "--model", str(tmp_path / "model.yaml"), "--pp", "2", "--iterations", "2",
            "--rollout-prompts", "2", "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size",
