@@ -97,8 +97,8 @@ import kernels
 from engine.config import GLMConfig
 from engine.model.generation import SamplingParams, generate
 from engine.model.glm import default_positions, head_positions, last_token_index
-from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.model.lora import attach_adapters, has_lora, lora_disabled, lora_record
+from engine.parallel import ParallelDims, ParallelLayout, comm
 from engine.parallel.context_parallel import ContextParallel
 from engine.parallel.pipeline import activation_shape, chunk_forward
 from engine.parallel.schedules import run_schedule
@@ -526,16 +526,16 @@ class PPOLoop:
         built_sp = {name: _chunks(m)[-1].spec.gather_sequence is not None
                     for name, m in (("actor", actor), ("critic", critic), ("reference", reference), ("reward", reward))
                     if m is not None}
-        self.base_reference = reference is None  # the reference is the LoRA actor with its adapters off
-        if self.base_reference and not has_lora(actor):
-            raise ValueError("reference=None needs an actor with LoRA adapters (its reference is then the actor "
-                             "with them off); pass the reference model's chunks otherwise")
         if len(set(built_sp.values())) > 1:
             raise ValueError(f"the models disagree on sequence parallelism ({built_sp}): build all of them with the same "
                              "sequence_parallel")
         self.sequence_parallel = built_sp["actor"]
         self.config = config.validate(layout.dp_size, layout.tp_size, layout.pp_size, layout.vpp_size, layout.cp_size,
                                       self.sequence_parallel)
+        self.base_reference = reference is None  # the reference is the LoRA actor with its adapters off
+        if self.base_reference and not has_lora(actor):
+            raise ValueError("reference=None needs an actor with LoRA adapters (its reference is then the actor "
+                             "with them off); pass the reference model's chunks otherwise")
         tp_g = layout.tp_size if config.generation_tp is None else config.generation_tp
         # The cp ranks of a DP replica hold the same weights: for sampling (and anything else done per row) they
         # are replicas of their own, the gradient layout's dp x cp ranks.
