@@ -954,8 +954,10 @@ class PPOLoop:
         with tp_g-way tensor parallelism and every layer (a plain whole model at tp_g = 1) built from
         ``sharding.reshard_for_generation`` of the training shards ("reshard" traffic in the layout's
         ledger), with the chunks' LoRA adapters, resharded like their weights, unless ``adapters`` is False
-        (the base model: a LoRA actor's reference; its adapters are not moved). The caller drops it after
-        sampling."""
+        (the base model: a LoRA actor's reference; its adapters are not moved). The adapters stay beside their
+        weights, never folded into them: in bf16, W + scale B A rounds a young adapter's small delta away
+        (a delta of 5e-4 x |W| keeps about a tenth of its effect), and the sampler would drift from the
+        trained policy (docs/benchmarks.md, LoRA). The caller drops it after sampling."""
         from engine.model.glm import GLMForCausalLM
         from engine.model.spec import ModelSpec
         from engine.parallel.sharding import reshard_for_generation
