@@ -288,8 +288,9 @@ def read_run_file(path, sections: set, overrides: Optional[dict] = None) -> tupl
 
 
 def model_from_spec(spec: Any, base_dir: Optional[Path] = None) -> GLMConfig:
-    """``model:`` of a run file: a preset name, a model YAML path (relative paths also tried against
-    ``base_dir``, the run file's folder), or a mapping ``{preset: tiny, field: value, ...}`` / full fields."""
+    """``model:`` of a run file: a preset name, a model YAML path or a Hugging Face / THUDM model directory
+    (relative paths also tried against ``base_dir``, the run file's folder, for YAML files), or a mapping
+    ``{preset: tiny, field: value, ...}`` / full fields."""
     if isinstance(spec, str):
         if base_dir is not None and not Path(spec).is_absolute() and (Path(base_dir) / spec).is_file():
             return GLMConfig.from_yaml(Path(base_dir) / spec)
@@ -302,7 +303,11 @@ def model_from_spec(spec: Any, base_dir: Optional[Path] = None) -> GLMConfig:
 
 
 def load_config(path_or_preset: str) -> GLMConfig:
-    """A preset name (``tiny``, ``chatglm3-6b``, ``glm-4-9b``) or a YAML file path."""
+    """A preset name (``tiny``, ``chatglm3-6b``, ``glm-4-9b``), a YAML file path, or a Hugging Face / THUDM
+    model directory (its config.json)."""
+    if Path(path_or_preset).is_dir() and (Path(path_or_preset) / "config.json").is_file():
+        from engine.model.hf_adapter import model_dir_config
+        return model_dir_config(path_or_preset)
     if Path(path_or_preset).suffix in (".yaml", ".yml") or Path(path_or_preset).is_file():
         return GLMConfig.from_yaml(path_or_preset)
     return GLMConfig.preset(path_or_preset)

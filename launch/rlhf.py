@@ -58,6 +58,8 @@ class RLHFData:
     """Held-out prompts (JSONL like ``prompts``) evaluated every ``ppo.eval_interval`` iterations."""
     eval_fraction: float = 0.0
     """Or: hold out this fraction of the prompts (seeded) for evaluation instead."""
+    tokenizer: Optional[str] = None
+    """A ChatGLM tokenizer.model (or the model directory holding it); None: the built-in tokenizer."""
     tokenizer_cache: Optional[str] = None
     """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
 
@@ -300,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompts JSONL, one {\"prompt\": str, ...} per line (data.prompts; default: the "
                    "built-in questions)")
     p.add_argument("--eval-prompts", help="held-out prompts JSONL (like data.prompts)")
+    p.add_argument("--tokenizer", help="ChatGLM tokenizer.model, or the model directory holding it (default: the "
+                                       "built-in tokenizer of the tiny model)")
     p.add_argument("--eval-samples", type=int, help="answers per held-out prompt: 1 greedy (default); k > 1 sampled "
                    "at --eval-temperature, reporting the mean and the best of k (eval_best_reward)")
     p.add_argument("--eval-temperature", type=float)
@@ -341,7 +345,7 @@ def cli_overrides(args) -> dict:
     for name in _CKPT_FLAGS:
         if getattr(args, name) is not None:
             out.setdefault("checkpoint", {})[name] = getattr(args, name)
-    for name in ("prompts", "eval_prompts", "eval_fraction"):
+    for name in ("prompts", "eval_prompts", "eval_fraction", "tokenizer"):
         if getattr(args, name) is not None:
             out.setdefault("data", {})[name] = getattr(args, name)
     for flag, name in (("reward_fn", "function"), ("reward_workers", "workers"), ("reward_url", "url")):
@@ -527,7 +531,7 @@ def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, 
 
 
 def train_ppo(run: RLHFRun) -> int:
-    from engine.data.tokenizer import default_tokenizer
+    from engine.data.tokenizer import load_tokenizer
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
     from engine.rlhf.ppo import PPOLoop
@@ -542,7 +546,8 @@ def train_ppo(run: RLHFRun) -> int:
         torch.manual_seed(run.ppo.seed)
         ck, c = run.checkpoint, run.ppo
         try:
-            tokenizer = procs.rank0_first(rank, lambda: default_tokenizer(run.data.tokenizer_cache))
+            tokenizer = procs.rank0_first(rank, lambda: load_tokenizer(run.data.tokenizer, run.data.tokenizer_cache,
+                                                                       run.model.vocab_size))
             if run.data.prompts:
                 records = read_prompts(run.data.prompts)
             else:

@@ -79,6 +79,9 @@ class DataConfig:
     pack: bool = False
     """sft: pack several conversations per row (``PackedSFTDataset``: per-conversation positions, no
     attention across conversations) instead of one padded conversation per row."""
+    tokenizer: Optional[str] = None
+    """A ChatGLM tokenizer.model (or the model directory holding it), which data.path must have been
+    preprocessed with; None: the built-in tokenizer of the tiny model."""
     tokenizer_cache: Optional[str] = None
     """Cache directory of the default tokenizer and built-in datasets (None: ~/.cache/glm-engine)."""
 
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed-optimizer", action="store_true", default=None)
     p.add_argument("--mixed-precision", choices=("fp32", "bf16"))
     p.add_argument("--data-path", help="indexed dataset prefix (default: the mode's built-in data)")
+    p.add_argument("--tokenizer", help="ChatGLM tokenizer.model, or the model directory holding it (default: the "
+                                       "built-in tokenizer of the tiny model)")
     p.add_argument("--eval-path", help="held-out indexed dataset prefix")
     p.add_argument("--eval-fraction", type=float, help="fraction of the data held out for evaluation")
     p.add_argument("--pack", action="store_true", default=None,
@@ -315,7 +320,7 @@ _FLAG_TARGETS = {
     "recompute": ("train", "recompute"), "lr": ("lr", "lr"), "min_lr": ("lr", "min_lr"),
     "warmup_steps": ("lr", "warmup_steps"), "weight_decay": ("optim", "weight_decay"),
     "clip_grad": ("optim", "clip_grad"), "distributed_optimizer": ("optim", "use_distributed_optimizer"),
-    "mixed_precision": ("optim", "mixed_precision"), "data_path": ("data", "path"),
+    "mixed_precision": ("optim", "mixed_precision"), "data_path": ("data", "path"), "tokenizer": ("data", "tokenizer"),
     "eval_path": ("data", "eval_path"), "eval_fraction": ("data", "eval_fraction"), "pack": ("data", "pack"),
     "eval_interval": ("train", "eval_interval"), "init_from": ("checkpoint", "init_from"),
     "save": ("checkpoint", "save"), "save_interval": ("checkpoint", "save_interval"),
@@ -369,14 +374,11 @@ PACKED_SFT_KEYS = KEYS["sft"] + ("position_ids", "segment_ids")
 KINDS = {"sft": "chat", "rm": "preference", "dpo": "preference"}
 
 
-def _default_tokenizer(run: RunConfig, rank: int, procs):
-    from engine.data.tokenizer import default_tokenizer
-    # rank 0 trains and caches it the first time
-    tokenizer = procs.rank0_first(rank, lambda: default_tokenizer(run.data.tokenizer_cache))
-    if tokenizer.vocab_size > run.model.vocab_size:
-        raise ValueError(f"the default tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-                         f"vocab_size={run.model.vocab_size}")
-    return tokenizer
+def _tokenizer(run: RunConfig, rank: int, procs):
+    from engine.data.tokenizer import load_tokenizer
+    # rank 0 trains and caches the built-in one the first time
+    return procs.rank0_first(rank, lambda: load_tokenizer(run.data.tokenizer, run.data.tokenizer_cache,
+                                                          run.model.vocab_size))
 
 
 def _open_indexed(prefix: str, run: RunConfig, what: str):
@@ -408,7 +410,7 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
     d, t, keys = run.data, run.train, (PACKED_SFT_KEYS if run.data.pack else KEYS[run.mode])
     fingerprint = None
     if d.path is None:
-        tokenizer = _default_tokenizer(run, rank, procs)
+        tokenizer = _tokenizer(run, rank, procs)
         fingerprint = tokenizer.fingerprint()
         if run.mode == "pretrain":
             from engine.data.tokenizer import default_corpus

@@ -197,6 +197,103 @@ def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+# ---- reading a model directory tensor by tensor (training runs starting from HF / THUDM weights) -------------
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                       "num_kv_groups", "kv_channels", "rotary_fraction", "rope_ratio", "layernorm_epsilon", "qkv_bias")
+"""The config fields that decide a checkpoint's tensors and the block's numerics (not token ids or names)."""
+
+
+def model_dir_type(path) -> Optional[str]:
+    """"glm" (Hugging Face GlmForCausalLM / GlmForSequenceClassification) or "chatglm" (THUDM ChatGLM2/3, GLM-4)
+    when ``path`` is a model directory (config.json with that model_type), else None."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        return None
+    return model_type if model_type in ("glm", "chatglm") else None
+
+
+def model_dir_config(path) -> GLMConfig:
+    """The GLMConfig of a Hugging Face or THUDM model directory's config.json."""
+    path = Path(path)
+    model_type = model_dir_type(path)
+    if model_type is None:
+        raise ValueError(f"{path}: not a GLM model directory (expected config.json with model_type 'glm' or "
+                         "'chatglm')")
+    raw = json.loads((path / "config.json").read_text())
+    return GLMConfig.from_hf(raw) if model_type == "glm" else GLMConfig.from_chatglm(raw)
+
+
+class ModelDirReader:
+    """Engine-named full tensors of a Hugging Face (``glm``) or THUDM (``chatglm``) model directory, read one at
+    a time (safetensors headers and lazy slices; ``pytorch_model*.bin`` files are loaded whole, memory-mapped),
+    so a rank reading its shards never holds more than one full tensor beyond them."""
+
+    def __init__(self, path, config: GLMConfig):
+        from safetensors import safe_open
+        self.path, self.config = Path(path), config
+        self.model_type = model_dir_type(self.path)
+        if self.model_type is None:
+            raise ValueError(f"{self.path}: not a GLM model directory")
+        self._files: dict[str, object] = {}  # source name -> safe_open handle or a loaded dict
+        files = sorted(self.path.glob("*.safetensors"))
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files = [self.path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        if files:
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{index} lists {f.name}, which does not exist")
+                try:
+                    handle = safe_open(str(f), framework="pt")
+                except Exception as e:  # safetensors' own error types for truncated/corrupt files
+                    raise ValueError(f"cannot read weight file {f}: {e}") from e
+                self._files.update({k: handle for k in handle.keys() if not _ignored(k)})
+        else:
+            bins = sorted(self.path.glob("pytorch_model*.bin"))
+            if not bins:
+                raise FileNotFoundError(f"{self.path}: no *.safetensors or pytorch_model*.bin weight files found")
+            for f in bins:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                self._files.update({k: sd for k in sd if not _ignored(k)})
+        if self.model_type == "glm":
+            self._sources = {v: k for k, v in _hf_names(config).items()}
+            for i in range(config.num_layers):
+                for kind in ("weight", "bias"):
+                    self._sources[f"layers.{i}.attention.qkv.{kind}"] = tuple(
+                        _HF_LAYER.format(i=i) + f"self_attn.{x}_proj.{kind}" for x in "qkv")
+        else:
+            self._sources = {v: k for k, v in _thudm_names(config).items()}
+
+    def names(self) -> set[str]:
+        """The engine names this directory has every source tensor of."""
+        out = set()
+        for name, source in self._sources.items():
+            parts = source if isinstance(source, tuple) else (source,)
+            if all(p in self._files for p in parts):
+                out.add(name)
+        return out
+
+    def unplaced(self) -> list[str]:
+        """Source tensors no engine name reads (another model's tensors)."""
+        used = {p for s in self._sources.values() for p in (s if isinstance(s, tuple) else (s,))}
+        return sorted(set(self._files) - used)
+
+    def _read(self, source: str) -> torch.Tensor:
+        handle = self._files[source]
+        return handle[source] if isinstance(handle, dict) else handle.get_tensor(source)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full tensor ``name`` (engine naming; qkv fused from HF's q/k/v)."""
+        source = self._sources[name]
+        if isinstance(source, tuple):
+            return torch.cat([self._read(s) for s in source], dim=0)
+        return self._read(source)
+
+
 def _is_scalar_head(cls) -> bool:
     from engine.model.glm import GLMForScalarHead
     return issubclass(cls, GLMForScalarHead)

@@ -1067,8 +1067,16 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
     ``allow_missing`` (name prefixes, e.g. ``("value_head.",)``) any other missing parameter but an
     adapter is an error, raised on every rank together (under pipeline parallelism only some ranks hold
     a given parameter). Collective over every rank of ``layout``; nothing changes unless every rank read
-    everything it needs."""
+    everything it needs.
+
+    ``directory`` may also be a Hugging Face (``GlmForCausalLM`` / ``GlmForSequenceClassification``) or THUDM
+    ChatGLM model directory (config.json + safetensors or .bin): each rank reads the full tensors of its own
+    parameters one at a time and keeps its shard (``_load_model_dir``); its config.json must agree with
+    ``config`` on every field that shapes the tensors or the block's numerics."""
     directory = Path(directory)
+    from engine.model.hf_adapter import model_dir_type
+    if model_dir_type(directory) is not None:
+        return _load_model_dir(directory, model, layout, config, allow_missing)
     error, loaded = None, None
     try:
         step_dir = _resolve_step_dir(directory, step)
@@ -1093,13 +1101,7 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
                                   "place for (a checkpoint of another model class or version)")
         targets = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items()
                    if n in saved and ".lora." not in n}
-        if not targets:
-            raise CheckpointError(f"{step_dir / MANIFEST} holds none of this model's parameters")
-        missing = sorted(set(params) - set(targets))
-        if allow_missing is not None:
-            lacking = [n for n in missing if not n.startswith(tuple(allow_missing)) and ".lora." not in n]
-            if lacking:
-                raise CheckpointError(f"{step_dir / MANIFEST} lacks {lacking[:5]} of this {_model_class(model)}")
+        missing = _missing(params, targets, allow_missing, model, str(step_dir / MANIFEST))
         needs = [_Need(MODEL_SPACE, n, t, maps[n]) for n, t in targets.items()]
         deltas = _adapter_needs(step_dir, manifest, saved_adapters, targets, config, layout)
         _read_needs(step_dir, manifest, needs + [need for pair in deltas.values() for need in pair], verify)
@@ -1142,6 +1144,57 @@ def _adapter_needs(step_dir: Path, manifest: dict, saved_adapters: set, targets:
                               _tensor_map(name, shape, config, layout.tp_size, layout.tp_rank)))
         deltas[weight] = tuple(pair)
     return deltas
+
+
+def _missing(params: dict, targets: dict, allow_missing, model, source: str) -> list[str]:
+    """The model's parameters ``source`` does not fill (sorted); CheckpointError when it fills none, or (with
+    ``allow_missing`` prefixes) lacks one that is neither allowed nor a LoRA adapter (which starts fresh)."""
+    if not targets:
+        raise CheckpointError(f"{source} holds none of this model's parameters")
+    missing = sorted(set(params) - set(targets))
+    if allow_missing is not None:
+        lacking = [n for n in missing if not n.startswith(tuple(allow_missing)) and ".lora." not in n]
+        if lacking:
+            raise CheckpointError(f"{source} lacks {lacking[:5]} of this {_model_class(model)}")
+    return missing
+
+
+def _load_model_dir(directory: Path, model, layout, config: GLMConfig, allow_missing) -> list[str]:
+    """``load_model_weights`` from a Hugging Face / THUDM model directory (see there)."""
+    from engine.model.hf_adapter import ARCHITECTURE_FIELDS, ModelDirReader, expected_shapes, model_dir_config
+    from engine.parallel.sharding import tp_slice
+    error, loaded = None, None
+    try:
+        saved = model_dir_config(directory)
+        diff = [f"{k}: {getattr(saved, k)!r} there vs {getattr(config, k)!r} in this run" for k in ARCHITECTURE_FIELDS
+                if getattr(saved, k) != getattr(config, k)]
+        if diff:
+            raise CheckpointError(f"{directory}/config.json describes another model: " + "; ".join(diff)
+                                  + f" (--model {directory} takes the model config from it)")
+        reader = ModelDirReader(directory, config)
+        unplaced = reader.unplaced()
+        if unplaced:
+            raise CheckpointError(f"{directory} holds {unplaced[:5]}, which a {_model_class(model)} has no place for")
+        params = _named_params(model)
+        full_shapes = expected_shapes(config, value_head=_model_class(model) == "GLMForScalarHead")
+        have, targets = reader.names(), {}
+        for name, p in params.items():
+            if name in have and ".lora." not in name:
+                full = reader.get(name)
+                if tuple(full.shape) != full_shapes[name]:
+                    raise CheckpointError(f"{directory}: {name} has shape {tuple(full.shape)}, the model needs "
+                                          f"{full_shapes[name]}")
+                targets[name] = tp_slice(name, full, config, layout.tp_size, layout.tp_rank).to(p.dtype)
+        missing = _missing(params, targets, allow_missing, model, str(directory))
+        loaded = (params, targets, missing)
+    except Exception as e:
+        error = _describe(e)
+    _agree(error, layout, f"loading model weights from {directory}")
+    params, targets, missing = loaded
+    with torch.no_grad():
+        for name, t in targets.items():
+            params[name].copy_(t)
+    return missing
 
 
 def read_manifest(directory: Union[str, Path], step: Optional[int] = None) -> dict:
