@@ -186,8 +186,10 @@ class GLMConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"GLM uses SwiGLU (hidden_act 'silu'), config has hidden_act={d.get('hidden_act')!r}")
         rope = d.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported, only 'default'")
+        for entry in (rope, d.get("rope_scaling") or {}):  # rope_scaling: the older field of the same
+            if entry.get("rope_type", entry.get("type", "default")) != "default":
+                raise ValueError(f"rope_type {entry.get('rope_type', entry.get('type'))!r} is not supported, only "
+                                 "'default' (no RoPE scaling)")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         fraction = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
         eos = d.get("eos_token_id")

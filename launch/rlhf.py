@@ -41,7 +41,7 @@ from engine.rlhf.core import IS_LEVELS, IS_MODES, LOSS_AGG_MODES, POLICY_LOSSES
 from engine.rlhf.ppo import ESTIMATORS, PPO_LR, PPOConfig
 from engine.train.lr import LRConfig
 from engine.train.step import OptimizerConfig
-from launch.runtime import Processes, close_after_error, error, exit_process
+from launch.runtime import Processes, check_tokenizer, close_after_error, error, exit_process
 
 PROG = "launch.rlhf"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "ppo.yaml"
@@ -172,6 +172,7 @@ def validate_rlhf_run(run: RLHFRun, world_size: int):
         from engine.rlhf.ppo import validate_generation_dims
         validate_generation_dims(run.ppo.generation_tp, world_size, run.model)
     ck = run.checkpoint
+    check_tokenizer(run.data.tokenizer, ck.actor_from, "--actor-from")
     if not isinstance(run.critic_lora, bool) or (run.critic_lora and not run.lora.enabled):
         raise ValueError(f"critic_lora={run.critic_lora!r} must be true or false, and true needs lora.rank > 0 "
                          "(--lora-rank): the critic takes the actor's adapter settings")
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO run YAML (default: configs/runs/ppo.yaml)")
-    p.add_argument("--model", help="model preset name or model YAML")
+    p.add_argument("--model", help="model preset name, model YAML, or a Hugging Face / THUDM model directory "
+                                   "(its config.json)")
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank on the actor instead of its weights; "
                                                  "its reference is then the actor with them off (no copy)")
     p.add_argument("--lora-alpha", type=float, help="LoRA: adapters' outputs are scaled by alpha / rank (default 16)")
@@ -531,7 +533,6 @@ def _load(model_cls, path: str, run: RLHFRun, layout, device, fingerprint: str, 
 
 
 def train_ppo(run: RLHFRun) -> int:
-    from engine.data.tokenizer import load_tokenizer
     from engine.model.glm import GLMForCausalLM, GLMForScalarHead
     from engine.parallel import ParallelDims, ParallelLayout
     from engine.rlhf.ppo import PPOLoop
@@ -546,8 +547,7 @@ def train_ppo(run: RLHFRun) -> int:
         torch.manual_seed(run.ppo.seed)
         ck, c = run.checkpoint, run.ppo
         try:
-            tokenizer = procs.rank0_first(rank, lambda: load_tokenizer(run.data.tokenizer, run.data.tokenizer_cache,
-                                                                       run.model.vocab_size))
+            tokenizer = procs.tokenizer(rank, run.data.tokenizer, run.data.tokenizer_cache, run.model.vocab_size)
             if run.data.prompts:
                 records = read_prompts(run.data.prompts)
             else:

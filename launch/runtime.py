@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,21 @@ class Processes:
             value = build()
         return value
 
+    def tokenizer(self, rank: int, path, cache_dir, vocab_size: int):
+        """A run's tokenizer: ``path`` (a ChatGLM ``tokenizer.model`` or a directory holding one, e.g. the model's
+        own directory), read by every rank (so a bad file stops every rank alike), or when None the built-in
+        one (``default_tokenizer``: rank 0 trains and caches it first). A tokenizer with more ids than the
+        model's ``vocab_size`` rows is refused, on every rank."""
+        from engine.data.tokenizer import GLMTokenizer, default_tokenizer
+        if path is not None:
+            tokenizer = GLMTokenizer.from_file(path)
+        else:
+            tokenizer = self.rank0_first(rank, lambda: default_tokenizer(cache_dir))
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer ({path or 'built-in'}) has {tokenizer.vocab_size} tokens, more than the "
+                             f"model's vocab_size={vocab_size}")
+        return tokenizer
+
     def done(self) -> None:
         """A clean end: no rank tears its connections down while a peer still has traffic in flight."""
         self.barrier()
@@ -93,3 +109,14 @@ def close_after_error(close: Callable[[], object], prog: str) -> None:
     except Exception as e:
         print(f"{prog}: while handling an error, closing also failed: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
+
+
+def check_tokenizer(tokenizer: Optional[str], init_from: Optional[str], flag: str) -> None:
+    """ValueError for a ``--tokenizer`` path that does not exist, or for a run that starts from a released model
+    directory with the built-in tokenizer (which belongs to the tiny model)."""
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ValueError(f"--tokenizer {tokenizer}: no such file or directory")
+    from engine.model.hf_adapter import model_dir_type
+    if tokenizer is None and init_from and model_dir_type(init_from) is not None:
+        raise ValueError(f"{flag} {init_from} is a released model directory: pass its tokenizer with --tokenizer "
+                         "(its tokenizer.model, or the directory); the built-in tokenizer belongs to the tiny model")

@@ -55,7 +55,7 @@ from engine.parallel import ParallelDims
 from engine.train.lr import LRConfig
 from engine.train.objectives import DPO_KEYS, PREFERENCE_LOSSES, DPOObjective, RewardObjective
 from engine.train.step import OptimizerConfig, TrainConfig
-from launch.runtime import Processes, close_after_error, error, exit_process
+from launch.runtime import Processes, check_tokenizer, close_after_error, error, exit_process
 
 PROG = "launch.train"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "runs" / "pretrain.yaml"
@@ -182,6 +182,7 @@ def validate_run(run: RunConfig, world_size: int) -> ParallelDims:
     if dims.cp > 1 and run.mode in ("rm", "dpo"):
         raise ValueError(f"parallel.cp={dims.cp}: context parallelism is for pretrain and sft; {run.mode} scores whole "
                          "sequences (use cp=1)")
+    check_tokenizer(run.data.tokenizer, run.checkpoint.init_from, "--init-from")
     if run.mode == "dpo" and not run.checkpoint.init_from and (run.dpo.uses_reference or not run.checkpoint.load):
         raise ValueError("mode dpo needs --init-from DIR: the SFT checkpoint that is the starting policy and (but for "
                          "simpo, which needs it only to start) the frozen reference")
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help="run YAML (default: configs/runs/<mode>.yaml, i.e. pretrain.yaml without --mode)")
-    p.add_argument("--model", help="model preset name or model YAML (overrides the run's model)")
+    p.add_argument("--model", help="model preset name, model YAML, or a Hugging Face / THUDM model directory "
+                                   "(its config.json; overrides the run's model)")
     p.add_argument("--mode", choices=MODES, help="what to train (overrides the run's mode)")
     p.add_argument("--dpo-beta", type=float, help="dpo: strength of the KL constraint to the reference (default 0.1)")
     p.add_argument("--dpo-loss", choices=PREFERENCE_LOSSES,
@@ -375,15 +377,13 @@ KINDS = {"sft": "chat", "rm": "preference", "dpo": "preference"}
 
 
 def _tokenizer(run: RunConfig, rank: int, procs):
-    from engine.data.tokenizer import load_tokenizer
-    # rank 0 trains and caches the built-in one the first time
-    return procs.rank0_first(rank, lambda: load_tokenizer(run.data.tokenizer, run.data.tokenizer_cache,
-                                                          run.model.vocab_size))
+    return procs.tokenizer(rank, run.data.tokenizer, run.data.tokenizer_cache, run.model.vocab_size)
 
 
-def _open_indexed(prefix: str, run: RunConfig, what: str):
+def _open_indexed(prefix: str, run: RunConfig, what: str, tokenizer=None):
+    """``prefix``'s dataset; with ``tokenizer`` (``--tokenizer``) a dataset tokenized by another is refused."""
     from engine.data.indexed_dataset import IndexedDataset
-    indexed = IndexedDataset(prefix)
+    indexed = IndexedDataset(prefix, tokenizer)
     if indexed.vocab_size > run.model.vocab_size:
         raise ValueError(f"{what} {prefix} was tokenized with vocab_size={indexed.vocab_size}, more than the "
                          f"model's vocab_size={run.model.vocab_size}")
@@ -422,7 +422,9 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
         prefix = procs.rank0_first(rank, lambda: builtin_dataset(KINDS[run.mode], tokenizer, d.tokenizer_cache))
         dataset = _dataset(IndexedDataset(prefix, tokenizer), run)
     else:
-        dataset = _dataset(_open_indexed(d.path, run, "data.path"), run)
+        tokenizer = _tokenizer(run, rank, procs) if d.tokenizer is not None else None
+        fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
+        dataset = _dataset(_open_indexed(d.path, run, "data.path", tokenizer), run)
     train_idx, held_idx = split_indices(len(dataset), d.eval_fraction, t.seed)
     left_out = 0
     if run.mode == "dpo":  # a pair whose prompt fills the window has no answer token to score: left out, counted
@@ -439,7 +441,7 @@ def build_data(run: RunConfig, rank: int, procs) -> RunData:
         train_idx = train_idx[bucket_balance(lengths, num_buckets=d.balance_buckets, seed=t.seed).kept]
     held = Subset(dataset, held_idx)
     if d.eval_path:
-        held = _dataset(_open_indexed(d.eval_path, run, "data.eval_path"), run)
+        held = _dataset(_open_indexed(d.eval_path, run, "data.eval_path", tokenizer if d.path else None), run)
         if run.mode == "dpo":
             fits = held.answers_fit()
             left_out += int((~fits).sum())

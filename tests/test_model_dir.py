@@ -113,8 +113,9 @@ def test_model_directory_errors(tmp_path):
 
 
 def test_launchers_start_from_model_directories(tmp_path):
-    """launch.train --model DIR --init-from DIR --tokenizer FILE (SFT on the built-in conversations) and
-    launch.rlhf --model DIR --actor-from DIR --reward-from RM_DIR: both run from Hugging Face directories."""
+    """launch.train --model DIR --init-from DIR --tokenizer FILE (SFT on the built-in conversations; DPO with
+    the directory as its reference) and launch.rlhf --model DIR --actor-from DIR --reward-from RM_DIR: all run
+    from Hugging Face directories."""
     from engine.data.tokenizer import default_tokenizer
     lm, reward = _hf_dir(tmp_path / "lm"), _hf_dir(tmp_path / "rm", reward=True, seed=1)
     default_tokenizer(tmp_path / "cache")
@@ -130,6 +131,13 @@ def test_launchers_start_from_model_directories(tmp_path):
     assert f"initialised from the weights in {lm}" in proc.stdout
     (line,) = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < line["loss"] < 20
+    # DPO: the directory is the policy's start and its frozen reference (fingerprinted for resumes)
+    dpo = [a if a != "sft" else "dpo" for a in sft]
+    dpo[dpo.index("--log-dir") + 1] = str(tmp_path / "dpo")
+    proc = subprocess.run(dpo, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (line,) = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert line["loss"] == pytest.approx(0.6931472, abs=1e-6)  # log 2: the policy is its reference
     ppo = [sys.executable, "-m", "launch.rlhf", "--model", str(lm), "--actor-from", str(lm), "--reward-from",
            str(reward), "--tokenizer", str(tokenizer), "--iterations", "1", "--rollout-prompts", "2",
            "--samples-per-prompt", "2", "--mini-batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "4",
@@ -148,3 +156,49 @@ def test_launchers_start_from_model_directories(tmp_path):
     proc = subprocess.run(bad[:bad.index("--init-from")] + bad[bad.index("--init-from") + 2:], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "more than the model's vocab_size=1024" in proc.stderr, proc.stderr
+
+
+def test_tokenizer_and_directory_checks(tmp_path, capsys):
+    """--tokenizer: a missing path is refused before any process group; a dataset tokenized by another
+    tokenizer is refused; starting from a model directory needs the model's tokenizer. Directories: one that
+    is both an engine checkpoint and a model directory, or holds another model type, is refused by name; RoPE
+    scaling is refused; a model directory's fingerprint (DPO's reference id) follows its files."""
+    from engine.data.tokenizer import default_tokenizer, train_tokenizer
+    from engine.train.checkpoint import checkpoint_fingerprint, save_checkpoint
+    from launch import preprocess
+    from launch.train import main
+    lm = _hf_dir(tmp_path / "lm")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello there"}]}) + "\n")
+    assert preprocess.main(["--input", str(chat), "--output-prefix", str(tmp_path / "chat"), "--kind", "chat",
+                            "--quiet", "--tokenizer", "default"]) == 0
+    (tmp_path / "other").mkdir()  # a directory: its tokenizer.model
+    other = train_tokenizer([default_tokenizer().decode(list(range(200, 400)))] * 4, 600, tmp_path / "other")
+    base = ["--mode", "sft", "--model", "tiny", "--train-steps", "1", "--seq-length", "32", "--global-batch-size", "1",
+            "--micro-batch-size", "1", "--eval-fraction", "0", "--log-dir", str(tmp_path / "run")]
+    assert main(base + ["--tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert f"--tokenizer {tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
+    assert main(base + ["--data-path", str(tmp_path / "chat"), "--tokenizer", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert other.fingerprint() in err and default_tokenizer().fingerprint() in err, err
+    assert main(base + ["--model", str(lm), "--init-from", str(lm)]) == 2
+    assert "is a released model directory: pass its tokenizer with --tokenizer" in capsys.readouterr().err
+    # directories
+    config = _config()
+    both = _hf_dir(tmp_path / "both")
+    save_checkpoint(both, 1, GLMForCausalLM(config), None, ParallelLayout.single(), config)
+    with pytest.raises(CheckpointError, match="holds both an engine checkpoint"):
+        load_model_weights(both, GLMForCausalLM(config), ParallelLayout.single(), config)
+    glm4 = tmp_path / "glm4"
+    glm4.mkdir()
+    (glm4 / "config.json").write_text(json.dumps({"model_type": "glm4"}))
+    with pytest.raises(CheckpointError, match="found 'glm4': Glm4ForCausalLM has sandwich norms"):
+        load_model_weights(glm4, GLMForCausalLM(config), ParallelLayout.single(), config)
+    raw = json.loads((lm / "config.json").read_text())
+    with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
+        GLMConfig.from_hf({**raw, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    first = checkpoint_fingerprint(lm)
+    assert checkpoint_fingerprint(lm) == first
+    (lm / "config.json").write_text(json.dumps({**raw, "max_position_embeddings": 1234}))
+    assert checkpoint_fingerprint(lm) != first

@@ -378,18 +378,6 @@ def default_corpus() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def load_tokenizer(path: Union[str, os.PathLike, None], cache_dir: Union[str, os.PathLike, None] = None,
-                   vocab_size: Optional[int] = None) -> "GLMTokenizer":
-    """A run's tokenizer: ``path`` (a ChatGLM ``tokenizer.model`` or a directory holding one, e.g. the model's
-    own directory), or ``default_tokenizer(cache_dir)`` when None. ``vocab_size``: the model's; a tokenizer
-    with more ids than the model has rows is refused."""
-    tokenizer = GLMTokenizer.from_file(path) if path is not None else default_tokenizer(cache_dir)
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer ({path or 'built-in'}) has {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocab_size={vocab_size}")
-    return tokenizer
-
-
 def default_tokenizer(cache_dir: Union[str, os.PathLike, None] = None,
                       vocab_size: int = DEFAULT_VOCAB_SIZE) -> GLMTokenizer:
     """The built-in tokenizer of the tiny model: BPE trained on ``default_corpus()``, cached on disk.

@@ -221,8 +221,15 @@ def model_dir_config(path) -> GLMConfig:
     path = Path(path)
     model_type = model_dir_type(path)
     if model_type is None:
+        found = None
+        if (path / "config.json").is_file():
+            try:
+                found = json.loads((path / "config.json").read_text()).get("model_type")
+            except (ValueError, AttributeError):
+                found = "unreadable"
         raise ValueError(f"{path}: not a GLM model directory (expected config.json with model_type 'glm' or "
-                         "'chatglm')")
+                         f"'chatglm'; found {found!r}"
+                         + (": Glm4ForCausalLM has sandwich norms, a different block" if found == "glm4" else "") + ")")
     raw = json.loads((path / "config.json").read_text())
     return GLMConfig.from_hf(raw) if model_type == "glm" else GLMConfig.from_chatglm(raw)
 
@@ -257,7 +264,10 @@ class ModelDirReader:
             if not bins:
                 raise FileNotFoundError(f"{self.path}: no *.safetensors or pytorch_model*.bin weight files found")
             for f in bins:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a pre-zipfile .bin cannot be memory-mapped: read it whole
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
                 self._files.update({k: sd for k in sd if not _ignored(k)})
         if self.model_type == "glm":
             self._sources = {v: k for k, v in _hf_names(config).items()}

@@ -517,10 +517,36 @@ def read_extra_state(directory: Union[str, Path], step: Optional[int] = None) ->
 
 def checkpoint_fingerprint(directory: Union[str, Path], step: Optional[int] = None) -> str:
     """A short hash of a committed checkpoint's manifest (the latest step by default): the same for the same
-    saved weights wherever the directory is, different for any other save."""
+    saved weights wherever the directory is, different for any other save. For a Hugging Face / THUDM model
+    directory: a hash of its config.json and of each weight file's name and size (reading no weights)."""
     import hashlib
-    manifest = _resolve_step_dir(Path(directory), step) / MANIFEST
+    directory = Path(directory)
+    if _model_dir(directory):
+        h = hashlib.sha256((directory / "config.json").read_bytes())
+        for f in sorted(directory.iterdir()):
+            if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"):
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+        return h.hexdigest()[:16]
+    manifest = _resolve_step_dir(directory, step) / MANIFEST
     return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
+def _model_dir(directory: Path) -> bool:
+    """Whether ``directory`` is a released model directory (config.json, no engine checkpoint): True for a
+    Hugging Face GLM / THUDM ChatGLM one; CheckpointError for another model type, or for a directory that
+    holds both layouts (which of them a run means is not clear)."""
+    from engine.model.hf_adapter import model_dir_config, model_dir_type
+    if not (directory / "config.json").is_file():
+        return False
+    if (directory / LATEST).exists():
+        raise CheckpointError(f"{directory} holds both an engine checkpoint ({LATEST}) and a model config.json: "
+                              "keep exported model directories apart from checkpoint directories")
+    if model_dir_type(directory) is None:
+        try:
+            model_dir_config(directory)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return True
 
 
 def latest_step(directory: Union[str, Path]) -> Optional[int]:
@@ -1074,8 +1100,7 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
     parameters one at a time and keeps its shard (``_load_model_dir``); its config.json must agree with
     ``config`` on every field that shapes the tensors or the block's numerics."""
     directory = Path(directory)
-    from engine.model.hf_adapter import model_dir_type
-    if model_dir_type(directory) is not None:
+    if _model_dir(directory):
         return _load_model_dir(directory, model, layout, config, allow_missing)
     error, loaded = None, None
     try:
