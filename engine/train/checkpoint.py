@@ -1137,12 +1137,7 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         loaded = (params, targets, missing)
     except Exception as e:
         error = _describe(e)
-    _agree(error, layout, f"loading model weights from {directory}")
-    params, targets, missing = loaded
-    with torch.no_grad():
-        for name, t in targets.items():
-            params[name].copy_(t)
-    return missing
+    return _commit_weights(error, loaded, layout, directory)
 
 
 def _adapter_needs(step_dir: Path, manifest: dict, saved_adapters: set, targets: dict, config: GLMConfig,
@@ -1169,6 +1164,17 @@ def _adapter_needs(step_dir: Path, manifest: dict, saved_adapters: set, targets:
                               _tensor_map(name, shape, config, layout.tp_size, layout.tp_rank)))
         deltas[weight] = tuple(pair)
     return deltas
+
+
+def _commit_weights(error: Optional[str], loaded, layout, directory: Path) -> list[str]:
+    """Every rank learns whether every rank read what it needs (``_agree``: one error stops them all), then
+    copies its tensors in, so the model changes only when all succeeded. Returns the missing names."""
+    _agree(error, layout, f"loading model weights from {directory}")
+    params, targets, missing = loaded
+    with torch.no_grad():
+        for name, t in targets.items():
+            params[name].copy_(t)
+    return missing
 
 
 def _missing(params: dict, targets: dict, allow_missing, model, source: str) -> list[str]:
@@ -1214,12 +1220,7 @@ def _load_model_dir(directory: Path, model, layout, config: GLMConfig, allow_mis
         loaded = (params, targets, missing)
     except Exception as e:
         error = _describe(e)
-    _agree(error, layout, f"loading model weights from {directory}")
-    params, targets, missing = loaded
-    with torch.no_grad():
-        for name, t in targets.items():
-            params[name].copy_(t)
-    return missing
+    return _commit_weights(error, loaded, layout, directory)
 
 
 def read_manifest(directory: Union[str, Path], step: Optional[int] = None) -> dict:
