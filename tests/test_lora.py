@@ -26,6 +26,7 @@ from engine.parallel.sharding import gather_full_state_dict, load_full_into
 from engine.train import LRConfig, LRSchedule, OptimizerConfig, TrainConfig, Trainer, build_optimizer
 from engine.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from tests._dist import run_distributed
+from tests.parallel.test_layouts import G, S, STEPS, _batches
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
 
@@ -152,7 +153,7 @@ def test_lora_disabled_nests():
 
 
 # ---- every layout trains like one process ------------------------------------------------------------
-G, S, STEPS = 8, 16, 3
+# the global batches of tests/parallel/test_layouts.py: G rows of S tokens, STEPS + 1 of them, labels ignored unevenly
 LR = LRConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, style="cosine")
 OPT = dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.5)  # below the norms (~0.75): clipping acts
 # name -> (tp, pp, dp, sequence_parallel, OptimizerConfig extras); tiny has 2 KV groups, so tp4 replicates them
@@ -171,17 +172,6 @@ def _full_state(config) -> dict:
     return {k: v.float() for k, v in model.state_dict().items()}
 
 
-def _global_batches(config):
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for step in range(STEPS + 1):
-        ids = torch.randint(0, config.vocab_size, (G, S + 1), generator=g)
-        labels = ids[:, 1:].clone()
-        labels[0, :3 + step] = -100
-        out.append({"input_ids": ids[:, :-1].contiguous(), "labels": labels})
-    return out
-
-
 def _single_process(config):
     """torch.optim.AdamW on the adapters of one model: losses before each step, the first step's grads,
     the final adapters."""
@@ -193,7 +183,7 @@ def _single_process(config):
                             foreach=False)
     schedule = LRSchedule(LR, STEPS)
     losses, grads, norms = [], None, []
-    for step, batch in enumerate(_global_batches(config)):
+    for step, batch in enumerate(_batches(config)):
         loss = kernels.cross_entropy(model(batch["input_ids"]), batch["labels"])
         losses.append(loss.item())
         opt.zero_grad()
@@ -233,7 +223,7 @@ def _layout_case(layout, sp, extras, config):
                     local[name] = g
         grads.update(gather_full_state_dict(local, config, layout))
 
-    steps = [trainer.train_step(batch, on_grads=first_grads) for batch in _global_batches(config)]
+    steps = [trainer.train_step(batch, on_grads=first_grads) for batch in _batches(config)]
     losses, norms = [m.loss for m in steps], [m.grad_norm for m in steps]
     local_state = {}
     for chunk in chunks:

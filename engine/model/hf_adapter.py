@@ -169,18 +169,15 @@ def engine_to_thudm(sd: dict[str, torch.Tensor], config: GLMConfig) -> dict[str,
 
 # ---- files ----------------------------------------------------------------------------------------
 
-def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF-style directory: *.safetensors (with or without index) or pytorch_model*.bin."""
-    from safetensors.torch import load_file
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a HF-style directory: its *.safetensors (those its index lists, when it has one), or
+    else its pytorch_model*.bin files."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         files = sorted(path.glob("pytorch_model*.bin"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weight files found")
-        sd = {}
-        for f in files:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
-        return sd
+        return files
     index = path / "model.safetensors.index.json"
     if index.is_file():
         wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -188,7 +185,18 @@ def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
         files = [path / w for w in wanted]
+    return files
+
+
+def read_checkpoint_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF-style directory: *.safetensors (with or without index) or pytorch_model*.bin."""
+    from safetensors.torch import load_file
+    files = _weight_files(path)
     sd = {}
+    if files[0].suffix == ".bin":
+        for f in files:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        return sd
     for f in files:
         try:
             sd.update(load_file(str(f)))
@@ -246,29 +254,18 @@ class ModelDirReader:
         if self.model_type is None:
             raise ValueError(f"{self.path}: not a GLM model directory")
         self._files: dict[str, object] = {}  # source name -> safe_open handle or a loaded dict
-        files = sorted(self.path.glob("*.safetensors"))
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            files = [self.path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        if files:
-            for f in files:
-                if not f.is_file():
-                    raise FileNotFoundError(f"{index} lists {f.name}, which does not exist")
+        for f in _weight_files(self.path):
+            if f.suffix == ".bin":
+                try:
+                    handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a pre-zipfile .bin cannot be memory-mapped: read it whole
+                    handle = torch.load(f, map_location="cpu", weights_only=True)
+            else:
                 try:
                     handle = safe_open(str(f), framework="pt")
                 except Exception as e:  # safetensors' own error types for truncated/corrupt files
                     raise ValueError(f"cannot read weight file {f}: {e}") from e
-                self._files.update({k: handle for k in handle.keys() if not _ignored(k)})
-        else:
-            bins = sorted(self.path.glob("pytorch_model*.bin"))
-            if not bins:
-                raise FileNotFoundError(f"{self.path}: no *.safetensors or pytorch_model*.bin weight files found")
-            for f in bins:
-                try:
-                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # a pre-zipfile .bin cannot be memory-mapped: read it whole
-                    sd = torch.load(f, map_location="cpu", weights_only=True)
-                self._files.update({k: sd for k in sd if not _ignored(k)})
+            self._files.update({k: handle for k in handle.keys() if not _ignored(k)})
         if self.model_type == "glm":
             self._sources = {v: k for k, v in _hf_names(config).items()}
             for i in range(config.num_layers):

@@ -114,12 +114,14 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B) * self.scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * B @ A`` in fp32: ``[out, in]``, what merging adds to the weight (shard)."""
-        return (self.B.float() @ self.A.float()) * self.scale
-
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, in={self.A.shape[1]}, out={self.B.shape[0]}, scale={self.scale:g}"
+
+
+def folded(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale * B @ A`` (``[out, in]``: a weight, or its shard with the factors' shards), summed in
+    fp32 and rounded once to the weight's dtype: a new tensor."""
+    return (weight.float() + scale * (B.float() @ A.float())).to(weight.dtype)
 
 
 def lora_shapes(config: GLMConfig, lora: LoRAConfig) -> dict[str, tuple[int, int]]:
@@ -229,9 +231,7 @@ def lora_record(model) -> Optional[dict]:
     for chunk in _chunks(model):
         for name, module in chunk.named_modules():
             if isinstance(module, LoRAAdapter):
-                path = ".".join(name.split(".")[2:-1])  # layers.i.<path>.lora
-                target = next(t for t, p in LORA_TARGETS.items() if p == path)
-                found[target] = (module.A.shape[0], module.scale)
+                found[_target(name[:-len(".lora")], LORA_TARGETS)] = (module.A.shape[0], module.scale)
     if not found:
         return None
     (rank, scale), = set(found.values())
@@ -261,9 +261,8 @@ def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
         projection = name[:-len(".lora.A")]
         if projection + ".lora.B" not in state or projection + ".weight" not in state:
             raise ValueError(f"{name}: the state dict lacks {projection}.lora.B or {projection}.weight")
-        w = state[projection + ".weight"]
-        delta = scale * (state[projection + ".lora.B"].float() @ state[name].float())
-        out[projection + ".weight"] = (w.float() + delta).to(w.dtype)
+        out[projection + ".weight"] = folded(state[projection + ".weight"], state[name], state[projection + ".lora.B"],
+                                             scale)
     if any(k.endswith(".lora.B") and k[:-1] + "A" not in state for k in state):
         raise ValueError("the state dict holds a lora.B factor without its lora.A")
     return out
@@ -277,10 +276,11 @@ def merge_lora_(model) -> nn.Module:
         for module in chunk.modules():
             adapter = getattr(module, "lora", None)
             if isinstance(adapter, LoRAAdapter):
-                module.weight.copy_((module.weight.float() + adapter.delta_weight()).to(module.weight.dtype))
+                module.weight.copy_(folded(module.weight, adapter.A, adapter.B, adapter.scale))
                 module.lora = None
     return model
 
 
 __all__ = ["COLUMN_TARGETS", "LORA_TARGETS", "LoRAAdapter", "LoRAConfig", "add_lora", "adapters", "attach_adapters",
-           "full_lora_init", "has_lora", "lora_disabled", "lora_record", "lora_shapes", "merge_lora_", "merge_state_dict"]
+           "folded", "full_lora_init", "has_lora", "lora_disabled", "lora_record", "lora_shapes", "merge_lora_",
+           "merge_state_dict"]

@@ -73,7 +73,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import GLMConfig
-from engine.model.lora import lora_record
+from engine.model.lora import folded, lora_record
 from engine.parallel.sharding import _role, kv_heads_of_rank, kv_replication
 
 FORMAT = "glm-engine-checkpoint"
@@ -1133,7 +1133,7 @@ def load_model_weights(directory: Union[str, Path], model, layout, config: GLMCo
         scale = manifest["lora"]["scale"] if deltas else None
         for weight, (a, b) in deltas.items():  # fold the saved adapters in: W + scale B A
             w = targets[weight]
-            w.copy_((w.float() + scale * (b.target.float() @ a.target.float())).to(w.dtype))
+            w.copy_(folded(w, a.target, b.target, scale))
         loaded = (params, targets, missing)
     except Exception as e:
         error = _describe(e)
